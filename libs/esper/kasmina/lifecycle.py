@@ -1,0 +1,103 @@
+"""The seed lifecycle: one transition table, named gates, the blending schedule.
+
+`TRANSITIONS` is the single source of legality: execution looks a move up in it (an absent move
+raises `IllegalAction`) and controllers' action masks are read from it, so nothing is "legal in the
+mask but fails when run". Gates guard the ADVANCE moves on evidence; a gate that says no leaves the
+seed where it is and is recorded with the values it looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from esper.leyline import GateCheck, Operation, SeedStage
+
+S = SeedStage
+OP = Operation
+
+# (stage, operation) -> next stage. Operations a controller chooses; WAIT is legal everywhere.
+TRANSITIONS: dict[tuple[int, int], int] = {
+    (S.SEED_STAGE_DORMANT, OP.OPERATION_GERMINATE): S.SEED_STAGE_GERMINATED,
+    (S.SEED_STAGE_GERMINATED, OP.OPERATION_ADVANCE): S.SEED_STAGE_TRAINING,
+    (S.SEED_STAGE_TRAINING, OP.OPERATION_ADVANCE): S.SEED_STAGE_BLENDING,
+    (S.SEED_STAGE_BLENDING, OP.OPERATION_ADVANCE): S.SEED_STAGE_FOSSILIZED,
+    (S.SEED_STAGE_GERMINATED, OP.OPERATION_CULL): S.SEED_STAGE_CULLED,
+    (S.SEED_STAGE_TRAINING, OP.OPERATION_CULL): S.SEED_STAGE_CULLED,
+    (S.SEED_STAGE_BLENDING, OP.OPERATION_CULL): S.SEED_STAGE_CULLED,
+}
+# Moves time makes at the end of an epoch: CULLED -> EMBARGOED at once, EMBARGOED -> DORMANT when
+# the embargo has run out (see MorphogeneticModel.end_epoch).
+GATE_OF: dict[tuple[int, int], str] = {
+    (S.SEED_STAGE_DORMANT, OP.OPERATION_GERMINATE): "G_germinate",
+    (S.SEED_STAGE_GERMINATED, OP.OPERATION_ADVANCE): "G_train",
+    (S.SEED_STAGE_TRAINING, OP.OPERATION_ADVANCE): "G_blend",
+    (S.SEED_STAGE_BLENDING, OP.OPERATION_ADVANCE): "G_fossilize",
+}
+LIVE_STAGES = frozenset({S.SEED_STAGE_GERMINATED, S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING})
+
+
+class IllegalAction(ValueError):
+    """An operation the transition table (or the seed budget) does not allow from the current state."""
+
+
+def legal_operations(stage: int) -> set[int]:
+    return {op for (s, op) in TRANSITIONS if s == stage}
+
+
+def next_stage(stage: int, operation: int) -> int:
+    try:
+        return TRANSITIONS[(stage, operation)]
+    except KeyError:
+        raise IllegalAction(
+            f"{Operation.Name(operation)} is illegal from {SeedStage.Name(stage)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Gate thresholds and schedules; every gate decision records the values it compared."""
+
+    min_training_epochs: int = 3
+    """G_blend: epochs a seed must train in isolation before it may blend."""
+    blend_min_contribution: float = -1.0
+    """G_blend: the TRAINING seed's prospective contribution (accuracy points with alpha forced to 1)
+    must exceed this; slightly negative because an isolated seed has not been co-adapted yet."""
+    blend_epochs: int = 5
+    """Epochs over which alpha ramps from 0 to 1."""
+    blend_schedule: str = "linear"
+    """linear | cosine: the shape of the alpha ramp."""
+    fossilize_k_se: float = 2.0
+    """G_fossilize: the contribution must exceed this many standard errors of the paired difference."""
+    embargo_epochs: int = 3
+    """Epochs a slot stays EMBARGOED after a cull before it may germinate again."""
+
+    def __post_init__(self) -> None:
+        if self.blend_schedule not in ("linear", "cosine"):
+            raise ValueError(f"blend_schedule must be linear or cosine, not {self.blend_schedule!r}")
+        if self.blend_epochs < 1 or self.min_training_epochs < 0 or self.embargo_epochs < 0:
+            raise ValueError("blend_epochs >= 1, min_training_epochs >= 0, embargo_epochs >= 0")
+
+
+def alpha_at(blend_epoch: int, cfg: LifecycleConfig) -> float:
+    """Alpha in force during the `blend_epoch`-th epoch of BLENDING (1-based); 1.0 from blend_epochs on."""
+    t = min(1.0, blend_epoch / cfg.blend_epochs)
+    return t if cfg.blend_schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
+
+
+def gate(name: str, slot: str, seed_id: int, checks: dict[str, tuple[float, str, float]]) -> GateCheck:
+    """Build a GateCheck from {label: (value, op, threshold)}; it passes when every comparison holds."""
+    failed = []
+    values, thresholds = {}, {}
+    for label, (value, op, threshold) in checks.items():
+        values[label] = float(value)
+        thresholds[label] = float(threshold)
+        ok = {">": value > threshold, ">=": value >= threshold, "<": value < threshold}[op]
+        if not ok:
+            failed.append(f"{label}={value:.4g} not {op} {threshold:.4g}")
+    passed = not failed
+    reason = "passed" if passed else "; ".join(failed)
+    return GateCheck(
+        gate=name, slot=slot, seed_id=seed_id, passed=passed,
+        values=values, thresholds=thresholds, reason=reason,
+    )

@@ -1,0 +1,273 @@
+"""MorphogeneticModel: a host with seed slots, and the execution of lifecycle operations on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from esper.kasmina.blueprints import blueprints_for, build_seed
+from esper.kasmina.hosts import CNNHost
+from esper.kasmina.lifecycle import (
+    GATE_OF,
+    LIVE_STAGES,
+    IllegalAction,
+    LifecycleConfig,
+    alpha_at,
+    gate,
+    legal_operations,
+    next_stage,
+)
+from esper.kasmina.slot import SeedSlot
+from esper.leyline import (
+    Action,
+    Blueprint,
+    GateCheck,
+    LifecycleTransition,
+    Operation,
+    SeedStage,
+    SlotState,
+    short_name,
+)
+
+S = SeedStage
+OP = Operation
+
+
+@dataclass
+class SeedRecord:
+    """The life of one seed, for summaries and analytics."""
+
+    seed_id: int
+    slot: str
+    blueprint: str
+    params: int
+    history: list[dict] = field(default_factory=list)  # {"stage", "epoch", "reason"}
+
+    @property
+    def fate(self) -> str:
+        """fossilized | culled | the live stage it ended the run in."""
+        stages = [h["stage"] for h in self.history]
+        return "culled" if "CULLED" in stages else stages[-1].lower()
+
+
+@dataclass
+class StepOutcome:
+    """What executing one operation did: the gate checks it made and the transitions it caused."""
+
+    gates: list[GateCheck] = field(default_factory=list)
+    transitions: list[LifecycleTransition] = field(default_factory=list)
+
+
+class MorphogeneticModel(nn.Module):
+    """Host blocks with a SeedSlot after each enabled boundary; executes lifecycle operations."""
+
+    def __init__(
+        self,
+        host: CNNHost,
+        slots: list[str] | tuple[str, ...],
+        cfg: LifecycleConfig = LifecycleConfig(),
+        max_seeds: int = 0,
+    ):
+        super().__init__()
+        positions = host.slot_positions()
+        unknown = [s for s in slots if s not in positions]
+        if unknown or not slots:
+            raise ValueError(f"unknown slots {unknown} (this host has: {', '.join(positions)})")
+        self.host = host
+        self.cfg = cfg
+        self.max_seeds = max_seeds
+        channels = host.slot_channels()
+        # Host order, whatever order the user listed them in.
+        ordered = [s for s in positions if s in slots]
+        self.slots = nn.ModuleDict({s: SeedSlot(s, channels[s], host.spec.kind) for s in ordered})
+        self.slot_after = {positions[s]: s for s in ordered}
+        self.blueprints = blueprints_for(host.spec.kind)
+        self.records: list[SeedRecord] = []
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.host.stem(x)
+        for i, block in enumerate(self.host.blocks):
+            x = block(x)
+            if i in self.slot_after:
+                x = self.slots[self.slot_after[i]](x)
+        return self.host.head(x)
+
+    # ---------------------------------------------------------------- parameters
+    def host_parameters(self) -> list[nn.Parameter]:
+        """The host's own parameters plus every fossilized seed's: what the host optimizer trains."""
+        params = list(self.host.parameters())
+        for slot in self.slots.values():
+            if slot.stage == S.SEED_STAGE_FOSSILIZED:
+                params += list(slot.seed.parameters())
+        return params
+
+    def live_seeds(self) -> dict[str, SeedSlot]:
+        return {name: s for name, s in self.slots.items() if s.stage in LIVE_STAGES}
+
+    @property
+    def host_param_count(self) -> int:
+        return sum(p.numel() for p in self.host.parameters())
+
+    @property
+    def total_param_count(self) -> int:
+        return self.host_param_count + sum(s.seed_params for s in self.slots.values())
+
+    # ---------------------------------------------------------------- legality
+    @property
+    def seeds_germinated(self) -> int:
+        return len(self.records)
+
+    def budget_left(self) -> bool:
+        return self.max_seeds == 0 or self.seeds_germinated < self.max_seeds
+
+    def legal_actions(self) -> list[Action]:
+        """Every action the transition table (and the seed budget) allows now, WAIT first."""
+        actions = [Action(operation=OP.OPERATION_WAIT)]
+        for name, slot in self.slots.items():
+            for op in sorted(legal_operations(slot.stage)):
+                if op == OP.OPERATION_GERMINATE:
+                    if self.budget_left():
+                        actions += [Action(operation=op, slot=name, blueprint=b) for b in self.blueprints]
+                else:
+                    actions.append(Action(operation=op, slot=name))
+        return actions
+
+    def check_legal(self, action: Action) -> None:
+        """Raise IllegalAction, saying why, unless `action` is one of `legal_actions()`."""
+        if action in self.legal_actions():
+            return
+        if action.operation == OP.OPERATION_WAIT:
+            raise IllegalAction("WAIT takes no slot or blueprint")
+        if action.slot not in self.slots:
+            raise IllegalAction(f"unknown or disabled slot {action.slot!r} (enabled: {', '.join(self.slots)})")
+        slot = self.slots[action.slot]
+        next_stage(slot.stage, action.operation)  # raises when the table has no such move
+        if action.operation == OP.OPERATION_GERMINATE:
+            if action.blueprint not in self.blueprints:
+                raise IllegalAction(f"blueprint {Blueprint.Name(action.blueprint)} does not fit this host")
+            if not self.budget_left():
+                raise IllegalAction(f"seed budget exhausted ({self.max_seeds} germinated)")
+        raise IllegalAction(f"{Operation.Name(action.operation)} takes a slot and no blueprint")
+
+    # ---------------------------------------------------------------- gates
+    def advance_gate(self, slot: SeedSlot) -> GateCheck:
+        """The gate that guards ADVANCE from the slot's current stage, with current values."""
+        cfg = self.cfg
+        name = GATE_OF[(slot.stage, OP.OPERATION_ADVANCE)]
+        if slot.stage == S.SEED_STAGE_GERMINATED:
+            finite = all(bool(torch.isfinite(p).all()) for p in slot.seed.parameters())
+            checks = {"seed_params_finite": (float(finite), ">=", 1.0)}
+        elif slot.stage == S.SEED_STAGE_TRAINING:
+            contribution = slot.contribution[0] if slot.contribution else float("-inf")
+            checks = {
+                "epochs_in_stage": (slot.epochs_in_stage, ">=", cfg.min_training_epochs),
+                "prospective_contribution": (contribution, ">", cfg.blend_min_contribution),
+            }
+        else:  # BLENDING
+            mean, se = slot.contribution if slot.contribution else (float("-inf"), 0.0)
+            checks = {
+                "alpha": (slot.alpha, ">=", 1.0),
+                "contribution": (mean, ">", cfg.fossilize_k_se * se),
+            }
+        return gate(name, slot.name, slot.seed_id, checks)
+
+    # ---------------------------------------------------------------- execution
+    def execute(self, action: Action, epoch: int, reason: str = "") -> StepOutcome:
+        """Apply one operation at the start of `epoch`. Illegal -> IllegalAction; a failed gate -> no move."""
+        self.check_legal(action)
+        out = StepOutcome()
+        if action.operation == OP.OPERATION_WAIT:
+            return out
+        slot = self.slots[action.slot]
+        if action.operation == OP.OPERATION_GERMINATE:
+            out.gates.append(gate("G_germinate", slot.name, len(self.records) + 1, {
+                "seeds_germinated": (self.seeds_germinated, "<", self.max_seeds or float("inf")),
+            }))
+            self._germinate(slot, action.blueprint)
+        elif action.operation == OP.OPERATION_ADVANCE:
+            check = self.advance_gate(slot)
+            out.gates.append(check)
+            if not check.passed:
+                return out
+        elif action.operation == OP.OPERATION_CULL:
+            slot.seed = None  # frees the seed's parameters; the optimizer sync drops its optimizer
+        out.transitions.append(self._move(slot, next_stage(slot.stage, action.operation), epoch, reason))
+        return out
+
+    def _germinate(self, slot: SeedSlot, blueprint: int) -> None:
+        ref = next(self.host.parameters())
+        slot.seed = build_seed(blueprint, slot.channels, slot.kind).to(ref.device)
+        slot.blueprint = blueprint
+        slot.seed_id = len(self.records) + 1
+        self.records.append(
+            SeedRecord(slot.seed_id, slot.name, short_name(Blueprint, blueprint), slot.seed_params)
+        )
+
+    def _move(self, slot: SeedSlot, to_stage: int, epoch: int, reason: str) -> LifecycleTransition:
+        transition = LifecycleTransition(
+            slot=slot.name, seed_id=slot.seed_id, blueprint=slot.blueprint,
+            from_stage=slot.stage, to_stage=to_stage, epoch=epoch, reason=reason,
+        )
+        if slot.seed_id:
+            self.records[slot.seed_id - 1].history.append(
+                {"stage": short_name(SeedStage, to_stage), "epoch": epoch, "reason": reason}
+            )
+        slot.stage = to_stage
+        slot.epochs_in_stage = 0
+        slot.contribution = None
+        if to_stage == S.SEED_STAGE_FOSSILIZED:
+            slot.alpha = 1.0
+        elif to_stage in (S.SEED_STAGE_CULLED, S.SEED_STAGE_TRAINING, S.SEED_STAGE_GERMINATED):
+            slot.alpha = 0.0
+        if to_stage == S.SEED_STAGE_EMBARGOED:
+            slot.embargo_epochs_left = self.cfg.embargo_epochs
+        if to_stage == S.SEED_STAGE_DORMANT:
+            slot.blueprint, slot.seed_id = Blueprint.BLUEPRINT_UNSPECIFIED, 0
+        return transition
+
+    def cull_live(self, epoch: int, reason: str) -> list[LifecycleTransition]:
+        """Cull every live seed (the governor's rollback)."""
+        return [
+            self.execute(Action(operation=OP.OPERATION_CULL, slot=name), epoch, reason).transitions[0]
+            for name in self.live_seeds()
+        ]
+
+    def begin_epoch(self) -> None:
+        """Set the alpha each BLENDING slot trains with this epoch."""
+        for slot in self.slots.values():
+            if slot.stage == S.SEED_STAGE_BLENDING:
+                slot.alpha = alpha_at(slot.epochs_in_stage + 1, self.cfg)
+
+    def end_epoch(self, epoch: int) -> list[LifecycleTransition]:
+        """Count the epoch in every slot's stage and make the moves time makes (cull -> embargo -> dormant)."""
+        moves = []
+        for slot in self.slots.values():
+            slot.epochs_in_stage += 1
+            if slot.stage == S.SEED_STAGE_CULLED:
+                moves.append(self._move(slot, S.SEED_STAGE_EMBARGOED, epoch, "embargo after cull"))
+            elif slot.stage == S.SEED_STAGE_EMBARGOED:
+                slot.embargo_epochs_left -= 1
+            if slot.stage == S.SEED_STAGE_EMBARGOED and slot.embargo_epochs_left <= 0:
+                moves.append(self._move(slot, S.SEED_STAGE_DORMANT, epoch, "embargo over"))
+        return moves
+
+    # ---------------------------------------------------------------- views
+    def slot_states(self) -> list[SlotState]:
+        states = []
+        for name, slot in self.slots.items():
+            state = SlotState(
+                slot=name, stage=slot.stage, blueprint=slot.blueprint, seed_id=slot.seed_id,
+                alpha=slot.alpha, epochs_in_stage=slot.epochs_in_stage, seed_params=slot.seed_params,
+                embargo_epochs_left=slot.embargo_epochs_left,
+            )
+            if slot.contribution is not None:
+                state.has_contribution = True
+                state.contribution, state.contribution_se = slot.contribution
+            if (slot.stage, OP.OPERATION_ADVANCE) in GATE_OF:
+                state.advance_ready = self.advance_gate(slot).passed
+            states.append(state)
+        return states
+

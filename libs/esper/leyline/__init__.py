@@ -1,0 +1,78 @@
+"""Leyline: the message and enum contracts every Esper component speaks, generated from proto/.
+
+Everything else imports messages and enums from here, never from the generated module directly.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from esper.leyline.leyline_pb2 import (
+    Action,
+    Blueprint,
+    Decision,
+    EpochReport,
+    GateCheck,
+    GovernorEvent,
+    LifecycleTransition,
+    Observation,
+    Operation,
+    RunFinished,
+    RunStarted,
+    SeedStage,
+    SlotState,
+    TelemetryEvent,
+    TelemetryLevel,
+    TrainingSignals,
+)
+
+_PREFIXES = {
+    "SeedStage": "SEED_STAGE_",
+    "Blueprint": "BLUEPRINT_",
+    "Operation": "OPERATION_",
+    "TelemetryLevel": "TELEMETRY_LEVEL_",
+}
+
+
+def short_name(enum: EnumTypeWrapper, value: int) -> str:
+    """SEED_STAGE_DORMANT -> "DORMANT"; BLUEPRINT_CONV_HEAVY -> "conv_heavy" (blueprints and
+    telemetry levels are lower case, as users type them on the command line)."""
+    name = enum.Name(value).removeprefix(_PREFIXES[enum.DESCRIPTOR.name])
+    return name.lower() if enum.DESCRIPTOR.name in ("Blueprint", "TelemetryLevel") else name
+
+
+def from_short_name(enum: EnumTypeWrapper, name: str) -> int:
+    """Inverse of short_name; raises ValueError naming the choices."""
+    try:
+        return enum.Value(_PREFIXES[enum.DESCRIPTOR.name] + name.upper())
+    except ValueError:
+        choices = ", ".join(short_names(enum))
+        raise ValueError(f"unknown {enum.DESCRIPTOR.name} {name!r} (choices: {choices})") from None
+
+
+def short_names(enum: EnumTypeWrapper) -> list[str]:
+    """Every value but UNSPECIFIED, by short name, in declaration order."""
+    return [short_name(enum, v) for v in enum.values() if v != 0]
+
+
+__all__ = [
+    "Action",
+    "Blueprint",
+    "Decision",
+    "EpochReport",
+    "GateCheck",
+    "GovernorEvent",
+    "LifecycleTransition",
+    "Observation",
+    "Operation",
+    "RunFinished",
+    "RunStarted",
+    "SeedStage",
+    "SlotState",
+    "TelemetryEvent",
+    "TelemetryLevel",
+    "TrainingSignals",
+    "from_short_name",
+    "short_name",
+    "short_names",
+]

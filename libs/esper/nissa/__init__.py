@@ -1,0 +1,5 @@
+"""Nissa: builds telemetry events at a chosen level and hands them to sinks (files now, the bus later)."""
+
+from esper.nissa.telemetry import JsonlSink, ListSink, Sink, Telemetry, read_jsonl
+
+__all__ = ["JsonlSink", "ListSink", "Sink", "Telemetry", "read_jsonl"]

@@ -1,0 +1,1 @@
+"""Entry points kept for the original tool's users (`python -m esper.scripts.train ...`)."""

@@ -1,0 +1,172 @@
+"""GrowthEnv: one growing training run as an environment. One step = one operation + one epoch.
+
+    obs = env.reset(seed)
+    while not done:
+        obs, done = env.step(policy.decide(obs))
+
+The heuristic, the static baseline and (later) PPO all drive this same step; there is no second code
+path. Illegal operations raise before anything changes; `legal_actions()` lists what is allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from esper.kasmina import LifecycleConfig, MorphogeneticModel, build_host
+from esper.leyline import (
+    Action,
+    Decision,
+    EpochReport,
+    GovernorEvent,
+    LifecycleTransition,
+    Observation,
+    SeedStage,
+    TelemetryLevel,
+    TrainingSignals,
+)
+from esper.nissa import Telemetry
+from esper.tamiyo import Policy
+from esper.tolaria.data import Dataset
+from esper.tolaria.governor import Governor, GovernorConfig
+from esper.tolaria.trainer import EvalResult, Trainer, TrainConfig
+
+HISTORY = 10  # epochs of accuracy/loss history in an observation
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    task: str = "cifar10"
+    """Host and data: cifar10 | cifar10_deep | synthetic."""
+    max_epochs: int = 75
+    """Epochs (= environment steps) per episode."""
+    slots: tuple[str, ...] = ("mid",)
+    """Enabled slots (early | mid | late)."""
+    max_seeds: int = 0
+    """Seeds that may germinate per episode; 0 = unlimited."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+
+
+class GrowthEnv:
+    def __init__(self, cfg: EnvConfig, data: Dataset, device: torch.device, telemetry: Telemetry):
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        self.telemetry = telemetry
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, seed: int) -> Observation:
+        cfg = self.cfg
+        torch.manual_seed(seed)
+        self.model = MorphogeneticModel(build_host(cfg.task), cfg.slots, cfg.lifecycle, cfg.max_seeds)
+        self.model.to(self.device)
+        generator = torch.Generator(device=self.data.train_x.device).manual_seed(seed)
+        self.trainer = Trainer(self.model, self.data, cfg.train, self.device, generator)
+        self.governor = Governor(cfg.governor)
+        self.governor.snapshot(self.model, 0)
+        self.epoch = 0
+        self.train_loss = self.train_accuracy = 0.0
+        self.val = EvalResult(loss=0.0, accuracy=0.0, contributions={})
+        self.best_val_accuracy = 0.0
+        self.plateau_epochs = 0
+        self.val_accuracy_history: list[float] = []
+        self.val_loss_history: list[float] = []
+        self.recently_culled: list[int] = []
+        self.grad_norms: dict[str, float] = {}
+        return self.observation()
+
+    def legal_actions(self) -> list[Action]:
+        return self.model.legal_actions()
+
+    def step(self, decision: Decision) -> tuple[Observation, bool]:
+        model, tel = self.model, self.telemetry
+        model.check_legal(decision.action)
+        epoch = self.epoch + 1  # the epoch this step trains, 1-based
+        tel.emit(decision=decision)
+        outcome = model.execute(decision.action, epoch, decision.reason)
+        for check in outcome.gates:
+            tel.emit(gate=check)
+        self._record(outcome.transitions)
+
+        start = time.perf_counter()
+        model.begin_epoch()
+        self.train_loss, self.train_accuracy = self.trainer.train_epoch()
+        if tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
+            self.grad_norms = self.trainer.seed_grad_norms()
+        cause = self.governor.verdict(self.train_loss)
+        if cause:
+            culled = model.cull_live(epoch, f"governor: {cause}")
+            restored = self.governor.restore(model)
+            self.trainer.reset_momentum()
+            tel.emit(governor=GovernorEvent(epoch=epoch, cause=cause, train_loss=self.train_loss,
+                                            restored_epoch=restored, culled_slots=[t.slot for t in culled]))
+            self._record(culled)
+        self.val = self.trainer.evaluate("val")
+        for name, contribution in self.val.contributions.items():
+            model.slots[name].contribution = contribution
+        self._record(model.end_epoch(epoch))
+        if cause is None:
+            self.governor.snapshot(model, epoch)
+        self.epoch = epoch
+        self._update_signals()
+
+        obs = self.observation()
+        tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
+                                   epoch_seconds=time.perf_counter() - start))
+        return obs, self.epoch >= self.cfg.max_epochs
+
+    def test_accuracy(self) -> float:
+        """Only for final reports: the test set never informs a decision."""
+        return self.trainer.evaluate("test", counterfactual=False).accuracy
+
+    # ------------------------------------------------------------------ views
+    def observation(self) -> Observation:
+        model = self.model
+        signals = TrainingSignals(
+            epoch=self.epoch, max_epochs=self.cfg.max_epochs,
+            train_loss=self.train_loss, train_accuracy=self.train_accuracy,
+            val_loss=self.val.loss, val_accuracy=self.val.accuracy,
+            best_val_accuracy=self.best_val_accuracy, plateau_epochs=self.plateau_epochs,
+            host_params=model.host_param_count, total_params=model.total_param_count,
+            val_accuracy_history=self.val_accuracy_history[-HISTORY:],
+            val_loss_history=self.val_loss_history[-HISTORY:],
+        )
+        slots = model.slot_states()
+        for state in slots:
+            state.seed_grad_norm = self.grad_norms.get(state.slot, 0.0)
+        return Observation(
+            run_id=self.telemetry.run_id, signals=signals, slots=slots, blueprints=model.blueprints,
+            seeds_germinated=model.seeds_germinated, max_seeds=model.max_seeds,
+            recently_culled=self.recently_culled[-5:],
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _record(self, transitions: list[LifecycleTransition]) -> None:
+        for t in transitions:
+            self.telemetry.emit(transition=t)
+            if t.to_stage == SeedStage.SEED_STAGE_CULLED:
+                self.recently_culled.append(t.blueprint)
+
+    def _update_signals(self) -> None:
+        acc = self.val.accuracy
+        if acc > self.best_val_accuracy:
+            self.best_val_accuracy, self.plateau_epochs = acc, 0
+        else:
+            self.plateau_epochs += 1
+        self.val_accuracy_history.append(acc)
+        self.val_loss_history.append(self.val.loss)
+
+
+def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None) -> Observation:
+    """Drive one episode with `policy`; `on_epoch(obs)` after every step (progress bars)."""
+    obs = env.reset(seed)
+    done = False
+    while not done:
+        obs, done = env.step(policy.decide(obs))
+        if on_epoch is not None:
+            on_epoch(obs)
+    return obs

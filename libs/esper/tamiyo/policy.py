@@ -1,0 +1,25 @@
+"""What every controller is: something that turns an Observation into a Decision."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from esper.leyline import Action, Decision, Observation, Operation
+
+
+class Policy(Protocol):
+    name: str
+    version: str
+
+    def decide(self, observation: Observation) -> Decision: ...
+
+
+class WaitPolicy:
+    """Never grows: the static baseline runs through the same environment step as every controller."""
+
+    name = "static"
+    version = "1"
+
+    def decide(self, observation: Observation) -> Decision:
+        return Decision(action=Action(operation=Operation.OPERATION_WAIT), reason="static baseline",
+                        policy_name=self.name, policy_version=self.version)

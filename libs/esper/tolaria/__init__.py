@@ -1,0 +1,1 @@
+"""Tolaria: data, training and evaluation loops, and the safety governor."""

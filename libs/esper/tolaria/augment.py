@@ -1,0 +1,113 @@
+"""Batching, augmentation and normalization as tensor ops on the batch's device.
+
+Following airbench, the dataset stays one uint8 tensor (ideally already on the GPU), batch indices
+come from a `randperm` on the generator's device, and a batch is cropped, flipped and normalized in
+a handful of kernels: no per-image Python loop, no DataLoader workers, no `.item()` or `.cpu()`,
+so the training step never waits on the host. Crop and flip run on the uint8 batch (a quarter of
+the bytes of float32) and pad with zeros, i.e. black, as torchvision's `RandomCrop(padding=4)`
+does in the standard CIFAR-10 recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop_flip(
+    x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Zero-pad by `pad`, crop back to H x W at a random offset per image, flip half horizontally.
+
+    x: [B, C, H, W], any dtype. The random draws come from `generator` on its own device (x's
+    device when None) and move to x's device, which costs nothing when the two match.
+    """
+    b, c, h, w = x.shape
+    gen_device = generator.device if generator is not None else x.device
+    offsets = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=gen_device)
+    flip = torch.randint(0, 2, (b, 1), generator=generator, device=gen_device).bool()  # [B, 1]
+    dy, dx = offsets.to(x.device)  # [B, 1] each
+    flip = flip.to(x.device)
+
+    padded = F.pad(x, (pad, pad, pad, pad))  # [B, C, H + 2p, W + 2p]
+    row = torch.arange(h, device=x.device)  # [H]
+    col = torch.arange(w, device=x.device)  # [W]
+    rows = dy + row  # [B, H]
+    # A flipped crop reads its window right to left, so crop and flip are one gather.
+    cols = dx + torch.where(flip, w - 1 - col, col)  # [B, W]
+    # One gather over flattened pixels with the index shared by all channels: 7x faster on the
+    # CPU than 4-way advanced indexing (10.7 -> 1.5 ms for 512x3x32x32 uint8).
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w)  # [B, 1, HW]
+    return padded.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """float32 (x / 255 - mean) / std; mean and std are [1, C, 1, 1] on x's device.
+
+    In place on a fresh float copy (never the input): one allocation, and float32 even for
+    float64 mean/std.
+    """
+    return x_uint8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+
+
+def train_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    max_batches: int,
+    generator: torch.Generator,
+    device: torch.device | str,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    augment: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled pass: normalized (and augmented) float32 images [B, C, H, W] and labels [B].
+
+    x: [N, C, H, W] uint8, y: [N] int64, on any device. Only full batches are yielded, so every
+    step sees `batch_size` images (BatchNorm statistics and step sizes stay comparable);
+    `max_batches` > 0 stops early, 0 means the whole pass.
+    """
+    if not 0 < batch_size <= len(x):
+        raise ValueError(f"batch_size {batch_size} gives no full batch of {len(x)} items")
+    if max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0, got {max_batches}")
+    n_full = len(x) // batch_size
+    n_batches = min(max_batches, n_full) if max_batches else n_full
+    # One transfer per pass when the generator lives elsewhere; none when it matches x.
+    perm = torch.randperm(len(x), generator=generator, device=generator.device).to(x.device)
+    device = torch.device(device)
+    for i in range(n_batches):
+        idx = perm[i * batch_size : (i + 1) * batch_size]  # [B]
+        xb, yb = _to_device(x[idx], device), _to_device(y[idx], device)
+        if augment:
+            xb = random_crop_flip(xb, generator=generator)
+        yield normalize(xb, mean, std), yb
+
+
+def eval_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every item once, in order, last partial batch included; normalized, not augmented."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    for start in range(0, len(x), batch_size):
+        xb = _to_device(x[start : start + batch_size], device)  # [B, C, H, W]
+        yb = _to_device(y[start : start + batch_size], device)  # [B]
+        yield normalize(xb, mean, std), yb
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-GPU copies go through pinned memory so they overlap with compute."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -1,0 +1,150 @@
+"""Batched crop/flip, normalization and batch iteration, checked against per-image references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from esper.tolaria.augment import eval_batches, normalize, random_crop_flip, train_batches
+
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference_match(out: torch.Tensor, x: torch.Tensor, pad: int) -> tuple[int, int, bool]:
+    """(dy, dx, flipped) of the one window of the zero-padded x that `out` equals, per image."""
+    padded = F.pad(x, (pad, pad, pad, pad))
+    h, w = x.shape[-2:]
+    matches = [
+        (dy, dx, flipped)
+        for dy in range(2 * pad + 1)
+        for dx in range(2 * pad + 1)
+        for flipped in (False, True)
+        if torch.equal(
+            out,
+            padded[:, dy : dy + h, dx : dx + w].flip(-1) if flipped
+            else padded[:, dy : dy + h, dx : dx + w],
+        )
+    ]
+    assert len(matches) == 1, f"expected exactly one matching window, got {matches}"
+    return matches[0]
+
+
+def test_crop_flip_is_a_shifted_window_of_the_padded_input_per_image():
+    x = torch.randn(256, 3, 8, 8, generator=_gen(1))  # distinct values: every window is unique
+    out = random_crop_flip(x, pad=2, generator=_gen())
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+    found = [_reference_match(out[b], x[b], pad=2) for b in range(len(x))]
+    dys, dxs, flips = zip(*found)
+    assert set(dys) == set(dxs) == set(range(5)), "every offset, extremes included, occurs"
+    assert 96 <= sum(flips) <= 160  # p=0.5 over 256 images: outside this is > 4 sigma
+
+
+def test_crop_flip_keeps_uint8_and_pad_zero_only_flips():
+    x = torch.randint(0, 256, (64, 3, 6, 6), generator=_gen(2), dtype=torch.uint8)
+    out = random_crop_flip(x, pad=0, generator=_gen())
+    assert out.dtype == torch.uint8
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    assert bool((flipped ^ kept).all()), "each image is either itself or its exact mirror"
+    assert 0 < int(flipped.sum()) < 64
+
+
+def test_crop_flip_is_reproducible_with_the_same_generator():
+    x = torch.randn(32, 3, 16, 16, generator=_gen(3))
+    first, again = (random_crop_flip(x, generator=_gen(7)) for _ in range(2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, random_crop_flip(x, generator=_gen(8)))
+    assert random_crop_flip(x).shape == x.shape  # the global generator works too
+
+
+def test_normalize_values_and_dtype():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    mean = torch.tensor([0.0, 0.2, 0.5], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.5, 0.1, 0.25], dtype=torch.float64).view(1, 3, 1, 1)
+    out = normalize(x, mean, std)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
+    expected = torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    torch.testing.assert_close(out, expected)
+    already_float = x.float()
+    normalize(already_float, mean, std)
+    assert torch.equal(already_float, x.float()), "the input is never normalized in place"
+
+
+def _indexed_images(n: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is flat with value i, label i, so a batch shows which items it holds."""
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, size, size).contiguous()
+    return x, torch.arange(n)
+
+
+# mean 0, std 1/255 make normalize the identity on pixel values (up to float rounding).
+IDENTITY = dict(mean=torch.zeros(1, 3, 1, 1), std=torch.full((1, 3, 1, 1), 1 / 255))
+
+
+def _items(xb: torch.Tensor) -> list[int]:
+    return xb[:, 0, 8, 8].round().long().tolist()  # the centre stays inside any 4-px crop
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_batches_cover_a_permutation_in_full_batches(augment):
+    x, y = _indexed_images(105)
+    batches = list(train_batches(x, y, batch_size=10, max_batches=0, generator=_gen(),
+                                 device="cpu", augment=augment, **IDENTITY))
+    assert len(batches) == 10, "the last partial batch (5 items) is dropped"
+    seen = []
+    for xb, yb in batches:
+        assert xb.shape == (10, 3, 16, 16) and xb.dtype == torch.float32
+        assert _items(xb) == yb.tolist(), "images and labels stay paired"
+        seen += yb.tolist()
+    assert len(set(seen)) == 100 and seen != sorted(seen), "distinct items, shuffled"
+    if not augment:
+        for xb, yb in batches:
+            torch.testing.assert_close(xb, x[yb].float())
+
+
+def test_train_batches_respect_max_batches_and_the_generator():
+    x, y = _indexed_images(100)
+
+    def labels(max_batches: int, seed: int) -> list[list[int]]:
+        return [yb.tolist() for _, yb in train_batches(
+            x, y, batch_size=8, max_batches=max_batches, generator=_gen(seed), device="cpu",
+            **IDENTITY)]
+
+    assert len(labels(3, 0)) == 3
+    assert len(labels(50, 0)) == 12, "capped at the full batches in one pass"
+    assert labels(3, 0) == labels(0, 0)[:3], "early stop is a prefix of the same pass"
+    assert labels(0, 0) != labels(0, 1)
+    with pytest.raises(ValueError):
+        next(train_batches(x, y, batch_size=101, max_batches=0, generator=_gen(), device="cpu",
+                           **IDENTITY))
+
+
+def test_eval_batches_cover_everything_in_order_with_the_partial_batch():
+    x, y = _indexed_images(23)
+    batches = list(eval_batches(x, y, batch_size=10, device="cpu", **IDENTITY))
+    assert [len(yb) for _, yb in batches] == [10, 10, 3]
+    assert torch.equal(torch.cat([yb for _, yb in batches]), y)
+    torch.testing.assert_close(torch.cat([xb for xb, _ in batches]), x.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_data_reaches_the_gpu_and_matches_the_cpu_pipeline():
+    x, y = _indexed_images(64)
+    cuda = torch.device("cuda")
+    gpu_stats = {k: v.to(cuda) for k, v in IDENTITY.items()}
+    kw = dict(batch_size=16, max_batches=0, augment=False)
+    on_gpu = list(train_batches(x, y, generator=_gen(), device=cuda, **kw, **gpu_stats))
+    on_cpu = list(train_batches(x, y, generator=_gen(), device="cpu", **kw, **IDENTITY))
+    for (xg, yg), (xc, yc) in zip(on_gpu, on_cpu, strict=True):
+        assert xg.is_cuda and yg.is_cuda
+        torch.testing.assert_close(xg.cpu(), xc)
+        assert torch.equal(yg.cpu(), yc)
+
+    gen = torch.Generator(device=cuda).manual_seed(0)
+    out = random_crop_flip(x.to(cuda), generator=gen)  # draws and gather all on the GPU
+    assert out.is_cuda and _items(out.float()) == list(range(64))

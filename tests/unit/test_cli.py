@@ -1,0 +1,83 @@
+"""The command line: runs write a complete run directory; bad input fails in one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esper.cli import main
+from esper.kasmina import load_exported
+from esper.nissa import read_jsonl
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "heuristic", "--slots", "middle"], "--slots: unknown middle"),
+    (["train", "heuristic", "--max-epochs", "0"], "--max-epochs must be >= 1"),
+    (["train", "static", "--max-batches", "-1"], "--max-batches must be >= 0"),
+    (["train", "heuristic", "--task", "imagenet"], "invalid choice: 'imagenet'"),
+    (["train", "heuristic", "--telemetry-level", "off", "--telemetry-file", "x.jsonl"], "--telemetry-level"),
+    (["train", "heuristic", "--slots", "mid", "mid"], "listed twice"),
+    (["train", "heuristic", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train"], "required"),
+])
+def test_bad_flags_fail_in_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_fails_in_one_line(capsys):
+    assert main(["train", "heuristic", "--device", "cuda:0"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "heuristic", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--data-dir" in err and "ESPER_DATA_DIR" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    tel_file = tmp_path / "all.jsonl"
+    assert main(["train", "heuristic", "--task", "synthetic", "--max-epochs", "8", "--runs-dir", str(tmp_path),
+                 "--telemetry-file", str(tel_file), "--telemetry-dir", str(tmp_path / "tel")]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.endswith("_heuristic_synthetic_s42")]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env"]["max_epochs"] == 8 and config["mode"] == "heuristic"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 8 and 0 <= summary["test_accuracy"] <= 100
+    assert summary["host_params"] == 6220
+    events = list(read_jsonl(run_dir / "telemetry.jsonl"))
+    assert events[0].HasField("run_started") and events[-1].HasField("run_finished")
+    assert sum(e.HasField("epoch") for e in events) == 8
+    assert len(list(read_jsonl(tel_file))) == len(events)
+    assert len(list(read_jsonl(tmp_path / "tel" / f"{run_dir.name}.jsonl"))) == len(events)
+    assert sum(p.numel() for p in load_exported(run_dir / "model").parameters()) == summary["total_params"]
+
+
+def test_telemetry_off_writes_no_events(tmp_path):
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "2", "--runs-dir", str(tmp_path),
+                 "--telemetry-level", "off", "--episodes", "2"]) == 0
+    run_dirs = sorted(tmp_path.iterdir())
+    assert sorted(p.name.rsplit("_", 1)[1] for p in run_dirs) == ["s42", "s43"]
+    assert all(not (p / "telemetry.jsonl").exists() and (p / "summary.json").exists() for p in run_dirs)
+
+
+def test_original_module_entry_point(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "esper.scripts.train", "static", "--task", "synthetic",
+                          "--max-epochs", "1", "--runs-dir", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "device: cpu" in out.stderr
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_blueprints_lists_computed_counts(capsys):
+    assert main(["blueprints"]) == 0
+    out = capsys.readouterr().out
+    assert "94,762" in out
+    assert "73,984" in out  # conv_heavy at mid (64 channels): 2 * 64*64*9 + 4*64

@@ -1,0 +1,51 @@
+"""The governor rolls a run back on a NaN loss, culls live seeds, records it, and the run goes on."""
+
+import math
+
+import torch
+
+from esper.leyline import Action, Blueprint, Decision, Operation, SeedStage
+from esper.nissa import ListSink, Telemetry
+from esper.simic import EnvConfig, GrowthEnv
+from esper.tolaria.governor import Governor
+
+WAIT = Decision(action=Action(operation=Operation.OPERATION_WAIT), reason="test")
+
+
+def test_nan_loss_rolls_back_and_the_run_continues(synthetic_data):
+    sink = ListSink()
+    env = GrowthEnv(EnvConfig(task="synthetic", max_epochs=10, slots=("mid",)), synthetic_data,
+                    torch.device("cpu"), Telemetry("gov", sinks=[sink]))
+    env.reset(seed=0)
+    env.step(WAIT)
+    env.step(Decision(action=Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                                    blueprint=Blueprint.BLUEPRINT_CONV_LIGHT), reason="test"))
+    env.step(Decision(action=Action(operation=Operation.OPERATION_ADVANCE, slot="mid"), reason="test"))
+    good = {k: v.clone() for k, v in env.model.host.state_dict().items()}
+
+    first_conv = env.model.host.blocks[0][0].weight
+    with torch.no_grad():
+        first_conv[0, 0, 0, 0] = float("nan")  # injected fault
+    obs, done = env.step(WAIT)
+
+    rollbacks = [e.governor for e in sink.events if e.HasField("governor")]
+    assert len(rollbacks) == 1
+    assert rollbacks[0].cause == "non-finite loss" and rollbacks[0].restored_epoch == 3
+    assert list(rollbacks[0].culled_slots) == ["mid"]
+    assert math.isnan(obs.signals.train_loss)
+    for key, value in env.model.host.state_dict().items():
+        assert torch.equal(value, good[key]), key
+    assert env.model.slots["mid"].stage in (SeedStage.SEED_STAGE_CULLED, SeedStage.SEED_STAGE_EMBARGOED)
+    assert math.isfinite(obs.signals.val_loss)
+
+    obs, done = env.step(WAIT)  # the run continues with finite losses
+    assert math.isfinite(obs.signals.train_loss) and obs.signals.epoch == 5 and not done
+
+
+def test_divergence_is_a_verdict():
+    governor = Governor()
+    assert governor.verdict(2.0) is None
+    assert governor.verdict(1.0) is None
+    assert governor.verdict(4.9) is None
+    assert governor.verdict(5.1) == "divergence"
+    assert governor.verdict(float("inf")) == "non-finite loss"

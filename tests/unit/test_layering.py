@@ -1,0 +1,15 @@
+"""The library never needs the network: domain packages import neither zmq nor grpc."""
+
+import subprocess
+import sys
+
+
+def test_domains_do_not_import_wire_libraries():
+    code = (
+        "import sys\n"
+        "import esper.kasmina, esper.tolaria.trainer, esper.tamiyo, esper.simic, esper.nissa, esper.experiment\n"
+        "bad = [m for m in ('zmq', 'grpc') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"wire libraries imported by the library: {out.stdout.strip()}"

@@ -1,15 +1,20 @@
-"""Shared fixtures: the synthetic task (procedural, offline) and the project's shared data folder."""
+"""Shared fixtures: the synthetic task (procedural, offline), a tiny transformer host, and the
+project's shared data folder."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from esper.kasmina import HOSTS
 from esper.tolaria.data import make_synthetic
+from support import CIFAR_DIR, TINY_LM
 
-# CI clones the repository next to a copy of shared/; so does every developer checkout.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_DIR = SHARED / "data" / "cifar10"
+@pytest.fixture
+def tiny_lm_registered(monkeypatch):
+    """TINY_LM in the host table for this test: export and the environment build hosts by name."""
+    monkeypatch.setitem(HOSTS, TINY_LM.name, TINY_LM)
+    return TINY_LM
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +24,15 @@ def synthetic_data():
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    """One thread per test: results do not depend on test order, and a loaded 2-core machine does not thrash (2 threads under load measured 80 s against 1.2 s for the same test)."""
+    """One thread per test: results do not depend on test order, and a loaded 2-core machine does
+    not thrash (2 threads under load measured 80 s against 1.2 s for the same test)."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_dir() -> Path:
+    """The shared CIFAR-10 folder; tests that need it skip where the checkout has no shared/ beside it."""
+    if not (CIFAR_DIR / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip(f"no shared CIFAR-10 at {CIFAR_DIR}")
+    return CIFAR_DIR

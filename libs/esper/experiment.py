@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
-from esper.nissa import JsonlSink, Telemetry
+from esper.nissa import JsonlSink, Sink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
@@ -61,8 +61,11 @@ def stage_line(obs: Observation) -> str:
     return " ".join(f"{s.slot}:{short_name(SeedStage, s.stage)}" for s in obs.slots)
 
 
-def run(cfg: RunConfig, console: Console | None = None) -> list[dict]:
-    """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory)."""
+def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = None,
+        sinks: tuple[Sink, ...] = ()) -> list[dict]:
+    """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory).
+    `policy` replaces the one `cfg.mode` names and `sinks` get every event too: the tolaria worker
+    service passes a remote policy and the bus publisher here."""
     console = console or Console(stderr=True)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
@@ -70,11 +73,12 @@ def run(cfg: RunConfig, console: Console | None = None) -> list[dict]:
         data = data.to(device)
     summaries = []
     for episode in range(cfg.episodes):
-        summaries.append(run_one(cfg, data, device, cfg.seed + episode, console))
+        summaries.append(run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks))
     return summaries
 
 
-def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console) -> dict:
+def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
+            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = ()) -> dict:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_id = f"{stamp}_{cfg.mode}_{cfg.env.task}_s{seed}"
     run_dir = Path(cfg.runs_dir) / run_id
@@ -83,7 +87,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     (run_dir / "config.json").write_text(config_json)
 
     level = from_short_name(TelemetryLevel, cfg.telemetry_level)
-    sinks = []
+    sinks = list(extra_sinks)
     if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
         sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
         if cfg.telemetry_file:
@@ -101,12 +105,20 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:
         bar = progress.add_task(run_id, total=cfg.env.max_epochs, acc="-", loss="-", slots="")
+        curve: list[dict] = []
 
         def on_epoch(obs: Observation) -> None:
             progress.update(bar, completed=obs.signals.epoch, acc=f"{obs.signals.val_accuracy:.2f}%",
                             loss=f"{obs.signals.train_loss:.3f}", slots=stage_line(obs))
+            curve.append({
+                "epoch": obs.signals.epoch, "val_accuracy": obs.signals.val_accuracy,
+                "val_loss": obs.signals.val_loss,
+                "train_loss": obs.signals.train_loss, "total_params": obs.signals.total_params,
+                "train_flops": env.trainer.train_flops,
+                "stages": {s.slot: short_name(SeedStage, s.stage) for s in obs.slots},
+            })
 
-        obs = run_episode(env, make_policy(cfg), seed, on_epoch)
+        obs = run_episode(env, policy or make_policy(cfg), seed, on_epoch)
     test_accuracy = env.test_accuracy()
     wall = time.perf_counter() - start
     telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
@@ -114,12 +126,14 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
                                             epochs=obs.signals.epoch))
     telemetry.close()
     save_exported(env.model, run_dir / "model")
-    summary = summarize(env, obs, run_id, cfg, seed, str(device), test_accuracy, wall)
+    if data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
+        data.tokenizer.save(run_dir / "model" / "tokenizer.json")
+    summary = summarize(env, obs, run_id, cfg, seed, str(device), test_accuracy, wall) | {"curve": curve}
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, run_dir / "summary.json")
     console.print(
-        f"{run_id}: val {summary['val_accuracy']:.2f}%  test {test_accuracy:.2f}%  "
+        f"{run_id}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  test {test_accuracy:.2f}%  "
         f"params {summary['total_params']:,}  seeds {summary['seed_counts']}  {wall:.1f}s  -> {run_dir}"
     )
     return summary
@@ -140,10 +154,12 @@ def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, see
         "epochs": obs.signals.epoch,
         "wall_seconds": wall,
         "val_accuracy": obs.signals.val_accuracy,
+        "val_loss": obs.signals.val_loss,
         "best_val_accuracy": obs.signals.best_val_accuracy,
         "test_accuracy": test_accuracy,
         "host_params": obs.signals.host_params,
         "total_params": obs.signals.total_params,
+        "train_flops": env.trainer.train_flops,
         "seed_counts": counts,
         "seeds": seeds,
     }

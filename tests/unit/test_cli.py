@@ -57,7 +57,8 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert sum(e.HasField("epoch") for e in events) == 8
     assert len(list(read_jsonl(tel_file))) == len(events)
     assert len(list(read_jsonl(tmp_path / "tel" / f"{run_dir.name}.jsonl"))) == len(events)
-    assert sum(p.numel() for p in load_exported(run_dir / "model").parameters()) == summary["total_params"]
+    kept = sum(s["params"] for s in summary["seeds"] if s["fate"] in ("fossilized", "blending"))
+    assert sum(p.numel() for p in load_exported(run_dir / "model").parameters()) == summary["host_params"] + kept
 
 
 def test_telemetry_off_writes_no_events(tmp_path):
@@ -81,3 +82,18 @@ def test_blueprints_lists_computed_counts(capsys):
     out = capsys.readouterr().out
     assert "94,762" in out
     assert "73,984" in out  # conv_heavy at mid (64 channels): 2 * 64*64*9 + 4*64
+
+
+def test_graft_trains_a_grown_architecture_from_scratch(tmp_path):
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--runs-dir", str(tmp_path),
+                 "--graft", "mid:conv_heavy"]) == 0
+    (summary,) = tmp_path.glob("*/summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["total_params"] == 6220 + 4672
+    assert summary["seeds"][0]["fate"] == "fossilized" and summary["seeds"][0]["history"][0]["epoch"] == 0
+
+
+@pytest.mark.parametrize("graft, needle", [("late:conv_heavy", "not among --slots"), ("mid:huge", "unknown blueprint")])
+def test_bad_graft_fails_in_one_line(graft, needle, capsys):
+    assert main(["train", "static", "--task", "synthetic", "--graft", graft]) == 2
+    assert needle in capsys.readouterr().err

@@ -29,15 +29,16 @@ TEST_Y = [1, 1, 1, 1]
 
 
 class ConstantDelta(nn.Module):
-    """f(x) = `value` in feature channel `channel`, 0 elsewhere: after pooling, alpha * value there."""
+    """f(x) = `value` in feature channel `channel`, 0 elsewhere: after pooling, alpha * value there.
+    `dim` is where channels are: 1 for [B, C, H, W], -1 for a transformer's stream [B, T, C]."""
 
-    def __init__(self, channel: int, value: float):
+    def __init__(self, channel: int, value: float, dim: int = 1):
         super().__init__()
-        self.channel, self.value = channel, value
+        self.channel, self.value, self.dim = channel, value, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = torch.zeros_like(x)
-        delta[:, self.channel] = self.value
+        delta.select(self.dim, self.channel).fill_(self.value)
         return delta
 
 

@@ -13,7 +13,6 @@ import torchvision
 from torch import nn
 from torchvision.io import encode_jpeg
 
-from conftest import CIFAR_DIR
 from esper.tolaria import data
 from esper.tolaria.augment import eval_batches, train_batches
 from esper.tolaria.data import (
@@ -240,11 +239,10 @@ def test_dataset_to_moves_every_tensor():
 
 
 @pytest.fixture(scope="module")
-def shared_cifar10(tmp_path_factory) -> Dataset:
-    return load_cifar10(CIFAR_DIR, cache_dir=tmp_path_factory.mktemp("cache"))
+def shared_cifar10(shared_cifar_dir, tmp_path_factory) -> Dataset:
+    return load_cifar10(shared_cifar_dir, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-@pytest.mark.skipif(not (CIFAR_DIR / "cifar10-jpeg.tar.gz").is_file(), reason="no shared data")
 def test_shared_cifar10_has_the_standard_split_and_statistics(shared_cifar10):
     ds = shared_cifar10
     assert (len(ds.train_x), len(ds.val_x), len(ds.test_x)) == (45000, 5000, 10000)

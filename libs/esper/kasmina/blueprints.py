@@ -1,9 +1,12 @@
 """Seed blueprints: small shape-preserving modules that compute a residual delta f(x).
 
 A slot adds the delta to the host's activations (x + alpha * f(x)), and every blueprint's last layer
-starts at zero, so a fresh seed is the identity. The zero sits in a BatchNorm scale or a linear
-weight with *no* nonlinearity after it: a zero-scale BN before a final ReLU passes no gradient and the
-seed stays dead (FIELD-NOTES: 74.1% instead of 79.2%).
+starts at zero, so a fresh seed is the identity. The zero sits in a BatchNorm/LayerNorm scale or a
+linear weight with *no* nonlinearity after it: a zero-scale BN before a final ReLU passes no gradient
+and the seed stays dead (FIELD-NOTES: 74.1% instead of 79.2%).
+
+CNN seeds see [B, C, H, W]; transformer seeds see the residual stream [B, T, C] and are the
+transformer's own sublayers (attention, MLP) behind their own LayerNorm, as a block's are.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from esper.kasmina.transformer import MLP, CausalSelfAttention
 from esper.leyline import Blueprint
+
+HEAD_WIDTH = 32
+"""Channels per head of an attention seed (the tinystories host's 128 / 4 heads)."""
+LORA_RANK = 8
 
 
 def zero_bn(channels: int) -> nn.BatchNorm2d:
@@ -67,6 +75,40 @@ def conv_heavy_seed(c: int) -> nn.Module:
     )
 
 
+def zero_linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
+    lin = nn.Linear(c_in, c_out, bias=bias)
+    nn.init.zeros_(lin.weight)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+def layer_norm_seed(c: int) -> nn.Module:
+    ln = nn.LayerNorm(c)
+    nn.init.zeros_(ln.weight)  # f(x) = gamma * LN(x) + beta, both zero at birth
+    return ln
+
+
+def lora_seed(c: int) -> nn.Module:
+    """f(x) = up(down(x)) of rank LORA_RANK; `up` starts at zero, so at birth only it gets gradient
+    (as in LoRA), and `down` starts learning after the first step."""
+    return nn.Sequential(nn.Linear(c, LORA_RANK, bias=False), zero_linear(LORA_RANK, c, bias=False))
+
+
+def attention_block_seed(c: int) -> nn.Module:
+    """One more causal self-attention sublayer: f(x) = attn(LN(x)), its output projection zero."""
+    attn = CausalSelfAttention(c, c // HEAD_WIDTH if c % HEAD_WIDTH == 0 else 1)
+    attn.proj = zero_linear(c, c)
+    return nn.Sequential(nn.LayerNorm(c), attn)
+
+
+def mlp_block_seed(c: int) -> nn.Module:
+    """One more feed-forward sublayer: f(x) = mlp(LN(x)), its output projection zero."""
+    mlp = MLP(c)
+    mlp.proj = zero_linear(4 * c, c)
+    return nn.Sequential(nn.LayerNorm(c), mlp)
+
+
 # Blueprints per host kind: which designs fit which activations.
 BLUEPRINTS: dict[str, dict[int, Callable[[int], nn.Module]]] = {
     "cnn": {
@@ -75,6 +117,12 @@ BLUEPRINTS: dict[str, dict[int, Callable[[int], nn.Module]]] = {
         Blueprint.BLUEPRINT_DEPTHWISE: depthwise_seed,
         Blueprint.BLUEPRINT_CONV_LIGHT: conv_light_seed,
         Blueprint.BLUEPRINT_CONV_HEAVY: conv_heavy_seed,
+    },
+    "transformer": {
+        Blueprint.BLUEPRINT_NORM: layer_norm_seed,
+        Blueprint.BLUEPRINT_LORA: lora_seed,
+        Blueprint.BLUEPRINT_ATTENTION: attention_block_seed,
+        Blueprint.BLUEPRINT_MLP: mlp_block_seed,
     },
 }
 

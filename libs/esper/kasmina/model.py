@@ -8,15 +8,16 @@ import torch
 from torch import nn
 
 from esper.kasmina.blueprints import blueprints_for, build_seed
-from esper.kasmina.hosts import CNNHost
+from esper.kasmina.hosts import Host
 from esper.kasmina.lifecycle import (
     GATE_OF,
     LIVE_STAGES,
     IllegalAction,
     LifecycleConfig,
     alpha_at,
+    budget_left,
     gate,
-    legal_operations,
+    legal_actions,
     next_stage,
 )
 from esper.kasmina.slot import SeedSlot
@@ -65,7 +66,7 @@ class MorphogeneticModel(nn.Module):
 
     def __init__(
         self,
-        host: CNNHost,
+        host: Host,
         slots: list[str] | tuple[str, ...],
         cfg: LifecycleConfig = LifecycleConfig(),
         max_seeds: int = 0,
@@ -121,19 +122,12 @@ class MorphogeneticModel(nn.Module):
         return len(self.records)
 
     def budget_left(self) -> bool:
-        return self.max_seeds == 0 or self.seeds_germinated < self.max_seeds
+        return budget_left(self.seeds_germinated, self.max_seeds)
 
     def legal_actions(self) -> list[Action]:
         """Every action the transition table (and the seed budget) allows now, WAIT first."""
-        actions = [Action(operation=OP.OPERATION_WAIT)]
-        for name, slot in self.slots.items():
-            for op in sorted(legal_operations(slot.stage)):
-                if op == OP.OPERATION_GERMINATE:
-                    if self.budget_left():
-                        actions += [Action(operation=op, slot=name, blueprint=b) for b in self.blueprints]
-                else:
-                    actions.append(Action(operation=op, slot=name))
-        return actions
+        stages = {name: slot.stage for name, slot in self.slots.items()}
+        return legal_actions(stages, self.blueprints, self.budget_left())
 
     def check_legal(self, action: Action) -> None:
         """Raise IllegalAction, saying why, unless `action` is one of `legal_actions()`."""
@@ -196,6 +190,15 @@ class MorphogeneticModel(nn.Module):
             slot.seed = None  # frees the seed's parameters; the optimizer sync drops its optimizer
         out.transitions.append(self._move(slot, next_stage(slot.stage, action.operation), epoch, reason))
         return out
+
+    def graft(self, slot_name: str, blueprint: int, epoch: int = 0) -> None:
+        """Build a seed into the architecture as host structure from the start, outside the lifecycle:
+        how the from-scratch arm trains a grown run's final architecture for the whole budget."""
+        slot = self.slots[slot_name]
+        if slot.stage != S.SEED_STAGE_DORMANT:
+            raise IllegalAction(f"cannot graft into {slot_name}: it is {SeedStage.Name(slot.stage)}")
+        self._germinate(slot, blueprint)
+        self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, "grafted: trained from scratch")
 
     def _germinate(self, slot: SeedSlot, blueprint: int) -> None:
         ref = next(self.host.parameters())
@@ -266,6 +269,7 @@ class MorphogeneticModel(nn.Module):
             if slot.contribution is not None:
                 state.has_contribution = True
                 state.contribution, state.contribution_se = slot.contribution
+                state.loss_contribution = slot.loss_contribution
             if (slot.stage, OP.OPERATION_ADVANCE) in GATE_OF:
                 state.advance_ready = self.advance_gate(slot).passed
             states.append(state)

@@ -37,6 +37,8 @@ class SeedSlot(nn.Module):
         self.alpha_override: float | None = None
         # (mean, standard error) in accuracy points, measured after the last epoch; None if not measured.
         self.contribution: tuple[float, float] | None = None
+        # Measured with `contribution`: validation loss without the seed minus with it.
+        self.loss_contribution = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.seed is None or self.stage not in (

@@ -17,6 +17,7 @@ from esper.leyline.leyline_pb2 import (
     LifecycleTransition,
     Observation,
     Operation,
+    PPOUpdate,
     RunFinished,
     RunStarted,
     SeedStage,
@@ -24,6 +25,15 @@ from esper.leyline.leyline_pb2 import (
     TelemetryEvent,
     TelemetryLevel,
     TrainingSignals,
+)
+from esper.leyline.bus_pb2 import SnapshotReply, SnapshotRequest
+from esper.leyline.tamiyo_pb2 import (
+    DecideBatchRequest,
+    DecideBatchResponse,
+    DecideRequest,
+    DecideResponse,
+    PolicyInfo,
+    PolicyInfoRequest,
 )
 
 _PREFIXES = {
@@ -58,6 +68,10 @@ def short_names(enum: EnumTypeWrapper) -> list[str]:
 __all__ = [
     "Action",
     "Blueprint",
+    "DecideBatchRequest",
+    "DecideBatchResponse",
+    "DecideRequest",
+    "DecideResponse",
     "Decision",
     "EpochReport",
     "GateCheck",
@@ -65,10 +79,15 @@ __all__ = [
     "LifecycleTransition",
     "Observation",
     "Operation",
+    "PPOUpdate",
+    "PolicyInfo",
+    "PolicyInfoRequest",
     "RunFinished",
     "RunStarted",
     "SeedStage",
     "SlotState",
+    "SnapshotReply",
+    "SnapshotRequest",
     "TelemetryEvent",
     "TelemetryLevel",
     "TrainingSignals",

@@ -74,30 +74,41 @@ class _BlueprintEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Blueprint.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     BLUEPRINT_UNSPECIFIED: _Blueprint.ValueType  # 0
     BLUEPRINT_NORM: _Blueprint.ValueType  # 1
-    """per-channel normalisation with a learned affine"""
+    """normalisation with a learned affine (BatchNorm | LayerNorm)"""
     BLUEPRINT_ATTENTION: _Blueprint.ValueType  # 2
-    """squeeze-and-excitation channel gate"""
+    """cnn: squeeze-and-excitation channel gate; transformer: a causal self-attention block"""
     BLUEPRINT_DEPTHWISE: _Blueprint.ValueType  # 3
     """depthwise 3x3 + pointwise 1x1"""
     BLUEPRINT_CONV_LIGHT: _Blueprint.ValueType  # 4
     """one conv3x3-BN"""
     BLUEPRINT_CONV_HEAVY: _Blueprint.ValueType  # 5
     """conv3x3-BN-ReLU-conv3x3-BN"""
+    BLUEPRINT_LORA: _Blueprint.ValueType  # 6
+    """low-rank residual: up(down(x)), rank 8"""
+    BLUEPRINT_MLP: _Blueprint.ValueType  # 7
+    """a pre-norm MLP block: LayerNorm, 4x expansion, GELU"""
 
 class Blueprint(_Blueprint, metaclass=_BlueprintEnumTypeWrapper):
-    """Seed module designs. Each is shape-preserving and residual: a freshly germinated seed is the identity."""
+    """Seed module designs. Each is shape-preserving and residual: a freshly germinated seed is the identity.
+    Which fit which host kind is kasmina's BLUEPRINTS table (cnn: NORM ATTENTION DEPTHWISE CONV_*;
+    transformer: NORM LORA ATTENTION MLP).
+    """
 
 BLUEPRINT_UNSPECIFIED: Blueprint.ValueType  # 0
 BLUEPRINT_NORM: Blueprint.ValueType  # 1
-"""per-channel normalisation with a learned affine"""
+"""normalisation with a learned affine (BatchNorm | LayerNorm)"""
 BLUEPRINT_ATTENTION: Blueprint.ValueType  # 2
-"""squeeze-and-excitation channel gate"""
+"""cnn: squeeze-and-excitation channel gate; transformer: a causal self-attention block"""
 BLUEPRINT_DEPTHWISE: Blueprint.ValueType  # 3
 """depthwise 3x3 + pointwise 1x1"""
 BLUEPRINT_CONV_LIGHT: Blueprint.ValueType  # 4
 """one conv3x3-BN"""
 BLUEPRINT_CONV_HEAVY: Blueprint.ValueType  # 5
 """conv3x3-BN-ReLU-conv3x3-BN"""
+BLUEPRINT_LORA: Blueprint.ValueType  # 6
+"""low-rank residual: up(down(x)), rank 8"""
+BLUEPRINT_MLP: Blueprint.ValueType  # 7
+"""a pre-norm MLP block: LayerNorm, 4x expansion, GELU"""
 Global___Blueprint: _TypeAlias = Blueprint  # noqa: Y015
 
 class _Operation:
@@ -177,6 +188,7 @@ class SlotState(_message.Message):
     ADVANCE_READY_FIELD_NUMBER: _builtins.int
     EMBARGO_EPOCHS_LEFT_FIELD_NUMBER: _builtins.int
     SEED_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    LOSS_CONTRIBUTION_FIELD_NUMBER: _builtins.int
     slot: _builtins.str
     stage: Global___SeedStage.ValueType
     blueprint: Global___Blueprint.ValueType
@@ -189,7 +201,8 @@ class SlotState(_message.Message):
     seed_params: _builtins.int
     has_contribution: _builtins.bool
     """Validation accuracy (percentage points) with the seed minus with this slot's alpha forced to 0,
-    paired per image; for a TRAINING seed "with" means alpha forced to 1 (what blending would give).
+    paired per item (an image, or a sequence's next-token accuracy for a language model); for a
+    TRAINING seed "with" means alpha forced to 1 (what blending would give).
     """
     contribution: _builtins.float
     contribution_se: _builtins.float
@@ -199,6 +212,8 @@ class SlotState(_message.Message):
     embargo_epochs_left: _builtins.int
     seed_grad_norm: _builtins.float
     """DEBUG level only: L2 norm of the seed's gradient, last batch"""
+    loss_contribution: _builtins.float
+    """with has_contribution: validation loss without the seed minus with it"""
     def __init__(
         self,
         *,
@@ -215,10 +230,11 @@ class SlotState(_message.Message):
         advance_ready: _builtins.bool = ...,
         embargo_epochs_left: _builtins.int = ...,
         seed_grad_norm: _builtins.float = ...,
+        loss_contribution: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advance_ready", b"advance_ready", "alpha", b"alpha", "blueprint", b"blueprint", "contribution", b"contribution", "contribution_se", b"contribution_se", "embargo_epochs_left", b"embargo_epochs_left", "epochs_in_stage", b"epochs_in_stage", "has_contribution", b"has_contribution", "seed_grad_norm", b"seed_grad_norm", "seed_id", b"seed_id", "seed_params", b"seed_params", "slot", b"slot", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advance_ready", b"advance_ready", "alpha", b"alpha", "blueprint", b"blueprint", "contribution", b"contribution", "contribution_se", b"contribution_se", "embargo_epochs_left", b"embargo_epochs_left", "epochs_in_stage", b"epochs_in_stage", "has_contribution", b"has_contribution", "loss_contribution", b"loss_contribution", "seed_grad_norm", b"seed_grad_norm", "seed_id", b"seed_id", "seed_params", b"seed_params", "slot", b"slot", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,6 +656,141 @@ class RunFinished(_message.Message):
 Global___RunFinished: _TypeAlias = RunFinished  # noqa: Y015
 
 @_typing.final
+class PPOUpdate(_message.Message):
+    """One PPO update of the growth controller (simic.ppo.UpdateStats): how learning goes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ActionCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class RewardComponentsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    UPDATE_FIELD_NUMBER: _builtins.int
+    GLOBAL_STEP_FIELD_NUMBER: _builtins.int
+    EPISODES_FIELD_NUMBER: _builtins.int
+    POLICY_LOSS_FIELD_NUMBER: _builtins.int
+    VALUE_LOSS_FIELD_NUMBER: _builtins.int
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    APPROX_KL_FIELD_NUMBER: _builtins.int
+    CLIPFRAC_FIELD_NUMBER: _builtins.int
+    EXPLAINED_VARIANCE_FIELD_NUMBER: _builtins.int
+    GRAD_NORM_FIELD_NUMBER: _builtins.int
+    EPOCHS_RUN_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPED_FIELD_NUMBER: _builtins.int
+    MINIBATCH_STEPS_FIELD_NUMBER: _builtins.int
+    ENT_COEF_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    ACTION_COUNTS_FIELD_NUMBER: _builtins.int
+    REWARD_COMPONENTS_FIELD_NUMBER: _builtins.int
+    STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    ROLLOUT_STEPS_FIELD_NUMBER: _builtins.int
+    update: _builtins.int
+    """updates so far, this one included: the new policy's version"""
+    global_step: _builtins.int
+    """environment steps (epochs) collected so far"""
+    episodes: _builtins.int
+    """episodes completed so far"""
+    policy_loss: _builtins.float
+    """clipped surrogate, mean over the minibatches stepped on"""
+    value_loss: _builtins.float
+    entropy: _builtins.float
+    """of the factored policy, nats"""
+    approx_kl: _builtins.float
+    """KL(acting || updated), last minibatch measured"""
+    clipfrac: _builtins.float
+    """fraction of ratios outside [1 - clip, 1 + clip]"""
+    explained_variance: _builtins.float
+    """of the returns by the acting critic's values"""
+    grad_norm: _builtins.float
+    """before clipping, mean over the minibatches"""
+    epochs_run: _builtins.int
+    """passes over the rollout that ran (fewer when the KL stop fired)"""
+    early_stopped: _builtins.bool
+    """the KL early stop fired"""
+    minibatch_steps: _builtins.int
+    """optimizer steps taken"""
+    ent_coef: _builtins.float
+    learning_rate: _builtins.float
+    steps_per_second: _builtins.float
+    """environment steps per second while collecting the rollout"""
+    rollout_steps: _builtins.int
+    """transitions in the rollout (T x N)"""
+    @_builtins.property
+    def action_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """operation short name -> times chosen in the rollout"""
+
+    @_builtins.property
+    def reward_components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """raw component -> sum over the rollout"""
+
+    def __init__(
+        self,
+        *,
+        update: _builtins.int = ...,
+        global_step: _builtins.int = ...,
+        episodes: _builtins.int = ...,
+        policy_loss: _builtins.float = ...,
+        value_loss: _builtins.float = ...,
+        entropy: _builtins.float = ...,
+        approx_kl: _builtins.float = ...,
+        clipfrac: _builtins.float = ...,
+        explained_variance: _builtins.float = ...,
+        grad_norm: _builtins.float = ...,
+        epochs_run: _builtins.int = ...,
+        early_stopped: _builtins.bool = ...,
+        minibatch_steps: _builtins.int = ...,
+        ent_coef: _builtins.float = ...,
+        learning_rate: _builtins.float = ...,
+        action_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        reward_components: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        steps_per_second: _builtins.float = ...,
+        rollout_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_counts", b"action_counts", "approx_kl", b"approx_kl", "clipfrac", b"clipfrac", "early_stopped", b"early_stopped", "ent_coef", b"ent_coef", "entropy", b"entropy", "episodes", b"episodes", "epochs_run", b"epochs_run", "explained_variance", b"explained_variance", "global_step", b"global_step", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "minibatch_steps", b"minibatch_steps", "policy_loss", b"policy_loss", "reward_components", b"reward_components", "rollout_steps", b"rollout_steps", "steps_per_second", b"steps_per_second", "update", b"update", "value_loss", b"value_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PPOUpdate: _TypeAlias = PPOUpdate  # noqa: Y015
+
+@_typing.final
 class TelemetryEvent(_message.Message):
     """The envelope of everything on the telemetry bus and in telemetry files."""
 
@@ -655,6 +806,7 @@ class TelemetryEvent(_message.Message):
     TRANSITION_FIELD_NUMBER: _builtins.int
     GOVERNOR_FIELD_NUMBER: _builtins.int
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
+    PPO_UPDATE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     sequence: _builtins.int
     """per publisher, from 1: gaps reveal loss"""
@@ -674,6 +826,8 @@ class TelemetryEvent(_message.Message):
     def governor(self) -> Global___GovernorEvent: ...
     @_builtins.property
     def run_finished(self) -> Global___RunFinished: ...
+    @_builtins.property
+    def ppo_update(self) -> Global___PPOUpdate: ...
     def __init__(
         self,
         *,
@@ -687,12 +841,13 @@ class TelemetryEvent(_message.Message):
         transition: Global___LifecycleTransition | None = ...,
         governor: Global___GovernorEvent | None = ...,
         run_finished: Global___RunFinished | None = ...,
+        ppo_update: Global___PPOUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "epoch", b"epoch", "gate", b"gate", "governor", b"governor", "payload", b"payload", "run_finished", b"run_finished", "run_started", b"run_started", "transition", b"transition"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "epoch", b"epoch", "gate", b"gate", "governor", b"governor", "payload", b"payload", "ppo_update", b"ppo_update", "run_finished", b"run_finished", "run_started", b"run_started", "transition", b"transition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "epoch", b"epoch", "gate", b"gate", "governor", b"governor", "payload", b"payload", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "sequence", b"sequence", "transition", b"transition", "wall_time", b"wall_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "epoch", b"epoch", "gate", b"gate", "governor", b"governor", "payload", b"payload", "ppo_update", b"ppo_update", "run_finished", b"run_finished", "run_id", b"run_id", "run_started", b"run_started", "sequence", b"sequence", "transition", b"transition", "wall_time", b"wall_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "epoch", "decision", "gate", "transition", "governor", "run_finished"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_started", "epoch", "decision", "gate", "transition", "governor", "run_finished", "ppo_update"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

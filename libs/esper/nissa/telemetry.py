@@ -24,6 +24,7 @@ PAYLOAD_LEVEL = {
     "run_finished": L.TELEMETRY_LEVEL_MINIMAL,
     "transition": L.TELEMETRY_LEVEL_MINIMAL,
     "governor": L.TELEMETRY_LEVEL_MINIMAL,
+    "ppo_update": L.TELEMETRY_LEVEL_MINIMAL,  # learning progress matters as much as run start/end
     "epoch": L.TELEMETRY_LEVEL_NORMAL,
     "decision": L.TELEMETRY_LEVEL_NORMAL,
     "gate": L.TELEMETRY_LEVEL_NORMAL,

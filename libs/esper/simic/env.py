@@ -18,6 +18,7 @@ import torch
 from esper.kasmina import LifecycleConfig, MorphogeneticModel, build_host
 from esper.leyline import (
     Action,
+    Blueprint,
     Decision,
     EpochReport,
     GovernorEvent,
@@ -26,6 +27,7 @@ from esper.leyline import (
     SeedStage,
     TelemetryLevel,
     TrainingSignals,
+    from_short_name,
 )
 from esper.nissa import Telemetry
 from esper.tamiyo import Policy
@@ -39,33 +41,44 @@ HISTORY = 10  # epochs of accuracy/loss history in an observation
 @dataclass(frozen=True)
 class EnvConfig:
     task: str = "cifar10"
-    """Host and data: cifar10 | cifar10_deep | synthetic."""
+    """Host and data: cifar10 | cifar10_deep | synthetic | tinystories."""
     max_epochs: int = 75
     """Epochs (= environment steps) per episode."""
     slots: tuple[str, ...] = ("mid",)
     """Enabled slots (early | mid | late)."""
     max_seeds: int = 0
     """Seeds that may germinate per episode; 0 = unlimited."""
+    grafts: tuple[tuple[str, str], ...] = ()
+    """(slot, blueprint) seeds built in as host structure before epoch 1 (the from-scratch arm)."""
+    seed_grad_norms: bool = False
+    """Measure each live seed's gradient norm every epoch whatever the telemetry level (the PPO
+    policy's gradient-health features); without it they are measured at DEBUG level only."""
     train: TrainConfig = field(default_factory=TrainConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
 
 
 class GrowthEnv:
-    def __init__(self, cfg: EnvConfig, data: Dataset, device: torch.device, telemetry: Telemetry):
+    def __init__(self, cfg: EnvConfig, data: Dataset, device: torch.device, telemetry: Telemetry,
+                 trainer_factory=Trainer):
+        """`trainer_factory` builds the training loop from (model, data, train config, device, generator):
+        tolaria's Trainer, or simic.toy's simulated one for fast learning tests of the controller."""
         self.cfg = cfg
         self.data = data
         self.device = device
         self.telemetry = telemetry
+        self.trainer_factory = trainer_factory
 
     # ------------------------------------------------------------------ episode
     def reset(self, seed: int) -> Observation:
         cfg = self.cfg
         torch.manual_seed(seed)
         self.model = MorphogeneticModel(build_host(cfg.task), cfg.slots, cfg.lifecycle, cfg.max_seeds)
+        for slot, blueprint in cfg.grafts:
+            self.model.graft(slot, from_short_name(Blueprint, blueprint))
         self.model.to(self.device)
         generator = torch.Generator(device=self.data.train_x.device).manual_seed(seed)
-        self.trainer = Trainer(self.model, self.data, cfg.train, self.device, generator)
+        self.trainer = self.trainer_factory(self.model, self.data, cfg.train, self.device, generator)
         self.governor = Governor(cfg.governor)
         self.governor.snapshot(self.model, 0)
         self.epoch = 0
@@ -95,7 +108,7 @@ class GrowthEnv:
         start = time.perf_counter()
         model.begin_epoch()
         self.train_loss, self.train_accuracy = self.trainer.train_epoch()
-        if tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
+        if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
             self.grad_norms = self.trainer.seed_grad_norms()
         cause = self.governor.verdict(self.train_loss)
         if cause:
@@ -108,6 +121,7 @@ class GrowthEnv:
         self.val = self.trainer.evaluate("val")
         for name, contribution in self.val.contributions.items():
             model.slots[name].contribution = contribution
+            model.slots[name].loss_contribution = self.val.loss_contributions[name]
         self._record(model.end_epoch(epoch))
         if cause is None:
             self.governor.snapshot(model, epoch)

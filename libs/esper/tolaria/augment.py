@@ -6,6 +6,9 @@ a handful of kernels: no per-image Python loop, no DataLoader workers, no `.item
 so the training step never waits on the host. Crop and flip run on the uint8 batch (a quarter of
 the bytes of float32) and pad with zeros, i.e. black, as torchvision's `RandomCrop(padding=4)`
 does in the standard CIFAR-10 recipe.
+
+Token windows (a language model's data) share the batching: with `mean` None a batch goes to the
+model as it is, never normalized or augmented.
 """
 
 from __future__ import annotations
@@ -60,11 +63,12 @@ def train_batches(
     max_batches: int,
     generator: torch.Generator,
     device: torch.device | str,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
     augment: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled pass: normalized (and augmented) float32 images [B, C, H, W] and labels [B].
+    """One shuffled pass: normalized (and augmented) float32 images [B, C, H, W] and labels [B],
+    or with `mean` None token windows [B, T] and their next tokens [B, T], as they are.
 
     x: [N, C, H, W] uint8, y: [N] int64, on any device. Only full batches are yielded, so every
     step sees `batch_size` images (BatchNorm statistics and step sizes stay comparable);
@@ -82,9 +86,11 @@ def train_batches(
     for i in range(n_batches):
         idx = perm[i * batch_size : (i + 1) * batch_size]  # [B]
         xb, yb = _to_device(x[idx], device), _to_device(y[idx], device)
-        if augment:
-            xb = random_crop_flip(xb, generator=generator)
-        yield normalize(xb, mean, std), yb
+        if mean is not None:
+            if augment:
+                xb = random_crop_flip(xb, generator=generator)
+            xb = normalize(xb, mean, std)
+        yield xb, yb
 
 
 def eval_batches(
@@ -93,17 +99,18 @@ def eval_batches(
     *,
     batch_size: int,
     device: torch.device | str,
-    mean: torch.Tensor,
-    std: torch.Tensor,
+    mean: torch.Tensor | None,
+    std: torch.Tensor | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every item once, in order, last partial batch included; normalized, not augmented."""
+    """Every item once, in order, last partial batch included; normalized (unless `mean` is None),
+    not augmented."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
     for start in range(0, len(x), batch_size):
         xb = _to_device(x[start : start + batch_size], device)  # [B, C, H, W]
         yb = _to_device(y[start : start + batch_size], device)  # [B]
-        yield normalize(xb, mean, std), yb
+        yield (xb if mean is None else normalize(xb, mean, std)), yb
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Image classification data as whole uint8 tensors: CIFAR-10 and a procedural offline task.
+"""Task data as whole tensors: CIFAR-10, a procedural offline task, and (in `text`) TinyStories.
 
 Each split is one [N, C, H, W] uint8 tensor so a training run can move it to the device once and
 batch, augment and normalize it there (airbench style; see `esper.tolaria.augment`). uint8 keeps
@@ -12,6 +12,9 @@ under the cache dir (never in the data dir, which may be read-only).
 
 The validation split is carved from the training set with a seeded permutation, so model selection
 never looks at the test set.
+
+Language-model data (`esper.tolaria.text`) uses the same Dataset with kind "tokens": x holds windows
+of token ids and y the same windows shifted by one token.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import tarfile
 import tempfile
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision.io import ImageReadMode, decode_jpeg
+
+if TYPE_CHECKING:
+    from esper.tolaria.tokenizer import BPETokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +51,21 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train/val/test splits of an image classification task, resident as whole tensors."""
+    """Train/val/test splits of a task, resident as whole tensors: labelled images (kind "images")
+    or next-token windows (kind "tokens": x [N, T] int64 ids, y [N, T] int64 the ids one step on)."""
 
     name: str
-    train_x: torch.Tensor  # [N_train, C, H, W] uint8
-    train_y: torch.Tensor  # [N_train] int64
-    val_x: torch.Tensor  # [N_val, C, H, W] uint8, carved from the training set
-    val_y: torch.Tensor  # [N_val] int64
-    test_x: torch.Tensor  # [N_test, C, H, W] uint8
-    test_y: torch.Tensor  # [N_test] int64
-    num_classes: int
-    mean: tuple[float, ...]  # per-channel mean of train_x / 255
-    std: tuple[float, ...]  # per-channel std of train_x / 255
+    train_x: torch.Tensor  # [N_train, C, H, W] uint8 | [N_train, T] int64
+    train_y: torch.Tensor  # [N_train] int64 | [N_train, T] int64
+    val_x: torch.Tensor  # [N_val, C, H, W] uint8, carved from the training set | [N_val, T]
+    val_y: torch.Tensor  # [N_val] int64 | [N_val, T]
+    test_x: torch.Tensor  # [N_test, C, H, W] uint8 | [N_test, T]
+    test_y: torch.Tensor  # [N_test] int64 | [N_test, T]
+    num_classes: int  # classes | vocabulary size
+    mean: tuple[float, ...]  # per-channel mean of train_x / 255; () for tokens
+    std: tuple[float, ...]  # per-channel std of train_x / 255; () for tokens
+    kind: str = "images"
+    tokenizer: BPETokenizer | None = None  # tokens: what turns ids back into text
 
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with every tensor on `device`."""
@@ -87,7 +98,13 @@ def load_task_data(
         return load_cifar10(data_dir, cache_dir=cache_dir)
     if task == "synthetic":
         return make_synthetic()
-    raise ValueError(f"unknown task {task!r} (choices: cifar10, cifar10_deep, synthetic)")
+    if task == "tinystories":
+        from esper.kasmina import HOSTS
+        from esper.tolaria.text import load_tinystories  # text imports this module: import on use
+
+        spec = HOSTS[task]  # the tokenizer's vocabulary and the windows fit the host
+        return load_tinystories(data_dir, cache_dir=cache_dir, vocab_size=spec.num_classes, context=spec.context)
+    raise ValueError(f"unknown task {task!r} (choices: cifar10, cifar10_deep, synthetic, tinystories)")
 
 
 def load_cifar10(
@@ -170,43 +187,45 @@ def _cached_cifar10_jpeg(tarball: Path, cache_dir: Path) -> tuple[torch.Tensor, 
     st = tarball.stat()
     stem = tarball.name.split(".")[0]
     cache_path = cache_dir / f"{stem}-{st.st_size}-{st.st_mtime_ns}.pt"
-    cached = _read_cache(cache_path)
+    cached = read_tensor_cache(cache_path, _CACHE_KEYS)
     if cached is not None:
         return cached
     tensors = _decode_cifar10_jpeg(tarball)
-    _write_cache(cache_path, dict(zip(_CACHE_KEYS, tensors)))
+    blob = dict(zip(_CACHE_KEYS, tensors))
+    write_cache(cache_path, lambda f: torch.save(blob, f))
     return tensors
 
 
-def _read_cache(path: Path) -> tuple[torch.Tensor, ...] | None:
-    """The cached tensors, or None when there is no usable entry (a bad one is deleted)."""
+def read_tensor_cache(path: Path, keys: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:
+    """The cached tensors under `keys`, or None when there is no usable entry (a bad one is deleted)."""
     if not path.is_file():
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        tensors = tuple(blob[k] for k in _CACHE_KEYS)
+        tensors = tuple(blob[k] for k in keys)
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError("not a tensor")
         return tensors
     except Exception as e:  # any unreadable cache is rebuilt: it only ever costs a decode
-        log.warning("discarding unreadable CIFAR-10 cache %s (%s)", path, e)
+        log.warning("discarding unreadable cache %s (%s)", path, e)
         path.unlink(missing_ok=True)
         return None
 
 
-def _write_cache(path: Path, blob: dict[str, torch.Tensor]) -> None:
-    """Write atomically (temp file + rename): a crash or a concurrent run never sees half a file."""
+def write_cache(path: Path, save: Callable[[IO[bytes]], None]) -> None:
+    """Write a cache entry with `save(file)` atomically (temp file + rename): a crash or a concurrent
+    run never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
+                save(f)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as e:  # a read-only cache only costs the next run another decode
-        log.warning("could not write CIFAR-10 cache %s (%s)", path, e)
+        log.warning("could not write cache %s (%s)", path, e)
 
 
 def _decode_cifar10_jpeg(tarball: Path) -> tuple[torch.Tensor, ...]:

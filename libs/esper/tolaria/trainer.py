@@ -1,19 +1,25 @@
 """Training and evaluation loops for a MorphogeneticModel.
 
-The host and every fossilized seed share one SGD optimizer; each live seed has its own, so culling a
+The host and every fossilized seed share one optimizer; each live seed has its own, so culling a
 seed throws away its optimizer state with it. Optimizers are re-derived from the model's slots at the
 start of each epoch (`sync_optimizers`) instead of being told about every lifecycle move.
 Inside the batch loop there is no `.item()`: losses and hits accumulate on the device and cross to
 the host once per epoch.
+
+One loop serves classifiers and language models: the loss is cross-entropy over the logits' last
+dimension ([B, classes] against [B] labels, or [B, T, vocab] against [B, T] next tokens), accuracy
+counts targets (images, or tokens), and the counterfactual pairs per item (an image, or a sequence).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from esper.kasmina import MorphogeneticModel
 from esper.kasmina.lifecycle import LIVE_STAGES
@@ -35,17 +41,35 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed_lr: float = 0.01
-    """Learning rate of each live seed's own SGD (same momentum and weight decay as the host)."""
+    """Learning rate of each live seed's own optimizer (same settings as the host's)."""
+    optimizer: str = "sgd"
+    """sgd (with `momentum`: the CNN recipe) | adamw (betas 0.9, 0.99: the transformer's, which SGD
+    trains far more slowly)."""
     augment: bool = True
-    """Random crop (pad 4) and horizontal flip, as batched tensor ops."""
+    """Random crop (pad 4) and horizontal flip, as batched tensor ops (images only: token windows are
+    never augmented)."""
     eval_batch_size: int = 1000
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Over the last dim: [B, classes] logits for [B] labels, or [B, T, vocab] for [B, T] next tokens."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
+
+
+def item_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B] fraction of each item's targets predicted right: 0 or 1 per image, a sequence's next-token
+    accuracy. Counterfactuals pair and take standard errors per item, because the tokens of one
+    sequence are not independent: a per-token standard error would be too small."""
+    return (logits.argmax(-1) == y).view(len(y), -1).float().mean(1)
 
 
 @dataclass
 class EvalResult:
-    loss: float
-    accuracy: float  # percent
+    loss: float  # mean cross-entropy per target (image, or token)
+    accuracy: float  # percent of targets
     contributions: dict[str, tuple[float, float]]  # slot -> (mean, standard error), accuracy points
+    loss_contributions: dict[str, float] = field(default_factory=dict)
+    """slot -> validation loss without the seed minus with it (positive: the seed helps)."""
 
 
 class Trainer:
@@ -56,13 +80,22 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.generator = generator
-        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-        self.host_opt = self._sgd(model.host_parameters(), cfg.lr)
-        self.seed_opts: dict[int, torch.optim.SGD] = {}
+        # Images are normalized per batch; token windows go to the model as they are (mean None).
+        images = data.kind == "images"
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) if images else None
+        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1) if images else None
+        self.host_opt = self._optimizer(model.host_parameters(), cfg.lr)
+        self.seed_opts: dict[int, torch.optim.Optimizer] = {}
+        self.train_flops = 0
+        """Forward + backward FLOPs of every training step so far (counted by torch's FlopCounterMode)."""
+        self._step_flops: dict[tuple, int] = {}  # architecture signature -> FLOPs of one step
 
-    def _sgd(self, params, lr: float) -> torch.optim.SGD:
-        return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+    def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        if self.cfg.optimizer == "adamw":  # beta2 0.99: nanoGPT's choice for few tokens per step
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=self.cfg.weight_decay)
+        raise ValueError(f"optimizer must be sgd or adamw, not {self.cfg.optimizer!r}")
 
     def sync_optimizers(self) -> None:
         """Give new live seeds an optimizer; hand fossilized seeds (with momentum) to the host's; drop culled."""
@@ -80,7 +113,7 @@ class Trainer:
             del self.seed_opts[seed_id]
         for seed_id, slot in slots_by_id.items():
             if slot.stage in LIVE_STAGES and seed_id not in self.seed_opts:
-                self.seed_opts[seed_id] = self._sgd(slot.seed.parameters(), self.cfg.seed_lr)
+                self.seed_opts[seed_id] = self._optimizer(slot.seed.parameters(), self.cfg.seed_lr)
 
     def reset_momentum(self) -> None:
         """After a rollback the momentum buffers describe weights that no longer exist."""
@@ -94,24 +127,39 @@ class Trainer:
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         hits = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
+        seen = targets = 0
         for xb, yb in train_batches(
             data.train_x, data.train_y, batch_size=self.cfg.batch_size, max_batches=self.cfg.max_batches,
             generator=self.generator, device=self.device, mean=self.mean, std=self.std,
             augment=self.cfg.augment,
         ):
-            logits = model(xb)  # [B, classes]
-            loss = F.cross_entropy(logits, yb)
+            if seen == 0:
+                step_flops = self.step_flops(xb, yb)
+            logits = model(xb)  # [B, classes] | [B, T, vocab]
+            loss = cross_entropy(logits, yb)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
             for opt in optimizers:
                 opt.step()
-            loss_sum += loss.detach() * yb.shape[0]
-            hits += (logits.detach().argmax(1) == yb).sum()
+            loss_sum += loss.detach() * yb.numel()
+            hits += (logits.detach().argmax(-1) == yb).sum()
             seen += yb.shape[0]
-        loss_mean, accuracy = torch.stack([loss_sum / seen, hits * 100.0 / seen]).tolist()
+            targets += yb.numel()
+        self.train_flops += step_flops * (seen // self.cfg.batch_size)
+        loss_mean, accuracy = torch.stack([loss_sum / targets, hits * 100.0 / targets]).tolist()
         return loss_mean, accuracy
+
+    def step_flops(self, xb: torch.Tensor, yb: torch.Tensor) -> int:
+        """FLOPs of one training step of the current architecture, counted once per architecture on a
+        copy (so BatchNorm statistics and gradients of the real model are untouched)."""
+        signature = tuple((s.stage, s.blueprint) for s in self.model.slots.values())
+        if signature not in self._step_flops:
+            probe = copy.deepcopy(self.model).train()
+            with FlopCounterMode(display=False) as counter:
+                cross_entropy(probe(xb), yb).backward()
+            self._step_flops[signature] = counter.get_total_flops()
+        return self._step_flops[signature]
 
     def seed_grad_norms(self) -> dict[str, float]:
         """L2 norm of each live seed's gradient from the last batch (debug telemetry)."""
@@ -124,33 +172,43 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str = "val", counterfactual: bool = True) -> EvalResult:
         """Loss and accuracy on `split`; with `counterfactual`, each TRAINING/BLENDING slot's paired
-        contribution: accuracy with the seed minus without it, per image, and its standard error."""
+        contribution: accuracy with the seed minus without it, paired per item, and its standard error,
+        and the loss without the seed minus with it."""
         model = self.model
         model.eval()
         x, y = (self.data.val_x, self.data.val_y) if split == "val" else (self.data.test_x, self.data.test_y)
         probes = {name: slot for name, slot in model.live_seeds().items()
                   if counterfactual and slot.stage in (S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING)}
         loss_sum = torch.zeros((), device=self.device)
+        probe_loss = {name: torch.zeros((), device=self.device) for name in probes}
+        targets = 0
         hits, probe_hits = [], {name: [] for name in probes}
         for xb, yb in eval_batches(x, y, batch_size=self.cfg.eval_batch_size, device=self.device,
                                    mean=self.mean, std=self.std):
             logits = model(xb)
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            hits.append(logits.argmax(1) == yb)
+            loss_sum += cross_entropy(logits, yb, reduction="sum")
+            targets += yb.numel()
+            hits.append(item_accuracy(logits, yb))
             for name, slot in probes.items():
                 # TRAINING: "with" is alpha forced to 1; BLENDING: "without" is alpha forced to 0.
                 slot.alpha_override = 1.0 if slot.stage == S.SEED_STAGE_TRAINING else 0.0
                 try:
-                    probe_hits[name].append(model(xb).argmax(1) == yb)
+                    probe_logits = model(xb)
                 finally:
                     slot.alpha_override = None
-        base = torch.cat(hits).float()  # [N]
+                probe_hits[name].append(item_accuracy(probe_logits, yb))
+                probe_loss[name] += cross_entropy(probe_logits, yb, reduction="sum")
+        base = torch.cat(hits)  # [N]
         n = base.numel()
-        stats = [loss_sum / n, base.mean() * 100]
+        stats = [loss_sum / targets, base.mean() * 100]
         for name, slot in probes.items():
-            other = torch.cat(probe_hits[name]).float()
-            diff = other - base if slot.stage == S.SEED_STAGE_TRAINING else base - other  # with - without
-            stats += [diff.mean() * 100, diff.std() * 100 / math.sqrt(n)]
+            other = torch.cat(probe_hits[name])
+            training = slot.stage == S.SEED_STAGE_TRAINING
+            diff = other - base if training else base - other  # with - without
+            loss_drop = (loss_sum - probe_loss[name] if training else probe_loss[name] - loss_sum) / targets
+            stats += [diff.mean() * 100, diff.std() * 100 / math.sqrt(n), loss_drop]
         values = torch.stack(stats).tolist()
-        contributions = {name: (values[2 + 2 * i], values[3 + 2 * i]) for i, name in enumerate(probes)}
-        return EvalResult(loss=values[0], accuracy=values[1], contributions=contributions)
+        contributions = {name: (values[2 + 3 * i], values[3 + 3 * i]) for i, name in enumerate(probes)}
+        loss_contributions = {name: values[4 + 3 * i] for i, name in enumerate(probes)}
+        return EvalResult(loss=values[0], accuracy=values[1], contributions=contributions,
+                          loss_contributions=loss_contributions)

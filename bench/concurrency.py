@@ -1,0 +1,82 @@
+"""Concurrency: aggregate images/s of K independent training runs on one device against one run alone.
+
+Each run is its own process (the mechanism `esper compare --workers K` uses). Every child loads the
+data, builds the cifar10 host and the Esper trainer, warms up, says "ready", waits for "go" on stdin,
+trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to the last
+finish. Target on a GPU (issue 3): >= 0.7*K for K <= 8.
+
+    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def child(device_name: str, steps: int, data_dir: str | None) -> None:
+    import torch
+
+    from esper.kasmina import MorphogeneticModel, build_host
+    from esper.tolaria.data import load_cifar10
+    from esper.tolaria.trainer import Trainer, TrainConfig
+
+    device = torch.device(device_name)
+    data = load_cifar10(data_dir).to(device)
+    model = MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device)
+    trainer = Trainer(model, data, TrainConfig(max_batches=steps), device,
+                      torch.Generator(device=device).manual_seed(os.getpid()))
+    trainer.train_epoch()  # warm-up
+    print("ready", flush=True)
+    sys.stdin.readline()
+    trainer.train_epoch()  # ends in a device->host transfer: the work is done when it returns
+    print(f"done {time.time()}", flush=True)
+
+
+def aggregate(k: int, args) -> float:
+    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--steps", str(args.steps)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))}
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(k)]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("a child failed before it was ready")
+    go = time.time()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    finished = [float(p.stdout.readline().split()[1]) for p in procs]
+    for p in procs:
+        p.wait()
+    return k * args.steps * 128 / (max(finished) - go)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.device, args.steps, args.data_dir)
+    import torch
+
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    print(f"# concurrency on {name}, torch {torch.__version__}, one process per run, {args.steps} steps of 128")
+    print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
+    one = None
+    for k in args.k:
+        rate = aggregate(k, args)
+        one = one or rate
+        print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x")
+
+
+if __name__ == "__main__":
+    main()

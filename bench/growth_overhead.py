@@ -1,0 +1,108 @@
+"""Growth overhead: images/s training the growing model against a plain PyTorch loop, same architecture.
+
+For a conv_heavy seed in the cifar10 host's `mid` slot, in TRAINING, BLENDING and FOSSILIZED, the
+Esper trainer (slots, per-seed optimizers, on-device accumulation) is timed against the plainest loop
+that trains the same computation: the exported nn.Sequential (host + residual seed), one SGD, the same
+on-device batches and augmentation. The plain network is always host + x + f(x): a TRAINING seed's
+forward and backward run too (straight-through), so that is the work to compare against. Both run
+in this process, alternately, after a warm-up.
+Target (issue 3): ratio >= 0.90.
+
+    python bench/growth_overhead.py --device cuda --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from esper.kasmina import MorphogeneticModel, build_host, export_model
+from esper.leyline import Action, Blueprint, Operation, SeedStage
+from esper.tolaria.augment import train_batches
+from esper.tolaria.data import load_cifar10
+from esper.tolaria.trainer import Trainer, TrainConfig
+
+STAGES = {"TRAINING": 1, "BLENDING": 2, "FOSSILIZED": 3}  # ADVANCEs after germination
+
+
+def grown_model(stage: str, device: torch.device) -> MorphogeneticModel:
+    model = MorphogeneticModel(build_host("cifar10"), ["mid"])
+    model.execute(Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                         blueprint=Blueprint.BLUEPRINT_CONV_HEAVY), 0)
+    slot = model.slots["mid"]
+    for _ in range(STAGES[stage]):
+        slot.contribution, slot.epochs_in_stage, slot.alpha = (10.0, 0.1), 10, 1.0  # let every gate pass
+        model.execute(Action(operation=Operation.OPERATION_ADVANCE, slot="mid"), 0)
+    if stage == "BLENDING":
+        slot.alpha = 0.5
+    assert slot.stage == getattr(SeedStage, f"SEED_STAGE_{stage}")
+    return model.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def esper_images_per_s(model, data, device, steps: int) -> float:
+    trainer = Trainer(model, data, TrainConfig(max_batches=steps), device,
+                      torch.Generator(device=data.train_x.device).manual_seed(0))
+    trainer.train_epoch()  # warm-up (and the one-off FLOP count of this architecture)
+    sync(device)
+    start = time.perf_counter()
+    trainer.train_epoch()  # ends in one device->host transfer, so the time is complete
+    return steps * 128 / (time.perf_counter() - start)
+
+
+def plain_images_per_s(net, data, device, steps: int) -> float:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    gen = torch.Generator(device=data.train_x.device).manual_seed(0)
+    net.train()
+
+    def epoch() -> None:
+        for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps,
+                                    generator=gen, device=device, mean=mean, std=std):
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    epoch()
+    sync(device)
+    start = time.perf_counter()
+    epoch()
+    sync(device)
+    return steps * 128 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default=None, help="as for esper train (default: $ESPER_DATA_DIR)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# growth overhead on {name}, torch {torch.__version__}, {args.steps} steps of 128, "
+          f"best of {args.repeats}")
+    print(f"{'stage':<11}{'esper img/s':>14}{'plain img/s':>14}{'ratio':>8}")
+    for stage in STAGES:
+        esper, plain = [], []
+        for _ in range(args.repeats):  # alternate, so drift hits both alike
+            torch.manual_seed(0)
+            model = grown_model(stage, device)
+            net = export_model(grown_model("FOSSILIZED", device))
+            esper.append(esper_images_per_s(model, data, device, args.steps))
+            plain.append(plain_images_per_s(net, data, device, args.steps))
+        print(f"{stage:<11}{max(esper):>14,.0f}{max(plain):>14,.0f}{max(esper) / max(plain):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

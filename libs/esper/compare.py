@@ -1,0 +1,240 @@
+"""`esper compare`: arms trained at the same budget over N seeds, with paired statistics and plots.
+
+Arms (all with the same epochs x batches, data, optimizer settings and seeds):
+- static: the host alone;
+- heuristic: growth under the rule-based controller;
+- from-scratch: each heuristic run's final architecture (same seed), built in before epoch 1 and
+  trained for the whole budget: what growth must match to be worth anything.
+`--budget original` adds the original project's unmatched baseline (the static host at 10 epochs
+against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
+
+Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
+once on the device (one process per run: see bench/concurrency.py for the measurement behind it).
+Results come back as the children's summary.json files: no objects cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    mode: str  # the `esper train` mode: static | heuristic
+    max_epochs: int
+    graft_from: str | None = None  # take the final architecture of this arm's run with the same seed
+    compute_matched: bool = True
+
+
+def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
+    arms = {
+        "static": Arm("static", "static", max_epochs),
+        "heuristic": Arm("heuristic", "heuristic", max_epochs),
+        "from-scratch": Arm("from-scratch", "static", max_epochs, graft_from="heuristic"),
+    }
+    chosen = [arms[n] for n in names]
+    if budget == "original":
+        chosen.insert(0, Arm("static@10", "static", 10, compute_matched=False))
+    return chosen
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    task: str = "cifar10"
+    max_epochs: int = 40
+    max_batches: int = 0
+    seeds: int = 5
+    seed: int = 42
+    slots: tuple[str, ...] = ("mid",)
+    device: str = "cpu"
+    data_dir: str | None = None
+    gpu_preload: bool = False
+    workers: int = 1
+    out_dir: str = "compare"
+    budget: str = "matched"
+    arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
+
+
+def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
+    return Path(cfg.out_dir) / "runs" / arm.name / f"seed{seed}"
+
+
+def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
+           "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
+           "--seed", str(seed), "--slots", *cfg.slots, "--device", cfg.device,
+           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", "minimal"]
+    if cfg.data_dir:
+        cmd += ["--data-dir", cfg.data_dir]
+    if cfg.gpu_preload:
+        cmd.append("--gpu-preload")
+    for graft in grafts:
+        cmd += ["--graft", graft]
+    return cmd
+
+
+def final_architecture(summary: dict) -> list[str]:
+    """slot:blueprint of every seed that shapes the final network (fossilized, or still blending)."""
+    return [f"{s['slot']}:{s['blueprint']}" for s in summary["seeds"] if s["fate"] in ("fossilized", "blending")]
+
+
+def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict]]:
+    """Run every (arm, seed); returns arm -> summaries in seed order. `on_phase(results so far)` after
+    each phase, so an interrupted comparison still leaves a report of the arms it finished."""
+    arms = arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    results: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.workers))}
+
+    def run(arm: Arm, seed: int) -> None:
+        grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
+        started = time.perf_counter()
+        proc = subprocess.run(train_command(cfg, arm, seed, grafts), env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{arm.name} seed {seed} failed:\n{proc.stderr[-2000:]}")
+        (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
+        results[arm.name][seed] = json.loads(summary.read_text())
+        log(f"{arm.name:>13} seed {seed}: test {results[arm.name][seed]['test_accuracy']:.2f}%  "
+            f"({time.perf_counter() - started:.0f}s)")
+
+    def finished() -> dict[str, list[dict]]:
+        return {name: [by_seed[s] for s in seeds] for name, by_seed in results.items() if len(by_seed) == len(seeds)}
+
+    # Arms that graft another arm's architecture wait for that arm.
+    for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            for future in [pool.submit(run, arm, seed) for arm in phase for seed in seeds]:
+                future.result()
+        if on_phase is not None:
+            on_phase(finished())
+    return finished()
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its t-interval (0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), 0.0
+    half = stats.t.ppf(0.5 + confidence / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
+    return float(a.mean()), float(half)
+
+
+def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
+    arms = {a.name: a for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))}
+    baseline = [r["test_accuracy"] for r in results["static"]] if "static" in results else None
+    lines = [
+        "| arm | epochs | compute-matched | test accuracy (95% CI) | vs static, paired (95% CI) | final params "
+        "| training FLOPs | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        acc = mean_ci([r["test_accuracy"] for r in runs])
+        if baseline and name != "static":
+            diff = mean_ci([r["test_accuracy"] - b for r, b in zip(runs, baseline)])
+            vs = f"{diff[0]:+.2f} ± {diff[1]:.2f}"
+        else:
+            vs = "-"
+        lines.append(
+            f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].compute_matched else 'no'} "
+            f"| {acc[0]:.2f} ± {acc[1]:.2f} | {vs} | {np.mean([r['total_params'] for r in runs]):,.0f} "
+            f"| {np.mean([r['train_flops'] for r in runs]):.3g} | {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+STAGE_COLOURS = {"DORMANT": "#eeeeee", "GERMINATED": "#9ecae1", "TRAINING": "#3182bd", "BLENDING": "#fd8d3c",
+                 "FOSSILIZED": "#31a354", "CULLED": "#de2d26", "EMBARGOED": "#756bb1"}
+
+
+def plot(results: dict[str, list[dict]], out: Path) -> list[str]:
+    """curves.png (val accuracy, mean and 95% band), params.png, timeline.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig, (ax_acc, ax_par) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in results.items():
+        epochs = [p["epoch"] for p in runs[0]["curve"]]
+        acc = np.array([[p["val_accuracy"] for p in r["curve"]] for r in runs])  # [seeds, epochs]
+        params = np.array([[p["total_params"] for p in r["curve"]] for r in runs])
+        band = [mean_ci(list(col))[1] for col in acc.T]
+        ax_acc.plot(epochs, acc.mean(0), label=name)
+        ax_acc.fill_between(epochs, acc.mean(0) - band, acc.mean(0) + band, alpha=0.2)
+        ax_par.plot(epochs, params.mean(0), label=name)
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy (mean, 95% CI)")
+    ax_par.set(xlabel="epoch", ylabel="parameters", title="Parameters (mean over seeds)")
+    ax_acc.legend(), ax_par.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, 1.2 + 0.9 * len(results)), squeeze=False)
+    for ax, (name, runs) in zip(axes[:, 0], results.items()):
+        curve = runs[0]["curve"]
+        slots = list(curve[0]["stages"])
+        for row, slot in enumerate(slots):
+            for point in curve:
+                ax.barh(row, 1, left=point["epoch"] - 1, color=STAGE_COLOURS[point["stages"][slot]])
+        ax.set_yticks(range(len(slots)), slots)
+        ax.set_title(f"{name}, seed {runs[0]['seed']}", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("epoch")
+    fig.legend(handles=[Patch(color=c, label=s) for s, c in STAGE_COLOURS.items()], loc="upper right", ncol=7,
+               fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(out / "timeline.png", dpi=110)
+    plt.close(fig)
+    return ["curves.png", "timeline.png"]
+
+
+def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float) -> Path:
+    out = Path(cfg.out_dir)
+    images = plot(results, out)
+    device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    fates = {}
+    for r in results.get("heuristic", []):
+        for fate, n in r["seed_counts"].items():
+            fates[fate] = fates.get(fate, 0) + n
+    text = [
+        f"# esper compare: {cfg.task}",
+        "",
+        f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
+        f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
+        f"torch {torch.__version__}; {cfg.workers} concurrent runs; total wall {wall:.0f} s.",
+        "Test accuracy is measured once per run, at the end; every decision used the validation split.",
+        "",
+        results_table(cfg, results),
+        "",
+        f"Heuristic seeds over all runs: {fates or 'none germinated'}.",
+        "",
+        *[f"![{name}]({name})" for name in images],
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(text))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return out / "results.md"
+
+
+def compare(cfg: CompareConfig, log=print) -> Path:
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def report(results: dict[str, list[dict]]) -> Path:
+        return write_report(cfg, results, time.perf_counter() - started)
+
+    run_all(cfg, log, on_phase=report)  # the report is rewritten after each phase
+    return Path(cfg.out_dir) / "results.md"

@@ -1,0 +1,59 @@
+"""PPO checkpoints: written atomically, read with `torch.load(weights_only=True)` only.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects): the network and Adam
+state dicts, the normalizers' statistics as tensors, the RNG states as uint8 tensors, the counters, the
+resolved config as JSON and the run's history so far. It is written to `<path>.tmp`, flushed to disk
+and moved over `<path>` with os.replace, so a crash leaves either the old checkpoint or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from esper.tamiyo.features import FeatureSpec, RunningMeanStd
+from esper.tamiyo.network import ActorCritic, NeuralPolicy
+
+FORMAT = "esper.simic.ppo/1"
+
+
+class ResumeError(ValueError):
+    """--resume names a checkpoint this run cannot continue (another format or another config)."""
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"{path} is not an {FORMAT} checkpoint (format {state.get('format')!r})")
+    return state
+
+
+def build_network(state: dict) -> tuple[ActorCritic, FeatureSpec]:
+    """The network a checkpoint describes, with its weights."""
+    spec = FeatureSpec.from_dict(state["feature_spec"])
+    network = ActorCritic(spec.dim, len(spec.slots), len(spec.blueprints), state["hidden_size"])
+    network.load_state_dict(state["network"])
+    return network, spec
+
+
+def load_policy(path: Path | str, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
+    """The trained policy of a checkpoint as a tamiyo Policy (for evaluation and `esper compare`)."""
+    state = load_checkpoint(Path(path))
+    network, spec = build_network(state)
+    obs_rms = RunningMeanStd((spec.dim,))
+    obs_rms.load(state["obs_rms"])
+    return NeuralPolicy(network, spec, obs_rms, state["clip_obs"], version=str(state["counters"]["updates"]),
+                        greedy=greedy, seed=seed)

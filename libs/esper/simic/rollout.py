@@ -1,0 +1,49 @@
+"""Rollout: the transitions one PPO update learns from, as a flat set of named tensors.
+
+Every field is a tensor whose first two dimensions are [T steps, N environments]; nothing else (no
+protobuf, no Python objects). That is what lets a worker ship a rollout to a learner later as a
+msgpack map of raw buffers (dtype, shape, bytes) behind a leyline header, as DESIGN.md prescribes for
+bulk tensors: `tensors()` and `Rollout(**tensors)` are the whole (de)serialization surface.
+
+Each row records the value of the observation that *followed* the step (`next_values`), so a rollout
+is self-contained for GAE wherever it was cut: a worker can end a segment mid-episode (the last row is
+`truncated`, and its next value is the bootstrap) without the learner seeing the next segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Rollout:
+    obs: torch.Tensor  # float32 [T, N, obs_dim]: normalized features, as the policy saw them
+    legal: torch.Tensor  # bool [T, N, ops, slots, blueprints]: the action masks
+    actions: torch.Tensor  # int64 [T, N, 3]: (operation, slot, blueprint) head indices
+    logprobs: torch.Tensor  # float32 [T, N]: log-probability of the action under the acting policy
+    values: torch.Tensor  # float32 [T, N]: V(s_t) under the acting policy
+    next_values: torch.Tensor  # float32 [T, N]: V(s_t+1), the bootstrap where a segment was cut
+    rewards: torch.Tensor  # float32 [T, N]: normalized reward PPO learns from
+    reward_parts: torch.Tensor  # float32 [T, N, components]: raw reward components (rewards.COMPONENTS)
+    terminated: torch.Tensor  # bool [T, N]: the episode ended here (its last epoch)
+    truncated: torch.Tensor  # bool [T, N]: the trajectory was cut here while the episode goes on
+    policy_version: torch.Tensor  # int64 [T, N]: the update count of the policy that acted
+
+    @classmethod
+    def from_steps(cls, steps: list[dict[str, torch.Tensor]]) -> Rollout:
+        """Stack per-step rows (each field [N, ...]) into [T, N, ...]."""
+        return cls(**{f.name: torch.stack([step[f.name] for step in steps]) for f in fields(cls)})
+
+    @classmethod
+    def cat(cls, rollouts: list[Rollout]) -> Rollout:
+        """Side by side along the environment dimension: [T, N1] + [T, N2] -> [T, N1 + N2]."""
+        return cls(**{f.name: torch.cat([getattr(r, f.name) for r in rollouts], dim=1) for f in fields(cls)})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def num_steps(self) -> int:
+        return self.rewards.numel()

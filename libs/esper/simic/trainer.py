@@ -1,0 +1,267 @@
+"""The PPO training loop: n_envs growth environments stepped in lockstep in one process.
+
+Episodes run in *rounds*: each of n_envs environments starts an episode (episode i uses seed + i) and
+all of them step together, one epoch each, with one batched policy forward for all of them. After
+`update_every` rounds the rollout holds n_envs x update_every whole episodes and PPO updates the policy
+on it (the original tool documented "update every 5 episodes" and ignored the flag). Episodes are never
+cut: each one's last epoch is a termination (see ppo.compute_gae for why the time limit is not a
+truncation here).
+
+After every round the state (policy, optimizer, normalizers, RNG states, counters and the rollout of the
+rounds not yet learned from) fits in a checkpoint of plain tensors, and resuming from it continues bit
+for bit on CPU.
+
+The loop knows nothing about run directories or files: it takes telemetry objects and reports each
+round to a callback; esper.train_ppo wires it to the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from esper.leyline import Operation, PPOUpdate, short_name
+from esper.nissa import Telemetry
+from esper.simic.checkpoint import ResumeError, build_network
+from esper.simic.env import EnvConfig, GrowthEnv
+from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, ppo_update
+from esper.simic.rewards import COMPONENTS, Rewarder, RewardConfig
+from esper.simic.rollout import Rollout
+from esper.tamiyo.features import FeatureSpec, RunningMeanStd
+from esper.tamiyo.network import OPERATIONS, ActionCodec, ActorCritic, NeuralPolicy, decision, observation_legal_actions
+from esper.tolaria.data import Dataset
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    episodes: int = 100
+    """Episodes in all (--episodes); the last round runs fewer environments if n_envs does not divide it."""
+    n_envs: int = 4
+    """Environments stepped in lockstep, one batched policy forward per epoch (--n-envs)."""
+    update_every: int = 5
+    """Episodes per environment between PPO updates (--update-every): each update learns from
+    n_envs x update_every whole episodes."""
+    seed: int = 42
+    """Policy initialization, action sampling, minibatch order; episode i's environment uses seed + i."""
+    device: str = "cpu"
+    """Where the policy runs and learns (--device)."""
+    devices: tuple[str, ...] = ()
+    """Where the environments train, round robin (--devices); empty: `device`."""
+    telemetry_features: bool = True
+    """Observe seed gradient norms (off: --no-telemetry)."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("--episodes", self.episodes), ("--n-envs", self.n_envs),
+                            ("--update-every", self.update_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def env_devices(self) -> tuple[str, ...]:
+        return self.devices or (self.device,)
+
+
+# Fields a resumed run may change: how long it runs and where; everything else must match the checkpoint.
+RESUMABLE_CHANGES = ("episodes", "device", "devices")
+
+EnvFactory = Callable[[EnvConfig, Dataset, torch.device, Telemetry], GrowthEnv]
+
+
+class PPOTrainer:
+    def __init__(self, cfg: TrainerConfig, data: dict[str, Dataset], telemetry: Telemetry,
+                 env_telemetry: Callable[[int], Telemetry], env_factory: EnvFactory = GrowthEnv):
+        """data: the dataset per environment device; telemetry: the learner's (PPO updates);
+        env_telemetry(episode): each episode's own (decisions, epochs, gates, transitions)."""
+        self.cfg = cfg
+        self.data = data
+        self.telemetry = telemetry
+        self.env_telemetry = env_telemetry
+        self.env_factory = env_factory
+        self.device = torch.device(cfg.device)
+        env = dataclasses.replace(cfg.env, seed_grad_norms=cfg.telemetry_features)
+        self.env_cfg = env
+        self.spec = FeatureSpec.for_host(env.task, cfg.reward.param_budget, cfg.telemetry_features)
+        self.codec = ActionCodec(self.spec)
+        torch.manual_seed(cfg.seed)
+        self.agent = ActorCritic(self.spec.dim, len(self.spec.slots), len(self.spec.blueprints),
+                                 cfg.ppo.hidden_size).to(self.device)
+        self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+        self.obs_rms = RunningMeanStd((self.spec.dim,))
+        self.reward_norm = RewardNormalizer(cfg.ppo.gamma, cfg.ppo.clip_reward)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.episodes_done = self.updates = self.global_step = 0
+        self.pending: Rollout | None = None  # transitions of the rounds since the last update
+        self.pending_rounds = 0
+        self.collect_seconds = 0.0
+        self.episode_log: list[dict] = []
+        self.update_log: list[dict] = []
+
+    # ------------------------------------------------------------------ acting
+    def observe(self, observations: list) -> torch.Tensor:
+        """Features of a batch of observations, normalized (updating the running stats when enabled)."""
+        raw = self.spec.encode_batch(observations)  # [N, dim]
+        if self.cfg.ppo.norm_obs:
+            self.obs_rms.update(raw)
+        return self.obs_rms.normalize(raw, self.cfg.ppo.clip_obs).to(self.device)
+
+    def policy(self, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
+        """The current policy as a tamiyo Policy, for evaluation (shares the network)."""
+        return NeuralPolicy(self.agent, self.spec, self.obs_rms, self.cfg.ppo.clip_obs, str(self.updates),
+                            greedy=greedy, seed=seed)
+
+    # ------------------------------------------------------------------ training
+    def train(self, on_round: Callable[[PPOTrainer, list[dict]], None] | None = None) -> None:
+        """Rounds until cfg.episodes episodes are done, updating every update_every rounds (and after the
+        last); on_round(trainer, episode results) after each round (the caller checkpoints there)."""
+        while self.episodes_done < self.cfg.episodes:
+            rollout, results = self.run_round()
+            self.pending = rollout if self.pending is None else Rollout.cat([self.pending, rollout])
+            self.pending_rounds += 1
+            if self.pending_rounds == self.cfg.update_every or self.episodes_done == self.cfg.episodes:
+                self.update()
+            if on_round is not None:
+                on_round(self, results)
+
+    def run_round(self) -> tuple[Rollout, list[dict]]:
+        """One episode in each of up to n_envs environments: their transitions [max_epochs, n] and results."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        n = min(cfg.n_envs, cfg.episodes - self.episodes_done)
+        episodes = range(self.episodes_done, self.episodes_done + n)
+        devices = cfg.env_devices
+        envs = [self.env_factory(self.env_cfg, self.data[devices[i % len(devices)]],
+                                 torch.device(devices[i % len(devices)]), self.env_telemetry(e))
+                for i, e in enumerate(episodes)]
+        obs = [env.reset(cfg.seed + e) for env, e in zip(envs, episodes)]
+        rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
+        for rewarder, o in zip(rewarders, obs):
+            rewarder.reset(o)
+        self.reward_norm.start_episodes(n)
+        x = self.observe(obs)
+        steps: list[dict[str, torch.Tensor]] = []
+        for t in range(self.env_cfg.max_epochs):
+            legal = torch.stack([self.codec.legal_tensor(observation_legal_actions(o)) for o in obs]).to(self.device)
+            with torch.no_grad():
+                action, logprob, _, value, probs = self.agent.get_action_and_value(x, legal, generator=self.generator)
+            decisions = [decision(self.codec, a, p, v, "ppo", str(self.updates))
+                         for a, p, v in zip(action.tolist(), probs.tolist(), value.tolist())]
+            next_obs = [env.step(d)[0] for env, d in zip(envs, decisions)]
+            terminal = t + 1 == self.env_cfg.max_epochs
+            parts = torch.tensor([r.step(o, d.action, o2, terminal)
+                                  for r, o, d, o2 in zip(rewarders, obs, decisions, next_obs)])  # [N, C]
+            raw = parts.sum(1)  # [N]
+            reward = self.reward_norm(raw) if cfg.ppo.norm_reward else raw
+            steps.append({
+                "obs": x, "legal": legal, "actions": action, "logprobs": logprob, "values": value,
+                "rewards": reward.to(self.device), "reward_parts": parts.to(self.device),
+                "terminated": torch.full((n,), terminal, device=self.device),
+                "truncated": torch.zeros(n, dtype=torch.bool, device=self.device),
+                "policy_version": torch.full((n,), self.updates, device=self.device),
+            })
+            obs = next_obs
+            if not terminal:
+                x = self.observe(obs)
+        # V(s_t+1) is the next row's value; after the last epoch nothing follows (terminated: unused).
+        for step, following in zip(steps, steps[1:]):
+            step["next_values"] = following["values"]
+        steps[-1]["next_values"] = torch.zeros_like(steps[-1]["values"])
+        rollout = Rollout.from_steps(steps)
+        self.global_step += rollout.num_steps
+        self.episodes_done += n
+        self.collect_seconds += time.perf_counter() - started
+        results = [self._episode_result(e, env, o, rollout, column)
+                   for column, (e, env, o) in enumerate(zip(episodes, envs, obs))]
+        self.episode_log += results
+        return rollout, results
+
+    def update(self) -> UpdateStats:
+        """PPO on the pending rollout; publishes the stats (telemetry and update_log)."""
+        rollout = self.pending
+        ent_coef = ent_coef_at(self.cfg.ppo, self.episodes_done, self.cfg.episodes)
+        stats = ppo_update(self.agent, self.optimizer, rollout, self.cfg.ppo, ent_coef, self.generator)
+        self.updates += 1
+        stats.reward_components = dict(zip(COMPONENTS, rollout.reward_parts.sum((0, 1)).tolist()))
+        stats.steps_per_second = rollout.num_steps / self.collect_seconds
+        self.pending, self.pending_rounds, self.collect_seconds = None, 0, 0.0
+        self.update_log.append({"update": self.updates, "global_step": self.global_step,
+                                "episodes": self.episodes_done, **dataclasses.asdict(stats)})
+        self.telemetry.emit(ppo_update=PPOUpdate(
+            update=self.updates, global_step=self.global_step, episodes=self.episodes_done,
+            policy_loss=stats.policy_loss, value_loss=stats.value_loss, entropy=stats.entropy,
+            approx_kl=stats.approx_kl, clipfrac=stats.clipfrac, explained_variance=stats.explained_variance,
+            grad_norm=stats.grad_norm, epochs_run=stats.epochs_run,
+            early_stopped=stats.early_stop_epoch is not None, minibatch_steps=stats.minibatch_steps,
+            ent_coef=stats.ent_coef, learning_rate=stats.lr, action_counts=stats.action_counts,
+            reward_components=stats.reward_components, steps_per_second=stats.steps_per_second,
+            rollout_steps=rollout.num_steps,
+        ))
+        return stats
+
+    def _episode_result(self, episode: int, env: GrowthEnv, obs, rollout: Rollout, column: int) -> dict:
+        fates: dict[str, int] = {}
+        for record in env.model.records:
+            fates[record.fate] = fates.get(record.fate, 0) + 1
+        ops = torch.bincount(rollout.actions[:, column, 0].cpu(), minlength=len(OPERATIONS)).tolist()
+        return {
+            "episode": episode, "seed": self.cfg.seed + episode,
+            "return": float(rollout.reward_parts[:, column].sum()),
+            "val_accuracy": obs.signals.val_accuracy, "total_params": obs.signals.total_params,
+            "seed_fates": fates,
+            "actions": {short_name(Operation, op): n for op, n in zip(OPERATIONS, ops)},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, as tensors and plain values (torch.load weights_only)."""
+        return {
+            "config_json": json.dumps(dataclasses.asdict(self.cfg)),
+            "feature_spec": self.spec.to_dict(),
+            "hidden_size": self.cfg.ppo.hidden_size,
+            "clip_obs": self.cfg.ppo.clip_obs,
+            "network": self.agent.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "obs_rms": self.obs_rms.state(),
+            "reward_rms": self.reward_norm.rms.state(),
+            "rng": {"policy": self.generator.get_state(), "torch": torch.get_rng_state()},
+            "counters": {"episodes": self.episodes_done, "updates": self.updates, "global_step": self.global_step,
+                         "pending_rounds": self.pending_rounds, "collect_seconds": self.collect_seconds},
+            "pending": None if self.pending is None else {k: v.cpu() for k, v in self.pending.tensors().items()},
+            "episode_log_json": json.dumps(self.episode_log),
+            "update_log_json": json.dumps(self.update_log),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint written by a run with the same config (but RESUMABLE_CHANGES)."""
+        check_resumable(self.cfg, state)
+        network, _ = build_network(state)
+        self.agent.load_state_dict(network.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.obs_rms.load(state["obs_rms"])
+        self.reward_norm.rms.load(state["reward_rms"])
+        self.generator.set_state(state["rng"]["policy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        counters = state["counters"]
+        self.episodes_done, self.updates, self.global_step = (
+            counters["episodes"], counters["updates"], counters["global_step"])
+        self.pending_rounds, self.collect_seconds = counters["pending_rounds"], counters["collect_seconds"]
+        pending = state["pending"]
+        self.pending = None if pending is None else Rollout(**{k: v.to(self.device) for k, v in pending.items()})
+        self.episode_log = json.loads(state["episode_log_json"])
+        self.update_log = json.loads(state["update_log_json"])
+
+
+def check_resumable(cfg: TrainerConfig, state: dict) -> None:
+    """Raise ResumeError unless `state` was trained with `cfg` but for RESUMABLE_CHANGES."""
+    saved = json.loads(state["config_json"])
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
+    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and current[k] != saved.get(k))
+    if differ:
+        raise ResumeError(f"the checkpoint was trained with other settings: {', '.join(differ)} differ")

@@ -1,0 +1,199 @@
+"""`esper train ppo`: learn a growth controller with PPO in one process and write a run directory.
+
+`runs/<time>_ppo_<task>_s<seed>/` holds `config.json` (the resolved config), `telemetry.jsonl` (the
+learner's PPOUpdate events, and every episode's decisions, epochs, gates and transitions under its own
+run id `<run>_ep<i>`), `summary.json` (every episode's result and every update's statistics, rewritten
+after each round) and `checkpoint.pt` (or `--save PATH`), rewritten after each round. `--resume PATH`
+continues a checkpoint exactly, up to `--episodes` episodes in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from esper.cli import UsageError, resolve_device
+from esper.leyline import RunStarted, TelemetryLevel, from_short_name
+from esper.nissa import JsonlSink, Telemetry
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from esper.simic.env import GrowthEnv
+from esper.simic.ppo import PPOConfig
+from esper.simic.rewards import MODES, RewardConfig
+from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_resumable
+from esper.tolaria.data import load_task_data
+
+
+@dataclass(frozen=True)
+class PPORunConfig:
+    trainer: TrainerConfig
+    data_dir: str | None = None
+    gpu_preload: bool = False
+    """Keep the dataset on each environment device."""
+    num_workers: int | None = None
+    """CPU threads torch uses for the environments and the policy (torch.set_num_threads); None: torch's
+    default. Esper has no DataLoader (datasets are resident tensors), so the original tool's meaning,
+    DataLoader workers per environment, has nothing to configure."""
+    telemetry_level: str = "normal"
+    telemetry_file: str | None = None
+    telemetry_dir: str | None = None
+    runs_dir: str = "runs"
+    save: str | None = None
+    """Checkpoint path (default: <run dir>/checkpoint.pt)."""
+    resume: str | None = None
+    """Checkpoint to continue from."""
+
+    @property
+    def device(self) -> str:
+        return self.trainer.device
+
+
+def add_ppo_flags(p: argparse.ArgumentParser) -> None:
+    """The PPO flags, on top of the shared training flags (cli.add_train_flags)."""
+    ppo, reward = PPOConfig(), RewardConfig()
+    p.set_defaults(episodes=TrainerConfig.episodes)
+    p.add_argument("--n-envs", type=int, default=TrainerConfig.n_envs,
+                   help="environments stepped in lockstep with batched policy inference")
+    p.add_argument("--update-every", type=int, default=TrainerConfig.update_every,
+                   help="epochs per environment between PPO updates (and at every episode's end)")
+    p.add_argument("--lr", type=float, default=ppo.lr, help="Adam learning rate")
+    p.add_argument("--clip-ratio", type=float, default=ppo.clip_coef, help="PPO clip coefficient")
+    p.add_argument("--gamma", type=float, default=ppo.gamma, help="discount per epoch")
+    p.add_argument("--entropy-coef", type=float, default=None,
+                   help=f"entropy bonus, the schedule's start and end unless given (default {ppo.ent_coef})")
+    p.add_argument("--entropy-coef-start", type=float, default=None, help="entropy bonus at episode 0")
+    p.add_argument("--entropy-coef-end", type=float, default=None, help="entropy bonus after the anneal")
+    p.add_argument("--entropy-coef-min", type=float, default=ppo.ent_coef_min,
+                   help="floor under the annealed entropy bonus; may not exceed the start coefficient")
+    p.add_argument("--entropy-anneal-episodes", type=int, default=ppo.ent_anneal_episodes,
+                   help="episodes of the linear anneal from start to end (0: all --episodes)")
+    p.add_argument("--reward-mode", choices=MODES, default=reward.mode)
+    p.add_argument("--param-budget", type=int, default=reward.param_budget,
+                   help="parameters at which the terminal parameter penalty reaches --param-penalty")
+    p.add_argument("--param-penalty", type=float, default=reward.param_penalty)
+    p.add_argument("--sparse-scale", type=float, default=reward.sparse_scale, help="scale of the terminal reward")
+    p.add_argument("--devices", nargs="+", default=None,
+                   help="environment devices, round robin (default: --device); the policy stays on --device")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="CPU threads for torch (there is no DataLoader to give workers to)")
+    p.add_argument("--save", default=None, help="checkpoint path (default: <run dir>/checkpoint.pt)")
+    p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
+    p.add_argument("--no-telemetry", action="store_true",
+                   help="drop the seed gradient features from the observation (events: --telemetry-level)")
+
+
+def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
+    """Validate the PPO flags; `base` is cli.train_config's RunConfig (the shared flags, checked)."""
+    given = [f for f, v in (("start", args.entropy_coef_start), ("end", args.entropy_coef_end)) if v is not None]
+    if args.entropy_coef is not None and len(given) == 2:
+        raise UsageError("--entropy-coef is unused when both --entropy-coef-start and --entropy-coef-end are given")
+    if args.entropy_anneal_episodes and not given:
+        raise UsageError("--entropy-anneal-episodes needs --entropy-coef-start or --entropy-coef-end to anneal")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+    devices = tuple(resolve_device(d) for d in args.devices or ())
+    try:
+        ppo = PPOConfig(
+            lr=args.lr, clip_coef=args.clip_ratio, gamma=args.gamma,
+            ent_coef=PPOConfig.ent_coef if args.entropy_coef is None else args.entropy_coef,
+            ent_coef_start=args.entropy_coef_start, ent_coef_end=args.entropy_coef_end,
+            ent_coef_min=args.entropy_coef_min, ent_anneal_episodes=args.entropy_anneal_episodes,
+        )
+        reward = RewardConfig(mode=args.reward_mode, param_budget=args.param_budget,
+                              param_penalty=args.param_penalty, sparse_scale=args.sparse_scale)
+        trainer = TrainerConfig(env=base.env, ppo=ppo, reward=reward, episodes=base.episodes, n_envs=args.n_envs,
+                                update_every=args.update_every, seed=base.seed, device=base.device,
+                                devices=devices, telemetry_features=not args.no_telemetry)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint")
+        try:
+            check_resumable(trainer, load_checkpoint(Path(args.resume)))
+        except ResumeError as exc:
+            raise UsageError(f"--resume {args.resume}: {exc}") from None
+    return PPORunConfig(trainer=trainer, data_dir=base.data_dir, gpu_preload=base.gpu_preload,
+                        num_workers=args.num_workers, telemetry_level=base.telemetry_level,
+                        telemetry_file=base.telemetry_file, telemetry_dir=base.telemetry_dir,
+                        runs_dir=base.runs_dir, save=args.save, resume=args.resume)
+
+
+def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvFactory = GrowthEnv) -> dict:
+    """Train; returns the summary (also in the run directory). Raises DataError (missing data) before
+    anything is written, ResumeError for a checkpoint from other settings (ppo_config checks first)."""
+    console = console or Console(stderr=True)
+    tcfg = cfg.trainer
+    if cfg.num_workers is not None:
+        torch.set_num_threads(cfg.num_workers)
+    resume_state = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    data = load_task_data(tcfg.env.task, cfg.data_dir)
+    data_by_device = {d: data.to(d) if cfg.gpu_preload else data for d in tcfg.env_devices}
+
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_ppo_{tcfg.env.task}_s{tcfg.seed}"
+    run_dir = Path(cfg.runs_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
+    (run_dir / "config.json").write_text(config_json)
+    level = from_short_name(TelemetryLevel, cfg.telemetry_level)
+    sinks = []
+    if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
+        sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
+        sinks += [JsonlSink(Path(p)) for p in (cfg.telemetry_file,) if p]
+        sinks += [JsonlSink(Path(d) / f"{run_id}.jsonl") for d in (cfg.telemetry_dir,) if d]
+    telemetry = Telemetry(run_id, level, sinks)
+    telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device,
+                                          config_json=config_json))
+    trainer = PPOTrainer(tcfg, data_by_device, telemetry,
+                         env_telemetry=lambda episode: Telemetry(f"{run_id}_ep{episode:04d}", level, sinks),
+                         env_factory=env_factory)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+    checkpoint = Path(cfg.save) if cfg.save else run_dir / "checkpoint.pt"
+    start = time.perf_counter()
+
+    def summary() -> dict:
+        return {"run_id": run_id, "mode": "ppo", "task": tcfg.env.task, "checkpoint": str(checkpoint),
+                "episodes_done": trainer.episodes_done, "updates": trainer.updates,
+                "global_step": trainer.global_step, "wall_seconds": time.perf_counter() - start,
+                "episodes": trainer.episode_log, "update_stats": trainer.update_log}
+
+    def on_round(trainer: PPOTrainer, results: list[dict]) -> None:
+        save_checkpoint(trainer.state_dict(), checkpoint)
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary(), indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+        console.print(round_line(trainer, results))
+
+    console.print(f"{run_id}: {tcfg.episodes} episodes, {tcfg.n_envs} envs on {', '.join(tcfg.env_devices)}, "
+                  f"policy on {tcfg.device}, {trainer.spec.dim} features -> {run_dir}")
+    trainer.train(on_round)
+    telemetry.close()
+    return summary()
+
+
+def round_line(trainer: PPOTrainer, results: list[dict]) -> str:
+    """One console line per round: the episodes' outcome and the last update's health."""
+    n = len(results)
+    accuracy = sum(r["val_accuracy"] for r in results) / n
+    episode_return = sum(r["return"] for r in results) / n
+    fates: dict[str, int] = {}
+    for r in results:
+        for fate, count in r["seed_fates"].items():
+            fates[fate] = fates.get(fate, 0) + count
+    line = (f"episodes {trainer.episodes_done}/{trainer.cfg.episodes}  val {accuracy:.2f}%  "
+            f"return {episode_return:+.3f}  seeds {fates or '{}'}  | ")
+    if trainer.pending_rounds:
+        rounds_left = trainer.cfg.update_every - trainer.pending_rounds
+        return line + f"update {trainer.updates + 1} after {rounds_left} more round(s)"
+    last = trainer.update_log[-1]
+    return line + (f"update {trainer.updates}: entropy {last['entropy']:.2f}  kl {last['approx_kl']:.4f}  "
+                   f"ev {last['explained_variance']:.2f}  {last['steps_per_second']:.1f} steps/s")
+

@@ -1,0 +1,273 @@
+"""The telemetry bus over ZeroMQ: framing, the hub's forwarder, a publisher sink and a subscriber.
+
+Topics and framing are documented in proto/esper/leyline/bus.proto. Frames that are not a valid
+two-frame telemetry message are counted (by reason) and dropped; nothing on the bus is trusted to be
+well formed and no frame is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict, deque
+
+import zmq
+from google.protobuf.message import DecodeError
+
+from esper.leyline import SnapshotReply, SnapshotRequest, TelemetryEvent
+
+TELEMETRY_PREFIX = b"esper.telemetry."
+HELLO_PREFIX = b"esper.hello."
+LINGER_MS = 200
+"""Unsent messages to a dead peer are given this long at close; libzmq's default waits forever."""
+
+log = logging.getLogger(__name__)
+
+
+FRAME_PROBLEMS = ("frame_count", "topic", "payload")
+"""The reasons `decode` refuses a message: the bounded label set of every drop counter."""
+
+
+class MalformedFrame(ValueError):
+    """A bus message that is not [topic, TelemetryEvent]; `reason` is a bounded label for metrics."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def make_context() -> zmq.Context:
+    ctx = zmq.Context()
+    ctx.linger = LINGER_MS
+    return ctx
+
+
+def encode(event: TelemetryEvent) -> list[bytes]:
+    return [TELEMETRY_PREFIX + event.run_id.encode(), event.SerializeToString()]
+
+
+def decode(frames: list[bytes]) -> TelemetryEvent:
+    """Frames -> event, or MalformedFrame naming what was wrong."""
+    if len(frames) != 2:
+        raise MalformedFrame("frame_count")
+    topic, payload = frames
+    if not topic.startswith(TELEMETRY_PREFIX):
+        raise MalformedFrame("topic")
+    event = TelemetryEvent()
+    try:
+        event.ParseFromString(payload)
+    except DecodeError:
+        raise MalformedFrame("payload") from None
+    if (event.sequence < 1 or event.WhichOneof("payload") is None
+            or topic != TELEMETRY_PREFIX + event.run_id.encode()):
+        raise MalformedFrame("payload")
+    return event
+
+
+class PublisherSink:
+    """A nissa Sink that publishes every event to the hub.
+
+    An XPUB socket, not PUB: the hub subscribes to everything, and that subscription arriving is how
+    the sink knows it is attached (a PUB drops everything sent before that, silently; FIELD-NOTES).
+    `wait_attached` blocks for it once, so a run's first events are not lost to the slow joiner.
+    """
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+        self._own_ctx = ctx is None
+        self.ctx = ctx or make_context()
+        self.socket = self.ctx.socket(zmq.XPUB)
+        self.socket.linger = LINGER_MS
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self.published = 0
+
+    def wait_attached(self, timeout_s: float) -> bool:
+        """True once the hub's subscription has arrived; False after timeout_s (events still flow
+        later if the hub comes up: they are only lost until then, and subscribers count the gap)."""
+        attached = bool(self.socket.poll(int(timeout_s * 1000)))
+        while self.socket.poll(0):
+            self.socket.recv()  # subscription notices: read so they do not queue up
+        return attached
+
+    def emit(self, event: TelemetryEvent) -> None:
+        self.socket.send_multipart(encode(event))
+        self.published += 1
+
+    def close(self) -> None:
+        """A run's telemetry ended (Telemetry.close): the bus connection outlives runs, so nothing."""
+
+    def shutdown(self) -> None:
+        self.socket.close()
+        if self._own_ctx:
+            self.ctx.term()
+
+
+class RetainedEvents:
+    """The hub's memory for late joiners: every event of the last `max_runs` runs (at most
+    `max_events` each, oldest dropped first). A 75-epoch run is about 400 events."""
+
+    def __init__(self, max_runs: int = 32, max_events: int = 10_000):
+        self.max_runs = max_runs
+        self.max_events = max_events
+        self.runs: OrderedDict[str, deque[TelemetryEvent]] = OrderedDict()
+
+    def add(self, event: TelemetryEvent) -> None:
+        events = self.runs.get(event.run_id)
+        if events is None:
+            events = self.runs[event.run_id] = deque(maxlen=self.max_events)
+            while len(self.runs) > self.max_runs:
+                self.runs.popitem(last=False)
+        events.append(event)
+
+    def snapshot(self, request: SnapshotRequest) -> SnapshotReply:
+        runs = [request.run_id] if request.run_id else list(self.runs)
+        return SnapshotReply(events=[e for run in runs for e in self.runs.get(run, ())])
+
+
+class Hub:
+    """XSUB (publishers) -> validate -> XPUB (subscribers), plus a ROUTER answering snapshot requests.
+
+    Counters are plain attributes; the service exports them to Prometheus.
+    """
+
+    def __init__(self, ctx: zmq.Context, host: str, pub_port: int, sub_port: int, snapshot_port: int,
+                 retained: RetainedEvents):
+        self.ctx = ctx
+        self.retained = retained
+        self.xsub = ctx.socket(zmq.XSUB)
+        self.xpub = ctx.socket(zmq.XPUB)
+        self.router = ctx.socket(zmq.ROUTER)
+        self.endpoints = {
+            "publish": _bind(self.xsub, host, pub_port),
+            "subscribe": _bind(self.xpub, host, sub_port),
+            "snapshot": _bind(self.router, host, snapshot_port),
+        }
+        self.xsub.send(b"\x01")  # subscribe to everything: the hub sees (and retains) every event
+        self.forwarded = 0
+        self.dropped = dict.fromkeys((*FRAME_PROBLEMS, "snapshot_request"), 0)  # zeros: every series exists
+        self.subscriptions = 0
+        self.snapshots = 0
+
+    def serve(self, stop_fd: int, is_stopped) -> None:
+        """Forward until the stop file descriptor wakes the poll and `is_stopped()` says so."""
+        poller = zmq.Poller()
+        for sock in (self.xsub, self.xpub, self.router):
+            poller.register(sock, zmq.POLLIN)
+        poller.register(stop_fd, zmq.POLLIN)
+        while not is_stopped():
+            ready = dict(poller.poll())
+            if self.xsub in ready:
+                self._forward()
+            if self.xpub in ready:
+                self._subscription()
+            if self.router in ready:
+                self._snapshot()
+
+    def _forward(self) -> None:
+        frames = self.xsub.recv_multipart()
+        try:
+            event = decode(frames)
+        except MalformedFrame as exc:
+            self.dropped[exc.reason] += 1
+            return
+        self.retained.add(event)
+        self.xpub.send_multipart(frames)
+        self.forwarded += 1
+
+    def _subscription(self) -> None:
+        """\\x01topic subscribes, \\x00topic unsubscribes; a hello topic is answered on itself."""
+        message = self.xpub.recv()
+        if not message:
+            return
+        subscribed, topic = message[0] == 1, message[1:]
+        self.subscriptions += 1 if subscribed else -1
+        if subscribed and topic.startswith(HELLO_PREFIX):
+            self.xpub.send_multipart([topic, b""])
+
+    def _snapshot(self) -> None:
+        frames = self.router.recv_multipart()
+        request = SnapshotRequest()
+        try:
+            if len(frames) != 2:
+                raise DecodeError("frame count")
+            request.ParseFromString(frames[1])
+        except DecodeError:
+            self.dropped["snapshot_request"] += 1
+            return
+        self.router.send_multipart([frames[0], self.retained.snapshot(request).SerializeToString()])
+        self.snapshots += 1
+
+    def close(self) -> None:
+        for sock in (self.xsub, self.xpub, self.router):
+            sock.close()
+
+
+class Subscriber:
+    """Receives telemetry from the hub, starting with a snapshot of what was published before.
+
+    The Clone pattern with a hello handshake (bus.proto): subscribe to the telemetry topic, then to a
+    private hello topic; when the hub's hello comes back the subscription is live, so a snapshot taken
+    now plus the live stream after it leave no hole. Events the snapshot already held arrive again
+    live; consumers drop them by sequence (karn's RunStore does). Snapshots are requested again after
+    a hub restart, when the hello comes back.
+    """
+
+    def __init__(self, ctx: zmq.Context, sub_endpoint: str, snapshot_endpoint: str, run_id: str = "",
+                 snapshot_timeout_s: float = 5.0):
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.linger = LINGER_MS
+        self.hello = HELLO_PREFIX + uuid.uuid4().hex.encode()
+        self.socket.subscribe(TELEMETRY_PREFIX + run_id.encode())
+        self.socket.subscribe(self.hello)
+        self.socket.connect(sub_endpoint)
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.linger = LINGER_MS
+        self.dealer.connect(snapshot_endpoint)
+        self.run_id = run_id
+        self.snapshot_timeout_ms = int(snapshot_timeout_s * 1000)
+        self.malformed = dict.fromkeys((*FRAME_PROBLEMS, "snapshot"), 0)
+        self.snapshots = 0
+        self.synced = False
+
+    def receive(self) -> list[TelemetryEvent]:
+        """Everything readable now (call when the socket polls readable), snapshot events first."""
+        events: list[TelemetryEvent] = []
+        while self.socket.poll(0):
+            frames = self.socket.recv_multipart()
+            if frames[0] == self.hello:
+                events.extend(self._snapshot())
+                continue
+            try:
+                events.append(decode(frames))
+            except MalformedFrame as exc:
+                self.malformed[exc.reason] += 1
+        return events
+
+    def _snapshot(self) -> list[TelemetryEvent]:
+        self.dealer.send(SnapshotRequest(run_id=self.run_id).SerializeToString())
+        if not self.dealer.poll(self.snapshot_timeout_ms):
+            log.warning("no snapshot from the hub in %d ms: starting from live events", self.snapshot_timeout_ms)
+            self.synced = True
+            return []
+        reply = SnapshotReply()
+        try:
+            reply.ParseFromString(self.dealer.recv())
+        except DecodeError:
+            self.malformed["snapshot"] += 1
+            return []
+        self.snapshots += 1
+        self.synced = True
+        return list(reply.events)
+
+    def close(self) -> None:
+        self.socket.close()
+        self.dealer.close()
+
+
+def _bind(sock: zmq.Socket, host: str, port: int) -> str:
+    """Bind host:port (port 0: any free port) and return the endpoint actually bound."""
+    if port == 0:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    else:
+        sock.bind(f"tcp://{host}:{port}")
+    return f"tcp://{host}:{port}"

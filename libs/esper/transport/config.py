@@ -1,0 +1,55 @@
+"""Where every process of the stack listens: one table of environment variables with defaults.
+
+The Procfile, `.env`, the services, `esper stack status` and `ops/prometheus.yml` all use these
+names; `tests/unit/test_stack_config.py` fails when `.env` or `ops/prometheus.yml` disagree with the
+defaults here. Every endpoint is on `ESPER_HOST` (127.0.0.1) unless a service is given `--host`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+# name -> (default, what listens there)
+PORTS: dict[str, tuple[int, str]] = {
+    "ESPER_HUB_PUB_PORT": (5560, "nissa_hub: publishers connect here (XSUB)"),
+    "ESPER_HUB_SUB_PORT": (5561, "nissa_hub: subscribers connect here (XPUB)"),
+    "ESPER_HUB_SNAPSHOT_PORT": (5562, "nissa_hub: late-join snapshot requests (ROUTER)"),
+    "ESPER_TAMIYO_PORT": (50051, "tamiyo_server: gRPC Tamiyo, health, reflection"),
+    "ESPER_HUB_METRICS_PORT": (9561, "nissa_hub: Prometheus /metrics"),
+    "ESPER_TAMIYO_METRICS_PORT": (9562, "tamiyo_server: Prometheus /metrics"),
+    "ESPER_WORKER_METRICS_PORT": (9563, "tolaria_worker: Prometheus /metrics"),
+    "ESPER_KARN_METRICS_PORT": (9564, "karn: Prometheus /metrics (run metrics)"),
+}
+HOST_VAR, HOST_DEFAULT = "ESPER_HOST", "127.0.0.1"
+
+
+def _port(name: str) -> int:
+    return int(os.environ.get(name, PORTS[name][0]))
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    """The resolved endpoints, read from the environment at construction."""
+
+    host: str = ""
+    hub_pub: int = 0
+    hub_sub: int = 0
+    hub_snapshot: int = 0
+    tamiyo: int = 0
+    hub_metrics: int = 0
+    tamiyo_metrics: int = 0
+    worker_metrics: int = 0
+    karn_metrics: int = 0
+
+    @classmethod
+    def from_env(cls) -> StackEndpoints:
+        ports = {f.name: _port("ESPER_" + f.name.upper() + "_PORT") for f in fields(cls) if f.name != "host"}
+        return cls(host=os.environ.get(HOST_VAR, HOST_DEFAULT), **ports)
+
+    def tcp(self, port: int) -> str:
+        return f"tcp://{self.host}:{port}"
+
+    @property
+    def tamiyo_target(self) -> str:
+        return f"{self.host}:{self.tamiyo}"

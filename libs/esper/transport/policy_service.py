@@ -1,0 +1,157 @@
+"""The Tamiyo policy over gRPC: a servicer that adapts any library Policy, and RemotePolicy, a Policy
+whose decisions come from a tamiyo_server (SEED RL's central inference: workers only step envs).
+
+Build these after any fork(): gRPC's threads and sockets do not survive one (FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from esper.leyline import (
+    DecideBatchRequest,
+    DecideBatchResponse,
+    DecideRequest,
+    DecideResponse,
+    Decision,
+    Observation,
+    Operation,
+    PolicyInfo,
+    PolicyInfoRequest,
+    short_name,
+)
+from esper.leyline import tamiyo_pb2_grpc
+from esper.tamiyo import Policy
+from esper.tamiyo.validate import observation_problems
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "esper.leyline.Tamiyo"
+MAX_BATCH = 1024
+"""Observations per DecideBatch: a bound on one request's work (a larger batch is INVALID_ARGUMENT)."""
+
+CHANNEL_OPTIONS = [
+    # gRPC's default reconnect backoff starts at 1 s and grows to 120 s: a restarted server would
+    # sit unnoticed for minutes. Keep retrying every <= 1 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]  # a second server on a busy port fails instead of sharing it
+
+DECIDE_SECONDS = Histogram("esper_tamiyo_decide_seconds", "Time to decide one observation (policy only).",
+                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0))
+DECISIONS = Counter("esper_tamiyo_decisions", "Decisions served, by operation.", ["operation"])
+INVALID = Counter("esper_tamiyo_invalid_requests", "Requests refused with INVALID_ARGUMENT.")
+RETRIES = Counter("esper_policy_client_retries", "Decide calls retried after UNAVAILABLE or a deadline.")
+
+
+class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
+    """Adapter: proto -> validated Observation -> policy.decide -> proto. No logic of its own."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self._lock = threading.Lock()  # the server has worker threads; policies need not be thread-safe
+
+    def _decide(self, obs: Observation, context: grpc.ServicerContext, where: str = "") -> Decision:
+        problems = observation_problems(obs)
+        if problems:
+            INVALID.inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, where + "; ".join(problems))
+        start = time.perf_counter()
+        with self._lock:
+            decision = self.policy.decide(obs)
+        DECIDE_SECONDS.observe(time.perf_counter() - start)
+        DECISIONS.labels(short_name(Operation, decision.action.operation)).inc()
+        return decision
+
+    def Decide(self, request: DecideRequest, context) -> DecideResponse:
+        if not request.HasField("observation"):
+            INVALID.inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DecideRequest.observation is missing")
+        return DecideResponse(decision=self._decide(request.observation, context), request_id=request.request_id)
+
+    def DecideBatch(self, request: DecideBatchRequest, context) -> DecideBatchResponse:
+        if not 1 <= len(request.observations) <= MAX_BATCH:
+            INVALID.inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"DecideBatch needs 1..{MAX_BATCH} observations, got {len(request.observations)}")
+        return DecideBatchResponse(decisions=[self._decide(obs, context, f"observations[{i}]: ")
+                                              for i, obs in enumerate(request.observations)])
+
+    def DecideStream(self, requests: Iterator[DecideRequest], context) -> Iterator[DecideResponse]:
+        for request in requests:
+            yield DecideResponse(decision=self._decide(request.observation, context,
+                                                       f"request_id {request.request_id}: "),
+                                 request_id=request.request_id)
+
+    def GetPolicyInfo(self, request: PolicyInfoRequest, context) -> PolicyInfo:
+        return PolicyInfo(name=self.policy.name, version=self.policy.version)
+
+
+class PolicyUnavailable(RuntimeError):
+    """The server did not answer within the client's patience, or the client was told to stop."""
+
+
+class RemotePolicy:
+    """A Policy (decide(Observation) -> Decision) that asks a Tamiyo server.
+
+    Every call carries a deadline. UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential
+    backoff and jitter for up to `patience_s` (Decide is a pure function of the observation, so a
+    retry cannot change the run); any other error, INVALID_ARGUMENT included, is raised at once.
+    Setting `stop` (the service's stop event) ends the wait early with PolicyUnavailable.
+    """
+
+    def __init__(self, target: str, deadline_s: float = 5.0, patience_s: float = 120.0,
+                 stop: threading.Event | None = None):
+        self.target = target
+        self.deadline_s = deadline_s
+        self.patience_s = patience_s
+        self.stop = stop or threading.Event()
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = tamiyo_pb2_grpc.TamiyoStub(self.channel)
+        self.name, self.version = "remote", ""
+        self.retries = 0
+
+    def decide(self, observation: Observation) -> Decision:
+        decision = self._call(self.stub.Decide, DecideRequest(observation=observation)).decision
+        self.name, self.version = decision.policy_name, decision.policy_version
+        return decision
+
+    def decide_batch(self, observations: list[Observation]) -> list[Decision]:
+        return list(self._call(self.stub.DecideBatch, DecideBatchRequest(observations=observations)).decisions)
+
+    def info(self) -> PolicyInfo:
+        return self._call(self.stub.GetPolicyInfo, PolicyInfoRequest())
+
+    def _call(self, method, request):
+        give_up = time.monotonic() + self.patience_s
+        backoff = 0.05
+        while True:
+            if self.stop.is_set():
+                raise PolicyUnavailable("stopping")
+            try:
+                # wait_for_ready: a call made while the channel reconnects waits for it (up to the
+                # deadline) instead of failing at once.
+                return method(request, timeout=self.deadline_s, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() + backoff > give_up:
+                    raise PolicyUnavailable(f"{self.target}: no answer in {self.patience_s:.0f} s "
+                                            f"({exc.code().name})") from exc
+                self.retries += 1
+                RETRIES.inc()
+                log.warning("tamiyo at %s: %s, retrying in %.2f s", self.target, exc.code().name, backoff)
+                self.stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 2.0)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,169 @@
+"""tamiyo_server over loopback: decisions equal the library's, health and reflection answer, bad
+requests get INVALID_ARGUMENT, SIGTERM exits cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esper.leyline import (
+    Blueprint,
+    DecideBatchRequest,
+    DecideRequest,
+    Observation,
+    PolicyInfoRequest,
+    SeedStage,
+    SlotState,
+    TrainingSignals,
+    tamiyo_pb2_grpc,
+)
+from esper.tamiyo import HeuristicPolicy
+from esper.transport.policy_service import RemotePolicy
+
+from procs import start_tamiyo
+
+BLUEPRINTS = [b for b in Blueprint.values() if b]
+accuracy = st.floats(0, 100, width=32)
+
+
+@st.composite
+def observations(draw) -> Observation:
+    """Valid observations covering every branch of the heuristic (plateaus, ready gates, harm)."""
+    max_epochs = draw(st.integers(1, 80))
+    history = draw(st.lists(accuracy, max_size=10))
+    names = draw(st.lists(st.sampled_from(["early", "mid", "late"]), min_size=1, max_size=3, unique=True))
+    slots = [SlotState(slot=name, stage=draw(st.sampled_from([s for s in SeedStage.values() if s])),
+                       epochs_in_stage=draw(st.integers(0, 20)), has_contribution=draw(st.booleans()),
+                       contribution=draw(st.floats(-10, 10, width=32)),
+                       contribution_se=draw(st.floats(0, 3, width=32)), advance_ready=draw(st.booleans()))
+             for name in names]
+    signals = TrainingSignals(epoch=draw(st.integers(0, max_epochs)), max_epochs=max_epochs,
+                              val_accuracy=draw(accuracy), best_val_accuracy=draw(accuracy),
+                              plateau_epochs=draw(st.integers(0, 10)), val_accuracy_history=history)
+    return Observation(run_id="t", signals=signals, slots=slots,
+                       blueprints=draw(st.lists(st.sampled_from(BLUEPRINTS), min_size=1, unique=True)),
+                       seeds_germinated=draw(st.integers(0, 5)), max_seeds=draw(st.integers(0, 5)),
+                       recently_culled=draw(st.lists(st.sampled_from(BLUEPRINTS), max_size=3)))
+
+
+@pytest.fixture(scope="module")
+def server(spawn_module):
+    """One server for the module: the tests here only read from it."""
+    tamiyo = start_tamiyo(spawn_module)
+    channel = grpc.insecure_channel(tamiyo.endpoints["grpc"])
+    grpc.channel_ready_future(channel).result(timeout=60)
+    yield tamiyo, channel
+    channel.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(observations(), min_size=1, max_size=8))
+def test_unary_batched_and_stream_decide_like_the_library(server, batch):
+    _, channel = server
+    stub = tamiyo_pb2_grpc.TamiyoStub(channel)
+    expected = [HeuristicPolicy().decide(obs) for obs in batch]
+    unary = [stub.Decide(DecideRequest(observation=obs), timeout=10).decision for obs in batch]
+    batched = list(stub.DecideBatch(DecideBatchRequest(observations=batch), timeout=10).decisions)
+    requests = (DecideRequest(observation=obs, request_id=i) for i, obs in enumerate(batch))
+    streamed = list(stub.DecideStream(requests, timeout=10))
+    assert unary == expected
+    assert batched == expected
+    assert [r.decision for r in streamed] == expected
+    assert [r.request_id for r in streamed] == list(range(len(batch)))
+
+
+def test_remote_policy_and_policy_info(server):
+    tamiyo, _ = server
+    policy = RemotePolicy(tamiyo.endpoints["grpc"], deadline_s=10)
+    try:
+        assert (policy.info().name, policy.info().version) == ("heuristic", "1")
+        obs = Observation(signals=TrainingSignals(epoch=9, max_epochs=20, plateau_epochs=4),
+                          slots=[SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT)],
+                          blueprints=BLUEPRINTS)
+        assert policy.decide(obs) == HeuristicPolicy().decide(obs)
+        assert policy.decide_batch([obs, obs]) == [HeuristicPolicy().decide(obs)] * 2
+    finally:
+        policy.close()
+
+
+def test_health_and_reflection(server):
+    _, channel = server
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "esper.leyline.Tamiyo"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"esper.leyline.Tamiyo", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+INVALID = {
+    "no observation": DecideRequest(),
+    "no signals": DecideRequest(observation=Observation(slots=[SlotState(slot="mid", stage=1)], blueprints=[1])),
+    "no slots": DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5), blueprints=[1])),
+    "unknown stage": DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5),
+                                                           slots=[SlotState(slot="mid", stage=99)], blueprints=[1])),
+    "no blueprints": DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5),
+                                                           slots=[SlotState(slot="mid", stage=1)])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_requests_get_invalid_argument(server, case):
+    _, channel = server
+    stub = tamiyo_pb2_grpc.TamiyoStub(channel)
+    request = INVALID[case]
+    calls = [lambda: stub.Decide(request, timeout=10),
+             lambda: list(stub.DecideStream(iter([request]), timeout=10))]
+    if request.HasField("observation"):
+        calls.append(lambda: stub.DecideBatch(DecideBatchRequest(observations=[request.observation]), timeout=10))
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details()
+
+
+def test_empty_batch_is_invalid_and_server_keeps_serving(server):
+    _, channel = server
+    stub = tamiyo_pb2_grpc.TamiyoStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DecideBatch(DecideBatchRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.GetPolicyInfo(PolicyInfoRequest(), timeout=10).name == "heuristic"
+
+
+def test_sigterm_exits_cleanly(spawn):
+    tamiyo = start_tamiyo(spawn)
+    assert tamiyo.stop() == 0, tamiyo.output()
+    assert "stopping" in tamiyo.output()
+
+
+def test_esper_policy_query_prints_the_decision(server, tmp_path):
+    from google.protobuf import json_format
+
+    tamiyo, _ = server
+    obs = Observation(signals=TrainingSignals(epoch=9, max_epochs=20, plateau_epochs=4),
+                      slots=[SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT)], blueprints=BLUEPRINTS)
+    path = tmp_path / "obs.json"
+    path.write_text(json_format.MessageToJson(obs))
+    cli = [sys.executable, "-m", "esper.cli", "policy", "query", str(path), "--tamiyo", tamiyo.endpoints["grpc"]]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    expected = HeuristicPolicy().decide(obs)
+    assert out.stdout.splitlines()[0].startswith("GERMINATE mid")
+    assert f"reason: {expected.reason}" in out.stdout
+
+    path.write_text(json_format.MessageToJson(Observation(signals=TrainingSignals(max_epochs=5))))
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "INVALID_ARGUMENT" in out.stderr

@@ -1,0 +1,61 @@
+"""esper compare: statistics, architecture hand-over to the from-scratch arm, and a tiny end-to-end run."""
+
+import json
+
+import pytest
+from scipy import stats
+
+from esper.cli import main
+from esper.compare import Arm, arms_for, final_architecture, mean_ci
+
+
+def test_mean_ci_is_the_t_interval():
+    values = [70.0, 72.0, 71.0, 75.0, 74.0]
+    mean, half = mean_ci(values)
+    assert mean == pytest.approx(72.4)
+    sd = stats.tstd(values)
+    assert half == pytest.approx(stats.t.ppf(0.975, 4) * sd / 5 ** 0.5)
+    assert mean_ci([3.0]) == (3.0, 0.0)
+
+
+def test_final_architecture_keeps_only_what_shapes_the_network():
+    summary = {"seeds": [
+        {"slot": "mid", "blueprint": "conv_heavy", "fate": "fossilized"},
+        {"slot": "late", "blueprint": "norm", "fate": "culled"},
+        {"slot": "early", "blueprint": "attention", "fate": "blending"},
+        {"slot": "late", "blueprint": "depthwise", "fate": "training"},
+    ]}
+    assert final_architecture(summary) == ["mid:conv_heavy", "early:attention"]
+
+
+def test_original_budget_adds_the_unmatched_baseline():
+    arms = arms_for("original", 40, ["static", "heuristic", "from-scratch"])
+    assert arms[0] == Arm("static@10", "static", 10, compute_matched=False)
+    assert [a.max_epochs for a in arms[1:]] == [40, 40, 40]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "--seeds", "0"], "--seeds must be >= 1"),
+    (["compare", "--arms", "from-scratch"], "needs heuristic"),
+    (["compare", "--budget", "original", "--max-epochs", "10"], "fixes the budget at 40"),
+])
+def test_compare_flag_errors(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_comparison_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
+                 "--out", str(out)]) == 0
+    report = (out / "results.md").read_text()
+    for arm in ("| static |", "| heuristic |", "| from-scratch |"):
+        assert arm in report
+    assert (out / "curves.png").stat().st_size > 0 and (out / "timeline.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in results["static"]] == [42, 43]
+    assert all(r["epochs"] == 3 and r["train_flops"] > 0 for runs in results.values() for r in runs)
+    # Same seed, no growth: the static and from-scratch arms (nothing grafted) train identically.
+    assert [r["test_accuracy"] for r in results["static"]] == [r["test_accuracy"] for r in results["from-scratch"]]
+    assert main(["compare", "--task", "synthetic", "--out", str(out)]) == 2  # refuses to mix two comparisons

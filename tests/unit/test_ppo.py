@@ -1,0 +1,125 @@
+"""PPO pieces against hand-computed values: GAE (termination and truncation), the entropy schedule, the
+normalizers, and a KL early stop that really stops."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from esper.simic.ppo import PPOConfig, RewardNormalizer, compute_gae, ent_coef_at, ppo_update
+from esper.simic.rollout import Rollout
+from esper.tamiyo.features import RunningMeanStd
+from esper.tamiyo.network import ActorCritic
+
+GAMMA, LAMBDA = 0.9, 0.8
+
+
+def column(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)[:, None]  # [T, 1]
+
+
+def test_gae_terminated_episode_by_hand():
+    """r = 1, 2, 3; V = .5, 1, 1.5; the last step terminates (its next value, 9.9, must be ignored)."""
+    adv, ret = compute_gae(column(1, 2, 3), column(0.5, 1.0, 1.5), column(1.0, 1.5, 9.9),
+                           column(0, 0, 1, dtype=torch.bool), column(0, 0, 0, dtype=torch.bool), GAMMA, LAMBDA)
+    # delta2 = 3 - 1.5 = 1.5;  delta1 = 2 + .9 * 1.5 - 1 = 2.35;  delta0 = 1 + .9 * 1 - .5 = 1.4
+    # A2 = 1.5;  A1 = 2.35 + .72 * 1.5 = 3.43;  A0 = 1.4 + .72 * 3.43 = 3.8696
+    torch.testing.assert_close(adv[:, 0], torch.tensor([3.8696, 3.43, 1.5]))
+    torch.testing.assert_close(ret[:, 0], torch.tensor([4.3696, 4.43, 3.0]))
+
+
+def test_gae_truncation_bootstraps_from_the_observation_that_followed():
+    """Episode A is cut after step 1 (truncated: its final observation has V = 2.0) and episode B starts
+    at step 2 with V = 7.0 in the buffer; the rollout itself ends after step 3 (truncated, V = 0.5)."""
+    adv, _ = compute_gae(column(1, 1, 0, 2), column(1.0, 1.5, 7.0, 0.25), column(1.5, 2.0, 0.25, 0.5),
+                         column(0, 0, 0, 0, dtype=torch.bool), column(0, 1, 0, 1, dtype=torch.bool), GAMMA, LAMBDA)
+    # delta3 = 2 + .9 * .5 - .25 = 2.2;  delta2 = .9 * .25 - 7 = -6.775;  A2 = -6.775 + .72 * 2.2 = -5.191
+    # delta1 = 1 + .9 * 2 - 1.5 = 1.3 (bootstrapping from episode B's 7.0 would give 5.8); A1 = 1.3 (cut)
+    # delta0 = 1 + .9 * 1.5 - 1 = 1.35;  A0 = 1.35 + .72 * 1.3 = 2.286
+    torch.testing.assert_close(adv[:, 0], torch.tensor([2.286, 1.3, -5.191, 2.2]))
+
+
+def test_gae_at_lambda_one_is_the_monte_carlo_return_minus_value():
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 1.0]])  # [T=3, N=2]
+    values = torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.9, 0.6]])
+    next_values = torch.cat([values[1:], torch.zeros(1, 2)])
+    terminated = torch.tensor([[False, False], [False, False], [True, True]])
+    adv, ret = compute_gae(rewards, values, next_values, terminated, torch.zeros_like(terminated), 0.5, 1.0)
+    torch.testing.assert_close(ret[:, 0], torch.tensor([1 + 0.25 * 5, 0.5 * 5, 5.0]))
+    torch.testing.assert_close(ret[:, 1], torch.tensor([0.5 * 2 + 0.25 * 1, 2 + 0.5 * 1, 1.0]))
+    torch.testing.assert_close(adv, ret - values)
+
+
+def test_entropy_schedule_anneals_to_its_floor():
+    cfg = PPOConfig(ent_coef_start=0.2, ent_coef_end=0.0, ent_coef_min=0.05, ent_anneal_episodes=10)
+    assert ent_coef_at(cfg, 0, 100) == pytest.approx(0.2)
+    assert ent_coef_at(cfg, 5, 100) == pytest.approx(0.1)
+    assert ent_coef_at(cfg, 10, 100) == ent_coef_at(cfg, 50, 100) == pytest.approx(0.05)  # floored
+    constant = PPOConfig()
+    assert ent_coef_at(constant, 0, 100) == ent_coef_at(constant, 99, 100) == 0.05
+    whole_run = PPOConfig(ent_coef_start=0.1, ent_coef_end=0.02)  # 0 anneal episodes: over the whole run
+    assert ent_coef_at(whole_run, 50, 100) == pytest.approx(0.06)
+
+
+def test_entropy_floor_may_not_exceed_the_coefficient():
+    """The original documented a 0.1 floor under a 0.05 coefficient: the floor replaced it silently."""
+    with pytest.raises(ValueError, match="exceeds the entropy coefficient"):
+        PPOConfig(ent_coef=0.05, ent_coef_min=0.1)
+
+
+def test_running_mean_std_matches_the_whole_batch():
+    data = torch.randn(300, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    rms = RunningMeanStd((4,))
+    for chunk in data.split(70):
+        rms.update(chunk)
+    torch.testing.assert_close(rms.mean, data.double().mean(0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(rms.var, data.double().var(0, unbiased=False), atol=1e-2, rtol=1e-3)
+    restored = RunningMeanStd((4,))
+    restored.load(rms.state())
+    assert torch.equal(restored.normalize(data, 10.0), rms.normalize(data, 10.0))
+
+
+def test_reward_normalizer_scales_by_the_discounted_return_std():
+    norm = RewardNormalizer(gamma=0.5, clip=10.0)
+    norm.start_episodes(1)
+    out = [float(norm(torch.tensor([r]))) for r in (2.0, 2.0, 2.0)]
+    # returns 2, 3, 3.5: their running std (with the tiny prior count) scales every reward.
+    std = torch.tensor([2.0, 3.0, 3.5], dtype=torch.float64).var(unbiased=False).sqrt()
+    assert out[-1] == pytest.approx(2.0 / float(std), rel=1e-3)
+
+
+def tiny_rollout(agent: ActorCritic, logprob_shift: float = 0.0) -> Rollout:
+    """A [T=8, N=2] rollout of the agent's own actions (all legal), logprobs shifted by `logprob_shift`."""
+    t, n, dim = 8, 2, 5
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(t * n, dim, generator=g)
+    legal = torch.ones(t * n, 4, 3, 2, dtype=torch.bool)
+    with torch.no_grad():
+        action, logprob, _, value, _ = agent.get_action_and_value(obs, legal, generator=g)
+    shape = lambda x: x.view(t, n, *x.shape[1:])  # noqa: E731
+    return Rollout(
+        obs=shape(obs), legal=shape(legal), actions=shape(action), logprobs=shape(logprob + logprob_shift),
+        values=shape(value), next_values=shape(value), rewards=torch.randn(t, n, generator=g),
+        reward_parts=torch.zeros(t, n, 4), terminated=torch.zeros(t, n, dtype=torch.bool),
+        truncated=torch.zeros(t, n, dtype=torch.bool), policy_version=torch.zeros(t, n, dtype=torch.long))
+
+
+def test_kl_early_stop_really_stops():
+    torch.manual_seed(0)
+    agent = ActorCritic(5, 3, 2)
+    before = [p.detach().clone() for p in agent.parameters()]
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    cfg = PPOConfig(target_kl=0.01, update_epochs=10, num_minibatches=2)
+    # Stored log-probs 1 nat below the policy's own: the very first minibatch is far past target_kl.
+    stats = ppo_update(agent, optimizer, tiny_rollout(agent, -1.0), cfg, 0.0, torch.Generator().manual_seed(0))
+    assert stats.early_stop_epoch == 0 and stats.minibatch_steps == 0 and stats.epochs_run == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.parameters()))
+
+    # On its own data the first step is taken (ratio 1, KL 0); with a tiny target the next one stops.
+    stats = ppo_update(agent, optimizer, tiny_rollout(agent), dataclasses.replace(cfg, target_kl=1e-9), 0.0,
+                       torch.Generator().manual_seed(0))
+    assert stats.minibatch_steps == 1 and stats.early_stop_epoch == 0
+    stats = ppo_update(agent, optimizer, tiny_rollout(agent), dataclasses.replace(cfg, target_kl=None), 0.0,
+                       torch.Generator().manual_seed(0))
+    assert stats.minibatch_steps == 20 and stats.early_stop_epoch is None and stats.epochs_run == 10
+    assert sum(stats.action_counts.values()) == 16

@@ -1,0 +1,137 @@
+"""`esper train ppo` end to end on the synthetic task, checkpoints, and exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.cli import main
+from esper.nissa import Telemetry, read_jsonl
+from esper.simic import EnvConfig, GrowthEnv, run_episode
+from esper.simic.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from esper.simic.trainer import PPOTrainer, TrainerConfig
+from esper.tolaria.trainer import TrainConfig
+
+TINY = ["--task", "synthetic", "--max-epochs", "3", "--max-batches", "1", "--slots", "early", "mid",
+        "--n-envs", "2", "--num-workers", "1"]
+
+
+def run_dir(runs: Path) -> Path:
+    (only,) = runs.iterdir()
+    return only
+
+
+def test_train_ppo_writes_a_run_directory_and_a_usable_policy(tmp_path, synthetic_data):
+    runs = tmp_path / "runs"
+    assert main(["train", "ppo", *TINY, "--episodes", "4", "--update-every", "1", "--runs-dir", str(runs),
+                 "--telemetry-file", str(tmp_path / "all.jsonl")]) == 0
+    out = run_dir(runs)
+    assert out.name.endswith("_ppo_synthetic_s42")
+    config = json.loads((out / "config.json").read_text())
+    assert config["trainer"]["n_envs"] == 2 and config["trainer"]["ppo"]["ent_coef"] == 0.05
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes_done"] == 4 and summary["updates"] == 2 and summary["global_step"] == 12
+    assert [e["seed"] for e in summary["episodes"]] == [42, 43, 44, 45]
+    assert all(sum(e["actions"].values()) == 3 for e in summary["episodes"])
+    events = list(read_jsonl(out / "telemetry.jsonl"))
+    updates = [e.ppo_update for e in events if e.HasField("ppo_update")]
+    assert [u.update for u in updates] == [1, 2] and updates[-1].rollout_steps == 6
+    assert set(updates[-1].action_counts) == {"WAIT", "GERMINATE", "ADVANCE", "CULL"}
+    assert set(updates[-1].reward_components) >= {"terminal_accuracy", "contribution_shaping"}
+    decisions = [e for e in events if e.HasField("decision")]
+    assert len(decisions) == 12 and all(e.decision.policy_name == "ppo" for e in decisions)
+    assert {e.run_id for e in decisions} == {f"{out.name}_ep{i:04d}" for i in range(4)}
+    assert len(list(read_jsonl(tmp_path / "all.jsonl"))) == len(events)
+
+    policy = load_policy(out / "checkpoint.pt")  # torch.load(weights_only=True) inside
+    assert policy.version == "2" and policy.spec.dim == 96
+    env = GrowthEnv(EnvConfig(task="synthetic", max_epochs=3, slots=("early", "mid")), synthetic_data,
+                    torch.device("cpu"), Telemetry("eval"))
+    assert run_episode(env, policy, 1000).signals.epoch == 3
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def without_timing(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("steps_per_second", "update_seconds")} for row in log]
+
+
+def assert_same_training(a: dict, c: dict) -> None:
+    """Two checkpoints hold the same policy, optimizer, normalizers, RNG and history, bit for bit."""
+    assert a["counters"] == c["counters"]
+    for key in a["network"]:
+        assert torch.equal(a["network"][key], c["network"][key]), key
+    for key in ("obs_rms", "reward_rms"):
+        assert all(torch.equal(a[key][k], c[key][k]) for k in a[key])
+    for i in a["optimizer"]["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["state"][i][k], c["optimizer"]["state"][i][k])
+    assert torch.equal(a["rng"]["policy"], c["rng"]["policy"])
+    assert without_timing(json.loads(a["update_log_json"])) == without_timing(json.loads(c["update_log_json"]))
+    assert json.loads(a["episode_log_json"]) == json.loads(c["episode_log_json"])
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    """4 updates straight == 2 updates, save, resume, 2 more (through the command line)."""
+    flags = [*TINY, "--update-every", "1", "--telemetry-level", "off"]
+    straight, half, resumed = tmp_path / "straight.pt", tmp_path / "half.pt", tmp_path / "resumed.pt"
+    assert main(["train", "ppo", *flags, "--episodes", "8", "--save", str(straight),
+                 "--runs-dir", str(tmp_path / "a")]) == 0
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--save", str(half),
+                 "--runs-dir", str(tmp_path / "b")]) == 0
+    assert checkpoint(half)["counters"]["updates"] == 2
+    assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--save", str(resumed),
+                 "--runs-dir", str(tmp_path / "c")]) == 0
+    assert checkpoint(resumed)["counters"]["updates"] == 4
+    assert_same_training(checkpoint(straight), checkpoint(resumed))
+
+    # A checkpoint from other settings is refused in one line, before anything is written.
+    assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--lr", "1e-3",
+                 "--runs-dir", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):
+    """A crash after a round that was not followed by an update: the checkpoint carries the rollout not
+    yet learned from, and the resumed run ends where the uninterrupted one does."""
+    cfg = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=3, slots=("mid",), train=TrainConfig(max_batches=1)),
+                        episodes=8, n_envs=2, update_every=2, seed=3)
+
+    def trainer() -> PPOTrainer:
+        return PPOTrainer(cfg, {"cpu": synthetic_data}, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
+
+    saved = tmp_path / "round1.pt"
+
+    def keep_first_round(t: PPOTrainer, results) -> None:
+        if t.episodes_done == 2:
+            assert t.pending_rounds == 1 and t.updates == 0
+            save_checkpoint(t.state_dict(), saved)
+
+    straight = trainer()
+    straight.train(keep_first_round)
+    resumed = trainer()
+    resumed.load_state_dict(load_checkpoint(saved))
+    resumed.train()
+    assert straight.updates == resumed.updates == 2
+    assert_same_training(straight.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--entropy-coef-min", "0.1"], "exceeds the entropy coefficient 0.05"),
+    (["--entropy-anneal-episodes", "10"], "needs --entropy-coef-start or --entropy-coef-end"),
+    (["--entropy-coef", "0.1", "--entropy-coef-start", "0.2", "--entropy-coef-end", "0.0"], "--entropy-coef is unused"),
+    (["--n-envs", "0"], "--n-envs must be >= 1"),
+    (["--update-every", "0"], "--update-every must be >= 1"),
+    (["--reward-mode", "dense"], "invalid choice: 'dense'"),
+    (["--param-budget", "0"], "--param-budget must be >= 1"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--num-workers", "0"], "--num-workers must be >= 1"),
+    (["--devices", "tpu:7"], "--device 'tpu:7'"),
+])
+def test_bad_ppo_flags_fail_in_one_line(argv, needle, capsys):
+    assert main(["train", "ppo", "--task", "synthetic", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err

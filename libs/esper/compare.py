@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from esper.kasmina import HOSTS
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -107,7 +109,8 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
             raise RuntimeError(f"{arm.name} seed {seed} failed:\n{proc.stderr[-2000:]}")
         (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
         results[arm.name][seed] = json.loads(summary.read_text())
-        log(f"{arm.name:>13} seed {seed}: test {results[arm.name][seed]['test_accuracy']:.2f}%  "
+        key, label = headline(cfg.task)
+        log(f"{arm.name:>13} seed {seed}: {label} {results[arm.name][seed][key]:.3f}  "
             f"({time.perf_counter() - started:.0f}s)")
 
     def finished() -> dict[str, list[dict]]:
@@ -132,24 +135,35 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
     return float(a.mean()), float(half)
 
 
+def headline(task: str) -> tuple[str, str]:
+    """(summary key, label): test accuracy for classifiers; for a language model the final
+    validation loss (its perplexity is exp of it)."""
+    if HOSTS[task].kind == "transformer":
+        return "val_loss", "validation loss"
+    return "test_accuracy", "test accuracy"
+
+
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     arms = {a.name: a for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))}
-    baseline = [r["test_accuracy"] for r in results["static"]] if "static" in results else None
+    key, label = headline(cfg.task)
+    baseline = [r[key] for r in results["static"]] if "static" in results else None
     lines = [
-        "| arm | epochs | compute-matched | test accuracy (95% CI) | vs static, paired (95% CI) | final params "
+        f"| arm | epochs | compute-matched | {label} (95% CI) | vs static, paired (95% CI) | final params "
         "| training FLOPs | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
-        acc = mean_ci([r["test_accuracy"] for r in runs])
+        value = mean_ci([r[key] for r in runs])
         if baseline and name != "static":
-            diff = mean_ci([r["test_accuracy"] - b for r, b in zip(runs, baseline)])
-            vs = f"{diff[0]:+.2f} ± {diff[1]:.2f}"
+            diff = mean_ci([r[key] - b for r, b in zip(runs, baseline)])
+            vs = f"{diff[0]:+.3f} ± {diff[1]:.3f}" if key == "val_loss" else f"{diff[0]:+.2f} ± {diff[1]:.2f}"
         else:
             vs = "-"
+        shown = (f"{value[0]:.3f} ± {value[1]:.3f} (perplexity {math.exp(value[0]):.2f})" if key == "val_loss"
+                 else f"{value[0]:.2f} ± {value[1]:.2f}")
         lines.append(
             f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].compute_matched else 'no'} "
-            f"| {acc[0]:.2f} ± {acc[1]:.2f} | {vs} | {np.mean([r['total_params'] for r in runs]):,.0f} "
+            f"| {shown} | {vs} | {np.mean([r['total_params'] for r in runs]):,.0f} "
             f"| {np.mean([r['train_flops'] for r in runs]):.3g} | {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
         )
     return "\n".join(lines)
@@ -159,24 +173,26 @@ STAGE_COLOURS = {"DORMANT": "#eeeeee", "GERMINATED": "#9ecae1", "TRAINING": "#31
                  "FOSSILIZED": "#31a354", "CULLED": "#de2d26", "EMBARGOED": "#756bb1"}
 
 
-def plot(results: dict[str, list[dict]], out: Path) -> list[str]:
-    """curves.png (val accuracy, mean and 95% band), params.png, timeline.png; returns the file names."""
+def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
+    """curves.png (validation accuracy or loss with a 95% band, and parameters), timeline.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    curve_key, curve_label = (("val_loss", "validation loss") if headline(task)[0] == "val_loss"
+                              else ("val_accuracy", "validation accuracy (%)"))
     fig, (ax_acc, ax_par) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, runs in results.items():
         epochs = [p["epoch"] for p in runs[0]["curve"]]
-        acc = np.array([[p["val_accuracy"] for p in r["curve"]] for r in runs])  # [seeds, epochs]
+        acc = np.array([[p[curve_key] for p in r["curve"]] for r in runs])  # [seeds, epochs]
         params = np.array([[p["total_params"] for p in r["curve"]] for r in runs])
         band = [mean_ci(list(col))[1] for col in acc.T]
         ax_acc.plot(epochs, acc.mean(0), label=name)
         ax_acc.fill_between(epochs, acc.mean(0) - band, acc.mean(0) + band, alpha=0.2)
         ax_par.plot(epochs, params.mean(0), label=name)
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy (mean, 95% CI)")
+    ax_acc.set(xlabel="epoch", ylabel=curve_label, title="Validation (mean, 95% CI)")
     ax_par.set(xlabel="epoch", ylabel="parameters", title="Parameters (mean over seeds)")
     ax_acc.legend(), ax_par.legend()
     fig.tight_layout()
@@ -203,7 +219,7 @@ def plot(results: dict[str, list[dict]], out: Path) -> list[str]:
 
 def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float) -> Path:
     out = Path(cfg.out_dir)
-    images = plot(results, out)
+    images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     fates = {}
     for r in results.get("heuristic", []):
@@ -215,7 +231,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.workers} concurrent runs; total wall {wall:.0f} s.",
-        "Test accuracy is measured once per run, at the end; every decision used the validation split.",
+        "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),
         "",

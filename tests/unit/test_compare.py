@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from esper.cli import main
-from esper.compare import Arm, arms_for, final_architecture, mean_ci
+from esper.compare import Arm, arms_for, final_architecture, headline, mean_ci
 
 
 def test_mean_ci_is_the_t_interval():
@@ -32,6 +32,11 @@ def test_original_budget_adds_the_unmatched_baseline():
     arms = arms_for("original", 40, ["static", "heuristic", "from-scratch"])
     assert arms[0] == Arm("static@10", "static", 10, compute_matched=False)
     assert [a.max_epochs for a in arms[1:]] == [40, 40, 40]
+
+
+def test_language_models_are_compared_on_validation_loss():
+    assert headline("tinystories") == ("val_loss", "validation loss")
+    assert headline("cifar10") == ("test_accuracy", "test accuracy")
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -24,7 +24,8 @@ import torch
 
 from esper.leyline import Decision
 from esper.nissa import Telemetry
-from esper.simic import EnvConfig, GrowthEnv, PPOConfig, PPOTrainer, TrainerConfig, run_episode
+from esper.simic import EnvConfig, GrowthEnv, PPOConfig, PPOTrainer, RewardConfig, TrainerConfig, run_episode
+from esper.simic.rewards import MODES
 from esper.tamiyo import HeuristicPolicy, Policy, WaitPolicy
 from esper.tamiyo.network import OPERATIONS, observation_legal_actions
 from esper.tolaria.data import make_synthetic
@@ -71,14 +72,15 @@ def learning_curve(args, data) -> None:
     env_cfg = EnvConfig(task="synthetic", max_epochs=args.max_epochs, slots=tuple(args.slots))
     seeds = list(range(HELD_OUT, HELD_OUT + args.eval_seeds))
     print(f"== learning curve: synthetic, {args.max_epochs} epochs, slots {' '.join(args.slots)}, "
-          f"{args.n_envs} envs, update every {args.update_every} round(s), lr {args.lr}, "
+          f"{args.n_envs} envs, update every {args.update_every} round(s), lr {args.lr}, {args.reward_mode} reward, "
           f"{args.eval_seeds} held-out seeds")
     start = time.perf_counter()
     wait = evaluate(WaitPolicy(), env_cfg, data, seeds)
     print(report("WAIT (host alone)", wait, wait))
     print(report("random", evaluate(RandomPolicy(0), env_cfg, data, seeds), wait))
     print(report("heuristic", evaluate(HeuristicPolicy(), env_cfg, data, seeds), wait), flush=True)
-    cfg = TrainerConfig(env=env_cfg, ppo=PPOConfig(lr=args.lr), episodes=args.rounds * args.n_envs,
+    cfg = TrainerConfig(env=env_cfg, ppo=PPOConfig(lr=args.lr), reward=RewardConfig(mode=args.reward_mode),
+                        episodes=args.rounds * args.n_envs,
                         n_envs=args.n_envs, update_every=args.update_every, seed=args.seed)
     trainer = PPOTrainer(cfg, {"cpu": data}, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
     print(report("PPO, 0 episodes", evaluate(trainer.policy(), env_cfg, data, seeds), wait), flush=True)
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--n-envs", type=int, default=4)
     p.add_argument("--update-every", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--reward-mode", choices=MODES, default="shaped")
     p.add_argument("--rounds", type=int, default=40, help="training rounds of n_envs episodes")
     p.add_argument("--eval-every", type=int, default=10, help="rounds between evaluations")
     p.add_argument("--eval-seeds", type=int, default=8)

@@ -117,9 +117,13 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
         if not Path(args.resume).is_file():
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
         try:
-            check_resumable(trainer, load_checkpoint(Path(args.resume)))
+            state = load_checkpoint(Path(args.resume))
+            check_resumable(trainer, state)
         except ResumeError as exc:
             raise UsageError(f"--resume {args.resume}: {exc}") from None
+        if state["counters"]["episodes"] >= trainer.episodes:
+            raise UsageError(f"--resume {args.resume} already holds {state['counters']['episodes']} episodes: "
+                             f"ask for more with --episodes")
     return PPORunConfig(trainer=trainer, data_dir=base.data_dir, gpu_preload=base.gpu_preload,
                         num_workers=args.num_workers, telemetry_level=base.telemetry_level,
                         telemetry_file=base.telemetry_file, telemetry_dir=base.telemetry_dir,
@@ -146,8 +150,10 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     sinks = []
     if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
         sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
-        sinks += [JsonlSink(Path(p)) for p in (cfg.telemetry_file,) if p]
-        sinks += [JsonlSink(Path(d) / f"{run_id}.jsonl") for d in (cfg.telemetry_dir,) if d]
+        if cfg.telemetry_file:
+            sinks.append(JsonlSink(Path(cfg.telemetry_file)))
+        if cfg.telemetry_dir:  # one file per training run (the episodes are in it under their own run ids)
+            sinks.append(JsonlSink(Path(cfg.telemetry_dir) / f"{run_id}.jsonl"))
     telemetry = Telemetry(run_id, level, sinks)
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device,
                                           config_json=config_json))

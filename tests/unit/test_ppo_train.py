@@ -74,7 +74,7 @@ def assert_same_training(a: dict, c: dict) -> None:
     assert json.loads(a["episode_log_json"]) == json.loads(c["episode_log_json"])
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
+def test_resume_continues_bit_for_bit(tmp_path, capsys):
     """4 updates straight == 2 updates, save, resume, 2 more (through the command line)."""
     flags = [*TINY, "--update-every", "1", "--telemetry-level", "off"]
     straight, half, resumed = tmp_path / "straight.pt", tmp_path / "half.pt", tmp_path / "resumed.pt"
@@ -88,10 +88,14 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert checkpoint(resumed)["counters"]["updates"] == 4
     assert_same_training(checkpoint(straight), checkpoint(resumed))
 
-    # A checkpoint from other settings is refused in one line, before anything is written.
+    # A checkpoint from other settings, or one that is already done, is refused before anything is written.
     assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--lr", "1e-3",
                  "--runs-dir", str(tmp_path / "d")]) == 2
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--resume", str(half),
+                 "--runs-dir", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
+    errors = capsys.readouterr().err
+    assert "lr" in errors and "already holds 4 episodes" in errors
 
 
 def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):

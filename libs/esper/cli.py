@@ -127,7 +127,8 @@ def train_config(args: argparse.Namespace):
                                ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
-    slots_known = build_host(TASK_HOSTS[args.task]).slot_positions()
+    host = build_host(TASK_HOSTS[args.task])
+    slots_known = host.slot_positions()
     bad = [s for s in args.slots if s not in slots_known]
     if bad:
         raise UsageError(f"--slots: unknown {' '.join(bad)} (choices: {' '.join(slots_known)})")
@@ -135,7 +136,8 @@ def train_config(args: argparse.Namespace):
         raise UsageError("--slots: a slot is listed twice")
     if args.telemetry_level == "off" and (args.telemetry_file or args.telemetry_dir):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
-    grafts = tuple(parse_graft(g, args.slots) for g in args.graft)
+    fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
+    grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
                     train=TrainConfig(max_batches=args.max_batches, **TASK_TRAIN.get(args.task, {})))
@@ -145,12 +147,12 @@ def train_config(args: argparse.Namespace):
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir)
 
 
-def parse_graft(text: str, slots: list[str]) -> tuple[str, str]:
+def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[str, str]:
     slot, _, blueprint = text.partition(":")
     if slot not in slots:
         raise UsageError(f"--graft {text}: slot {slot!r} is not among --slots ({' '.join(slots)})")
-    if blueprint not in short_names(Blueprint):
-        raise UsageError(f"--graft {text}: unknown blueprint (choices: {', '.join(short_names(Blueprint))})")
+    if blueprint not in blueprints:
+        raise UsageError(f"--graft {text}: not a blueprint of this host (choices: {', '.join(blueprints)})")
     return slot, blueprint
 
 

@@ -93,7 +93,9 @@ def test_graft_trains_a_grown_architecture_from_scratch(tmp_path):
     assert summary["seeds"][0]["fate"] == "fossilized" and summary["seeds"][0]["history"][0]["epoch"] == 0
 
 
-@pytest.mark.parametrize("graft, needle", [("late:conv_heavy", "not among --slots"), ("mid:huge", "unknown blueprint")])
+@pytest.mark.parametrize("graft, needle", [("late:conv_heavy", "not among --slots"),
+                                           ("mid:huge", "not a blueprint of this host"),
+                                           ("mid:lora", "not a blueprint of this host")])
 def test_bad_graft_fails_in_one_line(graft, needle, capsys):
     assert main(["train", "static", "--task", "synthetic", "--graft", graft]) == 2
     assert needle in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`esper` command line: `esper train heuristic|static ...`, `esper blueprints`, `esper sample RUN_DIR`,
-`esper policy query`, `esper stack status` (those two in stack_cli.py).
+`esper policy query`, `esper stack status` (those two in stack_cli.py), `esper tui`, `esper runs ...`,
+`esper report` (those in karn_cli.py).
 
 Every bad flag or combination exits non-zero with one line saying why.
 """
@@ -14,7 +15,7 @@ import torch
 
 from esper.kasmina import HOSTS, build_host, load_exported, seed_param_count
 from esper.kasmina.blueprints import blueprints_for
-from esper import stack_cli
+from esper import karn_cli, stack_cli
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
 from esper.simic import EnvConfig
 from esper.tolaria.data import DataError
@@ -89,6 +90,8 @@ def build_parser() -> Parser:
     modes = train.add_subparsers(dest="mode", required=True)
     add_train_flags(modes.add_parser("heuristic", help="grow under the rule-based Tamiyo controller"))
     add_train_flags(modes.add_parser("static", help="train the host alone with the same budget"))
+    for mode in ("heuristic", "static"):
+        karn_cli.add_tui_flag(modes.choices[mode])
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
@@ -106,6 +109,7 @@ def build_parser() -> Parser:
     sample.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens")
     sample.add_argument("--seed", type=int, default=0)
     stack_cli.add_commands(commands)
+    karn_cli.add_commands(commands)
     return parser
 
 
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command in stack_cli.COMMANDS:
             return stack_cli.run_command(args)
+        if args.command in karn_cli.COMMANDS:
+            return karn_cli.run_command(args)
         if args.command == "compare":
             return cmd_compare(compare_config(args))
         cfg = train_config(args)
@@ -246,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {cfg.device}", file=sys.stderr)
     try:
-        run(cfg)
+        if getattr(args, "tui", False):
+            karn_cli.train_with_tui(cfg, run)
+        else:
+            run(cfg)
     except DataError as exc:
         print(f"esper: error: {exc}", file=sys.stderr)
         return 1

@@ -7,27 +7,61 @@ Takes the flags of `esper train` and builds the same objects; only the policy (R
 extra sink (the bus) differ. It writes the same run directories under --runs-dir. When its episodes
 are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when any process
 exits; `--exit-when-done` makes it return instead.
+
+    python -m services.tolaria_worker --ppo --task synthetic --max-epochs 20 --n-envs 2 [esper train ppo flags]
+
+`--ppo` makes it a distributed PPO actor (SEED RL): it takes the flags of `esper train ppo` (the same
+as simic_learner's), plays rounds of --n-envs episodes with decisions from tamiyo_server --policy
+neural (each with its policy version, log-probability and value), and ships each round to
+simic_learner as one acked trajectory (raw features and rewards; the learner normalizes them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import socket
+import sys
 from dataclasses import dataclass
 
 from prometheus_client import start_http_server
 
 from esper.cli import Parser, UsageError, add_train_flags, train_config
 from esper.experiment import RunConfig, run
-from esper.transport.bus import PublisherSink
+from esper.leyline import TelemetryLevel, from_short_name
+from esper.nissa import Telemetry
+from esper.simic.actor import make_envs, play_round, remote_act
+from esper.simic.rewards import Rewarder
+from esper.tamiyo.features import FeatureSpec
+from esper.tamiyo.network import ActionCodec
+from esper.tolaria.data import load_task_data
+from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
+from esper.transport.bus import PublisherSink, make_context
 from esper.transport.config import StackEndpoints
 from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
 from esper.transport.policy_service import PolicyUnavailable, RemotePolicy
+from esper.transport.trajectories import TrajectorySender
+
+
+@dataclass(frozen=True)
+class Shipping:
+    """Where and how a --ppo worker ships its trajectories."""
+
+    learner: str
+    """simic_learner's trajectory endpoint."""
+    worker_id: str
+    """This worker's name in (worker_id, incarnation, sequence) keys."""
+    resend_s: float
+    """Resend a trajectory the learner has not acked after this long."""
+    window: int
+    """Stop playing while this many trajectories are unacked (backpressure)."""
 
 
 @dataclass(frozen=True)
 class Config:
-    run: RunConfig
-    """The experiment, exactly as `esper train heuristic` would build it from the same flags."""
+    run: RunConfig | PPORunConfig
+    """The experiment, exactly as `esper train heuristic` (or, with --ppo, `esper train ppo`) would build it."""
     tamiyo: str
     """host:port of tamiyo_server."""
     hub_pub: str
@@ -42,12 +76,21 @@ class Config:
     """How long a decision may wait for an unreachable tamiyo_server before the episode fails."""
     exit_when_done: bool
     """Return after the episodes instead of idling until SIGTERM."""
+    shipping: Shipping | None
+    """--ppo: the trajectory shipping; None for a controller run."""
 
 
 def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = Parser(prog="python -m services.tolaria_worker", description=__doc__.splitlines()[0])
     add_train_flags(p)
+    p.add_argument("--ppo", action="store_true", help="a PPO actor: ship trajectories to simic_learner")
+    if "--ppo" in (sys.argv[1:] if argv is None else argv):
+        add_ppo_flags(p)
+        p.add_argument("--learner", default=env.tcp(env.learner), help="simic_learner ($ESPER_LEARNER_PORT)")
+        p.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}", help="name in trajectory keys")
+        p.add_argument("--resend-s", type=float, default=10.0, help="resend an unacked trajectory after this long")
+        p.add_argument("--window", type=int, default=4, help="most trajectories unacked at once")
     p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
     p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
@@ -56,10 +99,50 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--patience-s", type=float, default=120.0, help="wait this long for tamiyo_server")
     p.add_argument("--exit-when-done", action="store_true", help="exit after the episodes")
     args = p.parse_args(argv)
-    args.mode = "heuristic"  # the run is labelled by its controller; tamiyo_server serves the heuristic
-    return Config(run=train_config(args), tamiyo=args.tamiyo, hub_pub=args.hub_pub, host=args.host,
+    # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
+    args.mode = "ppo" if args.ppo else "heuristic"
+    base = train_config(args)
+    shipping = None
+    if args.ppo:
+        base = ppo_config(args, base)
+        shipping = Shipping(learner=args.learner, worker_id=args.worker_id, resend_s=args.resend_s,
+                            window=args.window)
+    return Config(run=base, tamiyo=args.tamiyo, hub_pub=args.hub_pub, host=args.host,
                   metrics_port=args.metrics_port, deadline_s=args.deadline_s, patience_s=args.patience_s,
-                  exit_when_done=args.exit_when_done)
+                  exit_when_done=args.exit_when_done, shipping=shipping)
+
+
+def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, stop: StopSignal,
+                  log: logging.Logger) -> None:
+    """--ppo: rounds of n_envs episodes (episode i uses seed + i), each shipped as one trajectory."""
+    tcfg, ship = cfg.run.trainer, cfg.shipping
+    data = load_task_data(tcfg.env.task, cfg.run.data_dir)
+    data_by_device = {d: data.to(d) if cfg.run.gpu_preload else data for d in tcfg.env_devices}
+    env_cfg = dataclasses.replace(tcfg.env, seed_grad_norms=tcfg.telemetry_features)  # as PPOTrainer's
+    spec = FeatureSpec.for_host(env_cfg.task, tcfg.reward.param_budget, tcfg.telemetry_features)
+    level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
+    ctx = make_context()
+    sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window)
+    act = remote_act(policy, spec)
+    for first in range(0, tcfg.episodes, tcfg.n_envs):
+        if stop.is_set():
+            break
+        episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
+        envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
+                         lambda e: Telemetry(f"{ship.worker_id}_ep{e:04d}", level, [publisher]), episodes)
+        rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
+        rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
+                                env_cfg.max_epochs)
+        sequence = sender.send(rollout, env_cfg.task, stop.is_set)
+        sender.poll(0)
+        versions = sorted(set(rollout.policy_version.flatten().tolist()))
+        log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],
+                 episodes[-1], versions)
+    acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)
+    log.info("trajectories: %d acked, %d refused, %d resends%s", sender.acked, sender.rejected, sender.resends,
+             "" if acked else f", {len(sender.unacked)} never acked")
+    sender.close()
+    ctx.term()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     if not publisher.wait_attached(timeout_s=10.0):
         log.warning("hub at %s not attached after 10 s: events are lost until it is", cfg.hub_pub)
     policy = RemotePolicy(cfg.tamiyo, cfg.deadline_s, cfg.patience_s, stop=stop.event)
-    log.info("running %d episode(s) of %s on %s, decisions from %s", cfg.run.episodes, cfg.run.env.task,
-             cfg.run.device, cfg.tamiyo)
+    experiment = cfg.run.trainer if cfg.shipping else cfg.run  # both have episodes, env and device
+    log.info("running %d episode(s) of %s on %s, decisions from %s", experiment.episodes, experiment.env.task,
+             experiment.device, cfg.tamiyo)
 
     status = 0
     try:
-        run(cfg.run, policy=policy, sinks=(publisher,))
+        if cfg.shipping:
+            play_and_ship(cfg, policy, publisher, stop, log)
+        else:
+            run(cfg.run, policy=policy, sinks=(publisher,))
         log.info("episodes done: %d events published, %d decide retries", publisher.published, policy.retries)
     except PolicyUnavailable as exc:  # stopping mid-episode, or tamiyo gone for longer than patience
         status = 0 if stop.is_set() else 1

@@ -8,6 +8,7 @@ def test_domains_do_not_import_wire_libraries():
     code = (
         "import sys\n"
         "import esper.kasmina, esper.tolaria.trainer, esper.tamiyo, esper.simic, esper.nissa, esper.experiment\n"
+        "import esper.karn.tui, esper.karn.runs_db, esper.karn.report\n"
         "bad = [m for m in ('zmq', 'grpc') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -31,7 +31,7 @@ def test_prometheus_scrapes_every_service_on_its_default_port():
 
 def test_procfile_runs_every_service_and_ports_are_distinct():
     procfile = (REPO / "Procfile").read_text()
-    for service in ("nissa_hub", "tamiyo_server", "karn", "tolaria_worker"):
+    for service in ("nissa_hub", "tamiyo_server", "karn", "tolaria_worker", "simic_learner"):
         assert f"python -m services.{service}" in procfile
         assert (REPO / "services" / service / "__main__.py").is_file()
     defaults = [default for default, _ in PORTS.values()]

@@ -27,6 +27,7 @@ from esper.leyline.leyline_pb2 import (
     TrainingSignals,
 )
 from esper.leyline.bus_pb2 import SnapshotReply, SnapshotRequest
+from esper.leyline.simic_pb2 import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.leyline.tamiyo_pb2 import (
     DecideBatchRequest,
     DecideBatchResponse,
@@ -66,6 +67,7 @@ def short_names(enum: EnumTypeWrapper) -> list[str]:
 
 
 __all__ = [
+    "AckStatus",
     "Action",
     "Blueprint",
     "DecideBatchRequest",
@@ -82,6 +84,7 @@ __all__ = [
     "PPOUpdate",
     "PolicyInfo",
     "PolicyInfoRequest",
+    "PolicyWeights",
     "RunFinished",
     "RunStarted",
     "SeedStage",
@@ -91,6 +94,8 @@ __all__ = [
     "TelemetryEvent",
     "TelemetryLevel",
     "TrainingSignals",
+    "TrajectoryAck",
+    "TrajectoryHeader",
     "from_short_name",
     "short_name",
     "short_names",

@@ -388,9 +388,15 @@ class Decision(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     POLICY_NAME_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    LOG_PROB_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     policy_name: _builtins.str
     policy_version: _builtins.str
+    log_prob: _builtins.float
+    """log-probability of `action` under the policy that chose it (neural policies)"""
+    value: _builtins.float
+    """the critic's value of the observation (neural policies)"""
     @_builtins.property
     def action(self) -> Global___Action: ...
     def __init__(
@@ -400,10 +406,12 @@ class Decision(_message.Message):
         reason: _builtins.str = ...,
         policy_name: _builtins.str = ...,
         policy_version: _builtins.str = ...,
+        log_prob: _builtins.float = ...,
+        value: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "policy_name", b"policy_name", "policy_version", b"policy_version", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "log_prob", b"log_prob", "policy_name", b"policy_name", "policy_version", b"policy_version", "reason", b"reason", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,7 +543,12 @@ class EpochReport(_message.Message):
     SIGNALS_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     EPOCH_SECONDS_FIELD_NUMBER: _builtins.int
+    SHARPNESS_FIELD_NUMBER: _builtins.int
     epoch_seconds: _builtins.float
+    sharpness: _builtins.float
+    """DEBUG level only, every EnvConfig.sharpness_every epochs (0 otherwise): the top eigenvalue of the
+    training loss Hessian on a fixed training batch (nissa.diagnostics.top_hessian_eigenvalue).
+    """
     @_builtins.property
     def signals(self) -> Global___TrainingSignals: ...
     @_builtins.property
@@ -546,10 +559,11 @@ class EpochReport(_message.Message):
         signals: Global___TrainingSignals | None = ...,
         slots: _abc.Iterable[Global___SlotState] | None = ...,
         epoch_seconds: _builtins.float = ...,
+        sharpness: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signals", b"signals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "signals", b"signals", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "sharpness", b"sharpness", "signals", b"signals", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

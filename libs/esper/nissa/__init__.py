@@ -1,4 +1,5 @@
-"""Nissa: builds telemetry events at a chosen level and hands them to sinks (files now, the bus later)."""
+"""Nissa: builds telemetry events at a chosen level and hands them to sinks (files now, the bus later);
+`nissa.diagnostics` holds the measurements only the DEBUG level pays for (loss sharpness)."""
 
 from esper.nissa.telemetry import JsonlSink, ListSink, Sink, Telemetry, read_jsonl
 

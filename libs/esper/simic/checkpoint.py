@@ -52,8 +52,13 @@ def build_network(state: dict) -> tuple[ActorCritic, FeatureSpec]:
 def load_policy(path: Path | str, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
     """The trained policy of a checkpoint as a tamiyo Policy (for evaluation and `esper compare`)."""
     state = load_checkpoint(Path(path))
+    return policy_from_state(state, str(state["counters"]["updates"]), greedy, seed)
+
+
+def policy_from_state(state: dict, version: str, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
+    """A NeuralPolicy from the policy part of a checkpoint (feature_spec, hidden_size, clip_obs, network,
+    obs_rms): what a checkpoint holds and what simic_learner publishes to tamiyo_server."""
     network, spec = build_network(state)
     obs_rms = RunningMeanStd((spec.dim,))
     obs_rms.load(state["obs_rms"])
-    return NeuralPolicy(network, spec, obs_rms, state["clip_obs"], version=str(state["counters"]["updates"]),
-                        greedy=greedy, seed=seed)
+    return NeuralPolicy(network, spec, obs_rms, state["clip_obs"], version=version, greedy=greedy, seed=seed)

@@ -30,6 +30,7 @@ from esper.leyline import (
     from_short_name,
 )
 from esper.nissa import Telemetry
+from esper.nissa.diagnostics import top_hessian_eigenvalue
 from esper.tamiyo import Policy
 from esper.tolaria.data import Dataset
 from esper.tolaria.governor import Governor, GovernorConfig
@@ -53,6 +54,9 @@ class EnvConfig:
     seed_grad_norms: bool = False
     """Measure each live seed's gradient norm every epoch whatever the telemetry level (the PPO
     policy's gradient-health features); without it they are measured at DEBUG level only."""
+    sharpness_every: int = 5
+    """At DEBUG telemetry, measure the loss Hessian's top eigenvalue (EpochReport.sharpness) every this
+    many epochs: 20 double-backward passes on one batch, about an epoch of 20 batches; 0 = never."""
     train: TrainConfig = field(default_factory=TrainConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
@@ -110,6 +114,10 @@ class GrowthEnv:
         self.train_loss, self.train_accuracy = self.trainer.train_epoch()
         if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
             self.grad_norms = self.trainer.seed_grad_norms()
+        sharpness = 0.0
+        if (tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG) and self.cfg.sharpness_every
+                and epoch % self.cfg.sharpness_every == 0):
+            sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, list(model.parameters()))
         cause = self.governor.verdict(self.train_loss)
         if cause:
             culled = model.cull_live(epoch, f"governor: {cause}")
@@ -130,7 +138,7 @@ class GrowthEnv:
 
         obs = self.observation()
         tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
-                                   epoch_seconds=time.perf_counter() - start))
+                                   epoch_seconds=time.perf_counter() - start, sharpness=sharpness))
         return obs, self.epoch >= self.cfg.max_epochs
 
     def test_accuracy(self) -> float:

@@ -147,6 +147,11 @@ class RewardNormalizer:
         self.rms.update(self.returns)
         return (rewards / torch.sqrt(self.rms.var + 1e-8)).clamp(-self.clip, self.clip).to(torch.float32)
 
+    def episodes(self, rewards: torch.Tensor) -> torch.Tensor:
+        """rewards: [T, N] raw, N whole episodes from their first step -> [T, N] normalized, step by step."""
+        self.start_episodes(rewards.shape[1])
+        return torch.stack([self(step) for step in rewards.cpu()]).to(rewards.device)
+
 
 @dataclass
 class UpdateStats:

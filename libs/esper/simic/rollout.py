@@ -1,9 +1,10 @@
 """Rollout: the transitions one PPO update learns from, as a flat set of named tensors.
 
 Every field is a tensor whose first two dimensions are [T steps, N environments]; nothing else (no
-protobuf, no Python objects). That is what lets a worker ship a rollout to a learner later as a
+protobuf, no Python objects). That is what lets a worker ship a rollout to a learner as a
 msgpack map of raw buffers (dtype, shape, bytes) behind a leyline header, as DESIGN.md prescribes for
-bulk tensors: `tensors()` and `Rollout(**tensors)` are the whole (de)serialization surface.
+bulk tensors: `tensors()` and `Rollout(**tensors)` are the whole (de)serialization surface
+(esper.transport.trajectories; `obs` and `rewards` then travel raw, see simic.learner).
 
 Each row records the value of the observation that *followed* the step (`next_values`), so a rollout
 is self-contained for GAE wherever it was cut: a worker can end a segment mid-episode (the last row is
@@ -13,23 +14,31 @@ is self-contained for GAE wherever it was cut: a worker can end a segment mid-ep
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
 
 @dataclass
 class Rollout:
-    obs: torch.Tensor  # float32 [T, N, obs_dim]: normalized features, as the policy saw them
+    obs: torch.Tensor  # float32 [T, N, obs_dim]: normalized features, as the policy saw them (raw from a worker)
     legal: torch.Tensor  # bool [T, N, ops, slots, blueprints]: the action masks
     actions: torch.Tensor  # int64 [T, N, 3]: (operation, slot, blueprint) head indices
     logprobs: torch.Tensor  # float32 [T, N]: log-probability of the action under the acting policy
     values: torch.Tensor  # float32 [T, N]: V(s_t) under the acting policy
     next_values: torch.Tensor  # float32 [T, N]: V(s_t+1), the bootstrap where a segment was cut
-    rewards: torch.Tensor  # float32 [T, N]: normalized reward PPO learns from
+    rewards: torch.Tensor  # float32 [T, N]: the reward PPO learns from (raw from a worker: the learner normalizes)
     reward_parts: torch.Tensor  # float32 [T, N, components]: raw reward components (rewards.COMPONENTS)
     terminated: torch.Tensor  # bool [T, N]: the episode ended here (its last epoch)
     truncated: torch.Tensor  # bool [T, N]: the trajectory was cut here while the episode goes on
     policy_version: torch.Tensor  # int64 [T, N]: the update count of the policy that acted
+
+    DTYPES: ClassVar[dict[str, torch.dtype]] = {
+        "obs": torch.float32, "legal": torch.bool, "actions": torch.int64, "logprobs": torch.float32,
+        "values": torch.float32, "next_values": torch.float32, "rewards": torch.float32,
+        "reward_parts": torch.float32, "terminated": torch.bool, "truncated": torch.bool,
+        "policy_version": torch.int64}
+    """Each field's dtype: what a learner checks a rollout from the wire against."""
 
     @classmethod
     def from_steps(cls, steps: list[dict[str, torch.Tensor]]) -> Rollout:

@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from esper.leyline import Operation, PPOUpdate, short_name
+from esper.leyline import Decision, Observation, Operation, PPOUpdate, short_name
 from esper.nissa import Telemetry
+from esper.simic.actor import EnvFactory, make_envs, play_round
 from esper.simic.checkpoint import ResumeError, build_network
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, ppo_update
 from esper.simic.rewards import COMPONENTS, Rewarder, RewardConfig
 from esper.simic.rollout import Rollout
 from esper.tamiyo.features import FeatureSpec, RunningMeanStd
-from esper.tamiyo.network import OPERATIONS, ActionCodec, ActorCritic, NeuralPolicy, decision, observation_legal_actions
+from esper.tamiyo.network import OPERATIONS, ActionCodec, ActorCritic, NeuralPolicy, decision
 from esper.tolaria.data import Dataset
 
 
@@ -71,8 +72,6 @@ class TrainerConfig:
 
 # Fields a resumed run may change: how long it runs and where; everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("episodes", "device", "devices")
-
-EnvFactory = Callable[[EnvConfig, Dataset, torch.device, Telemetry], GrowthEnv]
 
 
 class PPOTrainer:
@@ -112,6 +111,18 @@ class PPOTrainer:
             self.obs_rms.update(raw)
         return self.obs_rms.normalize(raw, self.cfg.ppo.clip_obs).to(self.device)
 
+    def act(self, observations: list[Observation],
+            legal: torch.Tensor) -> tuple[list[Decision], dict[str, torch.Tensor]]:
+        """The acting policy for play_round: normalize, one batched forward, sample with the trainer's generator."""
+        x = self.observe(observations)
+        with torch.no_grad():
+            action, logprob, _, value, probs = self.agent.get_action_and_value(x, legal.to(self.device),
+                                                                               generator=self.generator)
+        decisions = [decision(self.codec, a, p, v, "ppo", str(self.updates), lp)
+                     for a, p, v, lp in zip(action.tolist(), probs.tolist(), value.tolist(), logprob.tolist())]
+        return decisions, {"obs": x, "actions": action, "logprobs": logprob, "values": value,
+                           "policy_version": torch.full((len(observations),), self.updates, device=self.device)}
+
     def policy(self, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
         """The current policy as a tamiyo Policy, for evaluation (shares the network)."""
         return NeuralPolicy(self.agent, self.spec, self.obs_rms, self.cfg.ppo.clip_obs, str(self.updates),
@@ -136,44 +147,12 @@ class PPOTrainer:
         started = time.perf_counter()
         n = min(cfg.n_envs, cfg.episodes - self.episodes_done)
         episodes = range(self.episodes_done, self.episodes_done + n)
-        devices = cfg.env_devices
-        envs = [self.env_factory(self.env_cfg, self.data[devices[i % len(devices)]],
-                                 torch.device(devices[i % len(devices)]), self.env_telemetry(e))
-                for i, e in enumerate(episodes)]
-        obs = [env.reset(cfg.seed + e) for env, e in zip(envs, episodes)]
+        envs = make_envs(self.env_cfg, self.data, cfg.env_devices, self.env_telemetry, episodes, self.env_factory)
         rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
-        for rewarder, o in zip(rewarders, obs):
-            rewarder.reset(o)
-        self.reward_norm.start_episodes(n)
-        x = self.observe(obs)
-        steps: list[dict[str, torch.Tensor]] = []
-        for t in range(self.env_cfg.max_epochs):
-            legal = torch.stack([self.codec.legal_tensor(observation_legal_actions(o)) for o in obs]).to(self.device)
-            with torch.no_grad():
-                action, logprob, _, value, probs = self.agent.get_action_and_value(x, legal, generator=self.generator)
-            decisions = [decision(self.codec, a, p, v, "ppo", str(self.updates))
-                         for a, p, v in zip(action.tolist(), probs.tolist(), value.tolist())]
-            next_obs = [env.step(d)[0] for env, d in zip(envs, decisions)]
-            terminal = t + 1 == self.env_cfg.max_epochs
-            parts = torch.tensor([r.step(o, d.action, o2, terminal)
-                                  for r, o, d, o2 in zip(rewarders, obs, decisions, next_obs)])  # [N, C]
-            raw = parts.sum(1)  # [N]
-            reward = self.reward_norm(raw) if cfg.ppo.norm_reward else raw
-            steps.append({
-                "obs": x, "legal": legal, "actions": action, "logprobs": logprob, "values": value,
-                "rewards": reward.to(self.device), "reward_parts": parts.to(self.device),
-                "terminated": torch.full((n,), terminal, device=self.device),
-                "truncated": torch.zeros(n, dtype=torch.bool, device=self.device),
-                "policy_version": torch.full((n,), self.updates, device=self.device),
-            })
-            obs = next_obs
-            if not terminal:
-                x = self.observe(obs)
-        # V(s_t+1) is the next row's value; after the last epoch nothing follows (terminated: unused).
-        for step, following in zip(steps, steps[1:]):
-            step["next_values"] = following["values"]
-        steps[-1]["next_values"] = torch.zeros_like(steps[-1]["values"])
-        rollout = Rollout.from_steps(steps)
+        rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, self.codec, self.act,
+                                  self.env_cfg.max_epochs)
+        if cfg.ppo.norm_reward:
+            rollout.rewards = self.reward_norm.episodes(rollout.rewards)
         self.global_step += rollout.num_steps
         self.episodes_done += n
         self.collect_seconds += time.perf_counter() - started

@@ -185,15 +185,17 @@ class NeuralPolicy:
     def decide(self, observation: Observation) -> Decision:
         x = self.obs_rms.normalize(self.spec.encode_batch([observation]), self.clip_obs)
         legal = self.codec.legal_tensor(observation_legal_actions(observation))[None]
-        action, _, _, value, probs = self.network.get_action_and_value(
+        action, logprob, _, value, probs = self.network.get_action_and_value(
             x, legal, generator=self.generator, greedy=self.greedy)
         return decision(self.codec, action[0].tolist(), probs[0].tolist(), float(value[0]),
-                        self.name, self.version)
+                        self.name, self.version, float(logprob[0]))
 
 
 def decision(codec: ActionCodec, action: list[int], probs: list[float], value: float,
-             name: str, version: str) -> Decision:
-    """A Decision whose reason gives the probability of each chosen part and the critic's value."""
+             name: str, version: str, log_prob: float = 0.0) -> Decision:
+    """A Decision whose reason gives the probability of each chosen part and the critic's value; it
+    also carries the value and the action's log-probability, which a distributed PPO worker records
+    (SEED RL: the inference server, not the actor, knows them)."""
     chosen = codec.decode(*action)
     parts = [f"p(op)={probs[0]:.2f}"]
     if chosen.operation in TAKES_SLOT:
@@ -201,5 +203,6 @@ def decision(codec: ActionCodec, action: list[int], probs: list[float], value: f
     if chosen.operation in TAKES_BLUEPRINT:
         parts.append(f"p(blueprint)={probs[2]:.2f}")
     reason = f"{codec.describe(chosen)}: {' '.join(parts)}, value {value:+.3f}"
-    return Decision(action=chosen, reason=reason, policy_name=name, policy_version=version)
+    return Decision(action=chosen, reason=reason, policy_name=name, policy_version=version,
+                    log_prob=log_prob, value=value)
 

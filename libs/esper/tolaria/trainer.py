@@ -161,6 +161,15 @@ class Trainer:
             self._step_flops[signature] = counter.get_total_flops()
         return self._step_flops[signature]
 
+    def fixed_batch_loss(self) -> torch.Tensor:
+        """Mean loss of the model in eval mode (no batch-norm statistics move) on the first training
+        batch, unaugmented: the same batch every call, so diagnostics on it (sharpness) compare across
+        epochs. The graph is kept for higher derivatives."""
+        self.model.eval()
+        xb, yb = next(eval_batches(self.data.train_x, self.data.train_y, batch_size=self.cfg.batch_size,
+                                   device=self.device, mean=self.mean, std=self.std))
+        return cross_entropy(self.model(xb), yb)
+
     def seed_grad_norms(self) -> dict[str, float]:
         """L2 norm of each live seed's gradient from the last batch (debug telemetry)."""
         norms = {}

@@ -138,9 +138,9 @@ class Hub:
         self.xpub = ctx.socket(zmq.XPUB)
         self.router = ctx.socket(zmq.ROUTER)
         self.endpoints = {
-            "publish": _bind(self.xsub, host, pub_port),
-            "subscribe": _bind(self.xpub, host, sub_port),
-            "snapshot": _bind(self.router, host, snapshot_port),
+            "publish": bind_endpoint(self.xsub, host, pub_port),
+            "subscribe": bind_endpoint(self.xpub, host, sub_port),
+            "snapshot": bind_endpoint(self.router, host, snapshot_port),
         }
         self.xsub.send(b"\x01")  # subscribe to everything: the hub sees (and retains) every event
         self.forwarded = 0
@@ -264,7 +264,7 @@ class Subscriber:
         self.dealer.close()
 
 
-def _bind(sock: zmq.Socket, host: str, port: int) -> str:
+def bind_endpoint(sock: zmq.Socket, host: str, port: int) -> str:
     """Bind host:port (port 0: any free port) and return the endpoint actually bound."""
     if port == 0:
         port = sock.bind_to_random_port(f"tcp://{host}")

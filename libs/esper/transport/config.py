@@ -20,6 +20,8 @@ PORTS: dict[str, tuple[int, str]] = {
     "ESPER_TAMIYO_METRICS_PORT": (9562, "tamiyo_server: Prometheus /metrics"),
     "ESPER_WORKER_METRICS_PORT": (9563, "tolaria_worker: Prometheus /metrics"),
     "ESPER_KARN_METRICS_PORT": (9564, "karn: Prometheus /metrics (run metrics)"),
+    "ESPER_LEARNER_PORT": (5570, "simic_learner: trajectories from PPO workers (ROUTER, acked)"),
+    "ESPER_LEARNER_WEIGHTS_PORT": (5571, "simic_learner: policy weights for tamiyo_server (PUB)"),
 }
 HOST_VAR, HOST_DEFAULT = "ESPER_HOST", "127.0.0.1"
 
@@ -41,6 +43,8 @@ class StackEndpoints:
     tamiyo_metrics: int = 0
     worker_metrics: int = 0
     karn_metrics: int = 0
+    learner: int = 0
+    learner_weights: int = 0
 
     @classmethod
     def from_env(cls) -> StackEndpoints:

@@ -53,6 +53,20 @@ INVALID = Counter("esper_tamiyo_invalid_requests", "Requests refused with INVALI
 RETRIES = Counter("esper_policy_client_retries", "Decide calls retried after UNAVAILABLE or a deadline.")
 
 
+class PolicyNotReady(RuntimeError):
+    """The server has no policy to serve yet: answered UNAVAILABLE, which RemotePolicy retries."""
+
+
+class AwaitingWeights:
+    """The neural policy before simic_learner has published any weights."""
+
+    name = "ppo"
+    version = ""
+
+    def decide(self, observation: Observation) -> Decision:
+        raise PolicyNotReady("no policy weights from simic_learner yet")
+
+
 class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
     """Adapter: proto -> validated Observation -> policy.decide -> proto. No logic of its own."""
 
@@ -67,7 +81,10 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, where + "; ".join(problems))
         start = time.perf_counter()
         with self._lock:
-            decision = self.policy.decide(obs)
+            try:
+                decision = self.policy.decide(obs)
+            except PolicyNotReady as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         DECIDE_SECONDS.observe(time.perf_counter() - start)
         DECISIONS.labels(short_name(Operation, decision.action.operation)).inc()
         return decision

@@ -1,0 +1,198 @@
+"""The analytics store: finished (or partial) runs in one SQLite file, built from their telemetry.
+
+Everything is derived from leyline TelemetryEvents (a run directory's `telemetry.jsonl`, or any JSONL
+of events), never from `summary.json`: runs recorded by a stack's worker and runs from `esper train`
+are indexed the same way. A file may hold several runs (a PPO run directory holds every episode under
+`<run>_ep<i>`); each run id is one row. Indexing a run again replaces it, so `esper runs index` may be
+rerun over the same folders.
+
+A seed's *contribution* here is the last one measured for it (the value its fossilize or cull decision
+saw); "mean contribution" per blueprint and slot is the mean of those over the seeds that had one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esper.leyline import Blueprint, SeedStage, TelemetryEvent, short_name
+from esper.nissa import read_jsonl
+
+S = SeedStage
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,            -- the file the events came from
+    mode TEXT, task TEXT, seed INTEGER, device TEXT,
+    epochs INTEGER, max_epochs INTEGER,
+    val_accuracy REAL, best_val_accuracy REAL, test_accuracy REAL,   -- percent; test only once finished
+    host_params INTEGER, total_params INTEGER,
+    wall_seconds REAL,
+    finished INTEGER NOT NULL,       -- 1 when a RunFinished was recorded
+    governor_rollbacks INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    train_loss REAL, train_accuracy REAL, val_loss REAL, val_accuracy REAL, total_params INTEGER,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS seeds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    seed_id INTEGER NOT NULL,
+    slot TEXT NOT NULL,
+    blueprint TEXT NOT NULL,
+    germinated_epoch INTEGER,
+    fate TEXT NOT NULL,              -- fossilized | culled | live (still growing when the run ended)
+    end_epoch INTEGER,               -- epoch of its last lifecycle transition
+    contribution REAL,               -- last measured, percentage points; NULL when never measured
+    contribution_se REAL,
+    PRIMARY KEY (run_id, seed_id)
+);
+"""
+FATES = {S.SEED_STAGE_FOSSILIZED: "fossilized", S.SEED_STAGE_CULLED: "culled", S.SEED_STAGE_EMBARGOED: "culled",
+         S.SEED_STAGE_DORMANT: "culled"}
+
+
+@dataclass
+class _Seed:
+    slot: str
+    blueprint: str
+    germinated_epoch: int
+    fate: str = "live"
+    end_epoch: int = 0
+    contribution: float | None = None
+    contribution_se: float | None = None
+
+
+@dataclass
+class _Run:
+    """One run folded from its events, ready to write."""
+
+    run_id: str
+    source: str
+    row: dict = field(default_factory=dict)
+    epochs: dict = field(default_factory=dict)
+    seeds: dict[int, _Seed] = field(default_factory=dict)
+    rollbacks: int = 0
+
+    def apply(self, event: TelemetryEvent) -> None:
+        kind = event.WhichOneof("payload")
+        if kind == "run_started":
+            s = event.run_started
+            self.row.update(mode=s.mode, task=s.task, seed=s.seed, device=s.device)
+        elif kind == "epoch":
+            sig = event.epoch.signals
+            self.epochs[sig.epoch] = (sig.train_loss, sig.train_accuracy, sig.val_loss, sig.val_accuracy,
+                                      sig.total_params)
+            self.row.update(epochs=sig.epoch, max_epochs=sig.max_epochs, val_accuracy=sig.val_accuracy,
+                            best_val_accuracy=sig.best_val_accuracy, host_params=sig.host_params,
+                            total_params=sig.total_params)
+            for slot in event.epoch.slots:
+                seed = self.seeds.get(slot.seed_id)
+                if seed is not None and slot.has_contribution:
+                    seed.contribution, seed.contribution_se = slot.contribution, slot.contribution_se
+        elif kind == "transition":
+            t = event.transition
+            if t.to_stage == S.SEED_STAGE_GERMINATED:
+                self.seeds[t.seed_id] = _Seed(t.slot, short_name(Blueprint, t.blueprint), t.epoch)
+            seed = self.seeds.get(t.seed_id)
+            if seed is not None:  # None: the file starts mid-run, after this seed germinated
+                seed.fate = FATES.get(t.to_stage, "live")
+                seed.end_epoch = t.epoch
+        elif kind == "governor":
+            self.rollbacks += 1
+        elif kind == "run_finished":
+            f = event.run_finished
+            self.row.update(val_accuracy=f.val_accuracy, test_accuracy=f.test_accuracy,
+                            total_params=f.total_params, wall_seconds=f.wall_seconds, epochs=f.epochs)
+            self.row["finished"] = 1
+
+
+class RunsDB:
+    """The store over one SQLite file (":memory:" works too)."""
+
+    def __init__(self, path: str | Path):
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path))
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def index_events(self, events: Iterable[TelemetryEvent], source: str) -> list[str]:
+        """Fold events into runs and (re)write them; returns the run ids written. PPO updates are not
+        runs of a network: they are skipped."""
+        runs: dict[str, _Run] = {}
+        for event in events:
+            if event.HasField("ppo_update"):
+                continue
+            run = runs.get(event.run_id)
+            if run is None:
+                run = runs[event.run_id] = _Run(event.run_id, source)
+            run.apply(event)
+        with self.conn:
+            for run in runs.values():
+                self._write(run)
+        return list(runs)
+
+    def index_path(self, path: Path) -> list[str]:
+        """A run directory (its telemetry.jsonl), a folder of run directories, or a JSONL file."""
+        if path.is_file():
+            return self.index_events(read_jsonl(path), str(path))
+        files = sorted(path.glob("telemetry.jsonl")) or sorted(path.glob("*/telemetry.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no telemetry.jsonl in it or in the folders under it")
+        return [run_id for f in files for run_id in self.index_events(read_jsonl(f), str(f))]
+
+    def _write(self, run: _Run) -> None:
+        self.conn.execute("DELETE FROM runs WHERE run_id = ?", (run.run_id,))
+        row = {"run_id": run.run_id, "source": run.source, "finished": 0, "governor_rollbacks": run.rollbacks,
+               **run.row}
+        self.conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                          tuple(row.values()))
+        self.conn.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(run.run_id, e, *values) for e, values in sorted(run.epochs.items())])
+        self.conn.executemany("INSERT INTO seeds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            (run.run_id, seed_id, s.slot, s.blueprint, s.germinated_epoch, s.fate, s.end_epoch, s.contribution,
+             s.contribution_se) for seed_id, s in sorted(run.seeds.items())])
+
+    # Queries. `run_ids` narrows any of them to some runs; None means every run.
+
+    def runs(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
+        where, args = _among(run_ids)
+        return self.conn.execute(f"SELECT * FROM runs {where} ORDER BY run_id", args).fetchall()
+
+    def seeds(self, run_id: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM seeds WHERE run_id = ? ORDER BY seed_id", (run_id,)).fetchall()
+
+    def curve(self, run_id: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,)).fetchall()
+
+    def blueprint_stats(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
+        """Per blueprint and slot: seeds germinated, fossilized, culled, still live, and the mean of
+        their last measured contributions (NULL when none was measured)."""
+        where, args = _among(run_ids)
+        return self.conn.execute(f"""
+            SELECT blueprint, slot, COUNT(*) AS germinated,
+                   SUM(fate = 'fossilized') AS fossilized, SUM(fate = 'culled') AS culled,
+                   SUM(fate = 'live') AS live, AVG(contribution) AS mean_contribution
+            FROM seeds {where} GROUP BY blueprint, slot ORDER BY blueprint, slot""", args).fetchall()
+
+    def accuracy_vs_params(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
+        """Per run: final parameters against validation and test accuracy, fewest parameters first."""
+        where, args = _among(run_ids)
+        return self.conn.execute(f"""
+            SELECT run_id, mode, task, total_params, host_params, val_accuracy, test_accuracy
+            FROM runs {where} ORDER BY total_params, run_id""", args).fetchall()
+
+
+def _among(run_ids: list[str] | None) -> tuple[str, tuple]:
+    if run_ids is None:
+        return "", ()
+    return f"WHERE run_id IN ({', '.join('?' * len(run_ids))})", tuple(run_ids)

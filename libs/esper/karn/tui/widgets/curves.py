@@ -1,0 +1,43 @@
+"""Accuracy and loss of the run that reported an epoch last, as sparklines with their latest values."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Sparkline
+
+from esper.leyline import EpochReport
+
+# (id, title, value of an EpochReport, format)
+SERIES = (
+    ("val_accuracy", "val accuracy", lambda r: r.signals.val_accuracy, "{:.2f}%"),
+    ("train_accuracy", "train accuracy", lambda r: r.signals.train_accuracy, "{:.2f}%"),
+    ("val_loss", "val loss", lambda r: r.signals.val_loss, "{:.4f}"),
+    ("train_loss", "train loss", lambda r: r.signals.train_loss, "{:.4f}"),
+)
+
+
+class Curves(Vertical):
+    """Curves restart when another run reports: one run's history at a time reads clearly, and a PPO
+    round's interleaved episodes would otherwise draw one meaningless line."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = ""
+        self.history: dict[int, EpochReport] = {}
+
+    def compose(self) -> ComposeResult:
+        for key, title, _, _ in SERIES:
+            yield Label(title, id=f"{key}-label", classes="curve-label")
+            yield Sparkline([], id=key, summary_function=max)
+
+    def update_epoch(self, run_id: str, report: EpochReport) -> None:
+        if run_id != self.run_id:
+            self.run_id, self.history = run_id, {}
+        self.history[report.signals.epoch] = report  # a governor rollback re-reports an epoch: the last wins
+        reports = [self.history[e] for e in sorted(self.history)]
+        for key, title, value, fmt in SERIES:
+            values = [value(r) for r in reports]
+            self.query_one(f"#{key}", Sparkline).data = values
+            self.query_one(f"#{key}-label", Label).update(
+                f"{title} {fmt.format(values[-1])}  (best {fmt.format(max(values) if 'accuracy' in key else min(values))})")

@@ -1,0 +1,184 @@
+"""`esper tui`, `esper runs index|list|show|compare` and `esper report`: the command line of karn's
+consumers. Kept beside cli.py (as stack_cli.py is) because `esper tui` wires karn's app to the bus
+follower of esper.transport, and karn itself never imports the wire code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COMMANDS = ("tui", "runs", "report")
+DEFAULT_DB = "runs/karn.db"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    from esper.transport.config import StackEndpoints  # ports only: no zmq
+
+    env = StackEndpoints.from_env()
+    tui = commands.add_parser("tui", help="watch runs: replay a telemetry file, or attach to a running stack's bus")
+    tui.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
+    tui.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
+    tui.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot),
+                     help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
+    tui.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
+
+    runs = commands.add_parser("runs", help="the analytics store of recorded runs (SQLite)")
+    sub = runs.add_subparsers(dest="runs_command", required=True)
+    index = sub.add_parser("index", help="record runs from run directories, folders of them, or telemetry JSONL files")
+    index.add_argument("paths", nargs="+", type=Path)
+    sub.add_parser("list", help="every recorded run, with accuracy and parameters")
+    show = sub.add_parser("show", help="one run: its numbers and every seed")
+    show.add_argument("run_id")
+    compare = sub.add_parser("compare", help="runs side by side, and their seeds per blueprint and slot")
+    compare.add_argument("run_ids", nargs="*", help="runs to compare (default: every recorded run)")
+    report = commands.add_parser("report", help="write a Markdown report with PNG plots")
+    report.add_argument("runs", nargs="+", help="run ids in the store, or run directories / JSONL files (indexed first)")
+    report.add_argument("--out", type=Path, default=None, help="output folder (default: report/<first run>)")
+    for p in (*sub.choices.values(), report):
+        p.add_argument("--db", default=DEFAULT_DB, help="the SQLite store")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "tui":
+        return cmd_tui(args)
+    from esper.karn.runs_db import RunsDB
+
+    db = RunsDB(args.db)
+    try:
+        return cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)
+    finally:
+        db.close()
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from esper.karn.tui import make_app
+
+    if args.file is not None:
+        if not args.file.is_file():
+            print(f"esper: error: --file {args.file}: no such file", file=sys.stderr)
+            return 2
+        from esper.nissa import read_jsonl
+
+        make_app(read_jsonl(args.file), title=str(args.file)).run()
+        return 0
+    from esper.transport.follow import BusFollower
+
+    make_app(BusFollower(args.hub_sub, args.hub_snapshot, args.run_id), title=args.hub_sub).run()
+    return 0
+
+
+def cmd_index(db, args: argparse.Namespace) -> int:
+    for path in args.paths:
+        try:
+            run_ids = db.index_path(path)
+        except FileNotFoundError as exc:
+            print(f"esper: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{path}: {len(run_ids)} run{'s' if len(run_ids) != 1 else ''} recorded in {args.db}")
+    return 0
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cmd_list(db, args: argparse.Namespace) -> int:
+    from esper.karn.report import runs_table
+
+    _print_table(*runs_table(db, [r["run_id"] for r in db.runs()]))
+    return 0
+
+
+def cmd_show(db, args: argparse.Namespace) -> int:
+    from esper.karn.report import runs_table
+
+    if not db.runs([args.run_id]):
+        print(f"esper: error: no run {args.run_id!r} in {args.db} (esper runs index RUN_DIR first)", file=sys.stderr)
+        return 1
+    _print_table(*runs_table(db, [args.run_id]))
+    print()
+    seeds = db.seeds(args.run_id)
+    _print_table(["seed", "slot", "blueprint", "germinated", "fate", "at epoch", "contribution (pts)"],
+                 [[str(s["seed_id"]), s["slot"], s["blueprint"], str(s["germinated_epoch"]), s["fate"],
+                   str(s["end_epoch"]), "-" if s["contribution"] is None else
+                   f"{s['contribution']:+.2f} ± {s['contribution_se']:.2f}"] for s in seeds])
+    return 0
+
+
+def cmd_compare(db, args: argparse.Namespace) -> int:
+    from esper.karn.report import blueprint_table, runs_table
+
+    run_ids = args.run_ids or [r["run_id"] for r in db.runs()]
+    missing = sorted(set(run_ids) - {r["run_id"] for r in db.runs(run_ids)})
+    if missing:
+        print(f"esper: error: not in {args.db}: {' '.join(missing)}", file=sys.stderr)
+        return 1
+    _print_table(*runs_table(db, run_ids))
+    print()
+    _print_table(*blueprint_table(db, run_ids))
+    return 0
+
+
+def cmd_report(db, args: argparse.Namespace) -> int:
+    from esper.karn.report import write_report
+
+    run_ids: list[str] = []
+    for run in args.runs:
+        if Path(run).exists():
+            run_ids += db.index_path(Path(run))
+        elif db.runs([run]):
+            run_ids.append(run)
+        else:
+            print(f"esper: error: {run}: neither a path nor a run in {args.db}", file=sys.stderr)
+            return 1
+    if not run_ids:
+        print("esper: error: the paths hold no telemetry events", file=sys.stderr)
+        return 1
+    out = args.out or Path("report") / run_ids[0]
+    print(write_report(db, run_ids, out))
+    return 0
+
+
+RUNS = {"index": cmd_index, "list": cmd_list, "show": cmd_show, "compare": cmd_compare}
+
+
+def add_tui_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tui", action="store_true", help="watch the run in the terminal UI while it trains")
+
+
+def train_with_tui(cfg, run) -> None:
+    """`run(cfg, console, sinks=...)` in a background thread, feeding the TUI in the main thread (Textual
+    needs it for the terminal and signals). The run's own console stays quiet while the app owns the
+    screen; quitting the app does not stop the run: its progress shows in the terminal until it ends
+    (ctrl-c stops it). An error of the run is raised here, after the app has closed."""
+    import threading
+
+    from rich.console import Console
+
+    from esper.karn.tui import QueueSource, make_app
+
+    source = QueueSource()
+    console = Console(stderr=True, quiet=True)
+    failure: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            run(cfg, console, sinks=(source,))
+        except BaseException as exc:  # re-raised in the main thread, where the CLI reports it
+            failure.append(exc)
+        finally:
+            source.finish()
+
+    thread = threading.Thread(target=train, name="esper-train", daemon=True)
+    thread.start()
+    make_app(source, title=f"train {cfg.mode} · {cfg.env.task}").run()
+    console.quiet = False
+    if thread.is_alive():
+        print("esper: the TUI closed; the run goes on (ctrl-c stops it)", file=sys.stderr)
+        thread.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,106 @@
+"""PPO from trajectories that other processes collected: the learner half of distributed PPO.
+
+`Learner` holds a PPOTrainer (the same policy, optimizer, normalizers and `update()` as `esper train
+ppo`) but never runs an environment: workers play episodes against the policy tamiyo_server serves
+and ship them as Rollouts of *raw* features and rewards (simic.actor). Here each row is normalized
+with the observation statistics of the policy version that chose it (the statistics that version was
+published with, so the stored log-probabilities are the acting policy's), rewards with the learner's
+running return statistics, and after `n_envs x update_every` episodes PPO updates and the version goes
+up. Trajectories from a version more than `max_policy_lag` updates old are refused: PPO's ratio
+clipping assumes data from (nearly) the current policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import fields
+
+import torch
+
+from esper.nissa import Telemetry
+from esper.simic.ppo import UpdateStats
+from esper.simic.rewards import COMPONENTS
+from esper.simic.rollout import Rollout
+from esper.simic.trainer import PPOTrainer, TrainerConfig
+from esper.tamiyo.features import RunningMeanStd
+
+
+class Learner:
+    def __init__(self, cfg: TrainerConfig, telemetry: Telemetry, max_policy_lag: int = 4):
+        self.trainer = PPOTrainer(cfg, data={}, telemetry=telemetry, env_telemetry=lambda episode: telemetry)
+        self.max_policy_lag = max_policy_lag
+        self.obs_stats = {0: self.trainer.obs_rms.state()}
+        """Observation statistics each live policy version was published with."""
+        self.pending_episodes = 0
+        self.since = time.perf_counter()
+
+    @property
+    def version(self) -> int:
+        return self.trainer.updates
+
+    @property
+    def episodes_per_update(self) -> int:
+        return self.trainer.cfg.n_envs * self.trainer.cfg.update_every
+
+    def problem(self, rollout: Rollout) -> str | None:
+        """Why `rollout` cannot be learned from, or None."""
+        trainer = self.trainer
+        steps, envs = rollout.rewards.shape
+        expected = {"obs": (trainer.spec.dim,), "legal": trainer.codec.shape, "actions": (3,),
+                    "reward_parts": (len(COMPONENTS),)}
+        for f in fields(Rollout):
+            tensor = getattr(rollout, f.name)
+            shape = (steps, envs, *expected.get(f.name, ()))
+            if tuple(tensor.shape) != shape or tensor.dtype != Rollout.DTYPES[f.name]:
+                return f"{f.name} is {tensor.dtype} {tuple(tensor.shape)}"
+        if steps != trainer.env_cfg.max_epochs or not bool(rollout.terminated[-1].all()):
+            return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps)"
+        versions = set(rollout.policy_version.unique().tolist())
+        unknown = versions - set(self.obs_stats)
+        if unknown:
+            return f"policy versions {sorted(unknown)} are unknown or more than {self.max_policy_lag} updates old"
+        return None
+
+    def add(self, rollout: Rollout) -> str | None:
+        """Learn from `rollout` at the next update; returns why it was refused instead, or None."""
+        problem = self.problem(rollout)
+        if problem:
+            return problem
+        trainer, ppo = self.trainer, self.trainer.cfg.ppo
+        raw = rollout.obs  # [T, N, dim]
+        obs = torch.empty_like(raw)
+        for version in rollout.policy_version.unique().tolist():
+            acted = rollout.policy_version == version  # [T, N]
+            stats = RunningMeanStd(raw.shape[2:])
+            stats.load(self.obs_stats[version])
+            obs[acted] = stats.normalize(raw[acted], ppo.clip_obs)
+        if ppo.norm_obs:
+            trainer.obs_rms.update(raw.flatten(0, 1))
+        rewards = trainer.reward_norm.episodes(rollout.rewards) if ppo.norm_reward else rollout.rewards
+        rollout = dataclasses.replace(rollout, obs=obs, rewards=rewards)
+        rollout = Rollout(**{k: v.to(trainer.device) for k, v in rollout.tensors().items()})
+        trainer.pending = rollout if trainer.pending is None else Rollout.cat([trainer.pending, rollout])
+        trainer.global_step += rollout.num_steps
+        trainer.episodes_done += rollout.rewards.shape[1]
+        self.pending_episodes += rollout.rewards.shape[1]
+        return None
+
+    def ready(self) -> bool:
+        return self.pending_episodes >= self.episodes_per_update
+
+    def update(self) -> UpdateStats:
+        """PPO on everything pending; the new version's observation statistics are kept for its rows."""
+        self.trainer.collect_seconds = time.perf_counter() - self.since  # steps/s of the whole stack
+        stats = self.trainer.update()
+        self.pending_episodes, self.since = 0, time.perf_counter()
+        self.obs_stats[self.version] = self.trainer.obs_rms.state()
+        for version in [v for v in self.obs_stats if v < self.version - self.max_policy_lag]:
+            del self.obs_stats[version]
+        return stats
+
+    def policy_state(self) -> dict:
+        """The policy part of a checkpoint (simic.checkpoint.policy_from_state builds the NeuralPolicy)."""
+        state = self.trainer.state_dict()
+        return {key: state[key] for key in ("feature_spec", "hidden_size", "clip_obs", "network")} | {
+            "obs_rms": self.obs_stats[self.version]}

@@ -1,0 +1,93 @@
+"""The analytics store answers its queries for runs made here: two tiny heuristic runs and a static
+one on the synthetic task, recorded by `esper train`'s own code, indexed from their run directories."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import pytest
+import torch
+from rich.console import Console
+
+from esper.cli import main
+from esper.experiment import RunConfig, run
+from esper.karn.runs_db import RunsDB
+from esper.simic import EnvConfig
+from esper.tamiyo import HeuristicConfig
+from esper.tolaria.trainer import TrainConfig
+
+ENV = EnvConfig(task="synthetic", max_epochs=14, slots=("early", "mid", "late"), train=TrainConfig(max_batches=5))
+EAGER = HeuristicConfig(min_epoch_to_germinate=3, plateau_patience=2)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    torch.set_num_threads(1)  # a module fixture runs before conftest's per-test thread setting
+    out = tmp_path_factory.mktemp("runs")
+    quiet = Console(file=io.StringIO())
+    run(RunConfig(mode="heuristic", env=ENV, heuristic=EAGER, episodes=2, seed=2, runs_dir=str(out)), quiet)
+    run(RunConfig(mode="static", env=ENV, seed=2, runs_dir=str(out)), quiet)
+    return out
+
+
+def summaries(runs_dir) -> dict[str, dict]:
+    return {s["run_id"]: s for s in (json.loads(p.read_text()) for p in runs_dir.glob("*/summary.json"))}
+
+
+def test_store_matches_what_the_runs_recorded(runs_dir):
+    db = RunsDB(":memory:")
+    run_ids = db.index_path(runs_dir)
+    expected = summaries(runs_dir)
+    assert sorted(run_ids) == sorted(expected)
+    for row in db.runs():
+        s = expected[row["run_id"]]
+        assert row["finished"] == 1 and row["mode"] == s["mode"] and row["epochs"] == 14
+        assert row["total_params"] == s["total_params"]
+        assert row["test_accuracy"] == pytest.approx(s["test_accuracy"])
+        assert [c["epoch"] for c in db.curve(row["run_id"])] == list(range(1, 15))
+        # Seed fates from the telemetry agree with the model's own records.
+        fates = {r["seed_id"]: ("live" if r["fate"] not in ("fossilized", "culled") else r["fate"]) for r in s["seeds"]}
+        assert {x["seed_id"]: x["fate"] for x in db.seeds(row["run_id"])} == fates
+
+    # Per blueprint and slot: counts add up to the seeds of every run, and fossilized + culled + live = germinated.
+    stats = db.blueprint_stats()
+    all_seeds = [(r["blueprint"], r["slot"], r["fate"]) for s in expected.values() for r in s["seeds"]]
+    assert sum(b["germinated"] for b in stats) == len(all_seeds) > 0
+    assert Counter((b["blueprint"], b["slot"]) for b in stats) == Counter({(bp, sl): 1 for bp, sl, _ in all_seeds})
+    assert all(b["fossilized"] + b["culled"] + b["live"] == b["germinated"] for b in stats)
+    assert sum(b["fossilized"] for b in stats) == sum(f == "fossilized" for *_, f in all_seeds)
+
+    # Accuracy against parameters: the static run has the fewest (the host alone).
+    points = db.accuracy_vs_params()
+    assert points[0]["mode"] == "static" and points[0]["total_params"] == points[0]["host_params"]
+
+
+def test_reindexing_replaces_rather_than_duplicates(runs_dir):
+    db = RunsDB(":memory:")
+    db.index_path(runs_dir)
+    before = [tuple(r) for r in db.blueprint_stats()]
+    db.index_path(runs_dir)
+    assert [tuple(r) for r in db.blueprint_stats()] == before and len(db.runs()) == 3
+
+
+def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
+    db = str(tmp_path / "karn.db")
+    assert main(["runs", "index", str(runs_dir), "--db", db]) == 0
+    assert "3 runs recorded" in capsys.readouterr().out
+    assert main(["runs", "list", "--db", db]) == 0
+    listed = capsys.readouterr().out
+    heuristic = sorted(r for r in summaries(runs_dir) if "_heuristic_" in r)
+    assert all(r in listed for r in summaries(runs_dir))
+    assert main(["runs", "show", heuristic[0], "--db", db]) == 0
+    assert "blueprint" in capsys.readouterr().out
+    assert main(["runs", "compare", *heuristic, "--db", db]) == 0
+    assert "mean contribution" in capsys.readouterr().out
+    assert main(["runs", "show", "nope", "--db", db]) == 1
+    out = tmp_path / "report"
+    assert main(["report", *heuristic, "--db", db, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert heuristic[1] in text and "## Seeds by blueprint and slot" in text
+    for png in ("val_accuracy.png", "accuracy_vs_params.png", "seed_fates.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

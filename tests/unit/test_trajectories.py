@@ -1,0 +1,115 @@
+"""Distributed PPO without sockets: the learner's ack/dedup protocol, the tensor framing, and the whole
+actor -> learner -> weights -> policy loop on the toy task (the services only add sockets to this)."""
+
+import functools
+
+import msgpack
+import pytest
+import torch
+
+from esper.leyline import AckStatus, TrajectoryHeader
+from esper.nissa import Telemetry
+from esper.simic.actor import make_envs, play_round, remote_act
+from esper.simic.checkpoint import policy_from_state
+from esper.simic.env import EnvConfig, GrowthEnv
+from esper.simic.learner import Learner
+from esper.simic.rewards import Rewarder
+from esper.simic.rollout import Rollout
+from esper.simic.toy import SimulatedTrainer
+from esper.simic.trainer import TrainerConfig
+from esper.transport.tensors import pack, unpack
+from esper.transport.trajectories import TrajectoryInbox, decode_weights, weights_frames
+
+TOY = EnvConfig(task="synthetic", max_epochs=4, slots=("mid",))
+make_env = functools.partial(GrowthEnv, trainer_factory=SimulatedTrainer)
+
+
+def tiny_rollout() -> Rollout:
+    return Rollout(**{name: torch.zeros((2, 1), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
+
+
+def frames(worker: str, incarnation: int, sequence: int, payload: bytes | None = None) -> list[bytes]:
+    header = TrajectoryHeader(worker_id=worker, incarnation=incarnation, sequence=sequence, n_steps=2, n_envs=1)
+    return [header.SerializeToString(), payload if payload is not None else pack(tiny_rollout().tensors())]
+
+
+def test_a_resent_trajectory_is_acked_again_but_applied_once():
+    applied = []
+    inbox = TrajectoryInbox(lambda rollout: applied.append(rollout.num_steps), version=lambda: 7)
+    first = inbox.handle(frames("w", 1, 0))
+    again = inbox.handle(frames("w", 1, 0))
+    assert (first.status, again.status) == (AckStatus.ACK_STATUS_ACCEPTED, AckStatus.ACK_STATUS_DUPLICATE)
+    assert (again.worker_id, again.incarnation, again.sequence, again.policy_version) == ("w", 1, 0, 7)
+    # The key is (worker, incarnation, sequence): a restarted worker (new incarnation) starts afresh.
+    assert inbox.handle(frames("w", 2, 0)).status == AckStatus.ACK_STATUS_ACCEPTED
+    assert inbox.handle(frames("w", 1, 1)).status == AckStatus.ACK_STATUS_ACCEPTED
+    assert inbox.handle(frames("w", 1, 1)).status == AckStatus.ACK_STATUS_DUPLICATE
+    assert len(applied) == 3
+    assert inbox.accepted == [("w", 1, 0), ("w", 2, 0), ("w", 1, 1)] and inbox.duplicates == 2
+
+
+def test_a_refused_trajectory_is_never_applied_and_stays_refused():
+    applied = []
+    inbox = TrajectoryInbox(lambda rollout: applied.append(1) or "too old", version=lambda: 0)
+    assert inbox.handle(frames("w", 1, 0)).status == AckStatus.ACK_STATUS_REJECTED  # apply refused it
+    ack = inbox.handle(frames("w", 1, 1, payload=b"\x93not a map"))
+    assert ack.status == AckStatus.ACK_STATUS_REJECTED and "msgpack" in ack.reason
+    assert inbox.handle(frames("w", 1, 1)).status == AckStatus.ACK_STATUS_REJECTED  # decided once
+    assert inbox.handle([b"\xff\xff"]).status == AckStatus.ACK_STATUS_REJECTED
+    assert applied == [1] and inbox.accepted == []
+
+
+def test_tensor_frames_round_trip_and_refuse_what_is_not_a_tensor():
+    tensors = {"x": torch.randn(3, 4), "n": torch.tensor(5.0, dtype=torch.float64),
+               "mask": torch.rand(2, 3) > 0.5, "i": torch.arange(6).view(2, 3)}
+    back = unpack(pack(tensors))
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    with pytest.raises(ValueError, match="dtype"):
+        unpack(msgpack.packb({"x": {"dtype": "object", "shape": [1], "data": b"\0" * 8}}))
+    with pytest.raises(ValueError, match="bytes"):
+        unpack(msgpack.packb({"x": {"dtype": "float32", "shape": [3], "data": b"\0" * 8}}))
+
+
+class LocalServer:
+    """tamiyo_server without gRPC: the policy built from the published weights frames."""
+
+    def __init__(self, learner: Learner):
+        self.load(learner)
+
+    def load(self, learner: Learner) -> None:
+        version, state = decode_weights(weights_frames(learner.version, learner.policy_state()))
+        self.policy = policy_from_state(state, str(version), greedy=False, seed=version)
+
+    def decide_batch(self, observations):
+        return [self.policy.decide(o) for o in observations]
+
+
+def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data):
+    cfg = TrainerConfig(env=TOY, n_envs=2, update_every=2, episodes=10, seed=0)  # 4 episodes per update
+    learner = Learner(cfg, Telemetry("learner"), max_policy_lag=1)
+    server = LocalServer(learner)
+    spec, codec = learner.trainer.spec, learner.trainer.codec
+
+    def play(first: int) -> Rollout:
+        episodes = range(first, first + 2)
+        envs = make_envs(learner.trainer.env_cfg, {"cpu": synthetic_data}, ("cpu",),
+                         lambda e: Telemetry(f"ep{e}"), episodes, make_env)
+        rollout, _ = play_round(envs, list(episodes), [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs],
+                                codec, remote_act(server, spec), TOY.max_epochs)
+        return Rollout(**unpack(pack(rollout.tensors())))  # as the learner receives it
+
+    stale = play(0)
+    assert stale.policy_version.eq(0).all() and stale.obs.shape == (4, 2, spec.dim)
+    assert learner.add(play(2)) is None and not learner.ready()
+    assert learner.add(play(4)) is None and learner.ready()
+    learner.update()
+    server.load(learner)
+    fresh = play(6)
+    assert fresh.policy_version.eq(1).all()
+    assert learner.add(fresh) is None and learner.add(play(8)) is None
+    learner.update()
+    assert learner.version == 2 and learner.trainer.episodes_done == 8
+    assert [u["update"] for u in learner.trainer.update_log] == [1, 2]
+    assert "more than 1 updates old" in learner.add(stale)  # version 0 is two updates behind
+    wrong = Rollout(**(stale.tensors() | {"obs": stale.obs[..., :-1]}))
+    assert "obs" in learner.problem(wrong)

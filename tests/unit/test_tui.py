@@ -1,0 +1,298 @@
+"""The TUI shows what the telemetry says: events from a real (tiny) synthetic run, fed through
+`make_app` and driven with the pilot, end up in the panels."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from textual.widgets import HelpPanel, Sparkline
+
+from esper.karn.tui import QueueSource, make_app
+from esper.karn.tui.widgets import Curves, EventLog, PolicyHealth, RunHeader, SlotTable
+from esper.karn.tui.widgets.policy_health import health_colour
+from esper.leyline import (Action, Blueprint, Decision, EpochReport, GateCheck, GovernorEvent, LifecycleTransition,
+                           Operation, PPOUpdate, RunStarted, SeedStage, SlotState, TelemetryEvent, TrainingSignals,
+                           short_name)
+from esper.nissa import ListSink, Telemetry
+from esper.simic import EnvConfig, GrowthEnv, run_episode
+from esper.tamiyo import HeuristicConfig, HeuristicPolicy
+from esper.tolaria.trainer import TrainConfig
+
+SIZE = (120, 40)
+
+
+@pytest.fixture(scope="module")
+def run_events() -> list[TelemetryEvent]:
+    """14 short epochs over three slots, growing early: seeds germinate, train, blend and (in 'early')
+    fossilize; about a second on one core."""
+    from esper.tolaria.data import make_synthetic
+
+    torch.set_num_threads(1)  # a module fixture runs before conftest's per-test thread setting
+    sink = ListSink()
+    cfg = EnvConfig(task="synthetic", max_epochs=14, slots=("early", "mid", "late"), train=TrainConfig(max_batches=5))
+    env = GrowthEnv(cfg, make_synthetic(), torch.device("cpu"), Telemetry("tiny", sinks=[sink]))
+    run_episode(env, HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=3, plateau_patience=2)), 2)
+    return sink.events
+
+
+def screen_text(app) -> str:
+    """The whole screen as plain text: what a user sees, at the test's fixed terminal size."""
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), record=True,
+                      force_terminal=True, color_system=None)
+    console.print(app.screen._compositor.render_update(full=True))
+    return console.export_text()
+
+
+async def replay(events, pilot_fn, size=SIZE):
+    app = make_app(iter(events), title="test")
+    async with app.run_test(size=size) as pilot:
+        while not app.source_ended:
+            await pilot.pause(0.02)
+        await pilot.pause()
+        await pilot_fn(app, pilot)
+
+
+def test_replay_fills_every_panel(run_events):
+    last = [e for e in run_events if e.HasField("epoch")][-1]
+
+    async def check(app, pilot):
+        table = app.query_one(SlotTable)
+        assert table.row_count == 3
+        for slot in last.epoch.slots:
+            row = table.get_row(f"tiny/{slot.slot}")
+            assert row[1] == slot.slot
+            assert str(row[2]) == short_name(SeedStage, slot.stage)
+            assert row[3] == f"{slot.alpha:.2f}"
+            assert row[4] == short_name(Blueprint, slot.blueprint)
+        assert str(table.get_row("tiny/early")[2]) == "FOSSILIZED"
+        spark = app.query_one("#val_accuracy", Sparkline)
+        assert list(spark.data) == pytest.approx([e.epoch.signals.val_accuracy for e in run_events
+                                                  if e.HasField("epoch")])
+        log = "\n".join(line.text for line in app.query_one(EventLog).lines)
+        assert [e.decision for e in run_events if e.HasField("decision")][-1].reason in log
+        assert "GERMINATED -> TRAINING" in log and "G_fossilize" in log
+        assert not app.query_one(PolicyHealth).display  # no PPO in a heuristic run
+        text = screen_text(app)
+        assert "tiny" in text and f"epoch {last.epoch.signals.epoch}/14" in text and "source ended" in text
+
+    asyncio.run(replay(run_events, check))
+
+
+def test_snapshot_duplicates_are_dropped_and_gaps_counted(run_events):
+    """A late joiner gets the snapshot, then some of the same events live: each is shown once; a hole
+    in the sequence numbers is reported."""
+    events = run_events[:30] + run_events[20:40] + run_events[45:]
+
+    async def check(app, pilot):
+        assert app.store.duplicates == 10
+        assert app.store.runs["tiny"].lost == 5
+        assert "5 events missed" in screen_text(app)
+
+    asyncio.run(replay(events, check))
+
+
+def ppo(update: int, entropy: float, approx_kl: float, clipfrac: float, ev: float) -> TelemetryEvent:
+    return TelemetryEvent(run_id="ppo", sequence=update, ppo_update=PPOUpdate(
+        update=update, episodes=4 * update, global_step=80 * update, entropy=entropy, approx_kl=approx_kl,
+        clipfrac=clipfrac, explained_variance=ev, action_counts={"WAIT": 70, "GERMINATE": 10},
+        reward_components={"terminal": 0.4}, rollout_steps=80))
+
+
+def test_policy_health_appears_with_ppo_and_is_coloured_by_thresholds():
+    events = [ppo(1, 2.0, 0.01, 0.1, 0.6), ppo(2, 0.3, 0.08, 0.25, -0.2)]
+
+    async def check(app, pilot):
+        panel = app.query_one(PolicyHealth)
+        assert panel.display
+        assert panel.colours == {"entropy": "red", "approx_kl": "red", "clipfrac": "yellow",
+                                 "explained_variance": "red"}
+        text = screen_text(app)
+        assert "update 2" in text and "approx_kl 0.0800" in text and "WAIT 70 (88%)" in text
+
+    asyncio.run(replay(events, check))
+
+
+@pytest.mark.parametrize("name, value, colour", [
+    ("approx_kl", 0.01, "green"), ("approx_kl", 0.03, "yellow"), ("approx_kl", 0.06, "red"),
+    ("clipfrac", 0.1, "green"), ("clipfrac", 0.31, "red"),
+    ("explained_variance", 0.9, "green"), ("explained_variance", 0.1, "yellow"), ("explained_variance", -1, "red"),
+    ("entropy", 0.8, "green"), ("entropy", 0.3, "yellow"), ("entropy", 0.1, "red"),
+])
+def test_health_thresholds(name, value, colour):
+    assert health_colour(name, value) == colour
+
+
+def test_keys_help_and_quit(run_events):
+    async def check(app, pilot):
+        await pilot.press("question_mark")
+        assert app.screen.query(HelpPanel)
+        await pilot.press("question_mark")
+        assert not app.screen.query(HelpPanel)
+        await pilot.press("c")
+        assert not app.query_one(EventLog).lines
+        await pilot.press("q")
+        assert app.return_code == 0
+
+    asyncio.run(replay(run_events[:10], check))
+
+
+def test_small_terminal_still_renders(run_events):
+    """Resize-safe: a cramped terminal shows the header line and does not raise."""
+    async def check(app, pilot):
+        await pilot.resize_terminal(60, 16)
+        await pilot.pause()
+        assert "tiny" in screen_text(app)
+
+    asyncio.run(replay(run_events, check, size=(100, 30)))
+
+
+def test_queue_source_from_another_thread_and_clean_exit(run_events):
+    """An in-process run emits from a training thread; quitting stops the source even while it waits."""
+    source = QueueSource(poll_s=0.01)
+
+    def produce():
+        for event in run_events[:12]:
+            source.emit(event)
+
+    async def main():
+        app = make_app(source)
+        async with app.run_test(size=SIZE) as pilot:
+            threading.Thread(target=produce).start()
+            for _ in range(200):
+                if app.store.received["epoch"]:
+                    break
+                await pilot.pause(0.02)
+            assert app.query_one(SlotTable).row_count == 3
+            await pilot.press("q")  # the source never finished: stop() must end the worker's loop
+
+    asyncio.run(main())
+    assert source._stopped.is_set()
+
+
+def test_curves_restart_for_another_run(run_events):
+    epochs = [e for e in run_events if e.HasField("epoch")][:3]
+    other = TelemetryEvent(run_id="other", sequence=1)
+    other.epoch.CopyFrom(epochs[0].epoch)
+
+    async def check(app, pilot):
+        curves = app.query_one(Curves)
+        assert curves.run_id == "other" and list(curves.history) == [1]
+        assert "other" in str(app.query_one(RunHeader).content)
+        assert app.query_one(SlotTable).row_count == 6
+
+    asyncio.run(replay(epochs + [other], check))
+
+
+def test_train_tui_shows_the_in_process_run(monkeypatch, tmp_path):
+    """`esper train heuristic --tui`: the run trains in a thread and the app (driven headless here in
+    place of a terminal) sees every epoch; the run directory is complete."""
+    from esper.cli import main
+    from esper.karn.tui import TelemetryApp
+
+    seen = {}
+
+    def headless(app):
+        async def drive():
+            async with app.run_test(size=SIZE) as pilot:
+                while not app.source_ended:
+                    await pilot.pause(0.05)
+                seen.update(epochs=app.store.received["epoch"], rows=app.query_one(SlotTable).row_count)
+                await pilot.press("q")
+
+        asyncio.run(drive())
+
+    monkeypatch.setattr(TelemetryApp, "run", headless)
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "3",
+            "--slots", "early", "mid", "--runs-dir", str(tmp_path), "--tui"]
+    assert main(argv) == 0
+    assert seen == {"epochs": 4, "rows": 2}
+    assert len(list(tmp_path.glob("*/summary.json"))) == 1
+
+
+def test_tui_file_must_exist(tmp_path, capsys):
+    from esper.cli import main
+
+    assert main(["tui", "--file", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "tui_canned.txt"
+
+
+def canned_events() -> list[TelemetryEvent]:
+    """A fixed story (not a training run, whose numbers vary by CPU build): three epochs, a germination
+    with its decision, gate and transition, a governor rollback and a PPO update."""
+    def event(seq: int, run_id: str = "canned", **payload) -> TelemetryEvent:
+        return TelemetryEvent(run_id=run_id, sequence=seq, **payload)
+
+    def report(epoch: int, acc: float, mid: SlotState) -> EpochReport:
+        return EpochReport(signals=TrainingSignals(epoch=epoch, max_epochs=10, val_accuracy=acc, best_val_accuracy=acc,
+                                                   train_loss=2.0 - acc / 100, val_loss=2.1 - acc / 100,
+                                                   train_accuracy=acc - 1, host_params=1000, total_params=1200),
+                           slots=[SlotState(slot="early", stage=SeedStage.SEED_STAGE_DORMANT), mid])
+
+    blending = SlotState(slot="mid", stage=SeedStage.SEED_STAGE_BLENDING, blueprint=Blueprint.BLUEPRINT_CONV_LIGHT,
+                         seed_id=1, alpha=0.4, epochs_in_stage=2, has_contribution=True, contribution=1.25,
+                         contribution_se=0.5)
+    return [
+        event(1, run_started=RunStarted(mode="heuristic", task="synthetic", seed=7, device="cpu")),
+        event(2, epoch=report(1, 30.0, SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT))),
+        event(3, decision=Decision(action=Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                                                 blueprint=Blueprint.BLUEPRINT_CONV_LIGHT), reason="plateau of 3 epochs")),
+        event(4, gate=GateCheck(gate="G_germinate", slot="mid", seed_id=1, passed=True, reason="budget left")),
+        event(5, transition=LifecycleTransition(slot="mid", seed_id=1, blueprint=Blueprint.BLUEPRINT_CONV_LIGHT,
+                                                from_stage=SeedStage.SEED_STAGE_DORMANT,
+                                                to_stage=SeedStage.SEED_STAGE_GERMINATED, epoch=1, reason="germinate")),
+        event(6, epoch=report(2, 35.5, blending)),
+        event(7, governor=GovernorEvent(epoch=3, cause="divergence", train_loss=12.0, restored_epoch=2)),
+        event(8, epoch=report(3, 41.0, blending)),
+        event(1, run_id="ppo", ppo_update=PPOUpdate(update=1, episodes=4, global_step=40, entropy=1.5, approx_kl=0.01,
+                                                    clipfrac=0.05, explained_variance=0.7, rollout_steps=40,
+                                                    action_counts={"WAIT": 30, "GERMINATE": 10},
+                                                    reward_components={"terminal": 0.35})),
+    ]
+
+
+def test_snapshot_at_fixed_size():
+    """The screen at 100x32 as text, against tests/unit/snapshots/tui_canned.txt. After an intended
+    change of the layout, rewrite it with ESPER_UPDATE_SNAPSHOTS=1 and read the diff."""
+    async def check(app, pilot):
+        text = screen_text(app)
+        if os.environ.get("ESPER_UPDATE_SNAPSHOTS"):
+            SNAPSHOT.parent.mkdir(exist_ok=True)
+            SNAPSHOT.write_text(text)
+        assert text == SNAPSHOT.read_text()
+
+    asyncio.run(replay(canned_events(), check, size=(100, 32)))
+
+
+def test_async_source_and_a_failing_source():
+    """An async iterable is read by an async worker; a source that raises ends with the error on
+    screen and what it had delivered still shown."""
+    events = canned_events()
+
+    async def stream():
+        for event in events[:4]:
+            yield event
+        raise OSError("socket closed")
+
+    async def check(app, pilot):
+        assert app.store.received["decision"] == 1
+        assert "source failed:" in screen_text(app) and "OSError: socket closed" in screen_text(app)
+
+    async def main():
+        app = make_app(stream())
+        async with app.run_test(size=SIZE) as pilot:
+            while not app.source_ended:
+                await pilot.pause(0.02)
+            await pilot.pause()
+            await check(app, pilot)
+
+    asyncio.run(main())

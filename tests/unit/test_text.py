@@ -234,3 +234,15 @@ def test_train_then_sample_on_the_shared_sample(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and out.count("Once upon") == 2
     assert main(["sample", str(tmp_path)]) == 2  # not a language-model run
+
+
+@pytest.mark.skipif(not any(TINYSTORIES_DIR.glob("*.txt.gz")), reason="no shared data")
+def test_ppo_drives_the_language_model_host(tmp_path, monkeypatch):
+    """The PPO controller steps the same environment on the transformer host: one update happens."""
+    monkeypatch.setenv("ESPER_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["train", "ppo", "--task", "tinystories", "--data-dir", str(TINYSTORIES_DIR), "--episodes", "1",
+                 "--n-envs", "1", "--update-every", "1", "--max-epochs", "2", "--max-batches", "1",
+                 "--num-workers", "1", "--runs-dir", str(tmp_path / "runs")]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "tinystories" and summary["updates"] == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from esper.kasmina import HOSTS, build_host, load_exported, seed_param_count
+from esper.kasmina import build_host, load_exported, seed_param_count
 from esper.kasmina.blueprints import blueprints_for
 from esper import karn_cli, stack_cli
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names

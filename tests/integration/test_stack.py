@@ -14,7 +14,6 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 from procs import REPO, metric, scrape, start_hub, start_tamiyo, wait_until

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from procs import REPO, metric, scrape, start_hub, start_tamiyo, wait_until
@@ -142,6 +143,46 @@ def test_esper_stack_status_reports_every_process_serving(stack):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("SERVING") == 5
+
+
+# 127.0.0.1, ::1 and ::ffff:127.0.0.1 (gRPC's IPv4-mapped listener) as /proc/net/tcp{,6} write them.
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """Local addresses of the TCP sockets in LISTEN state that process `pid` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                found.append(fields[1])
+    return found
+
+
+def test_the_listener_scan_sees_a_wildcard_bind():
+    """The check below can fail: a socket bound to every interface shows up as 00000000."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        mine = listening_addresses(os.getpid())
+    assert any(a.split(":")[0] not in LOOPBACK for a in mine), mine
+
+
+def test_every_listening_socket_is_on_loopback_by_default(stack):
+    """Issue 8, promise 12: with default flags (no --host) no service listens beyond 127.0.0.1."""
+    for name in ("hub", "tamiyo", "karn", "worker"):
+        addresses = listening_addresses(stack[name].proc.pid)
+        assert addresses, f"{name} listens on nothing?"
+        assert all(a.split(":")[0] in LOOPBACK for a in addresses), (name, addresses)
 
 
 def test_services_exit_cleanly_on_sigterm(stack):

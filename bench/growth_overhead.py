@@ -80,16 +80,23 @@ def plain_images_per_s(net, data, device, steps: int) -> float:
     return steps * 128 / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cifar10_on_device(parser: argparse.ArgumentParser):
+    """Parse --device/--repeats/--data-dir (besides the caller's own flags) and put CIFAR-10 on the
+    device: (args, device, data, the device's name for the header)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None, help="as for esper train (default: $ESPER_DATA_DIR)")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return args, device, data, name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    args, device, data, name = cifar10_on_device(parser)
     print(f"# growth overhead on {name}, torch {torch.__version__}, {args.steps} steps of 128, "
           f"best of {args.repeats}")
     print(f"{'stage':<11}{'esper img/s':>14}{'plain img/s':>14}{'ratio':>8}")

@@ -1,6 +1,6 @@
 """`esper` command line: `esper train heuristic|static ...`, `esper blueprints`, `esper sample RUN_DIR`,
-`esper policy query`, `esper stack status` (those two in stack_cli.py), `esper tui`, `esper runs ...`,
-`esper report` (those in karn_cli.py).
+`esper policy query`, `esper stack status` (those two in stack_cli.py), `esper tui`, `esper dashboard`,
+`esper runs ...`, `esper report` (those in karn_cli.py).
 
 Every bad flag or combination exits non-zero with one line saying why.
 """
@@ -8,6 +8,7 @@ Every bad flag or combination exits non-zero with one line saying why.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from esper.kasmina import build_host, load_exported, seed_param_count
 from esper.kasmina.blueprints import blueprints_for
 from esper import karn_cli, stack_cli
+from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, train_with_dashboard
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
 from esper.simic import EnvConfig
 from esper.tolaria.data import DataError
@@ -65,6 +67,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "from scratch")
 
 
+def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never)")
+
+
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=sorted(TASK_HOSTS), default="cifar10")
     p.add_argument("--max-epochs", type=int, default=40, help="epochs per run, the same for every arm")
@@ -77,10 +84,13 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-preload", action="store_true")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
-                   choices=["static", "heuristic", "from-scratch"])
+                   choices=["static", "heuristic", "from-scratch", "ppo"])
+    p.add_argument("--policy", default=None, metavar="CHECKPOINT",
+                   help="a saved PPO policy (esper train ppo --save): adds the arm `ppo`, growth under it")
     p.add_argument("--budget", choices=["matched", "original"], default="matched",
                    help="original: also the unmatched static@10 baseline of the original table, at 40 epochs")
     p.add_argument("--out", default=None, help="output folder (default: compare/<time>_<task>)")
+    p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
 
 
 def build_parser() -> Parser:
@@ -90,13 +100,26 @@ def build_parser() -> Parser:
     modes = train.add_subparsers(dest="mode", required=True)
     add_train_flags(modes.add_parser("heuristic", help="grow under the rule-based Tamiyo controller"))
     add_train_flags(modes.add_parser("static", help="train the host alone with the same budget"))
-    for mode in ("heuristic", "static"):
+    learned = modes.add_parser("learned", help="grow under a saved PPO policy (esper train ppo --save)")
+    add_train_flags(learned)
+    learned.add_argument("--policy", required=True, metavar="CHECKPOINT",
+                         help="a checkpoint of `esper train ppo --save`; its greedy policy decides every epoch")
+    for mode in ("heuristic", "static", "learned"):
         karn_cli.add_tui_flag(modes.choices[mode])
+    for mode in ("heuristic", "static"):
+        add_checkpoint_flag(modes.choices[mode])
+        modes.choices[mode].add_argument(
+            "--resume", default=None, metavar="RUN_DIR",
+            help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the run)")
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
     add_train_flags(ppo)
     add_ppo_flags(ppo)
+    karn_cli.add_tui_flag(ppo)
+    for mode_parser in modes.choices.values():
+        add_dashboard_flags(mode_parser)
+        karn_cli.add_db_flag(mode_parser)
     add_compare_flags(commands.add_parser("compare", help="static vs growth vs from-scratch at the same budget"))
     bp = commands.add_parser("blueprints", help="list seed blueprints with their parameter counts")
     bp.add_argument("--task", choices=sorted(TASK_HOSTS), default="cifar10")
@@ -128,7 +151,8 @@ def train_config(args: argparse.Namespace):
     from esper.experiment import RunConfig
 
     for flag, value, least in (("--episodes", args.episodes, 1), ("--max-epochs", args.max_epochs, 1),
-                               ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0)):
+                               ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0),
+                               ("--checkpoint-every", getattr(args, "checkpoint_every", 0), 0)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     host = build_host(TASK_HOSTS[args.task])
@@ -142,13 +166,46 @@ def train_config(args: argparse.Namespace):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
     grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
+    policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
+                    seed_grad_norms=policy is not None and policy_spec(policy, args.task).telemetry,
                     train=TrainConfig(max_batches=args.max_batches, **TASK_TRAIN.get(args.task, {})))
-    return RunConfig(mode=args.mode, env=env, episodes=args.episodes, seed=args.seed,
+    return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
-                     telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir)
+                     telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
+                     checkpoint_every=getattr(args, "checkpoint_every", 0))
+
+
+def policy_spec(path: str, task: str):
+    """The FeatureSpec of a saved policy, checked against the host it is to drive."""
+    from esper.simic.checkpoint import ResumeError, load_checkpoint
+    from esper.tamiyo.features import FeatureSpec
+
+    if not Path(path).is_file():
+        raise UsageError(f"--policy {path}: no such file")
+    try:
+        spec = FeatureSpec.from_dict(load_checkpoint(Path(path))["feature_spec"])
+    except ResumeError as exc:
+        raise UsageError(f"--policy {exc}") from None
+    except Exception as exc:  # whatever torch.load makes of a file that is not a checkpoint at all
+        raise UsageError(f"--policy {path}: not a policy checkpoint ({type(exc).__name__})") from None
+    host = FeatureSpec.for_host(task, spec.param_budget, spec.telemetry)
+    if (spec.slots, spec.blueprints) != (host.slots, host.blueprints):
+        raise UsageError(f"--policy {path}: trained for a host with slots {spec.slots}, not --task {task}")
+    return spec
+
+
+def check_resume(cfg, run_dir: str) -> None:
+    """--resume names a run directory of this experiment (its config.json matches the flags)."""
+    from esper.experiment import episode_of
+    from esper.simic.checkpoint import ResumeError
+
+    try:
+        episode_of(cfg, Path(run_dir))
+    except ResumeError as exc:
+        raise UsageError(f"--resume: {exc}") from None
 
 
 def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[str, str]:
@@ -173,11 +230,18 @@ def compare_config(args: argparse.Namespace):
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:
         raise UsageError("--arms from-scratch needs heuristic (it trains the heuristic runs' final architectures)")
+    arms = list(args.arms)
+    if args.policy:
+        policy_spec(args.policy, args.task)
+        arms += [] if "ppo" in arms else ["ppo"]
+    elif "ppo" in arms:
+        raise UsageError("--arms ppo needs --policy CHECKPOINT")
     out = args.out or f"compare/{time.strftime('%Y%m%d-%H%M%S')}_{args.task}"
     return CompareConfig(task=args.task, max_epochs=args.max_epochs, max_batches=args.max_batches,
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
-                         workers=args.workers, out_dir=out, budget=args.budget, arms=tuple(args.arms))
+                         workers=args.workers, out_dir=out, budget=args.budget, arms=tuple(arms),
+                         policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
 
 
 def cmd_blueprints(args: argparse.Namespace) -> int:
@@ -242,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             from esper.train_ppo import ppo_config
 
             cfg = ppo_config(args, cfg)
+        try:
+            dashboard = dashboard_config(args)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.mode in ("heuristic", "static") and args.resume:
+            check_resume(cfg, args.resume)
     except UsageError as exc:
         print(f"esper: error: {exc}", file=sys.stderr)
         return 2
@@ -250,10 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from esper.experiment import run
 
+        if args.mode in ("heuristic", "static") and args.resume:
+            run = functools.partial(run, resume=Path(args.resume))
+
+    run = karn_cli.recording(run, args.db)
     print(f"device: {cfg.device}", file=sys.stderr)
     try:
         if getattr(args, "tui", False):
             karn_cli.train_with_tui(cfg, run)
+        elif dashboard is not None:
+            return train_with_dashboard(cfg, run, dashboard)
         else:
             run(cfg)
     except DataError as exc:

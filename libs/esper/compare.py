@@ -4,7 +4,9 @@ Arms (all with the same epochs x batches, data, optimizer settings and seeds):
 - static: the host alone;
 - heuristic: growth under the rule-based controller;
 - from-scratch: each heuristic run's final architecture (same seed), built in before epoch 1 and
-  trained for the whole budget: what growth must match to be worth anything.
+  trained for the whole budget: what growth must match to be worth anything;
+- ppo (with --policy): growth under a saved PPO policy (`esper train learned`). Evaluate it on seeds
+  it was not trained on: `esper train ppo` uses seed, seed+1, ...; give compare another --seed.
 `--budget original` adds the original project's unmatched baseline (the static host at 10 epochs
 against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
 
@@ -35,7 +37,7 @@ from esper.kasmina import HOSTS
 @dataclass(frozen=True)
 class Arm:
     name: str
-    mode: str  # the `esper train` mode: static | heuristic
+    mode: str  # the `esper train` mode: static | heuristic | learned
     max_epochs: int
     graft_from: str | None = None  # take the final architecture of this arm's run with the same seed
     compute_matched: bool = True
@@ -46,6 +48,7 @@ def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
         "static": Arm("static", "static", max_epochs),
         "heuristic": Arm("heuristic", "heuristic", max_epochs),
         "from-scratch": Arm("from-scratch", "static", max_epochs, graft_from="heuristic"),
+        "ppo": Arm("ppo", "learned", max_epochs),
     }
     chosen = [arms[n] for n in names]
     if budget == "original":
@@ -68,6 +71,10 @@ class CompareConfig:
     out_dir: str = "compare"
     budget: str = "matched"
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
+    policy: str | None = None
+    """The checkpoint the `ppo` arm's runs are driven by."""
+    db: str = "runs/karn.db"
+    """The run store (SQLite) every run records itself in as it ends: `esper runs list` shows them."""
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
@@ -78,13 +85,15 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
     cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
            "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
            "--seed", str(seed), "--slots", *cfg.slots, "--device", cfg.device,
-           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", "minimal"]
+           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", "minimal", "--db", cfg.db]
     if cfg.data_dir:
         cmd += ["--data-dir", cfg.data_dir]
     if cfg.gpu_preload:
         cmd.append("--gpu-preload")
     for graft in grafts:
         cmd += ["--graft", graft]
+    if arm.mode == "learned":
+        cmd += ["--policy", cfg.policy]
     return cmd
 
 
@@ -221,10 +230,11 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    fates = {}
-    for r in results.get("heuristic", []):
-        for fate, n in r["seed_counts"].items():
-            fates[fate] = fates.get(fate, 0) + n
+    fates: dict[str, dict[str, int]] = {}  # growing arm -> fate -> seeds over all runs
+    for arm in ("heuristic", "ppo"):
+        for r in results.get(arm, []):
+            for fate, n in r["seed_counts"].items():
+                fates.setdefault(arm, {})[fate] = fates.get(arm, {}).get(fate, 0) + n
     text = [
         f"# esper compare: {cfg.task}",
         "",
@@ -235,7 +245,9 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         "",
         results_table(cfg, results),
         "",
-        f"Heuristic seeds over all runs: {fates or 'none germinated'}.",
+        *[f"Seeds of the {arm} arm over all runs: {fates.get(arm) or 'none germinated'}." for arm in ("heuristic", "ppo")
+          if arm in results],
+        *([f"The ppo arm's policy: `{cfg.policy}`."] if "ppo" in results else []),
         "",
         *[f"![{name}]({name})" for name in images],
         "",

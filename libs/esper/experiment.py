@@ -2,7 +2,9 @@
 
 A run directory `runs/<time>_<mode>_<task>_s<seed>/` holds `config.json` (the resolved config),
 `telemetry.jsonl` (one leyline TelemetryEvent per line), `summary.json` and `model/` (the grown
-network exported as plain layers).
+network exported as plain layers). While the episode runs it also holds `checkpoint.pt` (with
+`checkpoint_every`): the whole episode at its last saved epoch, from which `run(resume=...)` continues
+bit for bit on the CPU; it is removed once `summary.json` is written.
 """
 
 from __future__ import annotations
@@ -20,18 +22,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
-from esper.nissa import JsonlSink, Sink, Telemetry
-from esper.simic import EnvConfig, GrowthEnv, run_episode
+from esper.nissa import JsonlSink, Sink, Telemetry, read_jsonl
+from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
 
-MODES = ("heuristic", "static")
+MODES = ("heuristic", "static", "learned")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     mode: str = "heuristic"
-    """heuristic (grow under the rule-based controller) | static (the host alone, same budget)."""
+    """heuristic (grow under the rule-based controller) | static (the host alone, same budget) |
+    learned (grow under a saved PPO policy, `policy`)."""
+    policy: str | None = None
+    """learned: a checkpoint of `esper train ppo --save`; its greedy policy makes every decision."""
     env: EnvConfig = field(default_factory=EnvConfig)
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
     episodes: int = 1
@@ -47,13 +53,25 @@ class RunConfig:
     telemetry_dir: str | None = None
     """Write each episode's events to <dir>/<run_id>.jsonl."""
     runs_dir: str = "runs"
+    checkpoint_every: int = 0
+    """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never."""
 
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+CHECKPOINT = "checkpoint.pt"
+EPISODE_FORMAT = "esper.episode/1"
+RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
+                     "telemetry_dir", "checkpoint_every")
+"""RunConfig fields a resumed run may change: how many episodes, where and with which extra copies; not
+what it trains."""
+
+
 def make_policy(cfg: RunConfig) -> Policy:
+    if cfg.mode == "learned":
+        return load_policy(cfg.policy)
     return HeuristicPolicy(cfg.heuristic) if cfg.mode == "heuristic" else WaitPolicy()
 
 
@@ -62,50 +80,143 @@ def stage_line(obs: Observation) -> str:
 
 
 def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = None,
-        sinks: tuple[Sink, ...] = ()) -> list[dict]:
+        sinks: tuple[Sink, ...] = (), resume: Path | None = None, continue_runs: bool = False) -> list[dict]:
     """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory).
     `policy` replaces the one `cfg.mode` names and `sinks` get every event too: the tolaria worker
-    service passes a remote policy and the bus publisher here."""
+    service passes a remote policy and the bus publisher here.
+
+    `resume`, a run directory of this config, continues that episode from its checkpoint, then runs the
+    episodes after it. `continue_runs` continues each episode in the newest run directory of this config
+    and episode seed under `runs_dir`, and does not run again one that finished: how a restarted worker
+    picks up its experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
+    first = 0 if resume is None else episode_of(cfg, resume)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
         data = data.to(device)
     summaries = []
-    for episode in range(cfg.episodes):
-        summaries.append(run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks))
+    for episode in range(first, cfg.episodes):
+        seed = cfg.seed + episode
+        if resume is not None and episode == first:
+            run_dir = resume
+        else:
+            run_dir = find_run(cfg, seed) if continue_runs else None
+        if run_dir is not None and (run_dir / "summary.json").is_file():
+            console.print(f"{run_dir.name}: finished already")
+            summaries.append(json.loads((run_dir / "summary.json").read_text()))
+            continue
+        summaries.append(run_one(cfg, data, device, seed, console, policy, sinks, run_dir))
     return summaries
 
 
+def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int]:
+    """The RunConfig fields (but RESUMABLE_CHANGES) in which `cfg` differs from the run directory's
+    config.json, and the run's episode seed."""
+    saved = _flat(json.loads((run_dir / "config.json").read_text()))
+    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples -> lists, as saved
+    keys = current.keys() | (saved.keys() - {"episode_seed"})
+    return sorted(k for k in keys if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k)), saved["episode_seed"]
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """{"env": {"max_epochs": 5}} -> {"env.max_epochs": 5}: a difference is named down to its field."""
+    out = {}
+    for key, value in config.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
+
+
+def episode_of(cfg: RunConfig, run_dir: Path) -> int:
+    """The episode index of `run_dir` in the experiment `cfg` describes; ResumeError if it is not one of its."""
+    if not (run_dir / "config.json").is_file():
+        raise ResumeError(f"{run_dir} is not a run directory (no config.json)")
+    differ, seed = config_differences(cfg, run_dir)
+    if differ:
+        raise ResumeError(f"{run_dir} was run with other settings: {', '.join(differ)} differ")
+    if not 0 <= seed - cfg.seed < cfg.episodes:
+        raise ResumeError(f"{run_dir} has episode seed {seed}: not among --seed {cfg.seed} + 0..{cfg.episodes - 1}")
+    return seed - cfg.seed
+
+
+def find_run(cfg: RunConfig, seed: int) -> Path | None:
+    """The newest run directory under `cfg.runs_dir` of this config and episode seed, if any."""
+    for config in sorted(Path(cfg.runs_dir).glob("*/config.json"), reverse=True):  # names start with the time
+        try:
+            differ, saved_seed = config_differences(cfg, config.parent)
+        except (ValueError, KeyError):  # another kind of run directory (PPO), or not one at all
+            continue
+        if not differ and saved_seed == seed:
+            return config.parent
+    return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trim_jsonl(path: Path, last_sequence: int) -> None:
+    """Keep a run's JSONL events up to `last_sequence` (its checkpoint's): the resumed run emits the rest
+    again under the same numbers. A line cut short by a kill ends what is kept."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            sequence = int(json.loads(line)["sequence"])
+        except (ValueError, KeyError):
+            break
+        if sequence > last_sequence or not line.endswith("\n"):
+            break
+        kept.append(line)
+    write_atomic(path, "".join(kept))
+
+
 def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = ()) -> dict:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_id = f"{stamp}_{cfg.mode}_{cfg.env.task}_s{seed}"
-    run_dir = Path(cfg.runs_dir) / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    config_json = json.dumps(dataclasses.asdict(cfg) | {"episode_seed": seed}, indent=2)
-    (run_dir / "config.json").write_text(config_json)
+            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None) -> dict:
+    """One episode in a new run directory, or continued in `run_dir` from its checkpoint (from the start,
+    under the same run id, when it has none yet)."""
+    state = None
+    if run_dir is None:
+        run_dir = Path(cfg.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.mode}_{cfg.env.task}_s{seed}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        write_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg) | {"episode_seed": seed}, indent=2))
+    elif (run_dir / CHECKPOINT).is_file():
+        state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
+        console.print(f"{run_dir.name}: resuming after epoch {state['env']['signals']['epoch']}")
+    run_id = run_dir.name
+    config_json = (run_dir / "config.json").read_text()
 
     level = from_short_name(TelemetryLevel, cfg.telemetry_level)
     sinks = list(extra_sinks)
     if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
-        sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
-        if cfg.telemetry_file:
+        own = [run_dir / "telemetry.jsonl"] + ([Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else [])
+        for path in own:
+            trim_jsonl(path, state["env"]["sequence"] if state else 0)
+        # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
+        # fills in, and consumers drop what they had by sequence number.
+        for event in read_jsonl(own[0]) if state else ():
+            for sink in extra_sinks:
+                sink.emit(event)
+        sinks += [JsonlSink(path) for path in own]
+        if cfg.telemetry_file:  # shared by runs: a resumed run's events after its checkpoint appear twice
             sinks.append(JsonlSink(Path(cfg.telemetry_file)))
-        if cfg.telemetry_dir:
-            sinks.append(JsonlSink(Path(cfg.telemetry_dir) / f"{run_id}.jsonl"))
     telemetry = Telemetry(run_id, level, sinks)
-    telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
-                                          device=str(device), config_json=config_json))
+    if state is None:
+        telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
+                                              device=str(device), config_json=config_json))
     env = GrowthEnv(cfg.env, data, device, telemetry)
-    start = time.perf_counter()
+    start = time.perf_counter() - (state["wall_seconds"] if state else 0.0)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("val {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[slots]}"),
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:
-        bar = progress.add_task(run_id, total=cfg.env.max_epochs, acc="-", loss="-", slots="")
-        curve: list[dict] = []
+        bar = progress.add_task(run_id, total=cfg.env.max_epochs, acc="-", loss="-", slots="",
+                                completed=state["env"]["signals"]["epoch"] if state else 0)
+        curve: list[dict] = list(state["curve"]) if state else []
 
         def on_epoch(obs: Observation) -> None:
             progress.update(bar, completed=obs.signals.epoch, acc=f"{obs.signals.val_accuracy:.2f}%",
@@ -117,8 +228,12 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
                 "train_flops": env.trainer.train_flops,
                 "stages": {s.slot: short_name(SeedStage, s.stage) for s in obs.slots},
             })
+            every, epoch = cfg.checkpoint_every, obs.signals.epoch
+            if every and (epoch % every == 0 or epoch == cfg.env.max_epochs):
+                save_checkpoint({"env": env.state_dict(), "curve": curve, "wall_seconds": time.perf_counter() - start},
+                                run_dir / CHECKPOINT, EPISODE_FORMAT)
 
-        obs = run_episode(env, policy or make_policy(cfg), seed, on_epoch)
+        obs = run_episode(env, policy or make_policy(cfg), seed, on_epoch, state["env"] if state else None)
     test_accuracy = env.test_accuracy()
     wall = time.perf_counter() - start
     telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
@@ -129,9 +244,8 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     if data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
         data.tokenizer.save(run_dir / "model" / "tokenizer.json")
     summary = summarize(env, obs, run_id, cfg, seed, str(device), test_accuracy, wall) | {"curve": curve}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     console.print(
         f"{run_id}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  test {test_accuracy:.2f}%  "
         f"params {summary['total_params']:,}  seeds {summary['seed_counts']}  {wall:.1f}s  -> {run_dir}"

@@ -1,6 +1,7 @@
-"""`esper tui`, `esper runs index|list|show|compare` and `esper report`: the command line of karn's
-consumers. Kept beside cli.py (as stack_cli.py is) because `esper tui` wires karn's app to the bus
-follower of esper.transport, and karn itself never imports the wire code.
+"""`esper tui`, `esper dashboard`, `esper runs index|list|show|compare` and `esper report`: the command
+line of karn's consumers. Kept beside cli.py (as stack_cli.py is) because `esper tui` and `esper
+dashboard` wire karn's views to the bus follower of esper.transport, and karn itself never imports
+the wire code.
 """
 
 from __future__ import annotations
@@ -9,20 +10,26 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("tui", "runs", "report")
+from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, serve_forever
+
+COMMANDS = ("tui", "dashboard", "runs", "report")
 DEFAULT_DB = "runs/karn.db"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from esper.transport.config import StackEndpoints  # ports only: no zmq
+    from esper.transport.config import StackEndpoints, add_token_flag  # ports only: no zmq
 
     env = StackEndpoints.from_env()
     tui = commands.add_parser("tui", help="watch runs: replay a telemetry file, or attach to a running stack's bus")
-    tui.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
-    tui.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
-    tui.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot),
-                     help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
-    tui.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
+    dashboard = commands.add_parser("dashboard", help="serve the web dashboard of a telemetry file or a running stack")
+    for p in (tui, dashboard):
+        p.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
+        p.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
+        p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot),
+                       help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
+        p.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
+        add_token_flag(p)
+    add_dashboard_flags(dashboard, switch=False)
 
     runs = commands.add_parser("runs", help="the analytics store of recorded runs (SQLite)")
     sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -43,6 +50,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "tui":
         return cmd_tui(args)
+    if args.command == "dashboard":
+        return cmd_dashboard(args)
     from esper.karn.runs_db import RunsDB
 
     db = RunsDB(args.db)
@@ -52,21 +61,39 @@ def run_command(args: argparse.Namespace) -> int:
         db.close()
 
 
-def cmd_tui(args: argparse.Namespace) -> int:
-    from esper.karn.tui import make_app
-
+def watched_source(args: argparse.Namespace):
+    """(events, title) for `esper tui` and `esper dashboard`: a replayed file, or the bus (late join);
+    None (after a line on stderr) when the file is missing."""
     if args.file is not None:
         if not args.file.is_file():
             print(f"esper: error: --file {args.file}: no such file", file=sys.stderr)
-            return 2
+            return None
         from esper.nissa import read_jsonl
 
-        make_app(read_jsonl(args.file), title=str(args.file)).run()
-        return 0
+        return read_jsonl(args.file), str(args.file)
     from esper.transport.follow import BusFollower
 
-    make_app(BusFollower(args.hub_sub, args.hub_snapshot, args.run_id), title=args.hub_sub).run()
+    return BusFollower(args.hub_sub, args.hub_snapshot, args.run_id, token=args.token), args.hub_sub
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from esper.karn.tui import make_app
+
+    source = watched_source(args)
+    if source is None:
+        return 2
+    make_app(*source).run()
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        cfg = dashboard_config(args)
+    except ValueError as exc:
+        print(f"esper: error: {exc}", file=sys.stderr)
+        return 2
+    source = watched_source(args)
+    return 2 if source is None else serve_forever(cfg, *source)
 
 
 def cmd_index(db, args: argparse.Namespace) -> int:
@@ -144,6 +171,36 @@ def cmd_report(db, args: argparse.Namespace) -> int:
 
 
 RUNS = {"index": cmd_index, "list": cmd_list, "show": cmd_show, "compare": cmd_compare}
+
+
+def add_db_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None,
+                   help="record the runs in this SQLite store when they end (default: <runs-dir>/karn.db)")
+
+
+def recording(run, db: str | None):
+    """`run(cfg, ...)` that records the run directories it made in the store when it returns (the runs
+    it summarizes: a list of episode summaries, or one PPO summary), so `esper runs list` shows them."""
+    import functools
+
+    from esper.karn.runs_db import RunsDB
+
+    @functools.wraps(run)
+    def recorded(cfg, *args, **kwargs):
+        result = run(cfg, *args, **kwargs)
+        summaries = result if isinstance(result, list) else [result]
+        run_dirs = [Path(cfg.runs_dir) / s["run_id"] for s in summaries]
+        run_dirs = [d for d in run_dirs if (d / "telemetry.jsonl").is_file()]  # none at --telemetry-level off
+        if run_dirs:
+            store = RunsDB(db or Path(cfg.runs_dir) / "karn.db")
+            try:
+                for run_dir in run_dirs:
+                    store.index_path(run_dir)
+            finally:
+                store.close()
+        return result
+
+    return recorded
 
 
 def add_tui_flag(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from esper.cli import UsageError, resolve_device
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
-from esper.nissa import JsonlSink, Telemetry
+from esper.nissa import JsonlSink, Sink, Telemetry
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.env import GrowthEnv
 from esper.simic.ppo import PPOConfig
@@ -53,6 +53,15 @@ class PPORunConfig:
     @property
     def device(self) -> str:
         return self.trainer.device
+
+    @property
+    def mode(self) -> str:
+        return "ppo"
+
+    @property
+    def env(self):
+        """The environments' EnvConfig: with `mode`, what `esper train --tui` reads of any run config."""
+        return self.trainer.env
 
 
 def add_ppo_flags(p: argparse.ArgumentParser) -> None:
@@ -130,9 +139,11 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
                         runs_dir=base.runs_dir, save=args.save, resume=args.resume)
 
 
-def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvFactory = GrowthEnv) -> dict:
+def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvFactory = GrowthEnv,
+            sinks: tuple[Sink, ...] = ()) -> dict:
     """Train; returns the summary (also in the run directory). Raises DataError (missing data) before
-    anything is written, ResumeError for a checkpoint from other settings (ppo_config checks first)."""
+    anything is written, ResumeError for a checkpoint from other settings (ppo_config checks first).
+    `sinks` get every event too (the learner's and every episode's): `--tui` passes the app's queue."""
     console = console or Console(stderr=True)
     tcfg = cfg.trainer
     if cfg.num_workers is not None:
@@ -147,7 +158,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
     (run_dir / "config.json").write_text(config_json)
     level = from_short_name(TelemetryLevel, cfg.telemetry_level)
-    sinks = []
+    sinks = list(sinks)
     if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
         sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
         if cfg.telemetry_file:

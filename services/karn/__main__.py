@@ -3,6 +3,8 @@
     python -m services.karn [--metrics-port 9564]
 
 Starts with a snapshot from the hub, so a karn started (or restarted) mid-run still holds every epoch.
+With --journal it also keeps every event it applied in that file and replays it on start, so its
+store survives a restart of the whole stack (the hub's snapshot does not); the Procfile passes one.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 from dataclasses import dataclass
 
 import zmq
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from esper.karn import RunStore, RunStoreCollector
+from esper.karn.store import EventJournal
+from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
 from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
+from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Config:
     """Prometheus /metrics; 0 = any free port (logged)."""
     max_runs: int
     """Runs kept in the store (and exported); the oldest is forgotten first."""
+    journal: str
+    """File of the store's events, replayed on start and appended to; empty: none (memory only)."""
+    token: str
+    """Shared secret presented to the hub and demanded on /metrics; empty: none (loopback only)."""
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -41,18 +49,25 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
     p.add_argument("--metrics-port", type=int, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT")
     p.add_argument("--max-runs", type=int, default=64, help="runs kept in the store")
+    p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
+    add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
+    if refuse_bind("karn", cfg.host, cfg.token):
+        return 2
     log = setup_logging("karn")
     stop = StopSignal()
     store = RunStore(cfg.max_runs)
-    ctx = make_context()
+    journal = EventJournal(cfg.journal) if cfg.journal else None
+    if journal is not None:
+        log.info("replayed %d events of %s", journal.replay(store), cfg.journal)
+    ctx = make_context(cfg.token)
     subscriber = Subscriber(ctx, cfg.hub_sub, cfg.hub_snapshot)
     REGISTRY.register(RunStoreCollector(store, subscriber.malformed))
-    metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+    metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
     log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
 
     poller = zmq.Poller()
@@ -60,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     poller.register(stop.fileno(), zmq.POLLIN)
     while not stop.is_set():
         if subscriber.socket in dict(poller.poll()):
-            for event in subscriber.receive():
-                store.apply(event)
+            applied = [event for event in subscriber.receive() if store.apply(event)]
+            if journal is not None and applied:
+                journal.append(applied)
 
     log.info("stopping: %d runs, %s events", len(store.runs), dict(store.received))
     metrics_server.shutdown()
+    if journal is not None:
+        journal.close()
     subscriber.close()
     ctx.term()
     stop.close()

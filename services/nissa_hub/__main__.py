@@ -2,7 +2,8 @@
 
     python -m services.nissa_hub [--pub-port 5560] [--sub-port 5561] [--snapshot-port 5562]
 
-Topics and framing: proto/esper/leyline/bus.proto.
+Topics and framing: proto/esper/leyline/bus.proto. With a token ($ESPER_TOKEN or --token) every bus
+socket demands it (ZeroMQ PLAIN) and /metrics answers 401 without it; off loopback one is required.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
 from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
+from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Config:
     """Prometheus /metrics; -1 disables."""
     retain_runs: int
     """Runs whose events are kept for snapshots."""
+    token: str
+    """Shared secret every peer and scraper must present; empty: none (loopback only)."""
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -43,6 +47,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--snapshot-port", type=int, default=env.hub_snapshot, help="$ESPER_HUB_SNAPSHOT_PORT")
     p.add_argument("--metrics-port", type=int, default=env.hub_metrics, help="$ESPER_HUB_METRICS_PORT (-1 = off)")
     p.add_argument("--retain-runs", type=int, default=32, help="runs kept for late-join snapshots")
+    add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -68,15 +73,17 @@ class HubCollector:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
+    if refuse_bind("nissa_hub", cfg.host, cfg.token):
+        return 2
     log = setup_logging("nissa_hub")
     stop = StopSignal()
-    ctx = make_context()
+    ctx = make_context(cfg.token, server=True)
     hub = Hub(ctx, cfg.host, cfg.pub_port, cfg.sub_port, cfg.snapshot_port, RetainedEvents(cfg.retain_runs))
     for name, endpoint in hub.endpoints.items():
         log_endpoint(log, name, endpoint)
     if cfg.metrics_port >= 0:
         REGISTRY.register(HubCollector(hub))
-        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+        metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
         log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
 
     hub.serve(stop.fileno(), stop.is_set)

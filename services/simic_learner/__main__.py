@@ -5,32 +5,48 @@
 Takes the flags of `esper train ppo` (give the workers the same ones: task, slots, rewards and
 features must agree; a mismatched trajectory is refused) and builds the same PPOTrainer, through
 esper.simic.learner.Learner. Trajectories arrive on a ROUTER (acked, deduplicated:
-proto/esper/leyline/simic.proto); after n_envs x update_every episodes PPO updates, the checkpoint is
-written (--save) and the new weights are published on a PUB socket that tamiyo_server --policy neural
-subscribes to.
+proto/esper/leyline/simic.proto); after n_envs x update_every episodes PPO updates and the new weights
+are published on a PUB socket that tamiyo_server --policy neural subscribes to.
+
+Durability rule: nothing is acked or published before it is committed. The learner reads the
+trajectories waiting on its socket (up to MAX_BATCH), applies them (updating whenever enough episodes
+are pending), commits one checkpoint (--save, default <runs-dir>/simic_learner.pt: policy, Adam,
+normalizers, RNG states, counters, the trajectories not yet learned from, and every decided key),
+and only then sends the acks and publishes the weights. A learner killed at any moment therefore
+restarts (from --save when it exists, or --resume) with every acked trajectory in its accepted set
+and every published version in its past; what it lost was never acked, and the workers resend it.
+SIGTERM commits once more. /metrics (--metrics-port) shows accepted, duplicates, refused, pending.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import zmq
+from prometheus_client import REGISTRY
 
 from esper.cli import Parser, UsageError, add_train_flags, train_config
-from esper.leyline import AckStatus, RunStarted, TelemetryLevel, from_short_name
+from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import Telemetry
-from esper.simic.checkpoint import save_checkpoint
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.learner import Learner
+from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
+from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
 from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
-from esper.transport.trajectories import TrajectoryInbox, WeightsPublisher
+from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.limits import MAX_TRAJECTORY_BYTES
+from esper.transport.trajectories import LiveMetrics, TrajectoryInbox, WeightsPublisher
+
+MAX_BATCH = 64
+"""Trajectories applied per commit at most: one fsync for a burst, without delaying its acks long."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class Config:
     """Refuse trajectories acted by a policy more than this many updates old."""
     summary: str | None
     """Write the learner's state (updates, accepted trajectory keys, duplicates) here as JSON."""
+    metrics_port: int
+    """Prometheus /metrics; 0 = any free port, -1 = off."""
+    token: str
+    """Shared secret workers and tamiyo_server must present (ZeroMQ PLAIN); empty: none (loopback only)."""
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -66,13 +86,18 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--republish-s", type=float, default=2.0, help="republish the weights this often")
     p.add_argument("--max-policy-lag", type=int, default=4, help="oldest policy version learned from, in updates")
     p.add_argument("--summary", default=None, help="JSON file with the learner's state, rewritten per update")
+    p.add_argument("--metrics-port", type=int, default=env.learner_metrics,
+                   help="Prometheus /metrics ($ESPER_LEARNER_METRICS_PORT; 0 = any, -1 = off)")
+    add_token_flag(p)
     args = p.parse_args(argv)
     args.mode = "ppo"
     run = ppo_config(args, train_config(args))
-    if run.resume:
-        raise UsageError("--resume is not supported by simic_learner yet")
+    if run.save is None:
+        run = replace(run, save=str(Path(run.runs_dir) / "simic_learner.pt"))
     return Config(run=run, host=args.host, port=args.port, weights_port=args.weights_port, hub_pub=args.hub_pub,
-                  republish_s=args.republish_s, max_policy_lag=args.max_policy_lag, summary=args.summary)
+                  republish_s=args.republish_s, max_policy_lag=args.max_policy_lag, summary=args.summary,
+                  metrics_port=args.metrics_port,
+                  token=args.token)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,15 +106,28 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"simic_learner: error: {exc}")
         return 2
+    if refuse_bind("simic_learner", cfg.host, cfg.token):
+        return 2
     log = setup_logging("simic_learner")
     stop = StopSignal()
     if cfg.run.num_workers is not None:
         torch.set_num_threads(cfg.run.num_workers)
     tcfg = cfg.run.trainer
-    ctx = make_context()
+    checkpoint = Path(cfg.run.save)
+    source = Path(cfg.run.resume) if cfg.run.resume else checkpoint if checkpoint.is_file() else None
+    try:
+        state = load_checkpoint(source) if source else None
+        if state is not None:
+            check_resumable(tcfg, state)
+    except ResumeError as exc:
+        log.error("cannot resume from %s: %s", source, exc)
+        stop.close()
+        return 2
+    ctx = make_context(cfg.token, server=True)  # its sockets bind; the hub sink has its own client context
+    ctx.maxmsgsize = MAX_TRAJECTORY_BYTES  # a default for every socket of the context
     sinks = []
     if cfg.hub_pub:
-        sinks.append(PublisherSink(cfg.hub_pub, ctx))
+        sinks.append(PublisherSink(cfg.hub_pub, token=cfg.token))
         if not sinks[0].wait_attached(timeout_s=5.0):
             log.warning("hub at %s not attached after 5 s: PPOUpdate events are lost until it is", cfg.hub_pub)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_ppo-learner_{tcfg.env.task}_s{tcfg.seed}"
@@ -97,6 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
     inbox = TrajectoryInbox(learner.add, lambda: learner.version)
+    if state is not None:
+        learner.load_state_dict(state)
+        if "inbox_json" in state:  # not in an `esper train ppo` checkpoint
+            inbox.load(json.loads(state["inbox_json"]))
+        log.info("resumed from %s: version %d, %d trajectories accepted, %d episodes pending", source,
+                 learner.version, len(inbox.accepted), learner.pending_episodes)
+    commits = 0
+
+    def commit() -> None:
+        nonlocal commits
+        save_checkpoint(learner.state_dict() | {"inbox_json": json.dumps(inbox.state())}, checkpoint)
+        commits += 1
+
+    if cfg.metrics_port >= 0:
+        REGISTRY.register(LiveMetrics(inbox.metrics() | {
+            "esper_simic_pending_episodes": ("Episodes received and not yet learned from.",
+                                             lambda: learner.pending_episodes),
+            "esper_simic_policy_version": ("PPO updates done (the version published).", lambda: learner.version),
+            "esper_simic_checkpoint_commits_total": ("Checkpoints committed (each before its acks).",
+                                                     lambda: commits)}))
+        metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
+        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
 
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0  # acks to a worker that is gone are worthless
@@ -123,24 +183,23 @@ def main(argv: list[str] | None = None) -> int:
         if router not in dict(poller.poll(weights.seconds_to_republish() * 1000)):
             weights.republish()  # the republish timer (or the stop signal) woke the poll
             continue
-        identity, *frames = router.recv_multipart()
-        ack = inbox.handle(frames)
-        router.send_multipart([identity, ack.SerializeToString()])
-        if ack.status == AckStatus.ACK_STATUS_REJECTED:
-            log.warning("trajectory %s/%d refused: %s", ack.worker_id, ack.sequence, ack.reason)
-        if ack.status == AckStatus.ACK_STATUS_ACCEPTED and learner.ready():
-            stats = learner.update()
+        version, decided = learner.version, len(inbox.decided)
+        replies = receive_batch(router, inbox, learner, log)
+        if len(inbox.decided) > decided:
+            commit()  # before any ack: the durability rule
+        for identity, ack in replies:
+            router.send_multipart([identity, ack.SerializeToString()])
+        if learner.version != version:
             weights.publish(learner.version, learner.policy_state())
-            if cfg.run.save:
-                save_checkpoint(learner.trainer.state_dict(), Path(cfg.run.save))
             write_summary()
-            log.info("update %d: %d episodes, entropy %.3f, approx_kl %.4f, ev %.2f; published version %d",
-                     learner.version, learner.trainer.episodes_done, stats.entropy, stats.approx_kl,
-                     stats.explained_variance, learner.version)
+            log.info("published version %d", learner.version)
 
-    log.info("stopping: version %d, %d trajectories accepted, %d duplicates, %d refused", learner.version,
-             len(inbox.accepted), inbox.duplicates, inbox.rejected)
+    commit()
+    log.info("stopping: version %d, %d trajectories accepted, %d duplicates, %d refused; committed to %s",
+             learner.version, len(inbox.accepted), inbox.duplicates, inbox.rejected, checkpoint)
     write_summary()
+    if cfg.metrics_port >= 0:
+        metrics_server.shutdown()
     weights.close()
     router.close()
     telemetry.close()
@@ -149,6 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     ctx.term()
     stop.close()
     return 0
+
+
+def receive_batch(router: zmq.Socket, inbox: TrajectoryInbox, learner: Learner,
+                  log: logging.Logger) -> list[tuple[bytes, TrajectoryAck]]:
+    """Apply the trajectories waiting on the socket (at most MAX_BATCH), updating whenever enough episodes
+    are pending; returns the acks to send once the result is committed."""
+    replies = []
+    while len(replies) < MAX_BATCH and router.poll(0):
+        identity, *frames = router.recv_multipart()
+        ack = inbox.handle(frames)
+        replies.append((identity, ack))
+        if ack.status == AckStatus.ACK_STATUS_REJECTED:
+            log.warning("trajectory %s/%d refused: %s", ack.worker_id, ack.sequence, ack.reason)
+        if ack.status == AckStatus.ACK_STATUS_ACCEPTED and learner.ready():
+            log.info("update %d: learning from %d episodes", learner.version + 1, learner.pending_episodes)
+            stats = learner.update()
+            log.info("update %d done: %d episodes in all, entropy %.3f, approx_kl %.4f, ev %.2f", learner.version,
+                     learner.trainer.episodes_done, stats.entropy, stats.approx_kl, stats.explained_variance)
+    return replies
 
 
 if __name__ == "__main__":

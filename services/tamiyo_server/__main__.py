@@ -7,6 +7,10 @@ subscribes to the learner's weights, swaps each new version in, and every Decisi
 that made it, with the action's log-probability and the critic's value (what a PPO worker records).
 The neural policy samples its actions (it is the acting policy of training). Until the first weights
 arrive, Decide answers UNAVAILABLE (clients retry) and the Tamiyo health service is NOT_SERVING.
+
+With a token ($ESPER_TOKEN or --token) every gRPC call without it is UNAUTHENTICATED, /metrics answers
+401 and the weights subscription presents it; off loopback one is required. SIGTERM: health goes
+NOT_SERVING, in-flight calls get --grace-s to finish, then the rest are cancelled (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -19,18 +23,26 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
-
+from prometheus_client import Counter
 from esper.leyline import tamiyo_pb2, tamiyo_pb2_grpc
 from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
+from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
 from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
-from esper.transport.policy_service import SERVER_OPTIONS, SERVICE_NAME, AwaitingWeights, TamiyoServicer
+from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
+from esper.transport.policy_service import (
+    SERVER_OPTIONS,
+    SERVICE_NAME,
+    AwaitingWeights,
+    MalformedRequestCounter,
+    TamiyoServicer,
+)
 from esper.transport.trajectories import WeightsSubscriber
 
 POLICIES = {"heuristic": HeuristicPolicy, "static": WaitPolicy, "neural": AwaitingWeights}
+WEIGHTS_REFUSED = Counter("esper_tamiyo_weights_refused", "Policy weights messages that did not build a policy.")
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class Config:
     """gRPC server threads."""
     grace_s: float
     """How long in-flight calls may finish at shutdown."""
+    token: str
+    """Shared secret every call and scrape must carry; empty: none (loopback only)."""
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -62,17 +76,23 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--learner-weights", default=env.tcp(env.learner_weights),
                    help="simic_learner weights endpoint, for --policy neural ($ESPER_LEARNER_WEIGHTS_PORT)")
     p.add_argument("--workers", type=int, default=4, help="gRPC server threads")
-    p.add_argument("--grace-s", type=float, default=2.0, help="shutdown grace for in-flight calls")
+    p.add_argument("--grace-s", type=float, default=1.0,
+                   help="shutdown grace for in-flight calls (a Decide takes milliseconds; honcho kills at 5 s)")
+    add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
+    if refuse_bind("tamiyo_server", cfg.host, cfg.token):
+        return 2
     log = setup_logging("tamiyo_server")
     stop = StopSignal()
     policy = POLICIES[cfg.policy]()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=SERVER_OPTIONS)
+    options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", MAX_GRPC_REQUEST_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=options,
+                         interceptors=[*server_interceptors(cfg.token), MalformedRequestCounter()])
     servicer = TamiyoServicer(policy)
     tamiyo_pb2_grpc.add_TamiyoServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     server.start()
     if cfg.metrics_port >= 0:
-        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+        metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
         log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
     neural = cfg.policy == "neural"
     for service in ("", SERVICE_NAME):  # "" is the whole server, as grpc_health_probe asks by default
@@ -93,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     log_endpoint(log, "grpc", f"{cfg.host}:{port}")
     if neural:
         def load(version: int, state: dict) -> None:
-            servicer.policy = policy_from_state(state, str(version), greedy=False, seed=version)
+            try:
+                servicer.policy = policy_from_state(state, str(version), greedy=False, seed=version)
+            except Exception as exc:  # noqa: BLE001 - a well-framed message from the wire, any content:
+                WEIGHTS_REFUSED.inc()  # refuse it and keep serving; raising would end the receiver thread
+                log.error("policy weights version %d refused: %s: %s", version, type(exc).__name__, exc)
+                return
             health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving policy ppo version %d", version)
 
-        ctx = make_context()
+        ctx = make_context(cfg.token)
+        ctx.maxmsgsize = MAX_WEIGHTS_BYTES  # a default for the context's one socket, the SUB below
         subscriber = WeightsSubscriber(ctx, cfg.learner_weights, load)
         receiver = threading.Thread(target=subscriber.serve, args=(stop.fileno(), stop.is_set), daemon=True)
         receiver.start()

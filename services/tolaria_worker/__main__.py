@@ -8,12 +8,22 @@ extra sink (the bus) differ. It writes the same run directories under --runs-dir
 are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when any process
 exits; `--exit-when-done` makes it return instead.
 
+It checkpoints every episode into its run directory after every epoch (--checkpoint-every 1) and on
+start continues its experiment, episode by episode: the newest run directory under --runs-dir with
+the same config and episode seed is resumed from its checkpoint if unfinished (the same run id and
+telemetry sequence numbers, so karn sees neither a gap nor a duplicate) and skipped if finished; only
+an episode with no such directory starts anew. --fresh starts every episode anew.
+
     python -m services.tolaria_worker --ppo --task synthetic --max-epochs 20 --n-envs 2 [esper train ppo flags]
 
 `--ppo` makes it a distributed PPO actor (SEED RL): it takes the flags of `esper train ppo` (the same
 as simic_learner's), plays rounds of --n-envs episodes with decisions from tamiyo_server --policy
 neural (each with its policy version, log-probability and value), and ships each round to
-simic_learner as one acked trajectory (raw features and rewards; the learner normalizes them).
+simic_learner as one acked trajectory (raw features and rewards; the learner normalizes them). Each
+trajectory is spooled (--spool-dir, default <runs-dir>/spool/<worker-id>) before it is sent and
+deleted once acked: a worker restarted with the same --worker-id resends what was unacked under its
+old keys and goes on from the next unplayed round. /metrics shows the unacked window, the time spent
+waiting for it (a stalled learner) and the bytes spooled.
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY
 
-from esper.cli import Parser, UsageError, add_train_flags, train_config
+from esper.cli import Parser, UsageError, add_checkpoint_flag, add_train_flags, train_config
 from esper.experiment import RunConfig, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry
@@ -37,11 +49,12 @@ from esper.tamiyo.features import FeatureSpec
 from esper.tamiyo.network import ActionCodec
 from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
+from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
 from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging
-from esper.transport.policy_service import PolicyUnavailable, RemotePolicy
-from esper.transport.trajectories import TrajectorySender
+from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, setup_logging, start_metrics
+from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
+from esper.transport.trajectories import LiveMetrics, Spool, SpoolBusy, TrajectorySender
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class Shipping:
     """Resend a trajectory the learner has not acked after this long."""
     window: int
     """Stop playing while this many trajectories are unacked (backpressure)."""
+    spool_dir: str
+    """Where trajectories wait for their ack (one directory per worker id; locked while in use)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,10 @@ class Config:
     """Return after the episodes instead of idling until SIGTERM."""
     shipping: Shipping | None
     """--ppo: the trajectory shipping; None for a controller run."""
+    token: str
+    """Shared secret presented to tamiyo_server, the hub and the learner, and demanded on /metrics."""
+    continue_runs: bool = True
+    """Continue the runs of this experiment found in --runs-dir (off: --fresh)."""
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -88,16 +107,23 @@ def parse(argv: list[str] | None) -> Config:
     if "--ppo" in (sys.argv[1:] if argv is None else argv):
         add_ppo_flags(p)
         p.add_argument("--learner", default=env.tcp(env.learner), help="simic_learner ($ESPER_LEARNER_PORT)")
-        p.add_argument("--worker-id", default=f"{socket.gethostname()}-{os.getpid()}", help="name in trajectory keys")
+        p.add_argument("--worker-id", default=socket.gethostname(),
+                       help="name in trajectory keys; keep it across restarts (the spool is found by it)")
+        p.add_argument("--spool-dir", default=None, help="unacked trajectories (default <runs-dir>/spool/<worker-id>)")
         p.add_argument("--resend-s", type=float, default=10.0, help="resend an unacked trajectory after this long")
         p.add_argument("--window", type=int, default=4, help="most trajectories unacked at once")
+    else:
+        add_checkpoint_flag(p)
+        p.add_argument("--fresh", action="store_true", help="start every episode anew, continuing no run")
     p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
     p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--metrics-port", type=int, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
-    p.add_argument("--deadline-s", type=float, default=5.0, help="deadline of each Decide call")
+    p.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,
+                   help="deadline of each Decide call (a frozen tamiyo_server is noticed within it)")
     p.add_argument("--patience-s", type=float, default=120.0, help="wait this long for tamiyo_server")
     p.add_argument("--exit-when-done", action="store_true", help="exit after the episodes")
+    add_token_flag(p)
     args = p.parse_args(argv)
     # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
     args.mode = "ppo" if args.ppo else "heuristic"
@@ -105,11 +131,13 @@ def parse(argv: list[str] | None) -> Config:
     shipping = None
     if args.ppo:
         base = ppo_config(args, base)
-        shipping = Shipping(learner=args.learner, worker_id=args.worker_id, resend_s=args.resend_s,
+        spool_dir = args.spool_dir or os.path.join(args.runs_dir, "spool", args.worker_id)
+        shipping = Shipping(learner=args.learner, worker_id=args.worker_id, resend_s=args.resend_s, spool_dir=spool_dir,
                             window=args.window)
     return Config(run=base, tamiyo=args.tamiyo, hub_pub=args.hub_pub, host=args.host,
                   metrics_port=args.metrics_port, deadline_s=args.deadline_s, patience_s=args.patience_s,
-                  exit_when_done=args.exit_when_done, shipping=shipping)
+                  exit_when_done=args.exit_when_done, shipping=shipping, token=args.token,
+                  continue_runs=not getattr(args, "fresh", False))
 
 
 def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, stop: StopSignal,
@@ -121,19 +149,24 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     env_cfg = dataclasses.replace(tcfg.env, seed_grad_norms=tcfg.telemetry_features)  # as PPOTrainer's
     spec = FeatureSpec.for_host(env_cfg.task, tcfg.reward.param_budget, tcfg.telemetry_features)
     level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
-    ctx = make_context()
-    sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window)
+    ctx = make_context(cfg.token)
+    sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window,
+                              Spool(Path(ship.spool_dir)))
+    REGISTRY.register(LiveMetrics(sender.metrics()))
     act = remote_act(policy, spec)
-    for first in range(0, tcfg.episodes, tcfg.n_envs):
+    # A run id per process: the worker id is stable across restarts, and an episode a kill interrupted is
+    # played again from its start, a new run for karn rather than a second copy of the old one.
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{ship.worker_id}"
+    for first in range(sender.spool.progress, tcfg.episodes, tcfg.n_envs):
         if stop.is_set():
             break
         episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
         envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
-                         lambda e: Telemetry(f"{ship.worker_id}_ep{e:04d}", level, [publisher]), episodes)
+                         lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]), episodes)
         rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
         rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
                                 env_cfg.max_epochs)
-        sequence = sender.send(rollout, env_cfg.task, stop.is_set)
+        sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
         sender.poll(0)
         versions = sorted(set(rollout.policy_version.flatten().tolist()))
         log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],
@@ -151,29 +184,37 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"tolaria_worker: error: {exc}")
         return 2
+    if refuse_bind("tolaria_worker", cfg.host, cfg.token):
+        return 2
     log = setup_logging("tolaria_worker")
     stop = StopSignal()
     if cfg.metrics_port >= 0:
-        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+        metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
         log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
-    publisher = PublisherSink(cfg.hub_pub)
+    publisher = PublisherSink(cfg.hub_pub, token=cfg.token)
     if not publisher.wait_attached(timeout_s=10.0):
         log.warning("hub at %s not attached after 10 s: events are lost until it is", cfg.hub_pub)
-    policy = RemotePolicy(cfg.tamiyo, cfg.deadline_s, cfg.patience_s, stop=stop.event)
+    policy = RemotePolicy(cfg.tamiyo, cfg.deadline_s, cfg.patience_s, stop=stop.event, token=cfg.token)
     experiment = cfg.run.trainer if cfg.shipping else cfg.run  # both have episodes, env and device
     log.info("running %d episode(s) of %s on %s, decisions from %s", experiment.episodes, experiment.env.task,
              experiment.device, cfg.tamiyo)
 
     status = 0
     try:
-        if cfg.shipping:
-            play_and_ship(cfg, policy, publisher, stop, log)
-        else:
-            run(cfg.run, policy=policy, sinks=(publisher,))
+        with stop.interrupting():  # a long epoch is cut short: the next start continues from its checkpoint
+            if cfg.shipping:
+                play_and_ship(cfg, policy, publisher, stop, log)
+            else:
+                run(cfg.run, policy=policy, sinks=(publisher,), continue_runs=cfg.continue_runs)
         log.info("episodes done: %d events published, %d decide retries", publisher.published, policy.retries)
+    except Stopped as exc:
+        log.info("stopped mid-episode (%s): a restart continues from the last checkpoint", exc)
     except PolicyUnavailable as exc:  # stopping mid-episode, or tamiyo gone for longer than patience
         status = 0 if stop.is_set() else 1
         log.log(logging.INFO if status == 0 else logging.ERROR, "episode abandoned: %s", exc)
+    except SpoolBusy as exc:
+        status = 2
+        log.error("%s", exc)
     if status == 0 and not cfg.exit_when_done:
         stop.wait()
 

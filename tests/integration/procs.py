@@ -72,9 +72,10 @@ class Service:
         return "".join(self.lines[-60:])
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """/metrics -> {(sample name, sorted labels): value}."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+def scrape(url: str, token: str = "") -> dict[tuple[str, tuple], float]:
+    """/metrics (with the stack's token, if any) -> {(sample name, sorted labels): value}."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    text = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 

@@ -32,6 +32,9 @@ def stack(spawn_module, tmp_path_factory):
                  "--metrics-port", "0")
     karn.wait_bound("metrics")
     runs = tmp_path_factory.mktemp("runs")
+    learner = spawn("simic_learner", "--task", "synthetic", "--port", "0", "--weights-port", "0", "--metrics-port", "0",
+                    "--hub-pub", "", "--save", str(runs / "learner.pt"))
+    learner.wait_bound("metrics")
     worker = spawn("tolaria_worker", "--task", "synthetic", "--max-epochs", str(EPOCHS), "--device", "cpu",
                    "--tamiyo", tamiyo.endpoints["grpc"], "--hub-pub", hub.endpoints["publish"],
                    "--metrics-port", "0", "--runs-dir", str(runs), "--deadline-s", "2")
@@ -46,7 +49,7 @@ def stack(spawn_module, tmp_path_factory):
     epoch_at_restart = metric(scrape(karn_url), "esper_run_epoch")
     restarted = start_tamiyo(spawn, port=tamiyo.port("grpc"))
     wait_until(lambda: metric(scrape(karn_url), "esper_run_finished") == 1, 180, "the episode to finish")
-    return {"hub": hub, "tamiyo": restarted, "karn": karn, "worker": worker, "runs": runs,
+    return {"hub": hub, "tamiyo": restarted, "karn": karn, "worker": worker, "learner": learner, "runs": runs,
             "epoch_at_restart": epoch_at_restart}
 
 
@@ -137,12 +140,13 @@ def test_esper_stack_status_reports_every_process_serving(stack):
     ports = {"ESPER_HUB_METRICS_PORT": stack["hub"].port("metrics"), "ESPER_TAMIYO_PORT": stack["tamiyo"].port("grpc"),
              "ESPER_TAMIYO_METRICS_PORT": stack["tamiyo"].port("metrics"),
              "ESPER_WORKER_METRICS_PORT": stack["worker"].port("metrics"),
-             "ESPER_KARN_METRICS_PORT": stack["karn"].port("metrics")}
+             "ESPER_KARN_METRICS_PORT": stack["karn"].port("metrics"),
+             "ESPER_LEARNER_METRICS_PORT": stack["learner"].port("metrics")}
     env = os.environ | {name: str(port) for name, port in ports.items()}
     out = subprocess.run([sys.executable, "-m", "esper.cli", "stack", "status"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("SERVING") == 5
+    assert out.stdout.count("SERVING") == 6
 
 
 # 127.0.0.1, ::1 and ::ffff:127.0.0.1 (gRPC's IPv4-mapped listener) as /proc/net/tcp{,6} write them.
@@ -179,7 +183,7 @@ def test_the_listener_scan_sees_a_wildcard_bind():
 
 def test_every_listening_socket_is_on_loopback_by_default(stack):
     """Issue 8, promise 12: with default flags (no --host) no service listens beyond 127.0.0.1."""
-    for name in ("hub", "tamiyo", "karn", "worker"):
+    for name in ("hub", "tamiyo", "karn", "worker", "learner"):
         addresses = listening_addresses(stack[name].proc.pid)
         assert addresses, f"{name} listens on nothing?"
         assert all(a.split(":")[0] in LOOPBACK for a in addresses), (name, addresses)
@@ -187,5 +191,5 @@ def test_every_listening_socket_is_on_loopback_by_default(stack):
 
 def test_services_exit_cleanly_on_sigterm(stack):
     """Last: stops the module's stack. Every service returns 0 from SIGTERM."""
-    for name in ("worker", "karn", "tamiyo", "hub"):
+    for name in ("worker", "learner", "karn", "tamiyo", "hub"):
         assert stack[name].stop() == 0, stack[name].output()

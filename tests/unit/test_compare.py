@@ -43,6 +43,9 @@ def test_language_models_are_compared_on_validation_loss():
     (["compare", "--seeds", "0"], "--seeds must be >= 1"),
     (["compare", "--arms", "from-scratch"], "needs heuristic"),
     (["compare", "--budget", "original", "--max-epochs", "10"], "fixes the budget at 40"),
+    (["compare", "--arms", "static", "ppo"], "--arms ppo needs --policy"),
+    (["compare", "--policy", "missing.pt"], "--policy missing.pt: no such file"),
+    (["train", "learned", "--task", "synthetic"], "--policy"),
 ])
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
@@ -53,7 +56,7 @@ def test_compare_flag_errors(argv, needle, capsys):
 def test_tiny_comparison_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--db", str(tmp_path / "karn.db")]) == 0
     report = (out / "results.md").read_text()
     for arm in ("| static |", "| heuristic |", "| from-scratch |"):
         assert arm in report
@@ -64,3 +67,10 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     # Same seed, no growth: the static and from-scratch arms (nothing grafted) train identically.
     assert [r["test_accuracy"] for r in results["static"]] == [r["test_accuracy"] for r in results["from-scratch"]]
     assert main(["compare", "--task", "synthetic", "--out", str(out)]) == 2  # refuses to mix two comparisons
+    # Every run recorded itself in the store as it ended: `esper runs list` shows the comparison.
+    capsys.readouterr()
+    assert main(["runs", "list", "--db", str(tmp_path / "karn.db")]) == 0
+    listed = capsys.readouterr().out
+    print(listed)
+    assert sum(" static " in line for line in listed.splitlines()) == 4  # static and from-scratch, 2 seeds each
+    assert sum(" heuristic " in line for line in listed.splitlines()) == 2

@@ -10,6 +10,7 @@ below (in percentage points). An unpaired estimate would give the same mean but 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -105,7 +106,7 @@ def test_blending_contribution_is_the_paired_difference_against_alpha_zero():
     logits = [1.0, 3.0, 0.0, 0.0]
     lse = math.log(sum(math.exp(v) for v in logits))
     assert result.loss == pytest.approx(sum(lse - logits[y] for y in VAL_Y) / len(VAL_Y), abs=1e-5)
-    assert slot.alpha_override is None and slot.alpha == 0.3
+    assert slot.alpha == 0.3
 
 
 def test_training_contribution_is_alpha_one_minus_the_unchanged_host():
@@ -123,7 +124,6 @@ def test_training_contribution_is_alpha_one_minus_the_unchanged_host():
     assert mean == pytest.approx(-10.0, abs=1e-4)
     assert se == pytest.approx(expected_se, abs=1e-4)
     assert result.accuracy == pytest.approx(20.0, abs=1e-4)
-    assert slot.alpha_override is None
 
 
 def test_seed_whose_removal_changes_nothing_scores_zero_and_split_is_honoured():
@@ -152,3 +152,49 @@ def test_fossilized_seed_is_not_probed():
     result = trainer_for(model).evaluate("val")
     assert result.contributions == {}
     assert result.accuracy == pytest.approx(60.0, abs=1e-4)  # the fossil pushes everything to class 1
+
+
+def test_batched_counterfactual_equals_one_pass_per_variant():
+    """Real seeds in three slots (early TRAINING, mid BLENDING at 0.4, late BLENDING at 0.7): the
+    contributions of the single batched pass equal those of separate passes over copies of the model
+    with the alpha changed by hand (the prefix before "early" runs once, then three copies split)."""
+    torch.manual_seed(1)
+    model = MorphogeneticModel(build_host("synthetic"), ["early", "mid", "late"],
+                               LifecycleConfig(min_training_epochs=0, blend_epochs=1))
+    stages = {"early": S.SEED_STAGE_TRAINING, "mid": S.SEED_STAGE_BLENDING, "late": S.SEED_STAGE_BLENDING}
+    for name, stage in stages.items():
+        slot = model.slots[name]
+        model.execute(Action(operation=OP.OPERATION_GERMINATE, slot=name, blueprint=Blueprint.BLUEPRINT_CONV_LIGHT), 1)
+        while slot.stage != stage:
+            slot.contribution = (10.0, 0.0)
+            assert model.execute(Action(operation=OP.OPERATION_ADVANCE, slot=name), 1).transitions
+        with torch.no_grad():  # a fresh seed is the identity (last layer zero): give it an effect
+            for p in slot.seed.parameters():
+                p.normal_(0, 0.5)
+    model.slots["mid"].alpha, model.slots["late"].alpha = 0.4, 0.7
+    trainer = trainer_for(model)
+    result = trainer.evaluate("val")
+
+    x = (trainer.data.val_x.float() / 255 - trainer.mean) / trainer.std
+    y = trainer.data.val_y
+
+    def scored(variant: MorphogeneticModel) -> tuple[torch.Tensor, float]:
+        """(per-image right or wrong, mean loss) of one model variant, in a pass of its own."""
+        with torch.no_grad():
+            logits = variant.eval()(x)
+        return (logits.argmax(-1) == y).float(), float(torch.nn.functional.cross_entropy(logits, y))
+
+    base, base_loss = scored(model)
+    for name, with_alpha in (("early", 1.0), ("mid", 0.0), ("late", 0.0)):
+        variant = copy.deepcopy(model)
+        slot = variant.slots[name]
+        slot.stage, slot.alpha = S.SEED_STAGE_BLENDING, with_alpha  # BLENDING's formula, alpha forced
+        other, other_loss = scored(variant)
+        training = name == "early"
+        diff = other - base if training else base - other
+        expected = (float(diff.mean()) * 100, float(diff.std()) * 100 / math.sqrt(len(diff)))
+        loss_drop = base_loss - other_loss if training else other_loss - base_loss
+        print(name, expected, result.contributions[name], loss_drop, result.loss_contributions[name])
+        assert result.contributions[name] == pytest.approx(expected, abs=1e-4)
+        assert result.loss_contributions[name] == pytest.approx(loss_drop, abs=1e-5)
+        assert abs(loss_drop) > 1e-3  # every seed changes the loss: the check can fail

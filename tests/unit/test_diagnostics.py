@@ -1,5 +1,6 @@
 """Telemetry levels decide what is computed: DEBUG measures the loss landscape's sharpness on its
-schedule, NORMAL never runs the measurement, and measuring does not change the run."""
+schedule and every layer's gradient health each epoch, NORMAL runs neither measurement, and measuring
+does not change the run."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 import esper.simic.env as env_module
-from esper.leyline import TelemetryLevel
+from esper.leyline import SeedStage, TelemetryLevel, short_name
 from esper.nissa import ListSink, Telemetry
-from esper.nissa.diagnostics import top_hessian_eigenvalue
+from esper.nissa.diagnostics import GradientMonitor, top_hessian_eigenvalue
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy
 from esper.tolaria.trainer import TrainConfig
@@ -24,24 +25,45 @@ def test_power_iteration_finds_the_top_eigenvalue_of_a_quadratic():
     assert top_hessian_eigenvalue(lambda: 0.5 * w @ hessian @ w, [w], iters=200, tol=1e-7) == pytest.approx(5.0, rel=1e-4)
 
 
-def episode(level: int, synthetic_data, monkeypatch) -> tuple[list, int]:
-    calls = []
+def episode(level: int, synthetic_data, monkeypatch) -> tuple[list, int, int]:
+    """The events of one episode, the sharpness measurements and the gradient monitors it made."""
+    calls, monitors = [], []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return top_hessian_eigenvalue(*args, **kwargs)
 
+    class CountedMonitor(GradientMonitor):
+        def __init__(self, *args, **kwargs):
+            monitors.append(1)
+            super().__init__(*args, **kwargs)
+
     monkeypatch.setattr(env_module, "top_hessian_eigenvalue", counted)
+    monkeypatch.setattr(env_module, "GradientMonitor", CountedMonitor)
     sink = ListSink()
     env = GrowthEnv(ENV, synthetic_data, torch.device("cpu"), Telemetry("t", level, sinks=[sink]))
     run_episode(env, HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=2, plateau_patience=1)), 0)
-    return sink.events, len(calls)
+    return sink.events, len(calls), len(monitors)
 
 
-def test_debug_measures_sharpness_on_schedule_and_normal_does_not(synthetic_data, monkeypatch):
-    normal, normal_calls = episode(TelemetryLevel.TELEMETRY_LEVEL_NORMAL, synthetic_data, monkeypatch)
-    debug, debug_calls = episode(TelemetryLevel.TELEMETRY_LEVEL_DEBUG, synthetic_data, monkeypatch)
+def test_debug_measures_sharpness_and_gradients_and_normal_does_not(synthetic_data, monkeypatch):
+    normal, normal_calls, normal_monitors = episode(TelemetryLevel.TELEMETRY_LEVEL_NORMAL, synthetic_data, monkeypatch)
+    debug, debug_calls, debug_monitors = episode(TelemetryLevel.TELEMETRY_LEVEL_DEBUG, synthetic_data, monkeypatch)
+    print("sharpness measurements normal/debug", normal_calls, debug_calls,
+          "gradient monitors normal/debug", normal_monitors, debug_monitors)
     assert normal_calls == 0 and debug_calls == 3
+    assert normal_monitors == 0 and debug_monitors == 6  # one per epoch
+    assert all(not e.epoch.gradients for e in normal if e.HasField("epoch"))
+    reports = [e.epoch for e in debug if e.HasField("epoch")]
+    for report in reports:
+        layers = [g.layer for g in report.gradients]
+        assert layers[:4] == ["block0", "block1", "block2", "head"]  # the synthetic CNN's stem has no weights
+        trained = {s.slot for s in report.slots if short_name(SeedStage, s.stage) in ("TRAINING", "BLENDING",
+                                                                                       "FOSSILIZED")}
+        assert set(layers[4:]) == {f"seed:{slot}" for slot in trained}
+        assert all(0 < g.mean_norm <= g.max_norm < 100 and not g.vanishing and not g.exploding
+                   for g in report.gradients)
+    assert any(len(r.gradients) > 4 for r in reports)  # a seed was measured
     sharpness = {e.epoch.signals.epoch: e.epoch.sharpness for e in debug if e.HasField("epoch")}
     assert all(sharpness[e] > 0 for e in (2, 4, 6)) and all(sharpness[e] == 0 for e in (1, 3, 5))
     assert all(e.epoch.sharpness == 0 for e in normal if e.HasField("epoch"))
@@ -50,3 +72,49 @@ def test_debug_measures_sharpness_on_schedule_and_normal_does_not(synthetic_data
         return [(e.decision.action.operation, e.decision.action.slot) if e.HasField("decision")
                 else e.epoch.signals.val_accuracy for e in events if e.HasField("decision") or e.HasField("epoch")]
     assert trace(debug) == trace(normal)
+
+
+def test_gradient_monitor_flags_vanishing_exploding_and_non_finite_layers():
+    """Mean and max over batches per group, against norms computed by hand; a group no backward pass
+    reached is left out; a tied parameter counts once, in its first group."""
+    ok, dead, big, bad, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(5))
+    monitor = GradientMonitor({"ok": [ok], "dead": [dead], "big": [big, ok], "bad": [bad], "unused": [unused]})
+    for scale in (1.0, 3.0):
+        ok.grad = torch.full((3,), scale)
+        dead.grad = torch.zeros(3)
+        big.grad = torch.full((3,), 100.0 * scale)
+        bad.grad = torch.tensor([1.0, float("nan"), 0.0]) if scale == 3.0 else torch.ones(3)
+        monitor.accumulate()
+    report = {g.layer: g for g in monitor.read()}
+    print({name: (g.mean_norm, g.max_norm, g.vanishing, g.exploding) for name, g in report.items()})
+    assert list(report) == ["ok", "dead", "big", "bad"]
+    root3 = 3 ** 0.5
+    assert report["ok"].mean_norm == pytest.approx(2 * root3) and report["ok"].max_norm == pytest.approx(3 * root3)
+    assert not report["ok"].vanishing and not report["ok"].exploding
+    assert report["dead"].vanishing and not report["dead"].exploding
+    assert report["big"].mean_norm == pytest.approx(200 * root3) and report["big"].exploding
+    assert report["bad"].exploding and not report["bad"].max_norm == report["bad"].max_norm  # NaN kept visible
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a host sync only exists with a device")
+def test_gradient_monitor_never_syncs_with_the_device_per_batch():
+    """CUDA's sync debug mode raises on any operation that waits for the device (.item(), .cpu(),
+    nonzero): accumulating must not, so DEBUG telemetry keeps the step loop asynchronous."""
+    from esper.kasmina import MorphogeneticModel, build_host
+    from esper.simic.env import gradient_groups
+
+    model = MorphogeneticModel(build_host("cifar10"), ("mid",)).cuda()
+    monitor = GradientMonitor(gradient_groups(model))
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            monitor.accumulate()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    report = monitor.read()
+    print({g.layer: round(g.mean_norm, 4) for g in report})
+    assert [g.layer for g in report] == ["block0", "block1", "block2", "head"]

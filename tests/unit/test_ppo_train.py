@@ -18,7 +18,7 @@ TINY = ["--task", "synthetic", "--max-epochs", "3", "--max-batches", "1", "--slo
 
 
 def run_dir(runs: Path) -> Path:
-    (only,) = runs.iterdir()
+    (only,) = [p for p in runs.iterdir() if p.is_dir()]  # beside karn.db, the run store
     return only
 
 
@@ -49,6 +49,25 @@ def test_train_ppo_writes_a_run_directory_and_a_usable_policy(tmp_path, syntheti
     env = GrowthEnv(EnvConfig(task="synthetic", max_epochs=3, slots=("early", "mid")), synthetic_data,
                     torch.device("cpu"), Telemetry("eval"))
     assert run_episode(env, policy, 1000).signals.epoch == 3
+
+    # `esper train learned` grows under the saved policy: its decisions are the policy's, in order.
+    learned_runs = tmp_path / "learned"
+    assert main(["train", "learned", "--policy", str(out / "checkpoint.pt"), "--task", "synthetic",
+                 "--max-epochs", "3", "--max-batches", "1", "--slots", "early", "mid", "--seed", "1000",
+                 "--runs-dir", str(learned_runs)]) == 0
+    learned = [e.decision for e in read_jsonl(run_dir(learned_runs) / "telemetry.jsonl") if e.HasField("decision")]
+    assert [(d.policy_name, d.policy_version) for d in learned] == [("ppo", "2")] * 3
+    chosen = []
+
+    class Recording:
+        def decide(self, observation):
+            chosen.append(policy.decide(observation))
+            return chosen[-1]
+
+    env = GrowthEnv(EnvConfig(task="synthetic", max_epochs=3, slots=("early", "mid"), seed_grad_norms=True,
+                              train=TrainConfig(max_batches=1)), synthetic_data, torch.device("cpu"), Telemetry("eval"))
+    run_episode(env, Recording(), 1000)
+    assert [d.action for d in learned] == [d.action for d in chosen]
 
 
 def checkpoint(path: Path) -> dict:

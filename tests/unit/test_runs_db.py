@@ -91,3 +91,31 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
     assert heuristic[1] in text and "## Seeds by blueprint and slot" in text
     for png in ("val_accuracy.png", "accuracy_vs_params.png", "seed_fates.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_esper_train_records_its_runs_in_the_store(tmp_path, capsys):
+    """Heuristic, static and PPO runs show in `esper runs list` (the store beside them, <runs-dir>/karn.db)
+    without `esper runs index`; a run at --telemetry-level off has no telemetry to record and still ends well."""
+    runs = tmp_path / "runs"
+    tiny = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--slots", "mid", "--runs-dir", str(runs)]
+    assert main(["train", "heuristic", *tiny, "--episodes", "2"]) == 0
+    assert main(["train", "static", *tiny, "--telemetry-level", "off"]) == 0
+    assert main(["train", "ppo", *tiny, "--n-envs", "2", "--episodes", "2", "--update-every", "1",
+                 "--num-workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "list", "--db", str(runs / "karn.db")]) == 0
+    listed = capsys.readouterr().out
+    print(listed)
+    made = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    heuristic = [m for m in made if "_heuristic_" in m]
+    (ppo,) = [m for m in made if "_ppo_" in m]
+    (static,) = [m for m in made if "_static_" in m]
+    assert len(heuristic) == 2 and all(run_id in listed for run_id in heuristic)
+    assert f"{ppo}_ep0000" in listed and f"{ppo}_ep0001" in listed
+    assert static not in listed
+    db = RunsDB(runs / "karn.db")
+    try:
+        # The PPO learner's own run (its RunStarted) is a row too, beside its episodes.
+        assert sorted(r["run_id"] for r in db.runs()) == sorted([*heuristic, ppo, f"{ppo}_ep0000", f"{ppo}_ep0001"])
+    finally:
+        db.close()

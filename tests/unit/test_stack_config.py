@@ -8,7 +8,8 @@ from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS_PORT_OF_JOB = {"nissa_hub": "ESPER_HUB_METRICS_PORT", "tamiyo_server": "ESPER_TAMIYO_METRICS_PORT",
-                       "tolaria_worker": "ESPER_WORKER_METRICS_PORT", "karn": "ESPER_KARN_METRICS_PORT"}
+                       "tolaria_worker": "ESPER_WORKER_METRICS_PORT", "karn": "ESPER_KARN_METRICS_PORT",
+                       "simic_learner": "ESPER_LEARNER_METRICS_PORT"}
 
 
 def dotenv() -> dict[str, str]:

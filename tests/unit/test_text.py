@@ -225,7 +225,7 @@ def test_train_then_sample_on_the_shared_sample(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ESPER_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["train", "heuristic", "--task", "tinystories", "--data-dir", str(TINYSTORIES_DIR),
                  "--max-epochs", "1", "--max-batches", "2", "--runs-dir", str(tmp_path / "runs")]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # beside karn.db
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["total_params"] == 1_071_872 and 6 < summary["val_loss"] < 8  # ln 2048 = 7.6 at init
     assert json.loads((run_dir / "config.json").read_text())["env"]["train"]["optimizer"] == "adamw"
@@ -243,6 +243,6 @@ def test_ppo_drives_the_language_model_host(tmp_path, monkeypatch):
     assert main(["train", "ppo", "--task", "tinystories", "--data-dir", str(TINYSTORIES_DIR), "--episodes", "1",
                  "--n-envs", "1", "--update-every", "1", "--max-epochs", "2", "--max-batches", "1",
                  "--num-workers", "1", "--runs-dir", str(tmp_path / "runs")]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # beside karn.db
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["task"] == "tinystories" and summary["updates"] == 1

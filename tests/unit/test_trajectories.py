@@ -18,7 +18,7 @@ from esper.simic.rollout import Rollout
 from esper.simic.toy import SimulatedTrainer
 from esper.simic.trainer import TrainerConfig
 from esper.transport.tensors import pack, unpack
-from esper.transport.trajectories import TrajectoryInbox, decode_weights, weights_frames
+from esper.transport.trajectories import Spool, SpoolBusy, TrajectoryInbox, decode_weights, weights_frames
 
 TOY = EnvConfig(task="synthetic", max_epochs=4, slots=("mid",))
 make_env = functools.partial(GrowthEnv, trainer_factory=SimulatedTrainer)
@@ -57,6 +57,36 @@ def test_a_refused_trajectory_is_never_applied_and_stays_refused():
     assert inbox.handle(frames("w", 1, 1)).status == AckStatus.ACK_STATUS_REJECTED  # decided once
     assert inbox.handle([b"\xff\xff"]).status == AckStatus.ACK_STATUS_REJECTED
     assert applied == [1] and inbox.accepted == []
+
+
+def test_the_decided_keys_survive_a_restart_through_state():
+    """What the learner's checkpoint holds: a restored inbox answers DUPLICATE for what it had accepted."""
+    inbox = TrajectoryInbox(lambda rollout: None, version=lambda: 0)
+    inbox.handle(frames("w", 1, 0))
+    inbox.handle(frames("w", 1, 0))
+    restored = TrajectoryInbox(lambda rollout: pytest.fail("applied twice"), version=lambda: 0)
+    restored.load(inbox.state())
+    assert restored.handle(frames("w", 1, 0)).status == AckStatus.ACK_STATUS_DUPLICATE
+    assert restored.accepted == [("w", 1, 0)] and restored.duplicates == 2
+
+
+def test_the_spool_gives_a_restarted_worker_its_unacked_trajectories_and_progress(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolBusy):  # a second live worker on the same directory
+        Spool(tmp_path)
+    for sequence in range(3):
+        spool.put(("w", 9, sequence), frames("w", 9, sequence), progress=sequence + 1)
+    spool.remove(("w", 9, 2))  # the newest is acked first: its progress is kept on disk
+    spool.remove(("w", 9, 0))
+    spool.close()
+    (tmp_path / "torn.tmp").write_bytes(b"half")  # a write that a kill interrupted is not an entry
+
+    again = Spool(tmp_path)
+    assert again.load() == {("w", 9, 1): frames("w", 9, 1)}  # byte for byte, under its old key
+    assert again.progress == 3 and again.bytes > 0
+    again.remove(("w", 9, 1))
+    assert again.bytes == 0 and not list(tmp_path.glob("*.traj")) and not (tmp_path / "torn.tmp").exists()
+    again.close()
 
 
 def test_tensor_frames_round_trip_and_refuse_what_is_not_a_tensor():
@@ -113,3 +143,12 @@ def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data
     assert "more than 1 updates old" in learner.add(stale)  # version 0 is two updates behind
     wrong = Rollout(**(stale.tensors() | {"obs": stale.obs[..., :-1]}))
     assert "obs" in learner.problem(wrong)
+
+    # A restarted learner continues from its checkpoint: version, normalizers of each live version.
+    restored = Learner(cfg, Telemetry("restarted"), max_policy_lag=1)
+    restored.load_state_dict(learner.state_dict())
+    assert restored.version == 2 and sorted(restored.obs_stats) == sorted(learner.obs_stats) == [1, 2]
+    assert restored.add(fresh) is None  # version 1's statistics came back with it
+    from_train_ppo = Learner(cfg, Telemetry("from esper train ppo"), max_policy_lag=1)
+    from_train_ppo.load_state_dict(learner.trainer.state_dict())  # no per-version statistics: the current only
+    assert sorted(from_train_ppo.obs_stats) == [2]

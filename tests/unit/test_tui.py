@@ -15,7 +15,7 @@ from rich.console import Console
 from textual.widgets import HelpPanel, Sparkline
 
 from esper.karn.tui import QueueSource, make_app
-from esper.karn.tui.widgets import Curves, EventLog, PolicyHealth, RunHeader, SlotTable
+from esper.karn.tui.widgets import Curves, EventLog, GradientHealth, PolicyHealth, Rewards, RunHeader, SlotTable
 from esper.karn.tui.widgets.policy_health import health_colour
 from esper.leyline import (Action, Blueprint, Decision, EpochReport, GateCheck, GovernorEvent, LifecycleTransition,
                            Operation, PPOUpdate, RunStarted, SeedStage, SlotState, TelemetryEvent, TrainingSignals,
@@ -119,6 +119,32 @@ def test_policy_health_appears_with_ppo_and_is_coloured_by_thresholds():
     asyncio.run(replay(events, check))
 
 
+def test_gradient_health_panel_shows_debug_epochs_with_their_flags():
+    """Hidden while epochs carry no gradients (NORMAL telemetry); a DEBUG epoch shows every layer's
+    norms with its flag."""
+    from esper.leyline import LayerGradient
+
+    plain = TelemetryEvent(run_id="dbg", sequence=1, epoch=EpochReport(signals=TrainingSignals(epoch=1, max_epochs=5)))
+    debug = TelemetryEvent(run_id="dbg", sequence=2, epoch=EpochReport(
+        signals=TrainingSignals(epoch=2, max_epochs=5),
+        gradients=[LayerGradient(layer="block0", mean_norm=0.31, max_norm=0.42),
+                   LayerGradient(layer="head", mean_norm=250.0, max_norm=900.0, exploding=True),
+                   LayerGradient(layer="seed:mid", mean_norm=0.0, max_norm=0.0, vanishing=True)]))
+
+    async def check(app, pilot):
+        panel = app.query_one(GradientHealth)
+        assert panel.display
+        assert panel.flags == {"block0": "ok", "head": "exploding", "seed:mid": "vanishing"}
+        text = screen_text(app)
+        assert "dbg epoch 2" in text and "seed:mid" in text and "exploding" in text and "vanishing" in text
+
+    async def hidden(app, pilot):
+        assert not app.query_one(GradientHealth).display
+
+    asyncio.run(replay([plain], hidden))
+    asyncio.run(replay([plain, debug], check))
+
+
 @pytest.mark.parametrize("name, value, colour", [
     ("approx_kl", 0.01, "green"), ("approx_kl", 0.03, "yellow"), ("approx_kl", 0.06, "red"),
     ("clipfrac", 0.1, "green"), ("clipfrac", 0.31, "red"),
@@ -190,9 +216,9 @@ def test_curves_restart_for_another_run(run_events):
     asyncio.run(replay(epochs + [other], check))
 
 
-def test_train_tui_shows_the_in_process_run(monkeypatch, tmp_path):
-    """`esper train heuristic --tui`: the run trains in a thread and the app (driven headless here in
-    place of a terminal) sees every epoch; the run directory is complete."""
+def train_headless(monkeypatch, argv: list[str], look) -> dict:
+    """`esper <argv>` (with --tui) with the app driven headless in place of a terminal: once the run's
+    events have all arrived, `look(app)` says what the screen showed."""
     from esper.cli import main
     from esper.karn.tui import TelemetryApp
 
@@ -203,17 +229,52 @@ def test_train_tui_shows_the_in_process_run(monkeypatch, tmp_path):
             async with app.run_test(size=SIZE) as pilot:
                 while not app.source_ended:
                     await pilot.pause(0.05)
-                seen.update(epochs=app.store.received["epoch"], rows=app.query_one(SlotTable).row_count)
+                await pilot.pause()
+                seen.update(look(app))
                 await pilot.press("q")
 
         asyncio.run(drive())
 
     monkeypatch.setattr(TelemetryApp, "run", headless)
+    assert main(argv) == 0
+    return seen
+
+
+def test_train_tui_shows_the_in_process_run(monkeypatch, tmp_path):
+    """`esper train heuristic --tui`: the run trains in a thread and the app sees every epoch; the run
+    directory is complete."""
     argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "3",
             "--slots", "early", "mid", "--runs-dir", str(tmp_path), "--tui"]
-    assert main(argv) == 0
+    seen = train_headless(monkeypatch, argv, lambda app: {"epochs": app.store.received["epoch"],
+                                                          "rows": app.query_one(SlotTable).row_count})
     assert seen == {"epochs": 4, "rows": 2}
     assert len(list(tmp_path.glob("*/summary.json"))) == 1
+
+
+def test_train_ppo_tui_shows_envs_rewards_and_policy_health(monkeypatch, tmp_path):
+    """`esper train ppo --tui`: every environment's episode gets its slot rows, and each PPO update its
+    policy health, action distribution and rewards, as the run's own telemetry file records them."""
+    from esper.nissa import read_jsonl
+
+    argv = ["train", "ppo", "--task", "synthetic", "--max-epochs", "3", "--max-batches", "1", "--slots", "early",
+            "mid", "--n-envs", "2", "--episodes", "4", "--update-every", "1", "--num-workers", "1",
+            "--runs-dir", str(tmp_path), "--tui"]
+    seen = train_headless(monkeypatch, argv, lambda app: {
+        "rows": sorted(k.value for k in app.query_one(SlotTable).rows), "colours": app.query_one(PolicyHealth).colours,
+        "text": screen_text(app), "per_step": list(app.query_one(Rewards).per_step)})
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # beside karn.db, the run store
+    events = list(read_jsonl(run_dir / "telemetry.jsonl"))
+    updates = [e.ppo_update for e in events if e.HasField("ppo_update")]
+    print("rows", seen["rows"], "colours", seen["colours"], "reward per step", seen["per_step"])
+    assert seen["rows"] == sorted(f"{run_dir.name}_ep{i:04d}/{slot}" for i in range(4) for slot in ("early", "mid"))
+    assert set(seen["colours"]) == {"entropy", "approx_kl", "clipfrac", "explained_variance"}
+    assert seen["per_step"] == pytest.approx([sum(u.reward_components.values()) / u.rollout_steps for u in updates])
+    last = updates[-1]
+    assert f"update {last.update}" in seen["text"]
+    for op, n in last.action_counts.items():
+        assert f"{op} {n} ({n / last.rollout_steps:.0%})" in seen["text"]
+    for name, total in last.reward_components.items():
+        assert f"{name} {total / last.rollout_steps:+.4f}" in seen["text"]
 
 
 def test_tui_file_must_exist(tmp_path, capsys):

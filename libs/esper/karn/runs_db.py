@@ -117,7 +117,9 @@ class RunsDB:
     def __init__(self, path: str | Path):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path))
+        # Runs of `esper compare` record themselves from parallel processes: a writer waits its turn
+        # (each write is one short transaction) rather than failing on "database is locked".
+        self.conn = sqlite3.connect(str(path), timeout=60)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.conn.executescript(SCHEMA)

@@ -3,15 +3,33 @@
 Events arrive from the bus possibly twice (a late-join snapshot overlaps the live stream) and
 possibly with holes (a slow subscriber, a hub restart). Sequence numbers are per run, from 1, so
 `apply` drops what it has seen and counts what it missed; it never guesses.
+
+An `EventJournal` keeps the store across restarts of karn and of the whole stack (the hub's late-join
+snapshot lives in the hub's memory only): every event the store applied, appended to a file and
+replayed into a fresh store on start.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from esper.leyline import EpochReport, Operation, RunFinished, RunStarted, SeedStage, TelemetryEvent, short_name
+from google.protobuf.message import DecodeError
+
+from esper.leyline import (
+    EpochReport,
+    Operation,
+    RunFinished,
+    RunStarted,
+    SeedStage,
+    TelemetryEvent,
+    short_name,
+)
 
 
 @dataclass
@@ -83,6 +101,61 @@ class RunStore:
             while len(self.runs) > self.max_runs:
                 self.runs.popitem(last=False)
         return run
+
+
+class EventJournal:
+    """Applied events as length-prefixed protobuf records (a 4-byte little-endian size, then a serialized
+    TelemetryEvent) in one append-only file. Each batch is flushed to the OS, so a SIGKILL loses nothing
+    written; a record cut short (a crash mid-write) or corrupt ends the replay and is cut off."""
+
+    SIZE = struct.Struct("<I")
+    MAX_RECORD = 16 << 20
+    """A size above this is corruption, not an event (events are kilobytes)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+
+    def replay(self, store: RunStore) -> int:
+        """Apply every recorded event to `store`, then rewrite the file (atomically) with only the events
+        of the runs the store keeps, so it grows no larger than the store; returns the events replayed.
+        Opens the journal for `append`."""
+        events = list(self._read()) if self.path.is_file() else []
+        for event in events:
+            store.apply(event)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as f:
+            f.writelines(self._record(e) for e in events if e.run_id in store.runs)
+        os.replace(tmp, self.path)
+        self._file = self.path.open("ab")
+        return len(events)
+
+    def append(self, events: list) -> None:
+        self._file.writelines(self._record(e) for e in events)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _record(self, event: TelemetryEvent) -> bytes:
+        data = event.SerializeToString()
+        return self.SIZE.pack(len(data)) + data
+
+    def _read(self) -> Iterator[TelemetryEvent]:
+        data = self.path.read_bytes()
+        at = 0
+        while at + self.SIZE.size <= len(data):
+            (size,) = self.SIZE.unpack_from(data, at)
+            end = at + self.SIZE.size + size
+            if size > self.MAX_RECORD or end > len(data):
+                return
+            try:
+                yield TelemetryEvent.FromString(data[at + self.SIZE.size:end])
+            except DecodeError:
+                return
+            at = end
 
 
 def _name(enum, value: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -88,12 +89,24 @@ class MorphogeneticModel(nn.Module):
         self.records: list[SeedRecord] = []
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, variants: tuple[tuple[str, float], ...] = ()) -> torch.Tensor:
+        """The model's output. With `variants` ((slot, alpha), ... : evaluation only) the output holds
+        1 + len(variants) copies of the batch, one after another: the model as it is, then once per
+        variant with that slot's alpha forced. The host's blocks before the first varied slot run once;
+        the copies split there. This is the counterfactual, batched with the normal evaluation pass."""
+        if variants and self.training:
+            raise ValueError("forced alphas are for evaluation: call model.eval() first")
+        copies, forced = 1, {slot: (k + 1, alpha) for k, (slot, alpha) in enumerate(variants)}
         x = self.host.stem(x)
         for i, block in enumerate(self.host.blocks):
             x = block(x)
             if i in self.slot_after:
-                x = self.slots[self.slot_after[i]](x)
+                name = self.slot_after[i]
+                if name in forced and copies == 1:
+                    copies = 1 + len(variants)
+                    x = x.repeat(copies, *([1] * (x.dim() - 1)))
+                slot = self.slots[name]
+                x = slot.forward_copies(x, copies, *forced[name]) if name in forced else slot(x)
         return self.host.head(x)
 
     # ---------------------------------------------------------------- parameters
@@ -256,6 +269,30 @@ class MorphogeneticModel(nn.Module):
             if slot.stage == S.SEED_STAGE_EMBARGOED and slot.embargo_epochs_left <= 0:
                 moves.append(self._move(slot, S.SEED_STAGE_DORMANT, epoch, "embargo over"))
         return moves
+
+    # ---------------------------------------------------------------- checkpoints
+    SLOT_FIELDS = ("stage", "blueprint", "seed_id", "alpha", "epochs_in_stage", "embargo_epochs_left",
+                   "contribution", "loss_contribution")
+
+    def lifecycle_state(self) -> dict:
+        """Every slot's lifecycle fields and every seed's record as plain values. The weights travel in
+        `state_dict()`, which a fresh model can only load once `restore_lifecycle` has rebuilt the seeds."""
+        return {
+            "slots": {name: {f: getattr(slot, f) for f in self.SLOT_FIELDS} | {"has_seed": slot.seed is not None}
+                      for name, slot in self.slots.items()},
+            "records": [dataclasses.asdict(r) for r in self.records],
+        }
+
+    def restore_lifecycle(self, state: dict) -> None:
+        """Set slots and records from `lifecycle_state()` on a fresh model of the same host and slots,
+        building each seed's module from its blueprint and slot (with fresh weights: load them next)."""
+        ref = next(self.host.parameters())
+        for name, fields in state["slots"].items():
+            slot = self.slots[name]
+            for f in self.SLOT_FIELDS:
+                setattr(slot, f, fields[f])
+            slot.seed = build_seed(slot.blueprint, slot.channels, slot.kind).to(ref.device) if fields["has_seed"] else None
+        self.records = [SeedRecord(**r) for r in state["records"]]
 
     # ---------------------------------------------------------------- views
     def slot_states(self) -> list[SlotState]:

@@ -8,7 +8,8 @@ Forward by stage (x: the host's activations at this boundary, f: the seed's resi
 - BLENDING: x + alpha * f(x.detach()) = lerp(host, host + f, alpha) with the host keeping its full
   identity-path gradient and none through the seed path.
 - FOSSILIZED: x + f(x). Ordinary host structure from now on.
-`alpha_override` forces BLENDING's formula with a given alpha (counterfactual evaluation).
+`forward_copies` evaluates a batch several times at once, one copy with the alpha forced (the
+counterfactual: with or without the seed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class SeedSlot(nn.Module):
         self.alpha = 0.0
         self.epochs_in_stage = 0
         self.embargo_epochs_left = 0
-        self.alpha_override: float | None = None
         # (mean, standard error) in accuracy points, measured after the last epoch; None if not measured.
         self.contribution: tuple[float, float] | None = None
         # Measured with `contribution`: validation loss without the seed minus with it.
@@ -45,8 +45,6 @@ class SeedSlot(nn.Module):
             S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING, S.SEED_STAGE_FOSSILIZED
         ):
             return x
-        if self.alpha_override is not None:
-            return x + self.alpha_override * self.seed(x.detach())
         if self.stage == S.SEED_STAGE_FOSSILIZED:
             return x + self.seed(x)
         if self.stage == S.SEED_STAGE_TRAINING and not torch.is_grad_enabled():
@@ -55,6 +53,21 @@ class SeedSlot(nn.Module):
         if self.stage == S.SEED_STAGE_TRAINING:
             return x + (delta - delta.detach())
         return x + self.alpha * delta
+
+    def forward_copies(self, x: torch.Tensor, copies: int, forced_copy: int, forced_alpha: float) -> torch.Tensor:
+        """Evaluation of a batch made of `copies` equal-sized copies: each copy as `forward` would give it
+        (TRAINING: alpha 0; BLENDING: alpha), except copy `forced_copy`, whose alpha is `forced_alpha`."""
+        alphas = [self.alpha if self.stage == S.SEED_STAGE_BLENDING else 0.0] * copies
+        alphas[forced_copy] = forced_alpha
+        run = [c for c, a in enumerate(alphas) if a != 0.0]  # the seed runs only where it counts
+        if not run:
+            return x
+        xs = x.reshape(copies, -1, *x.shape[1:])  # [copies, B, ...]
+        rows = torch.tensor(run, device=x.device)
+        picked = xs.index_select(0, rows)
+        scale = torch.tensor([alphas[c] for c in run], device=x.device, dtype=x.dtype)
+        delta = self.seed(picked.flatten(0, 1)).view_as(picked) * scale.view(-1, *([1] * x.dim()))
+        return xs.index_add(0, rows, delta).flatten(0, 1)
 
     @property
     def seed_params(self) -> int:

@@ -390,6 +390,7 @@ class Decision(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     LOG_PROB_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    OBSERVATION_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     policy_name: _builtins.str
     policy_version: _builtins.str
@@ -399,6 +400,12 @@ class Decision(_message.Message):
     """the critic's value of the observation (neural policies)"""
     @_builtins.property
     def action(self) -> Global___Action: ...
+    @_builtins.property
+    def observation(self) -> Global___Observation:
+        """Telemetry only, from NORMAL level: the observation the decision was made on, so a late joiner
+        (`esper policy query --from-bus`) can replay a worker's last state. Empty in gRPC replies.
+        """
+
     def __init__(
         self,
         *,
@@ -408,10 +415,11 @@ class Decision(_message.Message):
         policy_version: _builtins.str = ...,
         log_prob: _builtins.float = ...,
         value: _builtins.float = ...,
+        observation: Global___Observation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "observation", b"observation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "log_prob", b"log_prob", "policy_name", b"policy_name", "policy_version", b"policy_version", "reason", b"reason", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "log_prob", b"log_prob", "observation", b"observation", "policy_name", b"policy_name", "policy_version", b"policy_version", "reason", b"reason", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +552,7 @@ class EpochReport(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     EPOCH_SECONDS_FIELD_NUMBER: _builtins.int
     SHARPNESS_FIELD_NUMBER: _builtins.int
+    GRADIENTS_FIELD_NUMBER: _builtins.int
     epoch_seconds: _builtins.float
     sharpness: _builtins.float
     """DEBUG level only, every EnvConfig.sharpness_every epochs (0 otherwise): the top eigenvalue of the
@@ -553,6 +562,10 @@ class EpochReport(_message.Message):
     def signals(self) -> Global___TrainingSignals: ...
     @_builtins.property
     def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlotState]: ...
+    @_builtins.property
+    def gradients(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerGradient]:
+        """DEBUG level only: gradient health of every host layer and seed over the epoch (nissa.diagnostics)."""
+
     def __init__(
         self,
         *,
@@ -560,14 +573,54 @@ class EpochReport(_message.Message):
         slots: _abc.Iterable[Global___SlotState] | None = ...,
         epoch_seconds: _builtins.float = ...,
         sharpness: _builtins.float = ...,
+        gradients: _abc.Iterable[Global___LayerGradient] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signals", b"signals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "sharpness", b"sharpness", "signals", b"signals", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "gradients", b"gradients", "sharpness", b"sharpness", "signals", b"signals", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EpochReport: _TypeAlias = EpochReport  # noqa: Y015
+
+@_typing.final
+class LayerGradient(_message.Message):
+    """The gradient of one host layer (stem, block<i>, head) or one slot's seed (seed:<slot>) over an epoch,
+    accumulated on the device batch by batch and read once at the epoch's end.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    MEAN_NORM_FIELD_NUMBER: _builtins.int
+    MAX_NORM_FIELD_NUMBER: _builtins.int
+    VANISHING_FIELD_NUMBER: _builtins.int
+    EXPLODING_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    mean_norm: _builtins.float
+    """L2 norm of the layer's gradient, mean over the epoch's batches"""
+    max_norm: _builtins.float
+    """the largest of those norms (NaN or inf when one was not finite)"""
+    vanishing: _builtins.bool
+    """mean_norm below the vanishing threshold (GradientMonitor)"""
+    exploding: _builtins.bool
+    """max_norm above the exploding threshold, or not finite"""
+    def __init__(
+        self,
+        *,
+        layer: _builtins.str = ...,
+        mean_norm: _builtins.float = ...,
+        max_norm: _builtins.float = ...,
+        vanishing: _builtins.bool = ...,
+        exploding: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exploding", b"exploding", "layer", b"layer", "max_norm", b"max_norm", "mean_norm", b"mean_norm", "vanishing", b"vanishing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerGradient: _TypeAlias = LayerGradient  # noqa: Y015
 
 @_typing.final
 class GovernorEvent(_message.Message):

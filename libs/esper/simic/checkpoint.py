@@ -1,17 +1,21 @@
-"""PPO checkpoints: written atomically, read with `torch.load(weights_only=True)` only.
+"""Checkpoints (PPO runs, and episodes of a growth run): written atomically, read with
+`torch.load(weights_only=True)` only.
 
-A checkpoint is a dict of tensors and plain Python values (no pickled objects): the network and Adam
+A PPO checkpoint is a dict of tensors and plain Python values (no pickled objects): the network and Adam
 state dicts, the normalizers' statistics as tensors, the RNG states as uint8 tensors, the counters, the
 resolved config as JSON and the run's history so far. It is written to `<path>.tmp`, flushed to disk
 and moved over `<path>` with os.replace, so a crash leaves either the old checkpoint or the new one,
-never half of one.
+never half of one. Episode checkpoints (`GrowthEnv.state_dict`) go through the same two functions
+under their own format name, with `rng_state()` for every random generator a run draws from.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from esper.tamiyo.features import FeatureSpec, RunningMeanStd
@@ -24,21 +28,40 @@ class ResumeError(ValueError):
     """--resume names a checkpoint this run cannot continue (another format or another config)."""
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
+def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+        torch.save({"format": fmt, **state}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, fmt: str = FORMAT) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ResumeError(f"{path} is not an {FORMAT} checkpoint (format {state.get('format')!r})")
+    if state.get("format") != fmt:
+        raise ResumeError(f"{path} is not an {fmt} checkpoint (format {state.get('format')!r})")
     return state
+
+
+def rng_state() -> dict:
+    """Python's, numpy's, torch's CPU and every CUDA device's random state, as tensors and plain values."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", uint32[624], int, int, float)
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "cached_gaussian": cached}}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
 
 
 def build_network(state: dict) -> tuple[ActorCritic, FeatureSpec]:

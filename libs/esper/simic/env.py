@@ -10,6 +10,7 @@ path. Illegal operations raise before anything changes; `legal_actions()` lists 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -30,11 +31,12 @@ from esper.leyline import (
     from_short_name,
 )
 from esper.nissa import Telemetry
-from esper.nissa.diagnostics import top_hessian_eigenvalue
+from esper.nissa.diagnostics import GradientMonitor, top_hessian_eigenvalue
+from esper.simic.checkpoint import rng_state, set_rng_state
 from esper.tamiyo import Policy
 from esper.tolaria.data import Dataset
 from esper.tolaria.governor import Governor, GovernorConfig
-from esper.tolaria.trainer import EvalResult, Trainer, TrainConfig
+from esper.tolaria.trainer import EvalResult, TrainConfig, Trainer
 
 HISTORY = 10  # epochs of accuracy/loss history in an observation
 
@@ -77,13 +79,12 @@ class GrowthEnv:
     def reset(self, seed: int) -> Observation:
         cfg = self.cfg
         torch.manual_seed(seed)
-        self.model = MorphogeneticModel(build_host(cfg.task), cfg.slots, cfg.lifecycle, cfg.max_seeds)
-        for slot, blueprint in cfg.grafts:
-            self.model.graft(slot, from_short_name(Blueprint, blueprint))
-        self.model.to(self.device)
-        generator = torch.Generator(device=self.data.train_x.device).manual_seed(seed)
-        self.trainer = self.trainer_factory(self.model, self.data, cfg.train, self.device, generator)
-        self.governor = Governor(cfg.governor)
+
+        def graft(model: MorphogeneticModel) -> None:
+            for slot, blueprint in cfg.grafts:
+                model.graft(slot, from_short_name(Blueprint, blueprint))
+
+        self._build(seed, graft)
         self.governor.snapshot(self.model, 0)
         self.epoch = 0
         self.train_loss = self.train_accuracy = 0.0
@@ -96,6 +97,51 @@ class GrowthEnv:
         self.grad_norms: dict[str, float] = {}
         return self.observation()
 
+    def _build(self, seed: int, shape) -> None:
+        """A fresh model (`shape(model)` adds seeds before it moves to the device and the host optimizer
+        takes its parameters), its trainer with the data-order generator, a governor."""
+        cfg = self.cfg
+        self.model = MorphogeneticModel(build_host(cfg.task), cfg.slots, cfg.lifecycle, cfg.max_seeds)
+        shape(self.model)
+        self.model.to(self.device)
+        generator = torch.Generator(device=self.data.train_x.device).manual_seed(seed)
+        self.trainer = self.trainer_factory(self.model, self.data, cfg.train, self.device, generator)
+        self.governor = Governor(cfg.governor)
+
+    # ------------------------------------------------------------------ checkpoints
+    SIGNALS = ("epoch", "train_loss", "train_accuracy", "best_val_accuracy", "plateau_epochs",
+               "val_accuracy_history", "val_loss_history", "recently_culled", "grad_norms")
+
+    def state_dict(self) -> dict:
+        """The whole episode at an epoch boundary, as tensors and plain values (torch.load weights_only):
+        model weights with the slots' lifecycle and seed records, optimizers, data-order generator, the
+        governor's last good state, the signal history, every global RNG, and the run id and telemetry
+        sequence, so a resumed run numbers its events on from where this one stopped."""
+        return {
+            "run_id": self.telemetry.run_id, "sequence": self.telemetry.sequence,
+            "lifecycle": self.model.lifecycle_state(), "model": self.model.state_dict(),
+            "trainer": self.trainer.state_dict(), "governor": self.governor.state_dict(),
+            "signals": {name: getattr(self, name) for name in self.SIGNALS} | {"val": dataclasses.asdict(self.val)},
+            "rng": rng_state(),
+        }
+
+    def resume(self, state: dict) -> Observation:
+        """Continue from `state_dict()` (another process's, possibly): the next `step` trains the epoch the
+        saved run would have trained next, with the same numbers. The telemetry must carry the saved run id."""
+        if state["run_id"] != self.telemetry.run_id:
+            raise ValueError(f"the state is run {state['run_id']}, the telemetry run {self.telemetry.run_id}")
+        self._build(0, lambda model: model.restore_lifecycle(state["lifecycle"]))
+        self.model.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.governor.load_state_dict(state["governor"])
+        signals = dict(state["signals"])
+        self.val = EvalResult(**signals.pop("val"))
+        for name, value in signals.items():
+            setattr(self, name, value)
+        self.telemetry.sequence = state["sequence"]
+        set_rng_state(state["rng"])
+        return self.observation()
+
     def legal_actions(self) -> list[Action]:
         return self.model.legal_actions()
 
@@ -103,7 +149,11 @@ class GrowthEnv:
         model, tel = self.model, self.telemetry
         model.check_legal(decision.action)
         epoch = self.epoch + 1  # the epoch this step trains, 1-based
-        tel.emit(decision=decision)
+        if tel.wants(TelemetryLevel.TELEMETRY_LEVEL_NORMAL):  # with what it was made on: a late joiner replays it
+            recorded = Decision()
+            recorded.CopyFrom(decision)
+            recorded.observation.CopyFrom(self.observation())
+            tel.emit(decision=recorded)
         outcome = model.execute(decision.action, epoch, decision.reason)
         for check in outcome.gates:
             tel.emit(gate=check)
@@ -111,6 +161,9 @@ class GrowthEnv:
 
         start = time.perf_counter()
         model.begin_epoch()
+        debug = tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG)
+        monitor = GradientMonitor(gradient_groups(model)) if debug else None
+        self.trainer.after_backward = monitor.accumulate if monitor else None
         self.train_loss, self.train_accuracy = self.trainer.train_epoch()
         if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
             self.grad_norms = self.trainer.seed_grad_norms()
@@ -138,7 +191,8 @@ class GrowthEnv:
 
         obs = self.observation()
         tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
-                                   epoch_seconds=time.perf_counter() - start, sharpness=sharpness))
+                                   epoch_seconds=time.perf_counter() - start, sharpness=sharpness,
+                                   gradients=monitor.read() if monitor else []))
         return obs, self.epoch >= self.cfg.max_epochs
 
     def test_accuracy(self) -> float:
@@ -183,10 +237,24 @@ class GrowthEnv:
         self.val_loss_history.append(self.val.loss)
 
 
-def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None) -> Observation:
-    """Drive one episode with `policy`; `on_epoch(obs)` after every step (progress bars)."""
-    obs = env.reset(seed)
-    done = False
+def gradient_groups(model: MorphogeneticModel) -> dict[str, list[torch.nn.Parameter]]:
+    """The units gradient health reports: the host's stem, each block and the head, and each slot's seed
+    (live or fossilized). Blocks, not single convolutions or norms: one row per block is what a reader
+    can scan while a run trains, and a block is what a slot sits between."""
+    host = model.host
+    groups = {"stem": list(host.stem.parameters()),
+              **{f"block{i}": list(block.parameters()) for i, block in enumerate(host.blocks)},
+              "head": list(host.head.parameters())}
+    groups |= {f"seed:{name}": list(slot.seed.parameters()) for name, slot in model.slots.items()
+               if slot.seed is not None}
+    return {name: params for name, params in groups.items() if params}
+
+
+def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, state: dict | None = None) -> Observation:
+    """Drive one episode with `policy`; `on_epoch(obs)` after every step (progress bars, checkpoints).
+    With `state` (GrowthEnv.state_dict) the episode continues from it instead of starting at `seed`."""
+    obs = env.reset(seed) if state is None else env.resume(state)
+    done = env.epoch >= env.cfg.max_epochs
     while not done:
         obs, done = env.step(policy.decide(obs))
         if on_epoch is not None:

@@ -8,6 +8,10 @@ published with, so the stored log-probabilities are the acting policy's), reward
 running return statistics, and after `n_envs x update_every` episodes PPO updates and the version goes
 up. Trajectories from a version more than `max_policy_lag` updates old are refused: PPO's ratio
 clipping assumes data from (nearly) the current policy.
+
+`state_dict()` is the trainer's checkpoint (policy, Adam, normalizers, RNG states, counters, and the
+rollout received but not yet learned from) plus the observation statistics of each live version: a
+learner restarted from it continues as if never stopped.
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ class Learner:
         self.max_policy_lag = max_policy_lag
         self.obs_stats = {0: self.trainer.obs_rms.state()}
         """Observation statistics each live policy version was published with."""
-        self.pending_episodes = 0
         self.since = time.perf_counter()
 
     @property
     def version(self) -> int:
         return self.trainer.updates
+
+    @property
+    def pending_episodes(self) -> int:
+        """Episodes received since the last update (the trainer's pending rollout, one column each)."""
+        pending = self.trainer.pending
+        return 0 if pending is None else pending.rewards.shape[1]
 
     @property
     def episodes_per_update(self) -> int:
@@ -83,7 +92,6 @@ class Learner:
         trainer.pending = rollout if trainer.pending is None else Rollout.cat([trainer.pending, rollout])
         trainer.global_step += rollout.num_steps
         trainer.episodes_done += rollout.rewards.shape[1]
-        self.pending_episodes += rollout.rewards.shape[1]
         return None
 
     def ready(self) -> bool:
@@ -93,7 +101,7 @@ class Learner:
         """PPO on everything pending; the new version's observation statistics are kept for its rows."""
         self.trainer.collect_seconds = time.perf_counter() - self.since  # steps/s of the whole stack
         stats = self.trainer.update()
-        self.pending_episodes, self.since = 0, time.perf_counter()
+        self.since = time.perf_counter()
         self.obs_stats[self.version] = self.trainer.obs_rms.state()
         for version in [v for v in self.obs_stats if v < self.version - self.max_policy_lag]:
             del self.obs_stats[version]
@@ -104,3 +112,13 @@ class Learner:
         state = self.trainer.state_dict()
         return {key: state[key] for key in ("feature_spec", "hidden_size", "clip_obs", "network")} | {
             "obs_rms": self.obs_stats[self.version]}
+
+    def state_dict(self) -> dict:
+        """A checkpoint of plain tensors and values (simic.checkpoint), `esper train ppo`'s plus obs_stats."""
+        return self.trainer.state_dict() | {"obs_stats": [[v, s] for v, s in self.obs_stats.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a learner's checkpoint, or from an `esper train ppo` one (its current version only);
+        ResumeError if it was trained with other settings."""
+        self.trainer.load_state_dict(state)
+        self.obs_stats = dict(state.get("obs_stats", [[self.version, self.trainer.obs_rms.state()]]))

@@ -9,6 +9,10 @@ One action per epoch, in this order of priority:
 4. GERMINATE in the first dormant enabled slot once accuracy has plateaued or a quarter of the
    budget has passed, with the next blueprint in the rotation, skipping blueprints culled recently;
 5. WAIT.
+
+The policy keeps nothing between epochs: every decision is a function of the observation alone (its
+plateau count, history and recent culls are the environment's signals), so an episode checkpoint
+(GrowthEnv.state_dict) holds all a resumed run needs, and a restarted tamiyo_server decides the same.
 """
 
 from __future__ import annotations

@@ -154,8 +154,10 @@ class ActorCritic(nn.Module):
         if greedy:
             return dist.probs.argmax(-1)
         # Categorical.sample() cannot take a generator; multinomial can, so sampling is reproducible
-        # from the trainer's own generator whatever else uses the global RNG.
-        return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+        # from the trainer's own generator whatever else uses the global RNG. That generator lives on
+        # the CPU (its state is checkpointed as such), so a policy on a GPU samples there.
+        probs = dist.probs if generator is None else dist.probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(dist.probs.device)
 
 
 def masked(logits: torch.Tensor, mask: torch.Tensor) -> Categorical:

@@ -45,3 +45,12 @@ class Governor:
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in self.snapshot_state.items() if k in own}, strict=False)
         return self.snapshot_epoch
+
+    def state_dict(self) -> dict:
+        """The last good state and the lowest loss: a resumed run rolls back exactly as this one would."""
+        return {"lowest_loss": self.lowest_loss, "snapshot": self.snapshot_state, "snapshot_epoch": self.snapshot_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lowest_loss = state["lowest_loss"]
+        self.snapshot_state = dict(state["snapshot"])
+        self.snapshot_epoch = state["snapshot_epoch"]

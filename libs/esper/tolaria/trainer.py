@@ -89,6 +89,9 @@ class Trainer:
         self.train_flops = 0
         """Forward + backward FLOPs of every training step so far (counted by torch's FlopCounterMode)."""
         self._step_flops: dict[tuple, int] = {}  # architecture signature -> FLOPs of one step
+        self.after_backward = None
+        """Called with no arguments after each batch's backward pass, before the optimizers step (DEBUG
+        telemetry's gradient monitor); it must not synchronize with the device."""
 
     def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -115,6 +118,38 @@ class Trainer:
             if slot.stage in LIVE_STAGES and seed_id not in self.seed_opts:
                 self.seed_opts[seed_id] = self._optimizer(slot.seed.parameters(), self.cfg.seed_lr)
 
+    def state_dict(self) -> dict:
+        """Optimizers, the data-order and augmentation generator and the FLOP counts, as tensors and plain
+        values. The host optimizer's parameter groups are saved by parameter name, because fossilized
+        seeds join it one group at a time and a fresh Trainer would put them all in its first group."""
+        names = {p: name for name, p in self.model.named_parameters()}
+        return {
+            "host_opt": self.host_opt.state_dict(),
+            "host_groups": [[names[p] for p in group["params"]] for group in self.host_opt.param_groups],
+            "seed_opts": {seed_id: opt.state_dict() for seed_id, opt in self.seed_opts.items()},
+            "generator": self.generator.get_state(),
+            "train_flops": self.train_flops,
+            "step_flops": list(self._step_flops.items()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()` of a trainer whose model had the seeds this one's model has now
+        (MorphogeneticModel.restore_lifecycle first). An optimizer of a seed culled since its last epoch
+        is left out: the next `sync_optimizers` would drop it anyway."""
+        params = dict(self.model.named_parameters())
+        self.host_opt = self._optimizer([{"params": [params[n] for n in group]} for group in state["host_groups"]],
+                                        self.cfg.lr)
+        self.host_opt.load_state_dict(state["host_opt"])
+        live = {slot.seed_id: slot for slot in self.model.live_seeds().values()}
+        self.seed_opts = {}
+        for seed_id, opt_state in state["seed_opts"].items():
+            if seed_id in live:
+                self.seed_opts[seed_id] = self._optimizer(live[seed_id].seed.parameters(), self.cfg.seed_lr)
+                self.seed_opts[seed_id].load_state_dict(opt_state)
+        self.generator.set_state(state["generator"])
+        self.train_flops = state["train_flops"]
+        self._step_flops = dict(state["step_flops"])
+
     def reset_momentum(self) -> None:
         """After a rollback the momentum buffers describe weights that no longer exist."""
         self.host_opt.state.clear()
@@ -140,6 +175,8 @@ class Trainer:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.after_backward is not None:
+                self.after_backward()
             for opt in optimizers:
                 opt.step()
             loss_sum += loss.detach() * yb.numel()
@@ -188,25 +225,21 @@ class Trainer:
         x, y = (self.data.val_x, self.data.val_y) if split == "val" else (self.data.test_x, self.data.test_y)
         probes = {name: slot for name, slot in model.live_seeds().items()
                   if counterfactual and slot.stage in (S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING)}
+        # TRAINING: "with" is alpha forced to 1; BLENDING: "without" is alpha forced to 0.
+        variants = tuple((name, 1.0 if slot.stage == S.SEED_STAGE_TRAINING else 0.0) for name, slot in probes.items())
         loss_sum = torch.zeros((), device=self.device)
         probe_loss = {name: torch.zeros((), device=self.device) for name in probes}
         targets = 0
         hits, probe_hits = [], {name: [] for name in probes}
         for xb, yb in eval_batches(x, y, batch_size=self.cfg.eval_batch_size, device=self.device,
                                    mean=self.mean, std=self.std):
-            logits = model(xb)
+            logits, *probe_logits = model(xb, variants).chunk(1 + len(probes))  # one pass, 1 + P copies
             loss_sum += cross_entropy(logits, yb, reduction="sum")
             targets += yb.numel()
             hits.append(item_accuracy(logits, yb))
-            for name, slot in probes.items():
-                # TRAINING: "with" is alpha forced to 1; BLENDING: "without" is alpha forced to 0.
-                slot.alpha_override = 1.0 if slot.stage == S.SEED_STAGE_TRAINING else 0.0
-                try:
-                    probe_logits = model(xb)
-                finally:
-                    slot.alpha_override = None
-                probe_hits[name].append(item_accuracy(probe_logits, yb))
-                probe_loss[name] += cross_entropy(probe_logits, yb, reduction="sum")
+            for name, other in zip(probes, probe_logits):
+                probe_hits[name].append(item_accuracy(other, yb))
+                probe_loss[name] += cross_entropy(other, yb, reduction="sum")
         base = torch.cat(hits)  # [N]
         n = base.numel()
         stats = [loss_sum / targets, base.mean() * 100]

@@ -15,6 +15,13 @@ import zmq
 from google.protobuf.message import DecodeError
 
 from esper.leyline import SnapshotReply, SnapshotRequest, TelemetryEvent
+from esper.transport.auth import zmq_context
+from esper.transport.limits import (
+    MAX_SNAPSHOT_REPLY_BYTES,
+    MAX_SNAPSHOT_REQUEST_BYTES,
+    MAX_SUBSCRIPTION_BYTES,
+    MAX_TELEMETRY_BYTES,
+)
 
 TELEMETRY_PREFIX = b"esper.telemetry."
 HELLO_PREFIX = b"esper.hello."
@@ -36,8 +43,9 @@ class MalformedFrame(ValueError):
         self.reason = reason
 
 
-def make_context() -> zmq.Context:
-    ctx = zmq.Context()
+def make_context(token: str = "", server: bool = False) -> zmq.Context:
+    """A context with a short linger; with a token its sockets authenticate (auth.zmq_context)."""
+    ctx = zmq_context(token, server)
     ctx.linger = LINGER_MS
     return ctx
 
@@ -70,13 +78,16 @@ class PublisherSink:
     An XPUB socket, not PUB: the hub subscribes to everything, and that subscription arriving is how
     the sink knows it is attached (a PUB drops everything sent before that, silently; FIELD-NOTES).
     `wait_attached` blocks for it once, so a run's first events are not lost to the slow joiner.
+    `emit` never blocks a trainer: past the high-water mark ZeroMQ drops the event, and every consumer
+    counts the hole by sequence number (issue 8, promise 6: measured exactly in test_faults.py).
     """
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, token: str = ""):
         self._own_ctx = ctx is None
-        self.ctx = ctx or make_context()
+        self.ctx = ctx or make_context(token)
         self.socket = self.ctx.socket(zmq.XPUB)
         self.socket.linger = LINGER_MS
+        self.socket.maxmsgsize = MAX_SUBSCRIPTION_BYTES
         self.socket.connect(endpoint)
         self.endpoint = endpoint
         self.published = 0
@@ -137,6 +148,9 @@ class Hub:
         self.xsub = ctx.socket(zmq.XSUB)
         self.xpub = ctx.socket(zmq.XPUB)
         self.router = ctx.socket(zmq.ROUTER)
+        self.xsub.maxmsgsize = MAX_TELEMETRY_BYTES
+        self.xpub.maxmsgsize = MAX_SUBSCRIPTION_BYTES
+        self.router.maxmsgsize = MAX_SNAPSHOT_REQUEST_BYTES
         self.endpoints = {
             "publish": bind_endpoint(self.xsub, host, pub_port),
             "subscribe": bind_endpoint(self.xpub, host, sub_port),
@@ -207,8 +221,9 @@ class Subscriber:
 
     The Clone pattern with a hello handshake (bus.proto): subscribe to the telemetry topic, then to a
     private hello topic; when the hub's hello comes back the subscription is live, so a snapshot taken
-    now plus the live stream after it leave no hole. Events the snapshot already held arrive again
-    live; consumers drop them by sequence (karn's RunStore does). Snapshots are requested again after
+    now plus the live stream after it leave no hole. Live events before the hello are dropped (the
+    snapshot holds them: delivered first, they would look like a gap); events the snapshot already
+    held arrive again live after it, and consumers drop them by sequence (karn's RunStore does). Snapshots are requested again after
     a hub restart, when the hello comes back.
     """
 
@@ -216,12 +231,14 @@ class Subscriber:
                  snapshot_timeout_s: float = 5.0):
         self.socket = ctx.socket(zmq.SUB)
         self.socket.linger = LINGER_MS
+        self.socket.maxmsgsize = MAX_TELEMETRY_BYTES
         self.hello = HELLO_PREFIX + uuid.uuid4().hex.encode()
         self.socket.subscribe(TELEMETRY_PREFIX + run_id.encode())
         self.socket.subscribe(self.hello)
         self.socket.connect(sub_endpoint)
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.linger = LINGER_MS
+        self.dealer.maxmsgsize = MAX_SNAPSHOT_REPLY_BYTES
         self.dealer.connect(snapshot_endpoint)
         self.run_id = run_id
         self.snapshot_timeout_ms = int(snapshot_timeout_s * 1000)
@@ -236,6 +253,8 @@ class Subscriber:
             frames = self.socket.recv_multipart()
             if frames[0] == self.hello:
                 events.extend(self._snapshot())
+                continue
+            if not self.synced:  # published before the snapshot is taken, so the snapshot holds it
                 continue
             try:
                 events.append(decode(frames))
@@ -254,6 +273,7 @@ class Subscriber:
             reply.ParseFromString(self.dealer.recv())
         except DecodeError:
             self.malformed["snapshot"] += 1
+            self.synced = True  # go on from live events, as without a snapshot
             return []
         self.snapshots += 1
         self.synced = True

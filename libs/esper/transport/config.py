@@ -7,6 +7,7 @@ defaults here. Every endpoint is on `ESPER_HOST` (127.0.0.1) unless a service is
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, fields
 
@@ -22,8 +23,17 @@ PORTS: dict[str, tuple[int, str]] = {
     "ESPER_KARN_METRICS_PORT": (9564, "karn: Prometheus /metrics (run metrics)"),
     "ESPER_LEARNER_PORT": (5570, "simic_learner: trajectories from PPO workers (ROUTER, acked)"),
     "ESPER_LEARNER_WEIGHTS_PORT": (5571, "simic_learner: policy weights for tamiyo_server (PUB)"),
+    "ESPER_LEARNER_METRICS_PORT": (9565, "simic_learner: Prometheus /metrics (trajectories, updates)"),
 }
 HOST_VAR, HOST_DEFAULT = "ESPER_HOST", "127.0.0.1"
+TOKEN_VAR = "ESPER_TOKEN"
+"""The stack's shared secret (esper.transport.auth); here, free of gRPC and ZeroMQ, for command lines."""
+
+
+def add_token_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get(TOKEN_VAR, ""),
+                        help=f"shared secret of the stack (${TOKEN_VAR}, which is better: a command line is "
+                             "visible to every user in ps); a service needs one to listen off loopback")
 
 
 def _port(name: str) -> int:
@@ -45,6 +55,7 @@ class StackEndpoints:
     karn_metrics: int = 0
     learner: int = 0
     learner_weights: int = 0
+    learner_metrics: int = 0
 
     @classmethod
     def from_env(cls) -> StackEndpoints:

@@ -20,8 +20,10 @@ class BusFollower:
     Snapshot events arrive again live; consumers drop them by sequence (karn's RunStore does).
     """
 
-    def __init__(self, sub_endpoint: str, snapshot_endpoint: str, run_id: str = "", poll_ms: int = 100):
+    def __init__(self, sub_endpoint: str, snapshot_endpoint: str, run_id: str = "", poll_ms: int = 100,
+                 token: str = ""):
         self.sub_endpoint = sub_endpoint
+        self.token = token
         self.snapshot_endpoint = snapshot_endpoint
         self.run_id = run_id
         self.poll_ms = poll_ms
@@ -31,7 +33,7 @@ class BusFollower:
         self._stopped.set()
 
     def __iter__(self) -> Iterator[TelemetryEvent]:
-        ctx = make_context()
+        ctx = make_context(self.token)
         subscriber = Subscriber(ctx, self.sub_endpoint, self.snapshot_endpoint, self.run_id)
         try:
             while not self._stopped.is_set():

@@ -1,4 +1,4 @@
-"""What every service's main shares: logging, a stop signal, and port-0 endpoint reporting.
+"""What every service's main shares: logging, a stop signal, port-0 endpoint reporting, /metrics.
 
 SIGTERM/SIGINT only set an event (honcho sends SIGTERM to every process when one exits; a second
 signal changes nothing). Loops that block in a ZeroMQ poll register `StopSignal.fileno()`: Python
@@ -7,11 +7,17 @@ writes a byte to that socket when a signal arrives, so the poll wakes without a 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import signal
 import socket
 import sys
 import threading
+
+from esper.transport.metrics_http import start_metrics
+
+__all__ = ["StopSignal", "log_endpoint", "setup_logging", "start_metrics"]  # start_metrics: every main serves /metrics
 
 
 def setup_logging(name: str) -> logging.Logger:
@@ -26,11 +32,23 @@ def log_endpoint(log: logging.Logger, name: str, address: str) -> None:
     log.info("bound %s %s", name, address)
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived inside `StopSignal.interrupting()`."""
+
+
 class StopSignal:
-    """A threading.Event set by SIGTERM or SIGINT, with a file descriptor that becomes readable then."""
+    """A threading.Event set by SIGTERM or SIGINT, with a file descriptor that becomes readable then.
+
+    Made once per service, after its imports: it also freezes the heap then (gc.freeze), so the
+    garbage collector never walks torch's and protobuf's module objects again, neither while serving
+    nor at exit. Measured on the loaded 2-core box, tamiyo_server's SIGTERM -> exit: 3.4-4.0 s without
+    (mostly the interpreter's final collection), 0.9 s with; honcho kills at 5 s (issue 8, promise 11).
+    """
 
     def __init__(self) -> None:
+        gc.freeze()
         self.event = threading.Event()
+        self._interrupt = False
         self._read, self._write = socket.socketpair()
         self._read.setblocking(False)
         self._write.setblocking(False)
@@ -40,6 +58,23 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.event.set()
+        if self._interrupt:
+            self._interrupt = False
+            raise Stopped(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Inside this block a stop signal also raises `Stopped` in the main thread, at once. For work
+        that looks at `is_set()` too rarely to stop in time (a worker checks between epochs, and an
+        epoch of CIFAR-10 on a CPU outlasts the 5 s honcho waits before SIGKILL) and that may be cut
+        anywhere, because it continues from its last checkpoint (written atomically) when restarted."""
+        if self.event.is_set():
+            raise Stopped("stop requested before the work began")
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -54,3 +89,4 @@ class StopSignal:
         signal.set_wakeup_fd(-1)
         self._read.close()
         self._write.close()
+

@@ -13,7 +13,8 @@ import time
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client import Counter, Histogram
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge, Histogram
 
 from esper.leyline import (
     DecideBatchRequest,
@@ -30,6 +31,7 @@ from esper.leyline import (
 from esper.leyline import tamiyo_pb2_grpc
 from esper.tamiyo import Policy
 from esper.tamiyo.validate import observation_problems
+from esper.transport.auth import call_metadata
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,13 @@ DECIDE_SECONDS = Histogram("esper_tamiyo_decide_seconds", "Time to decide one ob
                            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0))
 DECISIONS = Counter("esper_tamiyo_decisions", "Decisions served, by operation.", ["operation"])
 INVALID = Counter("esper_tamiyo_invalid_requests", "Requests refused with INVALID_ARGUMENT.")
+MALFORMED = Counter("esper_tamiyo_malformed_requests", "Request messages that are not protobuf (INTERNAL).")
 RETRIES = Counter("esper_policy_client_retries", "Decide calls retried after UNAVAILABLE or a deadline.")
+AVAILABLE = Gauge("esper_policy_client_available",
+                  "1 while the last call to tamiyo_server was answered, 0 from its first failed attempt.")
+DEFAULT_DEADLINE_S = 2.0
+"""A Decide takes milliseconds; a frozen or unreachable server is noticed (and logged, and AVAILABLE
+drops to 0) within one deadline, under the 3 s issue 8 asks (promise 5)."""
 
 
 class PolicyNotReady(RuntimeError):
@@ -65,6 +73,27 @@ class AwaitingWeights:
 
     def decide(self, observation: Observation) -> Decision:
         raise PolicyNotReady("no policy weights from simic_learner yet")
+
+
+class MalformedRequestCounter(grpc.ServerInterceptor):
+    """Counts request messages that do not parse. gRPC answers them INTERNAL ("Exception deserializing
+    request!") when the deserializer returns None; this one does so after counting, instead of raising
+    (gRPC would log a traceback for every hostile message)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def counted(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError:
+                MALFORMED.inc()
+                return None
+
+        return handler._replace(request_deserializer=counted)
 
 
 class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
@@ -120,18 +149,24 @@ class PolicyUnavailable(RuntimeError):
 class RemotePolicy:
     """A Policy (decide(Observation) -> Decision) that asks a Tamiyo server.
 
-    Every call carries a deadline. UNAVAILABLE and DEADLINE_EXCEEDED are retried with exponential
-    backoff and jitter for up to `patience_s` (Decide is a pure function of the observation, so a
-    retry cannot change the run); any other error, INVALID_ARGUMENT included, is raised at once.
-    Setting `stop` (the service's stop event) ends the wait early with PolicyUnavailable.
+    Every call carries a deadline (and the token, when there is one). UNAVAILABLE and DEADLINE_EXCEEDED
+    are retried with exponential backoff and jitter for up to `patience_s` (the caller keeps its state
+    and simply waits: a frozen server costs time, not the episode); any other error, INVALID_ARGUMENT
+    and UNAUTHENTICATED included, is raised at once. Setting `stop` (the service's stop event) ends the
+    wait early with PolicyUnavailable. `available` (and the AVAILABLE gauge) says whether the last
+    attempt was answered.
     """
 
-    def __init__(self, target: str, deadline_s: float = 5.0, patience_s: float = 120.0,
-                 stop: threading.Event | None = None):
+    def __init__(self, target: str, deadline_s: float = DEFAULT_DEADLINE_S, patience_s: float = 120.0,
+                 stop: threading.Event | None = None, token: str = ""):
         self.target = target
         self.deadline_s = deadline_s
         self.patience_s = patience_s
         self.stop = stop or threading.Event()
+        self.metadata = call_metadata(token)
+        self.available = True
+        self.unavailable_since = 0.0
+        AVAILABLE.set(1)
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = tamiyo_pb2_grpc.TamiyoStub(self.channel)
         self.name, self.version = "remote", ""
@@ -157,10 +192,11 @@ class RemotePolicy:
             try:
                 # wait_for_ready: a call made while the channel reconnects waits for it (up to the
                 # deadline) instead of failing at once.
-                return method(request, timeout=self.deadline_s, wait_for_ready=True)
+                reply = method(request, timeout=self.deadline_s, wait_for_ready=True, metadata=self.metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
+                self._set_available(False, exc.code().name)
                 if time.monotonic() + backoff > give_up:
                     raise PolicyUnavailable(f"{self.target}: no answer in {self.patience_s:.0f} s "
                                             f"({exc.code().name})") from exc
@@ -169,6 +205,22 @@ class RemotePolicy:
                 log.warning("tamiyo at %s: %s, retrying in %.2f s", self.target, exc.code().name, backoff)
                 self.stop.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 2.0)
+            else:
+                self._set_available(True)
+                return reply
+
+    def _set_available(self, available: bool, why: str = "") -> None:
+        """Log the edges only: the first failure and the first answer after failures."""
+        if available == self.available:
+            return
+        self.available = available
+        AVAILABLE.set(int(available))
+        if available:
+            log.info("tamiyo at %s: answering again after %.1f s", self.target,
+                        time.monotonic() - self.unavailable_since)
+        else:
+            self.unavailable_since = time.monotonic()
+            log.warning("tamiyo at %s: unavailable (%s)", self.target, why)
 
     def close(self) -> None:
         self.channel.close()

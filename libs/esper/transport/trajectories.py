@@ -4,9 +4,12 @@ Framing is documented in proto/esper/leyline/simic.proto. Trajectories go DEALER
 PULL: a PUSH socket loses whatever was queued for a peer that dies, without an error (FIELD-NOTES, 951 of
 2,000 lost). Here every trajectory is tagged (worker_id, incarnation, sequence), the learner acks each
 one, and the worker resends what is unacked after `resend_s`; the learner applies a key once and acks
-its resends as DUPLICATE (`TrajectoryInbox`), so a trajectory is learned from exactly once while both
-ends live. A worker never has more than `window` trajectories unacked (credit-based backpressure: a
-slow learner slows the workers instead of filling queues).
+its resends as DUPLICATE (`TrajectoryInbox`), so a trajectory is learned from exactly once. Restarts
+lose nothing either: a worker spools each trajectory to disk before sending it and deletes it once
+acked (`Spool`; a restarted worker resends what is there under the old keys), and the learner acks
+only what its committed checkpoint holds, keys included (issue 8, promises 1 and 2). A worker never
+has more than `window` trajectories unacked (credit-based backpressure: a slow learner slows the
+workers instead of filling queues).
 
 Weights are published on a PUB socket and republished every few seconds, so a tamiyo_server that
 joins late or restarts (PUB/SUB slow joiner: it would miss a single publication) gets the latest.
@@ -14,15 +17,20 @@ joins late or restarts (PUB/SUB slow joiner: it would miss a single publication)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 import zmq
 from google.protobuf.message import DecodeError
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.simic.rollout import Rollout
@@ -34,6 +42,9 @@ ROLLOUT_FIELDS = frozenset(f.name for f in fields(Rollout))
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, int, int]
+"""(worker_id, incarnation, sequence): what the learner decides once."""
+
 
 class TrajectoryInbox:
     """The learner's side of the protocol, without sockets: frames in, one ack out.
@@ -41,15 +52,38 @@ class TrajectoryInbox:
     `apply(rollout)` learns from a rollout and returns None, or a reason to refuse it. Each
     (worker_id, incarnation, sequence) is decided once; a resend gets the same answer (ACCEPTED becomes
     DUPLICATE) and is not applied again. The keys are kept for the learner's lifetime (one per shipped
-    chunk of episodes: small).
+    chunk of episodes: small) and across restarts: `state()` goes into the learner's checkpoint, which
+    is committed before any ack of what it holds is sent (services/simic_learner).
     """
 
     def __init__(self, apply: Callable[[Rollout], str | None], version: Callable[[], int]):
         self.apply = apply
         self.version = version
-        self.decided: dict[tuple[str, int, int], TrajectoryAck] = {}
-        self.accepted: list[tuple[str, int, int]] = []
+        self.decided: dict[Key, TrajectoryAck] = {}
+        self.accepted: list[Key] = []
         self.duplicates = self.rejected = 0
+
+    def state(self) -> dict:
+        """Every decision (in order) and the counters, as plain values."""
+        return {"decided": [[*key, ack.status, ack.reason] for key, ack in self.decided.items()],
+                "duplicates": self.duplicates, "rejected": self.rejected}
+
+    def load(self, state: dict) -> None:
+        self.decided = {(w, i, s): TrajectoryAck(worker_id=w, incarnation=i, sequence=s, status=status, reason=reason)
+                        for w, i, s, status, reason in state["decided"]}
+        self.accepted = [key for key, ack in self.decided.items() if ack.status == AckStatus.ACK_STATUS_ACCEPTED]
+        self.duplicates, self.rejected = state["duplicates"], state["rejected"]
+
+    def metrics(self) -> dict[str, tuple[str, Callable[[], float]]]:
+        """For LiveMetrics: what the learner has decided (restored with its checkpoint)."""
+        return {
+            "esper_simic_trajectories_accepted_total": ("Trajectories learned from, each once.",
+                                                        lambda: len(self.accepted)),
+            "esper_simic_trajectory_duplicates_total": ("Resends of a decided trajectory, acked, not applied.",
+                                                        lambda: self.duplicates),
+            "esper_simic_trajectories_rejected_total": ("Trajectories refused (malformed, mismatched, too stale).",
+                                                        lambda: self.rejected),
+        }
 
     def handle(self, frames: list[bytes]) -> TrajectoryAck:
         header = TrajectoryHeader()
@@ -85,46 +119,175 @@ class TrajectoryInbox:
         return ack
 
 
-class TrajectorySender:
-    """The worker's side: send with a sequence number, keep until acked, resend after `resend_s`."""
+SPOOL_MAGIC = b"ESPERTJ1"
+SPOOL_HEAD = struct.Struct("<8sQI")  # magic, progress, header length; then the header, then the tensors frame
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, worker_id: str, resend_s: float = 5.0, window: int = 4):
+
+class SpoolBusy(RuntimeError):
+    """Another live worker holds this spool directory."""
+
+
+class Spool:
+    """A worker's trajectories on disk from before they are sent until the learner acks them.
+
+    A worker killed with trajectories unacked loses nothing: the next process with the same directory
+    resends them byte for byte, under their old (worker_id, incarnation, sequence) keys, so the learner
+    recognizes one it had already accepted as DUPLICATE. Each entry is written atomically (temp file,
+    fsync, os.replace): a kill leaves it whole or absent. Each carries the producer's `progress` when it
+    was spooled (a worker: the episodes it has played); `progress` is the largest ever spooled, kept in
+    `progress.json` before an acked entry is deleted, so a restarted worker neither replays nor skips a
+    round. A lock file (flock) keeps a second live process off the directory.
+    """
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._lock = (directory / ".lock").open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SpoolBusy(f"{directory} is in use by another worker (give each worker its own "
+                            f"--worker-id or --spool-dir)") from None
+        for torn in directory.glob("*.tmp"):  # a write that a kill interrupted: never an entry
+            torn.unlink()
+        state = directory / "progress.json"
+        self.progress = json.loads(state.read_text())["progress"] if state.is_file() else 0
+        self.entries: dict[Key, tuple[int, int]] = {}  # key -> (bytes on disk, progress)
+
+    def load(self) -> dict[Key, list[bytes]]:
+        """Every spooled trajectory's frames, by key (oldest first); raises ValueError on a foreign file."""
+        found = {}
+        for path in sorted(self.directory.glob("*.traj"), key=lambda p: p.stat().st_mtime_ns):
+            blob = path.read_bytes()
+            magic, progress, length = SPOOL_HEAD.unpack_from(blob)
+            if magic != SPOOL_MAGIC:
+                raise ValueError(f"{path} is not a spooled trajectory")
+            frames = [blob[SPOOL_HEAD.size:SPOOL_HEAD.size + length], blob[SPOOL_HEAD.size + length:]]
+            header = TrajectoryHeader.FromString(frames[0])
+            key = (header.worker_id, header.incarnation, header.sequence)
+            found[key] = frames
+            self.entries[key] = (len(blob), progress)
+            self.progress = max(self.progress, progress)
+        return found
+
+    def put(self, key: Key, frames: list[bytes], progress: int) -> None:
+        blob = SPOOL_HEAD.pack(SPOOL_MAGIC, progress, len(frames[0])) + frames[0] + frames[1]
+        path = self._path(key)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.entries[key] = (len(blob), progress)
+        self.progress = max(self.progress, progress)
+
+    def remove(self, key: Key) -> None:
+        _, progress = self.entries.pop(key)
+        if progress >= self.progress:  # the newest entry: its progress must outlive it
+            tmp = self.directory / "progress.json.tmp"
+            tmp.write_text(json.dumps({"progress": self.progress}))
+            os.replace(tmp, self.directory / "progress.json")
+        self._path(key).unlink()
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for size, _ in self.entries.values())
+
+    def _path(self, key: Key) -> Path:
+        _, incarnation, sequence = key
+        return self.directory / f"{incarnation:016x}-{sequence:010d}.traj"
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+class TrajectorySender:
+    """The worker's side: spool, send with a sequence number, keep until acked, resend.
+
+    A trajectory is resent when unacked after `resend_s`, and at once whenever the connection to the
+    learner is (re)established (a socket monitor sees the handshake): a learner that restarted or a
+    link that healed gets what it missed without waiting out the timer. The send queue holds at most
+    `window` messages and nothing is queued while disconnected (ZMQ_IMMEDIATE), so a stalled learner
+    costs the worker at most `window` trajectories of memory, never a pile of resent copies; heartbeats
+    notice a silent link. `waited_s` counts the time spent waiting for the window (backpressure).
+    """
+
+    HEARTBEAT_IVL_MS = 1000
+    HEARTBEAT_TIMEOUT_MS = 5000
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, worker_id: str, resend_s: float = 5.0, window: int = 4,
+                 spool: Spool | None = None):
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.linger = LINGER_MS
+        self.socket.sndhwm = window
+        self.socket.immediate = 1
+        self.socket.heartbeat_ivl = self.HEARTBEAT_IVL_MS
+        self.socket.heartbeat_timeout = self.HEARTBEAT_TIMEOUT_MS
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.socket.connect(endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.worker_id = worker_id
         self.incarnation = secrets.randbits(63)
         self.resend_s = resend_s
         self.window = window
+        self.spool = spool
         self.sequence = 0
-        self.unacked: dict[int, tuple[list[bytes], float]] = {}  # sequence -> (frames, last sent)
-        self.acked = self.resends = self.rejected = 0
+        self.unacked: dict[Key, tuple[list[bytes], float]] = {}  # key -> (frames, last sent)
+        if spool is not None:
+            self.unacked = {key: (frames, 0.0) for key, frames in spool.load().items()}
+            if self.unacked:
+                log.info("%d spooled trajectories to resend from %s", len(self.unacked), spool.directory)
+        self.acked = self.resends = self.rejected = self.connects = 0
+        self.waited_s = 0.0
+        self.waiting_since: float | None = None
         self.learner_version = 0
 
-    def send(self, rollout: Rollout, task: str, stop: Callable[[], bool]) -> int:
-        """Ship one rollout (waiting while `window` are unacked); returns its sequence number."""
-        while len(self.unacked) >= self.window and not stop():
-            self.poll(self.resend_s)
+    def send(self, rollout: Rollout, task: str, stop: Callable[[], bool], progress: int = 0) -> int:
+        """Ship one rollout (waiting while `window` are unacked; spooled first, with `progress`); returns
+        its sequence number."""
+        if len(self.unacked) >= self.window:
+            self.waiting_since = time.monotonic()
+            while len(self.unacked) >= self.window and not stop():
+                self.poll(self.resend_s)
+            self.waited_s += time.monotonic() - self.waiting_since
+            self.waiting_since = None
         steps, envs = rollout.rewards.shape
         header = TrajectoryHeader(worker_id=self.worker_id, incarnation=self.incarnation, sequence=self.sequence,
                                   n_steps=steps, n_envs=envs, obs_dim=rollout.obs.shape[2], task=task)
         frames = [header.SerializeToString(), pack(rollout.tensors())]
-        self.unacked[self.sequence] = (frames, 0.0)
-        self._transmit(self.sequence)
+        key = (self.worker_id, self.incarnation, self.sequence)
+        if self.spool is not None:
+            self.spool.put(key, frames, progress)
+        self.unacked[key] = (frames, 0.0)
+        self._transmit(key)
         self.sequence += 1
         return self.sequence - 1
 
     def poll(self, timeout_s: float) -> None:
-        """Read acks for up to timeout_s (returns at the first), then resend whatever has waited resend_s."""
-        if self.socket.poll(int(timeout_s * 1000)):
+        """Read acks and connection events for up to timeout_s (returns at the first), then resend whatever
+        has waited resend_s (everything, after a new connection)."""
+        events = dict(self.poller.poll(int(timeout_s * 1000)))
+        if self.monitor in events:
+            while self.monitor.poll(0):
+                self.monitor.recv_multipart()
+            self.connects += 1
+            if self.unacked:
+                log.info("connected to the learner: resending %d unacked trajectories", len(self.unacked))
+            for key in list(self.unacked):
+                self._transmit(key)
+        if self.socket in events:
             while self.socket.poll(0):
                 self._ack(self.socket.recv())
         now = time.monotonic()
-        for sequence, (_, sent) in list(self.unacked.items()):
+        for key, (_, sent) in list(self.unacked.items()):
             if now - sent >= self.resend_s:
                 self.resends += 1
-                log.info("trajectory %d unacked after %.1f s: resending", sequence, self.resend_s)
-                self._transmit(sequence)
+                log.info("trajectory %s/%d unacked after %.1f s: resending", key[0], key[2], self.resend_s)
+                self._transmit(key)
 
     def flush(self, timeout_s: float, stop: Callable[[], bool]) -> bool:
         """Wait (resending) until every trajectory is acked; False after timeout_s or on stop."""
@@ -133,13 +296,13 @@ class TrajectorySender:
             self.poll(min(self.resend_s, max(0.0, give_up - time.monotonic())))
         return not self.unacked
 
-    def _transmit(self, sequence: int) -> None:
-        frames, _ = self.unacked[sequence]
+    def _transmit(self, key: Key) -> None:
+        frames, _ = self.unacked[key]
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:  # the pipe to the learner is full: the resend timer tries again
+        except zmq.Again:  # not connected, or the queue is full: the next connection or the timer retries
             pass
-        self.unacked[sequence] = (frames, time.monotonic())
+        self.unacked[key] = (frames, time.monotonic())
 
     def _ack(self, payload: bytes) -> None:
         ack = TrajectoryAck()
@@ -148,18 +311,59 @@ class TrajectorySender:
         except DecodeError:
             log.warning("malformed ack dropped")
             return
-        if (ack.worker_id, ack.incarnation) != (self.worker_id, self.incarnation) or ack.sequence not in self.unacked:
+        key = (ack.worker_id, ack.incarnation, ack.sequence)
+        if key not in self.unacked:
             return  # an ack for a resend already acked
-        del self.unacked[ack.sequence]
+        del self.unacked[key]
+        if self.spool is not None:
+            self.spool.remove(key)
         self.learner_version = ack.policy_version
+        status = AckStatus.Name(ack.status)
+        log.info("trajectory %s/%d/%d acked %s", *key, status)
         if ack.status == AckStatus.ACK_STATUS_REJECTED:
             self.rejected += 1
             log.error("trajectory %d rejected by the learner: %s", ack.sequence, ack.reason)
         else:
             self.acked += 1
 
+    def metrics(self) -> dict[str, tuple[str, Callable[[], float]]]:
+        """For LiveMetrics: the worker's side of the window, the spool and the connection."""
+        return {
+            "esper_tolaria_trajectories_unacked": ("Trajectories sent and not yet acked (at most the window).",
+                                                   lambda: len(self.unacked)),
+            "esper_tolaria_trajectory_waiting_seconds": (
+                "How long the worker has been waiting for the window now (0: not waiting).",
+                lambda: 0.0 if self.waiting_since is None else time.monotonic() - self.waiting_since),
+            "esper_tolaria_trajectory_wait_seconds_total": (
+                "Time spent waiting for the window (learner backpressure), finished waits.", lambda: self.waited_s),
+            "esper_tolaria_spool_bytes": ("Bytes of unacked trajectories in the spool directory.",
+                                          lambda: self.spool.bytes if self.spool else 0),
+            "esper_tolaria_trajectories_acked_total": ("Trajectories acked accepted or duplicate.",
+                                                       lambda: self.acked),
+            "esper_tolaria_trajectory_resends_total": ("Resends after the timer.", lambda: self.resends),
+            "esper_tolaria_learner_connections_total": ("Handshakes with the learner (1 + reconnections).",
+                                                        lambda: self.connects),
+        }
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close()
         self.socket.close()
+        if self.spool is not None:
+            self.spool.close()
+
+
+class LiveMetrics:
+    """A Prometheus collector reading each value from its owner at scrape time, so no second copy of a
+    counter has to be kept in step. name -> (help, read); names ending in _total are counters."""
+
+    def __init__(self, metrics: dict[str, tuple[str, Callable[[], float]]]):
+        self.metrics = metrics
+
+    def collect(self):
+        for name, (doc, read) in self.metrics.items():
+            kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+            yield kind(name, doc, value=read())
 
 
 def weights_frames(version: int, state: dict) -> list[bytes]:

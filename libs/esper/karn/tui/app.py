@@ -23,7 +23,7 @@ from textual.widgets import Footer, Header, HelpPanel
 from textual.worker import get_current_worker
 
 from esper.karn.store import RunStore
-from esper.karn.tui.widgets import Curves, EventLog, PolicyHealth, RunHeader, SlotTable
+from esper.karn.tui.widgets import Curves, EventLog, GradientHealth, PolicyHealth, Rewards, RunHeader, SlotTable
 from esper.leyline import TelemetryEvent
 
 Source = Iterable[TelemetryEvent] | AsyncIterable[TelemetryEvent]
@@ -71,7 +71,10 @@ class TelemetryApp(App):
         with Horizontal(id="top"):
             yield _titled(SlotTable(id="slots"), "seeds")
             yield _titled(Curves(id="curves"), "curves")
-        yield _titled(PolicyHealth(id="policy"), "policy health")
+        yield _titled(GradientHealth(id="gradients"), "gradient health")
+        with Horizontal(id="ppo"):
+            yield _titled(PolicyHealth(id="policy"), "policy health")
+            yield _titled(Rewards(id="rewards"), "rewards")
         yield _titled(EventLog(id="log"), "events")
         yield Footer()
 
@@ -114,14 +117,18 @@ class TelemetryApp(App):
             return  # already shown: a late-join snapshot overlaps the live stream
         kind = event.WhichOneof("payload")
         if kind == "ppo_update":
-            policy = self.query_one(PolicyHealth)
-            policy.add_class("-active")
-            policy.update_ppo(event.ppo_update)
+            for panel in (self.query_one(PolicyHealth), self.query_one(Rewards)):
+                panel.add_class("-active")
+                panel.update_ppo(event.ppo_update)
             return
         if kind == "epoch":
             self.watched = event.run_id
             self.query_one(SlotTable).update_epoch(event.run_id, event.epoch)
             self.query_one(Curves).update_epoch(event.run_id, event.epoch)
+            if event.epoch.gradients:  # DEBUG telemetry
+                gradients = self.query_one(GradientHealth)
+                gradients.add_class("-active")
+                gradients.update_epoch(event.run_id, event.epoch)
         else:
             self.query_one(EventLog).add_event(event)
         if self.watched in (None, event.run_id):

@@ -1,4 +1,5 @@
-"""PPO policy health from the last `PPOUpdate`: each gauge coloured green, yellow or red.
+"""PPO policy health from the last `PPOUpdate`: each gauge coloured green, yellow or red; the losses
+and the rollout's action distribution (rewards have a panel of their own: `rewards.py`).
 
 Thresholds (`HEALTH`), from CleanRL's and Stable-Baselines3's guidance on reading PPO runs:
 - approx_kl: green below 0.02, yellow to 0.05, red above. simic's `target_kl` (0.03) stops an update
@@ -62,7 +63,6 @@ class PolicyHealth(Static):
             f"epochs {u.epochs_run}{' (KL stop)' if u.early_stopped else ''}  ent_coef {u.ent_coef:.4f}  "
             f"lr {u.learning_rate:.2e}",
             "actions " + _counts(u.action_counts, u.rollout_steps),
-            "rewards " + "  ".join(f"{k} {v:+.3f}" for k, v in sorted(u.reward_components.items())),
         ]
         self.update("\n".join(lines))
 

@@ -1,0 +1,30 @@
+"""The largest message each listening socket accepts (issue 8, promise 10): one table, documented.
+
+ZeroMQ sockets get `zmq.MAXMSGSIZE` (libzmq drops the connection of a peer that sends a larger frame,
+before buffering it); the gRPC server gets `grpc.max_receive_message_length` (a larger request is
+RESOURCE_EXHAUSTED); the /metrics servers read no body at all and answer 413 to one over the cap.
+Each value is a few times the largest legitimate message measured or bounded below.
+"""
+
+from __future__ import annotations
+
+MiB = 1 << 20
+
+MAX_TELEMETRY_BYTES = 1 * MiB
+"""One telemetry frame (hub XSUB, subscribers' SUB): an EpochReport is ~1 KiB."""
+MAX_SNAPSHOT_REQUEST_BYTES = 4096
+"""A SnapshotRequest (hub ROUTER) holds one run id."""
+MAX_SNAPSHOT_REPLY_BYTES = 256 * MiB
+"""A SnapshotReply (subscribers' DEALER): every retained event, up to 32 runs of a few hundred KiB."""
+MAX_GRPC_REQUEST_BYTES = 4 * MiB
+"""A Decide request (~1 KiB) or a DecideBatch of at most 1,024 observations; gRPC's own default."""
+MAX_HTTP_BODY_BYTES = 0
+"""/metrics is a GET: a request that declares any body is refused."""
+MAX_SUBSCRIPTION_BYTES = 4096
+"""A subscription message (XPUB, PUB sockets): one topic prefix."""
+MAX_TRAJECTORY_BYTES = 64 * MiB
+"""One trajectory frame (learner ROUTER): 75 epochs x 64 envs x ~200 float32 features is ~4 MiB."""
+MAX_WEIGHTS_BYTES = 64 * MiB
+"""One policy weights frame (tamiyo_server's SUB): the hidden-64 policy is ~0.2 MiB."""
+HTTP_TIMEOUT_S = 10.0
+"""A /metrics client that sends nothing for this long mid-request is disconnected (a scrape takes ms)."""

@@ -1,0 +1,381 @@
+"""Distributed PPO under faults (issue 8, promises 1, 2, 8 and 9; issue 5 item 7's restarts): real
+simic_learner, tamiyo_server --policy neural, nissa_hub and tolaria_worker --ppo processes on loopback,
+`synthetic` with 2-epoch episodes of 2 batches, one episode per trajectory.
+
+The accounting reads the learner's committed checkpoint (what survives any crash) and the workers' own
+`trajectory <worker>/<incarnation>/<sequence> acked ...` log lines (what they were told). Durations are
+shortened from the issue's to keep these tests near a minute and a half on a quiet 2-core machine:
+KILLS = 3 random SIGKILLs of a worker instead of 60 s of them (a restarted worker spends 4-7 s importing
+torch and torchvision on a 2-core machine, so 60 s would cost a minute of the suite for about eight
+kills; three take 15-40 s), a partition of CUT_S = 5 s instead of 10 (the worker's window is full
+within a second either way) and a learner stall of STALL_S = 12 s instead of 60 (from the moment the
+window is full the worker only waits, which is what the promise is about; the RSS samples show it flat).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from procs import REPO, Service, Spawner, metric, scrape, start_hub, wait_until
+
+from esper.leyline import AckStatus, TrajectoryAck, TrajectoryHeader
+from esper.simic.checkpoint import load_checkpoint
+from esper.nissa import Telemetry
+from esper.simic.env import EnvConfig
+from esper.simic.learner import Learner
+from esper.simic.rewards import COMPONENTS
+from esper.simic.rollout import Rollout
+from esper.simic.trainer import TrainerConfig
+from esper.transport.trajectories import TrajectorySender
+
+PPO = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--n-envs", "1", "--update-every", "2",
+       "--device", "cpu", "--num-workers", "1"]
+KILLS, CUT_S, STALL_S = 3, 5.0, 12.0
+ACKED = re.compile(r"trajectory (\S+)/(\d+)/(\d+) acked ACK_STATUS_(ACCEPTED|DUPLICATE)")
+
+
+@pytest.fixture(scope="module")
+def stack(spawn_module, tmp_path_factory):
+    """hub, learner and tamiyo_server, shared by the worker tests (each has its own worker ids)."""
+    spawn = spawn_module
+    tmp = tmp_path_factory.mktemp("stack")
+    hub = start_hub(spawn)
+    learner = spawn("simic_learner", *PPO, "--port", "0", "--weights-port", "0", "--metrics-port", "0",
+                    "--hub-pub", hub.endpoints["publish"], "--save", str(tmp / "learner.pt"), "--republish-s", "0.5",
+                    "--max-policy-lag", "1000")
+    learner.wait_bound("trajectories", "weights", "metrics")
+    tamiyo = spawn("tamiyo_server", "--policy", "neural", "--port", "0", "--metrics-port", "-1",
+                   "--learner-weights", learner.endpoints["weights"])
+    tamiyo.wait_bound("grpc")
+    return {"spawn": spawn, "hub": hub, "learner": learner, "tamiyo": tamiyo, "checkpoint": tmp / "learner.pt"}
+
+
+def start_worker(spawn, stack: dict, worker_id: str, tmp: Path, episodes: int, learner: str | None = None,
+                 *extra: str) -> Service:
+    return spawn("tolaria_worker", "--ppo", *PPO, "--episodes", str(episodes), "--worker-id", worker_id,
+                 "--spool-dir", str(tmp / "spool" / worker_id), "--runs-dir", str(tmp / "runs"),
+                 "--tamiyo", stack["tamiyo"].endpoints["grpc"], "--hub-pub", stack["hub"].endpoints["publish"],
+                 "--learner", learner or stack["learner"].endpoints["trajectories"], "--metrics-port", "0",
+                 "--exit-when-done", *extra)
+
+
+def acked_keys(*workers: Service) -> set[tuple[str, int, int]]:
+    """Every key the workers were told the learner holds (ACCEPTED or DUPLICATE), from their logs."""
+    return {(m[1], int(m[2]), int(m[3])) for w in workers for line in w.lines if (m := ACKED.search(line))}
+
+
+def committed(stack: dict, worker_id: str) -> list[tuple[str, int, int]]:
+    """The keys of `worker_id` the learner accepted, from its last committed checkpoint."""
+    inbox = json.loads(load_checkpoint(stack["checkpoint"])["inbox_json"])
+    return [(w, i, s) for w, i, s, status, _ in inbox["decided"]
+            if w == worker_id and status == AckStatus.ACK_STATUS_ACCEPTED]
+
+
+def wait_exit(service: Service, timeout_s: float = 120) -> None:
+    assert service.proc.wait(timeout_s) == 0, service.output()
+
+
+def test_a_worker_sigkilled_at_random_moments_loses_nothing_and_counts_nothing_twice(stack, tmp_path):
+    """Promise 1: two workers; one is SIGKILLed KILLS times, each at a random moment (after 1 to 6 of its
+    shipments, then up to one episode more: playing, spooling, sending or awaiting an ack) and restarted on
+    its spool; the other ships throughout and is stopped with SIGTERM at the end."""
+    spawn, rng, episodes = stack["spawn"], random.Random(81), 24
+    steady = start_worker(spawn, stack, "steady", tmp_path, 100_000)
+    victims = [start_worker(spawn, stack, "victim", tmp_path, episodes)]
+    started = time.monotonic()
+    for _ in range(KILLS):
+        shipments = rng.randint(1, 6)
+        wait_until(lambda: sum("shipped trajectory" in line for line in victims[-1].lines) >= shipments, 60,
+                   f"{shipments} shipments")
+        time.sleep(rng.uniform(0.0, 0.1))
+        victims[-1].proc.send_signal(signal.SIGKILL)
+        victims[-1].proc.wait(10)
+        victims.append(start_worker(spawn, stack, "victim", tmp_path, episodes))
+    chaos_s = time.monotonic() - started
+    wait_exit(victims[-1])
+    assert steady.stop() == 0, steady.output()
+    learner = scrape(stack["learner"].endpoints["metrics"])
+    for worker, services in (("steady", [steady]), ("victim", victims)):
+        accepted, acked = committed(stack, worker), acked_keys(*services)
+        lost, twice = acked - set(accepted), len(accepted) - len(set(accepted))
+        print(f"{worker}: {len(services) - 1} SIGKILLs in {chaos_s:.1f} s, {len(acked)} trajectories acked, "
+              f"{len(accepted)} accepted, {len(lost)} acked but lost, {twice} applied twice")
+        assert not lost and twice == 0
+    assert len(committed(stack, "victim")) == episodes  # one trajectory per episode: none missing, none extra
+    print(f"learner /metrics: {metric(learner, 'esper_simic_trajectories_accepted_total'):.0f} accepted, "
+          f"{metric(learner, 'esper_simic_trajectory_duplicates_total'):.0f} duplicates (resends not applied)")
+    every = json.loads(load_checkpoint(stack["checkpoint"])["inbox_json"])["decided"]
+    assert metric(learner, "esper_simic_trajectories_accepted_total") == sum(
+        status == AckStatus.ACK_STATUS_ACCEPTED for *_, status, _ in every)
+
+
+def synthetic_rollouts(n: int, steps: int, envs: int) -> list[Rollout]:
+    """n trajectories of random observations (masks all legal, random rewards) acted by the policy the
+    learner starts with (same config and seed: its actions, log-probabilities and values), so its PPO
+    updates really step; drawn from fixed generators, the same bytes for both runs of the next test."""
+    learner = Learner(TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=steps), n_envs=envs, update_every=1),
+                      Telemetry("rollouts"))
+    agent, heads = learner.trainer.agent, learner.trainer.codec.shape
+    g = torch.Generator().manual_seed(82)
+    shape = (steps, envs)
+    rollouts = []
+    for _ in range(n):
+        obs = torch.randn(*shape, learner.trainer.spec.dim, generator=g)
+        legal = torch.ones(*shape, *heads, dtype=torch.bool)
+        with torch.no_grad():
+            actions, logprobs, _, values, _ = agent.get_action_and_value(obs.flatten(0, 1), legal.flatten(0, 1),
+                                                                         generator=g)
+        values = values.view(shape)
+        parts = torch.randn(*shape, len(COMPONENTS), generator=g)
+        terminated = torch.zeros(shape, dtype=torch.bool)
+        terminated[-1] = True
+        rollouts.append(Rollout(
+            obs=obs, legal=legal, actions=actions.view(*shape, 3), logprobs=logprobs.view(shape), values=values,
+            next_values=torch.cat([values[1:], torch.zeros(1, envs)]), rewards=parts.sum(-1), reward_parts=parts,
+            terminated=terminated, truncated=torch.zeros(shape, dtype=torch.bool),
+            policy_version=torch.zeros(shape, dtype=torch.int64)))
+    return rollouts
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def learn(tmp: Path, rollouts: list[Rollout], kill_from: int | None) -> tuple[dict, dict]:
+    """One learner learning `rollouts` from a TrajectorySender (window 1: arrival order is fixed). With
+    kill_from, SIGKILL it as soon as it logs the start of update kill_from (or of a later one, until a kill
+    lands before that update's commit) and start it again on the same port and checkpoint."""
+    spawn, port = Spawner(), free_port()
+    steps, envs = rollouts[0].rewards.shape
+    args = ["--task", "synthetic", "--max-epochs", str(steps), "--n-envs", str(envs), "--update-every", "1",
+            "--device", "cpu", "--num-workers", "1", "--port", str(port), "--weights-port", "0", "--hub-pub", "",
+            "--metrics-port", "-1", "--max-policy-lag", "100", "--save", str(tmp / "learner.pt")]
+    ctx = zmq.Context()
+    sender = TrajectorySender(ctx, f"tcp://127.0.0.1:{port}", "solo", resend_s=5.0, window=1)
+    info = {"kill_at_update": None}
+    try:
+        learner = spawn("simic_learner", *args)
+        learner.wait_bound("trajectories")
+
+        def ship() -> None:  # the worker's side, while this thread kills and restarts the learner
+            for rollout in rollouts:
+                sender.send(rollout, "synthetic", lambda: False)
+            info["flushed"] = sender.flush(120, lambda: False)
+
+        shipping = threading.Thread(target=ship)
+        shipping.start()
+        for update in range(kill_from or len(rollouts) + 1, len(rollouts) + 1):
+            started = f"update {update}: learning from"
+            deadline = time.monotonic() + 60
+            while not any(started in line for line in learner.lines) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            line = next((line for line in learner.lines if started in line), None)
+            assert line, learner.output()
+            learner.proc.kill()
+            killed_after_ms = round(1000 * (time.time() - log_time(line)))
+            learner.proc.wait(10)
+            learner = spawn("simic_learner", *args)
+            learner.wait_bound("trajectories")
+            resumed = int(re.search(r"resumed from \S+: version (\d+)", learner.output())[1])
+            if resumed == update - 1:  # the kill landed before the commit of `update`
+                info.update(kill_at_update=update, resumed=resumed, killed_after_ms=killed_after_ms)
+                break
+        shipping.join(180)
+        assert info.get("flushed"), learner.output()
+        if kill_from:  # a trajectory accepted before the kill, resent: the restarted learner knows it
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            header = TrajectoryHeader(worker_id="solo", incarnation=sender.incarnation, sequence=0)
+            dealer.send_multipart([header.SerializeToString(), b"resent payload"])
+            assert dealer.poll(10_000), "no ack for the resend"
+            info["resend_status"] = TrajectoryAck.FromString(dealer.recv()).status
+            dealer.close(linger=0)
+        info["connects"] = sender.connects
+        times = {(m[2], int(m[1])): log_time(line) for line in learner.lines
+                 if (m := re.search(r"update (\d+)(: learning| done)", line))}
+        info["update_ms"] = [round(1000 * (times[" done", u] - times[": learning", u]))
+                             for u in sorted({u for _, u in times}) if {(" done", u), (": learning", u)} <= set(times)]
+        assert learner.stop() == 0, learner.output()
+    finally:
+        sender.close()
+        ctx.term()
+        spawn.close()
+    return load_checkpoint(tmp / "learner.pt"), info
+
+
+def test_learner_sigkilled_mid_update_resumes_and_ends_bit_identical(tmp_path):
+    """Promise 2: SIGKILL the learner during an update; it restarts from its last commit, the worker side
+    resends what was not acked, and the final state equals an unkilled run's, bit for bit (CPU, one torch
+    thread, one sender: the same trajectories reach both learners in the same order)."""
+    rollouts = synthetic_rollouts(6, steps=20, envs=32)  # 640 rows: 40 minibatch steps, ~0.1 s an update
+    straight, plain = learn(tmp_path / "straight", rollouts, kill_from=None)
+    killed, info = learn(tmp_path / "killed", rollouts, kill_from=3)
+    print(f"updates took {plain['update_ms']} ms (unkilled learner's log); "
+          f"killed {info['killed_after_ms']} ms into update {info['kill_at_update']}, resumed at version "
+          f"{info['resumed']}, "
+          f"{info['connects']} connections to the learner, resend of trajectory 0 after the restart acked "
+          f"{AckStatus.Name(info['resend_status'])}")
+    assert info["kill_at_update"] is not None and info["resend_status"] == AckStatus.ACK_STATUS_DUPLICATE
+    same = {part: all(torch.equal(a, b) for a, b in zip(tensors(straight[part]), tensors(killed[part])))
+            for part in ("network", "optimizer", "obs_rms", "reward_rms", "rng")}
+    print(f"bit-identical after {straight['counters']['updates']} updates: {same}")
+    assert all(same.values()) and straight["counters"] == killed["counters"]
+    sequences = [[s for _, _, s, _, _ in json.loads(state["inbox_json"])["decided"]] for state in (straight, killed)]
+    assert sequences[0] == sequences[1] == list(range(len(rollouts)))
+
+    # Started on a checkpoint trained with other settings, it refuses to resume rather than mix them.
+    refused = subprocess.run([sys.executable, "-m", "services.simic_learner", "--task", "synthetic", "--max-epochs",
+                              "3", "--save", str(tmp_path / "killed" / "learner.pt"), "--hub-pub", ""], cwd=REPO,
+                             capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 2 and "trained with other settings: env," in refused.stderr, refused.stderr
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    """Every tensor in a nested state dict, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in sorted(tree, key=str) for t in tensors(tree[key])]
+    if isinstance(tree, list | tuple):
+        return [t for item in tree for t in tensors(item)]
+    return [torch.tensor(float(tree))] if isinstance(tree, int | float) else []
+
+
+class FaultProxy:
+    """A TCP relay on loopback whose link can be cut: `cut()` resets every relayed connection and stops
+    listening (connects are refused, as across a link that is down); `heal()` listens again on the same
+    port. It records when it accepted each connection, to time the reconnection."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.port = 0
+        self.relayed: list[socket.socket] = []
+        self.accepted_at: list[float] = []
+        self._listen()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _listen(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.listener.listen()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            self.accepted_at.append(time.monotonic())
+            server = socket.create_connection(self.upstream)
+            self.relayed += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        for sock in self.relayed:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.relayed = []
+
+    heal = _listen
+
+
+def log_time(line: str) -> float:
+    """The wall-clock time of a service log line ('2026-11-26 04:34:07,652 name LEVEL ...')."""
+    stamp, ms = line[:23].split(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+
+
+def test_a_partition_loses_nothing_and_reconnects_within_2_s(stack, tmp_path):
+    """Promise 8: the worker-learner link is cut for CUT_S through a fault proxy, then healed."""
+    proxy, episodes = FaultProxy(stack["learner"].endpoints["trajectories"]), 24
+    worker = start_worker(stack["spawn"], stack, "partitioned", tmp_path, episodes, proxy.endpoint)
+    wait_until(lambda: len(acked_keys(worker)) >= 2, 60, "the worker's first acks")
+    proxy.cut()
+    time.sleep(CUT_S)
+    unacked = metric(scrape(worker.endpoints["metrics"]), "esper_tolaria_trajectories_unacked")
+    healed_wall, healed = time.time(), time.monotonic()
+    proxy.heal()
+    wait_exit(worker)
+    proxy.cut()  # closes it
+    reconnect = min(t for t in proxy.accepted_at if t >= healed) - healed
+    first_ack = min(log_time(line) for line in worker.lines if ACKED.search(line) and log_time(line) >= healed_wall)
+    accepted, acked = committed(stack, "partitioned"), acked_keys(worker)
+    print(f"cut {CUT_S:.0f} s with {unacked:.0f} unacked: reconnected {reconnect:.2f} s after healing, first ack "
+          f"{first_ack - healed_wall:.2f} s after; {len(acked - set(accepted))} acked trajectories lost, "
+          f"{len(accepted)} accepted for {episodes} episodes")
+    assert unacked >= 1 and reconnect < 2.0 and first_ack - healed_wall < 2.0
+    assert acked <= set(accepted) and len(accepted) == len(set(accepted)) == episodes
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_stalled_learner_makes_the_worker_wait_not_grow(stack, tmp_path):
+    """Promise 9: SIGSTOP the learner for STALL_S; the worker fills its window (2) and waits, its memory
+    flat and the wait on its /metrics; after SIGCONT it finishes with nothing lost."""
+    episodes, learner = 16, stack["learner"].proc
+    worker = start_worker(stack["spawn"], stack, "patient", tmp_path, episodes, None, "--window", "2")
+    wait_until(lambda: len(acked_keys(worker)) >= 2, 60, "the worker's first acks")
+    learner.send_signal(signal.SIGSTOP)
+    shipped = lambda: sum("shipped trajectory" in line for line in worker.lines)  # noqa: E731
+    try:
+        start, before, peak, shipped_before = time.monotonic(), rss_bytes(worker.proc.pid), 0, shipped()
+        while time.monotonic() - start < STALL_S:
+            peak = max(peak, rss_bytes(worker.proc.pid))
+            time.sleep(0.25)
+        stalled, shipped_during = scrape(worker.endpoints["metrics"]), shipped() - shipped_before
+    finally:
+        learner.send_signal(signal.SIGCONT)
+    wait_exit(worker)
+    accepted, acked = committed(stack, "patient"), acked_keys(worker)
+    waiting = metric(stalled, "esper_tolaria_trajectory_waiting_seconds")
+    print(f"learner stopped {STALL_S:.0f} s: worker RSS {before / 2**20:.1f} MiB -> peak {peak / 2**20:.1f} MiB "
+          f"(+{(peak - before) / 2**20:.1f} MiB); /metrics then: "
+          f"{metric(stalled, 'esper_tolaria_trajectories_unacked'):.0f} unacked, waiting {waiting:.1f} s, "
+          f"{metric(stalled, 'esper_tolaria_spool_bytes'):.0f} bytes spooled, {shipped_during} trajectories "
+          f"shipped during the stall; after SIGCONT {len(accepted)} "
+          f"accepted for {episodes} episodes, {len(acked - set(accepted))} acked but lost")
+    assert peak - before < 256 * 2**20 and shipped_during <= 2 * 2  # the window's credit + acks already sent
+    assert metric(stalled, "esper_tolaria_trajectories_unacked") == 2 and waiting > STALL_S / 2
+    assert metric(stalled, "esper_tolaria_spool_bytes") > 0
+    assert acked <= set(accepted) and len(accepted) == len(set(accepted)) == episodes

@@ -1,0 +1,45 @@
+"""karn's event journal: the run store survives a restart, a torn last record is cut off, and the
+file keeps only the runs the store keeps."""
+
+from esper.karn.store import EventJournal, RunStore
+from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
+
+
+def epoch_event(run_id: str, sequence: int) -> TelemetryEvent:
+    event = TelemetryEvent(run_id=run_id, sequence=sequence)
+    event.epoch.CopyFrom(EpochReport(signals=TrainingSignals(epoch=sequence, val_accuracy=50.0 + sequence)))
+    return event
+
+
+def test_a_restarted_store_holds_every_event_once(tmp_path):
+    path = tmp_path / "karn" / "events.binpb"
+    journal = EventJournal(path)
+    store = RunStore()
+    assert journal.replay(store) == 0
+    events = [epoch_event("run", s) for s in range(1, 11)]
+    journal.append([e for e in events if store.apply(e)])
+    journal.append([e for e in events[:5] if store.apply(e)])  # a snapshot overlap: nothing new
+    journal.close()
+    with path.open("ab") as f:  # a record cut short by a crash mid-write
+        f.write(EventJournal.SIZE.pack(100) + b"\x08\x01")
+
+    again = RunStore()
+    replayed = EventJournal(path).replay(again)
+    run = again.runs["run"]
+    print(f"replayed {replayed} events; epochs {sorted(run.epochs)}; lost {run.lost}")
+    assert replayed == 10
+    assert sorted(run.epochs) == list(range(1, 11)) and run.lost == 0 and again.duplicates == 0
+    assert run.epochs[7].signals.val_accuracy == 57.0
+    assert path.stat().st_size == sum(len(EventJournal(path)._record(e)) for e in events)  # the torn tail is gone
+
+
+def test_the_journal_keeps_only_the_runs_the_store_keeps(tmp_path):
+    path = tmp_path / "events.binpb"
+    journal = EventJournal(path)
+    journal.replay(RunStore(max_runs=2))
+    journal.append([epoch_event(f"run{i}", 1) for i in range(3)])
+    journal.close()
+    store = RunStore(max_runs=2)
+    assert EventJournal(path).replay(store) == 3
+    assert list(store.runs) == ["run1", "run2"]
+    assert EventJournal(path).replay(RunStore()) == 2  # compacted on the previous start

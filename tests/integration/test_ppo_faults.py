@@ -4,12 +4,9 @@ simic_learner, tamiyo_server --policy neural, nissa_hub and tolaria_worker --ppo
 
 The accounting reads the learner's committed checkpoint (what survives any crash) and the workers' own
 `trajectory <worker>/<incarnation>/<sequence> acked ...` log lines (what they were told). Durations are
-shortened from the issue's to keep these tests near a minute and a half on a quiet 2-core machine:
-KILLS = 3 random SIGKILLs of a worker instead of 60 s of them (a restarted worker spends 4-7 s importing
-torch and torchvision on a 2-core machine, so 60 s would cost a minute of the suite for about eight
-kills; three take 15-40 s), a partition of CUT_S = 5 s instead of 10 (the worker's window is full
-within a second either way) and a learner stall of STALL_S = 12 s instead of 60 (from the moment the
-window is full the worker only waits, which is what the promise is about; the RSS samples show it flat).
+the issue's: SIGKILLs of a worker at random moments for KILL_WINDOW_S = 60 s, a partition of CUT_S =
+10 s and a learner stall of STALL_S = 60 s. Those three take about three minutes, so they carry the
+`chaos` marker: the default `pytest` leaves them out, `pytest -m chaos` runs them, and .ci/run runs both.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from esper.transport.trajectories import TrajectorySender
 
 PPO = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--n-envs", "1", "--update-every", "2",
        "--device", "cpu", "--num-workers", "1"]
-KILLS, CUT_S, STALL_S = 3, 5.0, 12.0
+KILL_WINDOW_S, CUT_S, STALL_S = 60.0, 10.0, 60.0
 ACKED = re.compile(r"trajectory (\S+)/(\d+)/(\d+) acked ACK_STATUS_(ACCEPTED|DUPLICATE)")
 
 
@@ -88,24 +85,26 @@ def wait_exit(service: Service, timeout_s: float = 120) -> None:
     assert service.proc.wait(timeout_s) == 0, service.output()
 
 
+@pytest.mark.chaos
 def test_a_worker_sigkilled_at_random_moments_loses_nothing_and_counts_nothing_twice(stack, tmp_path):
-    """Promise 1: two workers; one is SIGKILLed KILLS times, each at a random moment (after 1 to 6 of its
-    shipments, then up to one episode more: playing, spooling, sending or awaiting an ack) and restarted on
-    its spool; the other ships throughout and is stopped with SIGTERM at the end."""
-    spawn, rng, episodes = stack["spawn"], random.Random(81), 24
+    """Promise 1: two workers; for KILL_WINDOW_S one is SIGKILLed again and again, each time at a random
+    moment (after 1 to 6 of its shipments, then up to 0.1 s more: playing, spooling, sending or awaiting an
+    ack), and restarted on its spool; then both are stopped with SIGTERM."""
+    spawn, rng = stack["spawn"], random.Random(81)
     steady = start_worker(spawn, stack, "steady", tmp_path, 100_000)
-    victims = [start_worker(spawn, stack, "victim", tmp_path, episodes)]
+    victims = [start_worker(spawn, stack, "victim", tmp_path, 100_000)]
     started = time.monotonic()
-    for _ in range(KILLS):
+    while time.monotonic() - started < KILL_WINDOW_S:
         shipments = rng.randint(1, 6)
         wait_until(lambda: sum("shipped trajectory" in line for line in victims[-1].lines) >= shipments, 60,
                    f"{shipments} shipments")
         time.sleep(rng.uniform(0.0, 0.1))
         victims[-1].proc.send_signal(signal.SIGKILL)
         victims[-1].proc.wait(10)
-        victims.append(start_worker(spawn, stack, "victim", tmp_path, episodes))
+        victims.append(start_worker(spawn, stack, "victim", tmp_path, 100_000))
     chaos_s = time.monotonic() - started
-    wait_exit(victims[-1])
+    victims[-1].wait_bound("metrics")  # up (its SIGTERM handler installed) before it is stopped
+    assert victims[-1].stop() == 0, victims[-1].output()
     assert steady.stop() == 0, steady.output()
     learner = scrape(stack["learner"].endpoints["metrics"])
     for worker, services in (("steady", [steady]), ("victim", victims)):
@@ -114,7 +113,7 @@ def test_a_worker_sigkilled_at_random_moments_loses_nothing_and_counts_nothing_t
         print(f"{worker}: {len(services) - 1} SIGKILLs in {chaos_s:.1f} s, {len(acked)} trajectories acked, "
               f"{len(accepted)} accepted, {len(lost)} acked but lost, {twice} applied twice")
         assert not lost and twice == 0
-    assert len(committed(stack, "victim")) == episodes  # one trajectory per episode: none missing, none extra
+    assert len(victims) > 5  # a restarted worker takes seconds to import torch: about one kill per 6-10 s
     print(f"learner /metrics: {metric(learner, 'esper_simic_trajectories_accepted_total'):.0f} accepted, "
           f"{metric(learner, 'esper_simic_trajectory_duplicates_total'):.0f} duplicates (resends not applied)")
     every = json.loads(load_checkpoint(stack["checkpoint"])["inbox_json"])["decided"]
@@ -321,6 +320,7 @@ def log_time(line: str) -> float:
     return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
 
 
+@pytest.mark.chaos
 def test_a_partition_loses_nothing_and_reconnects_within_2_s(stack, tmp_path):
     """Promise 8: the worker-learner link is cut for CUT_S through a fault proxy, then healed."""
     proxy, episodes = FaultProxy(stack["learner"].endpoints["trajectories"]), 24
@@ -350,6 +350,7 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+@pytest.mark.chaos
 def test_a_stalled_learner_makes_the_worker_wait_not_grow(stack, tmp_path):
     """Promise 9: SIGSTOP the learner for STALL_S; the worker fills its window (2) and waits, its memory
     flat and the wait on its /metrics; after SIGCONT it finishes with nothing lost."""

@@ -92,7 +92,7 @@ def prometheus(stack, tmp_path_factory):
         pytest.skip("prometheus is not installed (.ci/run installs Debian's package)")
     tmp = tmp_path_factory.mktemp("prometheus")
     jobs = {"nissa_hub": stack["hub"], "tamiyo_server": stack["tamiyo"], "tolaria_worker": stack["worker"],
-            "karn": stack["karn"]}
+            "karn": stack["karn"], "simic_learner": stack["learner"]}
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
         {"job_name": job, "static_configs": [{"targets": [urllib.parse.urlsplit(s.endpoints["metrics"]).netloc]}]}
         for job, s in jobs.items()]}
@@ -124,7 +124,7 @@ def test_every_dashboard_query_returns_data_from_prometheus(prometheus):
         wait_until(lambda: query(prometheus, expr), 60, f"data for {expr!r}", interval_s=0.5)
     up = query(prometheus, "up")
     assert {r["metric"]["job"] for r in up if r["value"][1] == "1"} == {"nissa_hub", "tamiyo_server",
-                                                                          "tolaria_worker", "karn"}
+                                                                          "tolaria_worker", "karn", "simic_learner"}
 
 
 def test_promtool_accepts_ops_config():

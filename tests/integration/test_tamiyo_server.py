@@ -133,6 +133,23 @@ def test_invalid_requests_get_invalid_argument(server, case):
         assert info.value.details()
 
 
+def test_requests_that_do_not_parse_get_invalid_argument(server):
+    """Bytes that are not a DecideRequest, unary and mid-stream: INVALID_ARGUMENT with the reason."""
+    _, channel = server
+    garbage = b"\xff\xff\xff"
+    unary = channel.unary_unary("/esper.leyline.Tamiyo/Decide")
+    stream = channel.stream_stream("/esper.leyline.Tamiyo/DecideStream")
+    valid = DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5),
+                                                  slots=[SlotState(slot="mid", stage=1)], blueprints=[1]))
+    for call in (lambda: unary(garbage, timeout=10),
+                 lambda: list(stream(iter([valid.SerializeToString(), garbage]), timeout=10))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        print(info.value.code().name, info.value.details())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not parse" in info.value.details()
+
+
 def test_empty_batch_is_invalid_and_server_keeps_serving(server):
     _, channel = server
     stub = tamiyo_pb2_grpc.TamiyoStub(channel)

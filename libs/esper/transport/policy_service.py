@@ -52,7 +52,7 @@ DECIDE_SECONDS = Histogram("esper_tamiyo_decide_seconds", "Time to decide one ob
                            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0))
 DECISIONS = Counter("esper_tamiyo_decisions", "Decisions served, by operation.", ["operation"])
 INVALID = Counter("esper_tamiyo_invalid_requests", "Requests refused with INVALID_ARGUMENT.")
-MALFORMED = Counter("esper_tamiyo_malformed_requests", "Request messages that are not protobuf (INTERNAL).")
+MALFORMED = Counter("esper_tamiyo_malformed_requests", "Request messages that do not parse (refused INVALID_ARGUMENT).")
 RETRIES = Counter("esper_policy_client_retries", "Decide calls retried after UNAVAILABLE or a deadline.")
 AVAILABLE = Gauge("esper_policy_client_available",
                   "1 while the last call to tamiyo_server was answered, 0 from its first failed attempt.")
@@ -75,24 +75,44 @@ class AwaitingWeights:
         raise PolicyNotReady("no policy weights from simic_learner yet")
 
 
+class Unparsable:
+    """What a request that does not parse becomes, so the method can refuse it with a reason."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
 class MalformedRequestCounter(grpc.ServerInterceptor):
-    """Counts request messages that do not parse. gRPC answers them INTERNAL ("Exception deserializing
-    request!") when the deserializer returns None; this one does so after counting, instead of raising
-    (gRPC would log a traceback for every hostile message)."""
+    """Counts request messages that do not parse and refuses them with INVALID_ARGUMENT. Left alone,
+    gRPC answers them INTERNAL ("Exception deserializing request!") and logs a traceback for each: a
+    hostile client's garbage would read as the server's fault."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        parse = handler.request_deserializer
+        parse, method = handler.request_deserializer, handler_call_details.method
 
         def counted(data: bytes):
             try:
                 return parse(data)
-            except DecodeError:
+            except DecodeError as exc:
                 MALFORMED.inc()
-                return None
+                return Unparsable(str(exc))
 
+        def refuse(request, context):
+            if isinstance(request, Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request does not parse ({request.why})")
+            return request
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+            return handler._replace(request_deserializer=counted,
+                                    unary_unary=lambda request, context: unary(refuse(request, context), context))
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+            return handler._replace(request_deserializer=counted, stream_stream=lambda requests, context: stream(
+                (refuse(r, context) for r in requests), context))
         return handler._replace(request_deserializer=counted)
 
 

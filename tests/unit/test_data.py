@@ -118,7 +118,9 @@ def test_second_load_comes_from_the_cache_not_the_data_dir(tiny_dir, tmp_path, m
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "decode_jpeg", no_decoding)
+    import torchvision.io
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_decoding)  # data.py imports it when it decodes
     assert _equal(load_cifar10(tiny_dir, cache_dir=cache, val_size=8), first)
 
 

@@ -32,8 +32,6 @@ from typing import IO, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.io import ImageReadMode, decode_jpeg
 
 if TYPE_CHECKING:
     from esper.tolaria.tokenizer import BPETokenizer
@@ -159,6 +157,8 @@ def _options(problem: str) -> str:
 
 def _from_torchvision(root: Path, *, download: bool) -> tuple[torch.Tensor, ...]:
     """(train_x, train_y, test_x, test_y) from torchvision's pickled batches under `root`."""
+    import torchvision  # here, not at the top: it costs every process ~1.4 s to start, and most never decode
+
     out = []
     for train in (True, False):
         split = torchvision.datasets.CIFAR10(root=root, train=train, download=download)
@@ -248,6 +248,8 @@ def _decode_cifar10_jpeg(tarball: Path) -> tuple[torch.Tensor, ...]:
     if not classes or sorted({cls for cls, _ in jpegs["test"]}) != classes:
         raise DataError(_options(f"{tarball} lacks matching train/<class>/ and test/<class>/"))
     label = {cls: i for i, cls in enumerate(classes)}
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: see _from_torchvision
+
     out = []
     for split in ("train", "test"):
         keys = sorted(jpegs[split])  # (class, file): a fixed order whatever the tar order

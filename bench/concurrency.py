@@ -1,11 +1,15 @@
 """Concurrency: aggregate images/s of K independent training runs on one device against one run alone.
 
-Each run is its own process (the mechanism `esper compare --workers K` uses). Every child loads the
-data, builds the cifar10 host and the Esper trainer, warms up, says "ready", waits for "go" on stdin,
-trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to the last
-finish. Target on a GPU (issue 3): >= 0.7*K for K <= 8.
+Two mechanisms (`--mechanism`):
+- processes: each run is its own process (what `esper compare --workers K` uses). Every child loads
+  the data, builds the cifar10 host and the Esper trainer, warms up, says "ready", waits for "go" on
+  stdin, trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to
+  the last finish.
+- grouped: the K runs are the K groups of one grouped network (esper.tolaria.grouped: identical host
+  architectures batched), trained in this process; K = 1 is one plain run, the baseline.
+Target on a GPU (issue 3): >= 0.7*K for K <= 8.
 
-    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300
+    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped]
 """
 
 from __future__ import annotations
@@ -56,12 +60,34 @@ def aggregate(k: int, args) -> float:
     return k * args.steps * 128 / (max(finished) - go)
 
 
+def grouped_rate(k: int, args) -> float:
+    """Images/s of K runs as one grouped network, each run with its own data order, after a warm-up."""
+    import torch
+
+    from esper.kasmina import HOSTS
+    from esper.tolaria.data import load_cifar10
+    from esper.tolaria.grouped import GroupedCNN, train_grouped
+
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    model = GroupedCNN(HOSTS["cifar10"], k).to(device)
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
+    optimizer = train_grouped(model, data, generators, 20)  # warm-up (cuDNN picks its algorithms)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_grouped(model, data, generators, args.steps, optimizer=optimizer)
+    next(model.parameters()).sum().item()  # wait for the device
+    return k * args.steps * 128 / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--mechanism", choices=["processes", "grouped"], default="processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -69,11 +95,12 @@ def main() -> None:
     import torch
 
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"# concurrency on {name}, torch {torch.__version__}, one process per run, {args.steps} steps of 128")
+    how = "one process per run" if args.mechanism == "processes" else "the runs as groups of one network"
+    print(f"# concurrency on {name}, torch {torch.__version__}, {how}, {args.steps} steps of 128")
     print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
     one = None
     for k in args.k:
-        rate = aggregate(k, args)
+        rate = aggregate(k, args) if args.mechanism == "processes" else grouped_rate(k, args)
         one = one or rate
         print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x")
 

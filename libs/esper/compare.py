@@ -94,6 +94,8 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
         cmd += ["--graft", graft]
     if arm.mode == "learned":
         cmd += ["--policy", cfg.policy]
+    else:  # a comparison's runs are never resumed: spare each epoch its checkpoint (a copy off the device, an fsync)
+        cmd += ["--checkpoint-every", "0"]
     return cmd
 
 

@@ -11,7 +11,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,8 +33,7 @@ from esper.leyline import (
 )
 from esper.nissa import read_jsonl
 from esper.transport.bus import PublisherSink, make_context
-from procs import REPO, start_hub
-from test_stack import LOOPBACK, listening_addresses
+from procs import LOOPBACK, REPO, free_ports, listening_addresses, start_hub
 
 CHROMIUM = shutil.which("chromium")
 TOKEN = "dashboard-test-token-0123456789"
@@ -85,17 +83,11 @@ class Esper:
             self.proc.wait(10)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
 def test_page_shows_a_live_run_and_reconnects_after_a_restart(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    port = free_port()  # the same address for both servers: the page must find the second by itself
+    port = free_ports()[0]  # the same address for both servers: the page must find the second by itself
     epochs = 20
     train = Esper("train", "heuristic", "--task", "synthetic", "--max-epochs", str(epochs), "--slots", "early",
                   "mid", "--runs-dir", str(tmp_path), "--dashboard", "--dashboard-port", str(port))

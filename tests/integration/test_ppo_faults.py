@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from procs import REPO, Service, Spawner, metric, scrape, start_hub, wait_until
+from procs import REPO, Service, Spawner, free_ports, metric, scrape, start_hub, wait_until
 
 from esper.leyline import AckStatus, TrajectoryAck, TrajectoryHeader
 from esper.simic.checkpoint import load_checkpoint
@@ -148,17 +148,11 @@ def synthetic_rollouts(n: int, steps: int, envs: int) -> list[Rollout]:
             policy_version=torch.zeros(shape, dtype=torch.int64)))
     return rollouts
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def learn(tmp: Path, rollouts: list[Rollout], kill_from: int | None) -> tuple[dict, dict]:
     """One learner learning `rollouts` from a TrajectorySender (window 1: arrival order is fixed). With
     kill_from, SIGKILL it as soon as it logs the start of update kill_from (or of a later one, until a kill
     lands before that update's commit) and start it again on the same port and checkpoint."""
-    spawn, port = Spawner(), free_port()
+    spawn, port = Spawner(), free_ports()[0]
     steps, envs = rollouts[0].rewards.shape
     args = ["--task", "synthetic", "--max-epochs", str(steps), "--n-envs", str(envs), "--update-every", "1",
             "--device", "cpu", "--num-workers", "1", "--port", str(port), "--weights-port", "0", "--hub-pub", "",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import REPO, metric, scrape, start_hub, start_tamiyo, wait_until
+from procs import REPO, free_ports, metric, scrape, start_hub, start_tamiyo, wait_until
 
 EPOCHS = 20
 EXPERIMENT = ["--task", "synthetic", "--max-epochs", str(EPOCHS), "--slots", "early", "mid", "late", "--device", "cpu"]
@@ -138,18 +138,6 @@ def test_a_killed_karn_still_holds_every_epoch(killed):
     assert_every_epoch_once(killed["karn"])
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Honcho:
     """`honcho start` of the Procfile's heuristic stack (hub, tamiyo, karn, worker; the PPO learner has no
     part in a heuristic run) in its own process group, so teardown can kill whatever it left."""
@@ -231,7 +219,8 @@ def test_sigterm_cuts_a_long_epoch_short_and_the_worker_exits_0_within_5_s(spawn
     hub = start_hub(spawn)
     tamiyo = start_tamiyo(spawn)
     runs = tmp_path / "runs"
-    worker = spawn("tolaria_worker", "--task", "cifar10", "--max-epochs", "2", "--max-batches", "400", "--device", "cpu",
+    worker = spawn("tolaria_worker", "--task", "cifar10", "--max-epochs", "2", "--max-batches", "400",
+                   "--device", "cpu",
                    "--data-dir", str(CIFAR_DIR), "--runs-dir", str(runs), "--tamiyo", tamiyo.endpoints["grpc"],
                    "--hub-pub", hub.endpoints["publish"], "--metrics-port", "0")
     worker.wait_bound("metrics")

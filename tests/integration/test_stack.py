@@ -14,10 +14,9 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
-from procs import REPO, metric, scrape, start_hub, start_tamiyo, wait_until
+from procs import LOOPBACK, REPO, free_ports, listening_addresses, metric, scrape, start_hub, start_tamiyo, wait_until
 
 EPOCHS = 20
 DASHBOARD = REPO / "ops" / "grafana" / "dashboards" / "esper.json"
@@ -75,12 +74,6 @@ def test_karn_metrics_describe_the_run(stack):
     assert metric(hub, "esper_bus_messages_forwarded_total") == metric(karn, "esper_karn_events_received_total")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dashboard_exprs() -> list[str]:
     return [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
 
@@ -97,7 +90,7 @@ def prometheus(stack, tmp_path_factory):
         {"job_name": job, "static_configs": [{"targets": [urllib.parse.urlsplit(s.endpoints["metrics"]).netloc]}]}
         for job, s in jobs.items()]}
     (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{free_ports()[0]}"
     proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address={address}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -147,29 +140,6 @@ def test_esper_stack_status_reports_every_process_serving(stack):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("SERVING") == 6
-
-
-# 127.0.0.1, ::1 and ::ffff:127.0.0.1 (gRPC's IPv4-mapped listener) as /proc/net/tcp{,6} write them.
-LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-
-
-def listening_addresses(pid: int) -> list[str]:
-    """Local addresses of the TCP sockets in LISTEN state that process `pid` holds (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
-    found = []
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
-                found.append(fields[1])
-    return found
 
 
 def test_the_listener_scan_sees_a_wildcard_bind():

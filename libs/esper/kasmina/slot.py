@@ -62,12 +62,11 @@ class SeedSlot(nn.Module):
         run = [c for c, a in enumerate(alphas) if a != 0.0]  # the seed runs only where it counts
         if not run:
             return x
-        xs = x.reshape(copies, -1, *x.shape[1:])  # [copies, B, ...]
-        rows = torch.tensor(run, device=x.device)
-        picked = xs.index_select(0, rows)
-        scale = torch.tensor([alphas[c] for c in run], device=x.device, dtype=x.dtype)
-        delta = self.seed(picked.flatten(0, 1)).view_as(picked) * scale.view(-1, *([1] * x.dim()))
-        return xs.index_add(0, rows, delta).flatten(0, 1)
+        parts = list(x.chunk(copies))  # views; no index tensor, so nothing is copied host -> device
+        deltas = self.seed(torch.cat([parts[c] for c in run])).chunk(len(run))
+        for c, delta in zip(run, deltas):
+            parts[c] = parts[c] + alphas[c] * delta
+        return torch.cat(parts)
 
     @property
     def seed_params(self) -> int:

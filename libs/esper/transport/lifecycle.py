@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import select
 import signal
 import socket
 import sys
 import threading
+import time
 
 from esper.transport.metrics_http import start_metrics
 
@@ -80,7 +82,22 @@ class StopSignal:
         return self.event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.event.wait(timeout)
+        """Block until a stop signal (or `timeout`), waking on the signal's byte, not on the event.
+
+        The kernel may hand SIGTERM to any thread (gRPC's and ZeroMQ's threads do not block signals).
+        Python's C-level handler then only records it and writes the wakeup byte; the Python handler
+        that sets the event runs in the main thread when that thread next executes bytecode. A main
+        thread asleep in `Event.wait()` never does, and the service hung until SIGKILL (tamiyo_server, seen once
+        in CI). Waking in `select` on the wakeup socket lets it run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.event.is_set():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self._read], [], [], min(left, 1.0))
+            if readable:  # the handler runs at the main thread's next bytecode; give it that moment
+                self.event.wait(0.01)
+        return True
 
     def fileno(self) -> int:
         return self._read.fileno()

@@ -2,7 +2,8 @@
 # The GPU checks of issues 3 and 5 in one call on a lent device machine (torch preinstalled there).
 # Expects the CIFAR-10 tarball in .devdata/ and a protobuf wheel in .whl/ (both git-ignored, carried by
 # the call). PART picks what runs (default: all, about 12 minutes on an H200):
-#   speed    growth overhead, concurrency K=1,2,4,8 (processes, then grouped), batched counterfactual
+#   speed    growth overhead, concurrency K=1,2,4,8 (processes, then grouped), batched counterfactual,
+#            bf16 and torch.compile against fp32 eager
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
 set -uo pipefail
@@ -18,6 +19,7 @@ if [[ $PART == *speed* ]]; then
   timeout 100 python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300
   timeout 100 python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped
   timeout 60 python3 bench/counterfactual_eval.py --device cuda
+  timeout 150 python3 bench/fast_path.py --device cuda --steps 200
 fi
 if [[ $PART == *compare* ]]; then
   start=$SECONDS

@@ -58,6 +58,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="folder with cifar-10-batches-py/ or cifar10-jpeg.tar.gz, or TinyStories *.txt[.gz] "
                         "(default: $ESPER_DATA_DIR, else torchvision's download of CIFAR-10)")
     p.add_argument("--gpu-preload", action="store_true", help="keep the whole dataset on the device")
+    add_speed_flags(p)
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal")
     p.add_argument("--telemetry-file", default=None, help="also append every event to this JSONL file")
     p.add_argument("--telemetry-dir", default=None, help="also write <dir>/<run_id>.jsonl per episode")
@@ -65,6 +66,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graft", action="append", default=[], metavar="SLOT:BLUEPRINT",
                    help="build a seed into the host before epoch 1 (repeatable): train a grown architecture "
                         "from scratch")
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forward passes under bfloat16 autocast (bench/fast_path.py measures it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the host's blocks (seeds stay eager)")
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
@@ -82,6 +89,7 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda:0 when present, else cpu)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--gpu-preload", action="store_true")
+    add_speed_flags(p)
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
@@ -170,7 +178,8 @@ def train_config(args: argparse.Namespace):
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
                     seed_grad_norms=policy is not None and policy_spec(policy, args.task).telemetry,
-                    train=TrainConfig(max_batches=args.max_batches, **TASK_TRAIN.get(args.task, {})))
+                    train=TrainConfig(max_batches=args.max_batches, precision=args.precision,
+                                      compile=args.compile, **TASK_TRAIN.get(args.task, {})))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
@@ -240,7 +249,7 @@ def compare_config(args: argparse.Namespace):
     return CompareConfig(task=args.task, max_epochs=args.max_epochs, max_batches=args.max_batches,
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
-                         workers=args.workers, out_dir=out, budget=args.budget, arms=tuple(arms),
+                         precision=args.precision, compile=args.compile, workers=args.workers, out_dir=out, budget=args.budget, arms=tuple(arms),
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
 
 

@@ -20,6 +20,7 @@ from esper.nissa import read_jsonl
     (["train", "heuristic", "--telemetry-level", "off", "--telemetry-file", "x.jsonl"], "--telemetry-level"),
     (["train", "heuristic", "--slots", "mid", "mid"], "listed twice"),
     (["train", "heuristic", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "static", "--precision", "fp16"], "invalid choice: 'fp16'"),
     (["train"], "required"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):
@@ -59,6 +60,15 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert len(list(read_jsonl(tmp_path / "tel" / f"{run_dir.name}.jsonl"))) == len(events)
     kept = sum(s["params"] for s in summary["seeds"] if s["fate"] in ("fossilized", "blending"))
     assert sum(p.numel() for p in load_exported(run_dir / "model").parameters()) == summary["host_params"] + kept
+
+
+def test_speed_flags_reach_the_trainer_and_the_run_config(tmp_path):
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "2", "--runs-dir", str(tmp_path),
+                 "--precision", "bf16", "--compile"]) == 0
+    (run_dir,) = tmp_path.glob("*_static_synthetic_s42")
+    train = json.loads((run_dir / "config.json").read_text())["env"]["train"]
+    assert (train["precision"], train["compile"]) == ("bf16", True)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
 
 
 def test_telemetry_off_writes_no_events(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from esper.cli import main
-from esper.compare import Arm, arms_for, final_architecture, headline, mean_ci
+from esper.compare import Arm, CompareConfig, arms_for, final_architecture, headline, mean_ci, train_command
 
 
 def test_mean_ci_is_the_t_interval():
@@ -50,6 +50,14 @@ def test_language_models_are_compared_on_validation_loss():
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
+    cfg = CompareConfig(task="synthetic", precision="bf16", compile=True)
+    for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
+        cmd = train_command(cfg, arm, 42, [])
+        assert cmd[cmd.index("--precision") + 1] == "bf16" and "--compile" in cmd
+    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], 42, [])
 
 
 @pytest.mark.slow

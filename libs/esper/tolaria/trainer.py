@@ -49,6 +49,18 @@ class TrainConfig:
     """Random crop (pad 4) and horizontal flip, as batched tensor ops (images only: token windows are
     never augmented)."""
     eval_batch_size: int = 1000
+    precision: str = "fp32"
+    """fp32 | bf16: bf16 runs the forward passes (training and evaluation) under autocast, matmuls and
+    convolutions in bfloat16; weights, gradients, optimizer state and the losses stay fp32. Isolation
+    is exact in both (a TRAINING seed adds delta - delta.detach(), zero in any precision)."""
+    compile: bool = False
+    """torch.compile the host's stem, blocks and head: the parts that never change shape. The slots
+    and seeds between them stay eager, because a compiled whole model would recompile at every
+    lifecycle move and every alpha step of a blend."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -92,6 +104,21 @@ class Trainer:
         self.after_backward = None
         """Called with no arguments after each batch's backward pass, before the optimizers step (DEBUG
         telemetry's gradient monitor); it must not synchronize with the device."""
+        if cfg.compile:
+            # In place, so parameter names (and checkpoints) are unchanged. Parts without parameters
+            # (the CNN's Identity stem) are left out: dynamo skips for good a frame that yields no
+            # graph, every module's compiled call shares that frame's code, and an Identity compiled
+            # first left every block eager. Sharing that code, the parts share its recompile limit
+            # too: cifar10_deep's 6 parts x training and evaluation overran the default 8, past which
+            # dynamo falls back to eager, silently.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for part in (model.host.stem, *model.host.blocks, model.host.head):
+                if any(True for _ in part.parameters()):
+                    part.compile()
+
+    def autocast(self) -> torch.autocast:
+        """The precision the forward passes run in (TrainConfig.precision)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -170,8 +197,9 @@ class Trainer:
         ):
             if seen == 0:
                 step_flops = self.step_flops(xb, yb)
-            logits = model(xb)  # [B, classes] | [B, T, vocab]
-            loss = cross_entropy(logits, yb)
+            with self.autocast():
+                logits = model(xb)  # [B, classes] | [B, T, vocab]
+                loss = cross_entropy(logits, yb)  # autocast computes it in fp32
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,11 +217,12 @@ class Trainer:
 
     def step_flops(self, xb: torch.Tensor, yb: torch.Tensor) -> int:
         """FLOPs of one training step of the current architecture, counted once per architecture on a
-        copy (so BatchNorm statistics and gradients of the real model are untouched)."""
+        copy (so BatchNorm statistics and gradients of the real model are untouched), eagerly: the
+        count is of the model's operations, whatever compiling makes of them."""
         signature = tuple((s.stage, s.blueprint) for s in self.model.slots.values())
         if signature not in self._step_flops:
             probe = copy.deepcopy(self.model).train()
-            with FlopCounterMode(display=False) as counter:
+            with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
                 cross_entropy(probe(xb), yb).backward()
             self._step_flops[signature] = counter.get_total_flops()
         return self._step_flops[signature]
@@ -201,11 +230,13 @@ class Trainer:
     def fixed_batch_loss(self) -> torch.Tensor:
         """Mean loss of the model in eval mode (no batch-norm statistics move) on the first training
         batch, unaugmented: the same batch every call, so diagnostics on it (sharpness) compare across
-        epochs. The graph is kept for higher derivatives."""
+        epochs. The graph is kept for higher derivatives: in fp32 and eager, since compiled graphs
+        have no double backward."""
         self.model.eval()
         xb, yb = next(eval_batches(self.data.train_x, self.data.train_y, batch_size=self.cfg.batch_size,
                                    device=self.device, mean=self.mean, std=self.std))
-        return cross_entropy(self.model(xb), yb)
+        with torch.compiler.set_stance("force_eager"):
+            return cross_entropy(self.model(xb), yb)
 
     def seed_grad_norms(self) -> dict[str, float]:
         """L2 norm of each live seed's gradient from the last batch (debug telemetry)."""
@@ -233,13 +264,14 @@ class Trainer:
         hits, probe_hits = [], {name: [] for name in probes}
         for xb, yb in eval_batches(x, y, batch_size=self.cfg.eval_batch_size, device=self.device,
                                    mean=self.mean, std=self.std):
-            logits, *probe_logits = model(xb, variants).chunk(1 + len(probes))  # one pass, 1 + P copies
-            loss_sum += cross_entropy(logits, yb, reduction="sum")
-            targets += yb.numel()
-            hits.append(item_accuracy(logits, yb))
-            for name, other in zip(probes, probe_logits):
-                probe_hits[name].append(item_accuracy(other, yb))
-                probe_loss[name] += cross_entropy(other, yb, reduction="sum")
+            with self.autocast():
+                logits, *probe_logits = model(xb, variants).chunk(1 + len(probes))  # one pass, 1 + P copies
+                loss_sum += cross_entropy(logits, yb, reduction="sum")
+                targets += yb.numel()
+                hits.append(item_accuracy(logits, yb))
+                for name, other in zip(probes, probe_logits):
+                    probe_hits[name].append(item_accuracy(other, yb))
+                    probe_loss[name] += cross_entropy(other, yb, reduction="sum")
         base = torch.cat(hits)  # [N]
         n = base.numel()
         stats = [loss_sum / targets, base.mean() * 100]

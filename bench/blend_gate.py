@@ -1,36 +1,50 @@
-"""G_blend's evidence: a seed's prospective contribution at the gate, per run.
+"""G_blend's evidence: a seed's prospective contribution at the gate, per run, and what a lower
+threshold would have made of the runs it changes.
 
 A TRAINING seed may blend once its prospective contribution (validation accuracy with its alpha
 forced to 1, minus without it, paired per image) exceeds `LifecycleConfig.blend_min_contribution`.
-This runs the heuristic on cifar10 with every training batch (the 40-epoch comparison's setting) for
-each seed until the first seed leaves TRAINING, and prints that seed's prospective contribution (in
-accuracy points, and as the validation loss it removes) after each of its TRAINING epochs, and what
-became of it. It stops there, so a run costs about a third of a full one.
+Probe: run the heuristic on cifar10 with every training batch (the 40-epoch comparison's setting) for
+each seed until the first seed leaves TRAINING, printing its prospective contribution (accuracy
+points, and the validation loss it removes) after each TRAINING epoch, and what became of it.
+With `--branch-to T`, a run whose first gate check fails at `--threshold` but would pass at T is
+saved at that epoch boundary, before the decision; `--continue` then finishes it under a given
+threshold, so both thresholds continue the same run from the same state (paired, the shared epochs
+trained once).
 
-    python bench/blend_gate.py --seeds 42 43 44 --device cpu
+    python bench/blend_gate.py --seeds 42 43 44 --threshold -1 --branch-to -5 --state-dir /tmp/gate
+    python bench/blend_gate.py --continue /tmp/gate/seed42.pt --threshold -1   # and --threshold -5
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from esper.kasmina.lifecycle import LifecycleConfig
 from esper.leyline import Blueprint, SeedStage, short_name
 from esper.nissa import Telemetry
-from esper.simic import EnvConfig, GrowthEnv
+from esper.simic import EnvConfig, GrowthEnv, run_episode
+from esper.simic.checkpoint import load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.trainer import TrainConfig
 
 S = SeedStage
+DEFAULT = LifecycleConfig().blend_min_contribution
 
 
-def probe(env: GrowthEnv, seed: int) -> list[str]:
-    """Step the heuristic until the first seed leaves TRAINING; one line per TRAINING epoch, then its fate."""
-    policy, lines = HeuristicPolicy(), []
+def env_for(args, data, threshold: float, run_id: str) -> GrowthEnv:
+    cfg = EnvConfig(task="cifar10", max_epochs=args.max_epochs, train=TrainConfig(max_batches=0),
+                    lifecycle=LifecycleConfig(blend_min_contribution=threshold))
+    return GrowthEnv(cfg, data, torch.device(args.device), Telemetry(run_id, sinks=[]))
+
+
+def probe(args, data, seed: int) -> None:
+    """Step the heuristic until the first seed leaves TRAINING; a line per TRAINING epoch, then its fate."""
+    env, policy = env_for(args, data, args.threshold, f"blend_gate_s{seed}"), HeuristicPolicy()
     obs, done, watched = env.reset(seed), False, None
     while not done:
         obs, done = env.step(policy.decide(obs))
@@ -40,13 +54,28 @@ def probe(env: GrowthEnv, seed: int) -> list[str]:
         watched = slot.seed_id
         blueprint = short_name(Blueprint, slot.blueprint)
         if slot.stage == S.SEED_STAGE_TRAINING and slot.has_contribution:
-            lines.append(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} TRAINING epoch "
-                         f"{slot.epochs_in_stage}: {slot.contribution:+6.2f} +/- {slot.contribution_se:.2f} points, "
-                         f"loss {slot.loss_contribution:+.3f}, gate {'passes' if slot.advance_ready else 'fails'}")
+            print(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} TRAINING epoch {slot.epochs_in_stage}: "
+                  f"{slot.contribution:+6.2f} +/- {slot.contribution_se:.2f} points, loss "
+                  f"{slot.loss_contribution:+.3f}, gate {'passes' if slot.advance_ready else 'fails'}", flush=True)
+            if (args.branch_to is not None and slot.epochs_in_stage == 1 and not slot.advance_ready
+                    and slot.contribution > args.branch_to):
+                path = Path(args.state_dir) / f"seed{seed}.pt"
+                save_checkpoint(env.state_dict(), path)
+                print(f"seed {seed}: fails at {args.threshold}, passes at {args.branch_to}: saved {path}", flush=True)
+                return
         elif slot.stage not in (S.SEED_STAGE_GERMINATED, S.SEED_STAGE_TRAINING):
-            lines.append(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} -> {short_name(S, slot.stage)}")
-            break
-    return lines
+            print(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} -> {short_name(S, slot.stage)}", flush=True)
+            return
+
+
+def finish(args, data) -> None:
+    """Continue a saved run to its last epoch under `--threshold`; its seeds' fates and accuracies."""
+    state = load_checkpoint(Path(args.resume))
+    env = env_for(args, data, args.threshold, state["run_id"])
+    obs = run_episode(env, HeuristicPolicy(), 0, state=state)
+    fates = ", ".join(f"{r.blueprint} {r.fate} (germinated {r.history[0]['epoch']})" for r in env.model.records)
+    print(f"{Path(args.resume).name} threshold {args.threshold}: val {obs.signals.val_accuracy:.2f}, "
+          f"test {env.test_accuracy():.2f}; seeds: {fates}", flush=True)
 
 
 def main() -> None:
@@ -55,18 +84,21 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-epochs", type=int, default=40)
+    p.add_argument("--branch-to", type=float, default=None, help="save runs this lower threshold would change")
+    p.add_argument("--state-dir", default="blend_gate_states")
+    p.add_argument("--continue", dest="resume", default=None, help="a state saved by --branch-to: finish it")
+    p.add_argument("--threshold", type=float, default=DEFAULT, help="G_blend's threshold (default: LifecycleConfig's)")
     args = p.parse_args()
-    device = torch.device(args.device)
-    data = load_task_data("cifar10", args.data_dir).to(device)
-    cfg = EnvConfig(task="cifar10", max_epochs=args.max_epochs, train=TrainConfig(max_batches=0))
-    print(f"# G_blend on {device}, torch {torch.__version__}: threshold {LifecycleConfig().blend_min_contribution} "
-          f"points, {args.max_epochs}-epoch budget, all batches")
-    for seed in args.seeds:
-        start = time.perf_counter()
-        env = GrowthEnv(cfg, data, device, Telemetry(f"blend_gate_s{seed}", sinks=[]))
-        for line in probe(env, seed):
-            print(line, flush=True)
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    data = load_task_data("cifar10", args.data_dir).to(args.device)
+    print(f"# G_blend on {args.device}, torch {torch.__version__}, {args.max_epochs}-epoch budget, all batches; "
+          f"threshold {args.threshold} points")
+    start = time.perf_counter()
+    if args.resume:
+        finish(args, data)
+    else:
+        for seed in args.seeds:
+            probe(args, data, seed)
+    print(f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -88,9 +88,11 @@ class LifecycleConfig:
     the first blending epoch runs at alpha 1/blend_epochs = 0.2: to first order it costs a fifth of
     this, 1 point, the harm BLENDING's cull tolerates (HeuristicConfig.cull_min_harm). At -1.0 the
     gate sat in the noise of seeds that went on to help: after one TRAINING epoch conv_heavy measured
-    -0.18 +/- 0.26 and -0.58 +/- 0.29 (CPU, seeds 42 and 43, bench/blend_gate.py), and fell below -1 in
-    2 of 5 H200 runs, which culled it and gained +0.9 and +0.2 points over static at 40 epochs,
-    against +4.0 to +8.7 in the 3 that blended it."""
+    -0.14 to -0.58 (standard errors 0.26-0.29) in 4 of 5 CPU runs and -1.38 in the fifth
+    (bench/blend_gate.py, all batches), and fell below -1 in 2 of 5 H200 runs, which culled it and
+    gained +0.94 and +0.15 points over static at 40 epochs, against +4.0 to +8.7 in the 3 that
+    blended it. The CPU run that -5 decides differently, continued from the same state both ways, ends
+    at 78.93% test accuracy (conv_heavy fossilized) against 73.93% (culled, then attention)."""
     blend_epochs: int = 5
     """Epochs over which alpha ramps from 0 to 1."""
     blend_schedule: str = "linear"

@@ -249,7 +249,8 @@ def compare_config(args: argparse.Namespace):
     return CompareConfig(task=args.task, max_epochs=args.max_epochs, max_batches=args.max_batches,
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
-                         precision=args.precision, compile=args.compile, workers=args.workers, out_dir=out, budget=args.budget, arms=tuple(arms),
+                         precision=args.precision, compile=args.compile, workers=args.workers, out_dir=out,
+                         budget=args.budget, arms=tuple(arms),
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
 
 

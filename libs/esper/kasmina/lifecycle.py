@@ -88,11 +88,12 @@ class LifecycleConfig:
     the first blending epoch runs at alpha 1/blend_epochs = 0.2: to first order it costs a fifth of
     this, 1 point, the harm BLENDING's cull tolerates (HeuristicConfig.cull_min_harm). At -1.0 the
     gate sat in the noise of seeds that went on to help: after one TRAINING epoch conv_heavy measured
-    -0.14 to -0.58 (standard errors 0.26-0.29) in 4 of 5 CPU runs and -1.38 in the fifth
+    -0.14 to -0.84 (standard errors 0.26-0.30) in 6 of 9 CPU runs and -1.06 to -1.38 in the other 3
     (bench/blend_gate.py, all batches), and fell below -1 in 2 of 5 H200 runs, which culled it and
     gained +0.94 and +0.15 points over static at 40 epochs, against +4.0 to +8.7 in the 3 that
-    blended it. The CPU run that -5 decides differently, continued from the same state both ways, ends
-    at 78.93% test accuracy (conv_heavy fossilized) against 73.93% (culled, then attention)."""
+    blended it. The 3 CPU runs that -5 decides differently, each continued from the same state both
+    ways to 40 epochs, gained +5.00, +2.38 and +6.53 points of test accuracy (conv_heavy fossilized,
+    against conv_heavy and conv_light culled, then attention)."""
     blend_epochs: int = 5
     """Epochs over which alpha ramps from 0 to 1."""
     blend_schedule: str = "linear"

@@ -208,20 +208,16 @@ def test_the_whole_stack_stopped_and_started_again_continues_the_run(tmp_path, r
     same_result(only_run(tmp_path / "runs"), reference())
 
 
-def test_sigterm_cuts_a_long_epoch_short_and_the_worker_exits_0_within_5_s(spawn, tmp_path):
+def test_sigterm_cuts_a_long_epoch_short_and_the_worker_exits_0_within_5_s(spawn, tmp_path, shared_cifar_dir):
     """Issue 8, promise 11, for a worker whose epoch outlasts honcho's 5 s: CIFAR-10 epochs of 400
     batches (tens of seconds on a CPU). SIGTERM mid-epoch abandons the epoch (a restart continues from
     the last epoch checkpoint) instead of finishing it."""
-    from support import CIFAR_DIR
-
-    if not CIFAR_DIR.is_dir():
-        pytest.skip(f"needs CIFAR-10 in {CIFAR_DIR}")
     hub = start_hub(spawn)
     tamiyo = start_tamiyo(spawn)
     runs = tmp_path / "runs"
     worker = spawn("tolaria_worker", "--task", "cifar10", "--max-epochs", "2", "--max-batches", "400",
                    "--device", "cpu",
-                   "--data-dir", str(CIFAR_DIR), "--runs-dir", str(runs), "--tamiyo", tamiyo.endpoints["grpc"],
+                   "--data-dir", str(shared_cifar_dir), "--runs-dir", str(runs), "--tamiyo", tamiyo.endpoints["grpc"],
                    "--hub-pub", hub.endpoints["publish"], "--metrics-port", "0")
     worker.wait_bound("metrics")
     wait_until(lambda: any(runs.glob("*/config.json")), 180, "the episode to start (data loaded)")

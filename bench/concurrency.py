@@ -7,9 +7,13 @@ Two mechanisms (`--mechanism`):
   the last finish.
 - grouped: the K runs are the K groups of one grouped network (esper.tolaria.grouped: identical host
   architectures batched), trained in this process; K = 1 is one plain run, the baseline.
+- threads: K Esper trainers in this process, each stepped by its own thread on its own CUDA stream, so
+  one process's kernels from different runs may overlap (processes only time-slice the GPU without
+  MPS). Python holds the GIL between kernel launches, so this measures how much of a launch-bound step
+  is Python.
 Target on a GPU (issue 3): >= 0.7*K for K <= 8.
 
-    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped]
+    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped|threads]
 """
 
 from __future__ import annotations
@@ -21,18 +25,26 @@ import sys
 import time
 
 
-def child(device_name: str, steps: int, data_dir: str | None) -> None:
+def esper_trainer(data, device, steps: int, seed: int):
+    """The trainer every mechanism but grouped times: the cifar10 host with an empty `mid` slot."""
     import torch
 
     from esper.kasmina import MorphogeneticModel, build_host
-    from esper.tolaria.data import load_cifar10
     from esper.tolaria.trainer import Trainer, TrainConfig
+
+    model = MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device)
+    return Trainer(model, data, TrainConfig(max_batches=steps), device,
+                   torch.Generator(device=device).manual_seed(seed))
+
+
+def child(device_name: str, steps: int, data_dir: str | None) -> None:
+    import torch
+
+    from esper.tolaria.data import load_cifar10
 
     device = torch.device(device_name)
     data = load_cifar10(data_dir).to(device)
-    model = MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device)
-    trainer = Trainer(model, data, TrainConfig(max_batches=steps), device,
-                      torch.Generator(device=device).manual_seed(os.getpid()))
+    trainer = esper_trainer(data, device, steps, os.getpid())
     trainer.train_epoch()  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()
@@ -81,13 +93,40 @@ def grouped_rate(k: int, args) -> float:
     return k * args.steps * 128 / (time.perf_counter() - start)
 
 
+def threaded_rate(k: int, args) -> float:
+    """Images/s of K trainers stepped by K threads, each on its own CUDA stream, after a warm-up."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from esper.tolaria.data import load_cifar10
+
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    trainers = [esper_trainer(data, device, args.steps, i) for i in range(k)]
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(k)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # data and weights were written on the default stream
+
+    def epoch(i: int) -> None:  # ends in a device->host transfer on the run's stream: the work is done
+        with torch.cuda.stream(streams[i]) if streams[i] is not None else contextlib.nullcontext():
+            trainers[i].train_epoch()
+
+    with ThreadPoolExecutor(k) as pool:
+        list(pool.map(epoch, range(k)))  # warm-up
+        start = time.perf_counter()
+        list(pool.map(epoch, range(k)))
+        return k * args.steps * 128 / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--mechanism", choices=["processes", "grouped"], default="processes")
+    parser.add_argument("--mechanism", choices=["processes", "grouped", "threads"], default="processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -95,12 +134,14 @@ def main() -> None:
     import torch
 
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    how = "one process per run" if args.mechanism == "processes" else "the runs as groups of one network"
+    how = {"processes": "one process per run", "grouped": "the runs as groups of one network",
+           "threads": "one thread and CUDA stream per run"}[args.mechanism]
+    rate_of = {"processes": aggregate, "grouped": grouped_rate, "threads": threaded_rate}[args.mechanism]
     print(f"# concurrency on {name}, torch {torch.__version__}, {how}, {args.steps} steps of 128")
     print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
     one = None
     for k in args.k:
-        rate = aggregate(k, args) if args.mechanism == "processes" else grouped_rate(k, args)
+        rate = rate_of(k, args)
         one = one or rate
         print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x")
 

@@ -6,9 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esper.tolaria.augment import eval_batches, normalize, random_crop_flip, train_batches
-
-
+from esper.tolaria.augment import eval_batches, normalize, random_crop_flip, stacked_train_batches, train_batches
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -121,6 +119,23 @@ def test_train_batches_respect_max_batches_and_the_generator():
     with pytest.raises(ValueError):
         next(train_batches(x, y, batch_size=101, max_batches=0, generator=_gen(), device="cpu",
                            **IDENTITY))
+
+
+def test_stacked_batches_are_each_runs_own_train_batches():
+    """Three runs' batches gathered, cropped, flipped and normalized at once are bit for bit the batches
+    each run's generator gives train_batches alone: a grouped run sees the data its lone run would."""
+    x, y = _indexed_images(100)
+    seeds = (3, 4, 5)
+    stacked = list(stacked_train_batches(x, y, batch_size=8, max_batches=4, device="cpu",
+                                         generators=[_gen(s) for s in seeds], **IDENTITY))
+    alone = [list(train_batches(x, y, batch_size=8, max_batches=4, generator=_gen(s), device="cpu", **IDENTITY))
+             for s in seeds]
+    assert len(stacked) == 4
+    for step, (xb, yb) in enumerate(stacked):
+        assert xb.shape == (3, 8, 3, 16, 16) and yb.shape == (3, 8)
+        for k in range(len(seeds)):
+            assert torch.equal(xb[k], alone[k][step][0]) and torch.equal(yb[k], alone[k][step][1])
+    assert not torch.equal(stacked[0][1][0], stacked[0][1][1]), "each run has its own order"
 
 
 def test_eval_batches_cover_everything_in_order_with_the_partial_batch():

@@ -27,13 +27,24 @@ def random_crop_flip(
     x: [B, C, H, W], any dtype. The random draws come from `generator` on its own device (x's
     device when None) and move to x's device, which costs nothing when the two match.
     """
-    b, c, h, w = x.shape
-    gen_device = generator.device if generator is not None else x.device
+    return crop_flip(x, *draw_crop_flip(len(x), pad=pad, generator=generator, device=x.device), pad=pad)
+
+
+def draw_crop_flip(
+    b: int, *, pad: int, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of random_crop_flip for b images: row and column offsets and flips, [B, 1] each
+    on `device`, drawn from `generator` on its own device (`device` when None)."""
+    gen_device = generator.device if generator is not None else device
     offsets = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=gen_device)
     flip = torch.randint(0, 2, (b, 1), generator=generator, device=gen_device).bool()  # [B, 1]
-    dy, dx = offsets.to(x.device)  # [B, 1] each
-    flip = flip.to(x.device)
+    dy, dx = offsets.to(device)  # [B, 1] each
+    return dy, dx, flip.to(device)
 
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, *, pad: int) -> torch.Tensor:
+    """x [B, C, H, W] zero-padded by `pad`, image i cropped at (dy[i], dx[i]) and flipped where flip[i]."""
+    b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))  # [B, C, H + 2p, W + 2p]
     row = torch.arange(h, device=x.device)  # [H]
     col = torch.arange(w, device=x.device)  # [W]
@@ -74,14 +85,8 @@ def train_batches(
     step sees `batch_size` images (BatchNorm statistics and step sizes stay comparable);
     `max_batches` > 0 stops early, 0 means the whole pass.
     """
-    if not 0 < batch_size <= len(x):
-        raise ValueError(f"batch_size {batch_size} gives no full batch of {len(x)} items")
-    if max_batches < 0:
-        raise ValueError(f"max_batches must be >= 0, got {max_batches}")
-    n_full = len(x) // batch_size
-    n_batches = min(max_batches, n_full) if max_batches else n_full
-    # One transfer per pass when the generator lives elsewhere; none when it matches x.
-    perm = torch.randperm(len(x), generator=generator, device=generator.device).to(x.device)
+    n_batches = batch_count(len(x), batch_size, max_batches)
+    perm = shuffled(len(x), generator, x.device)
     device = torch.device(device)
     for i in range(n_batches):
         idx = perm[i * batch_size : (i + 1) * batch_size]  # [B]
@@ -91,6 +96,52 @@ def train_batches(
                 xb = random_crop_flip(xb, generator=generator)
             xb = normalize(xb, mean, std)
         yield xb, yb
+
+
+def stacked_train_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    max_batches: int,
+    generators: list[torch.Generator],
+    device: torch.device | str,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """K runs' `train_batches` at once: images [K, B, C, H, W] and labels [K, B], run k's exactly
+    those `train_batches` yields with `generators[k]` (the same draws from it, in the same order).
+
+    Only the draws are per run; gathering, cropping, flipping and normalizing happen once for all K
+    runs, so a step of K runs costs the kernel launches of one (esper.tolaria.grouped).
+    """
+    k = len(generators)
+    n_batches = batch_count(len(x), batch_size, max_batches)
+    perms = torch.stack([shuffled(len(x), g, x.device) for g in generators])  # [K, N]
+    device = torch.device(device)
+    for i in range(n_batches):
+        idx = perms[:, i * batch_size : (i + 1) * batch_size].reshape(-1)  # [K B], run by run
+        xb, yb = _to_device(x[idx], device), _to_device(y[idx], device)
+        dy, dx, flip = (torch.cat(parts) for parts in zip(*(
+            draw_crop_flip(batch_size, pad=4, generator=g, device=device) for g in generators)))
+        xb = normalize(crop_flip(xb, dy, dx, flip, pad=4), mean, std)
+        yield xb.view(k, batch_size, *xb.shape[1:]), yb.view(k, batch_size)
+
+
+def batch_count(n: int, batch_size: int, max_batches: int) -> int:
+    """Full batches of one pass over n items: all of them, or at most max_batches when it is > 0."""
+    if not 0 < batch_size <= n:
+        raise ValueError(f"batch_size {batch_size} gives no full batch of {n} items")
+    if max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0, got {max_batches}")
+    n_full = n // batch_size
+    return min(max_batches, n_full) if max_batches else n_full
+
+
+def shuffled(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A pass's order: randperm(n) on the generator's device, moved to `device` (one transfer per pass
+    when the two differ)."""
+    return torch.randperm(n, generator=generator, device=generator.device).to(device)
 
 
 def eval_batches(

@@ -98,6 +98,8 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=["matched", "original"], default="matched",
                    help="original: also the unmatched static@10 baseline of the original table, at 40 epochs")
     p.add_argument("--out", default=None, help="output folder (default: compare/<time>_<task>)")
+    p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal",
+                   help="of every run (normal keeps the decisions and gate values that explain a result)")
     p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
 
 
@@ -250,7 +252,7 @@ def compare_config(args: argparse.Namespace):
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, workers=args.workers, out_dir=out,
-                         budget=args.budget, arms=tuple(arms),
+                         budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
 
 

@@ -78,6 +78,9 @@ class CompareConfig:
     """The checkpoint the `ppo` arm's runs are driven by."""
     db: str = "runs/karn.db"
     """The run store (SQLite) every run records itself in as it ends: `esper runs list` shows them."""
+    telemetry_level: str = "normal"
+    """Every run's telemetry.jsonl: `normal` keeps the decisions and gate values, which say why a grown
+    arm won or lost (each run's cost: bench/telemetry_overhead.py); `minimal` keeps only transitions."""
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
@@ -88,7 +91,8 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
     cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
            "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
            "--seed", str(seed), "--slots", *cfg.slots, "--device", cfg.device,
-           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", "minimal", "--db", cfg.db]
+           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", cfg.telemetry_level,
+           "--db", cfg.db]
     if cfg.data_dir:
         cmd += ["--data-dir", cfg.data_dir]
     if cfg.gpu_preload:

@@ -60,6 +60,14 @@ def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
     assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], 42, [])
 
 
+def test_every_arm_records_the_comparisons_telemetry_level():
+    for level in ("normal", "minimal"):
+        cfg = CompareConfig(task="synthetic", telemetry_level=level)
+        for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
+            cmd = train_command(cfg, arm, 42, [])
+            assert cmd[cmd.index("--telemetry-level") + 1] == level
+
+
 @pytest.mark.slow
 def test_tiny_comparison_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
@@ -74,6 +82,11 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     assert all(r["epochs"] == 3 and r["train_flops"] > 0 for runs in results.values() for r in runs)
     # Same seed, no growth: the static and from-scratch arms (nothing grafted) train identically.
     assert [r["test_accuracy"] for r in results["static"]] == [r["test_accuracy"] for r in results["from-scratch"]]
+    # At the default level (normal) every run keeps its epochs and decisions, each with its observation
+    # (and gate values, once a seed exists: none does in 3 epochs); minimal would keep neither.
+    (telemetry,) = (out / "runs" / "heuristic" / "seed42").glob("*/telemetry.jsonl")
+    kinds = {key for line in telemetry.read_text().splitlines() for key in json.loads(line)}
+    assert {"decision", "epoch"} <= kinds
     assert main(["compare", "--task", "synthetic", "--out", str(out)]) == 2  # refuses to mix two comparisons
     # Every run recorded itself in the store as it ended: `esper runs list` shows the comparison.
     capsys.readouterr()

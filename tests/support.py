@@ -1,9 +1,13 @@
-"""Constants the tests share, importable as `support` (pytest puts tests/ on sys.path; a module named
+"""Constants and helpers the tests share, importable as `support` (pytest puts tests/ on sys.path; a module named
 `conftest` is not importable unambiguously once tests/integration/ has its own)."""
 
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from esper.kasmina.hosts import HostSpec
+from esper.tolaria.augment import train_batches
 
 # CI clones the repository next to a copy of shared/; so does every developer checkout.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -13,3 +17,25 @@ TINYSTORIES_DIR = SHARED / "data" / "tinystories"
 # The tinystories host's shape at a size a test runs in milliseconds: 3 blocks (early, mid, late
 # after blocks 0, 1, 2, as on the synthetic CNN), width 32, 2 heads, 64 tokens, 16 positions.
 TINY_LM = HostSpec("tiny_lm", "transformer", 64, (32, 32, 32), 64, heads=2, context=16)
+
+
+# The plainest PyTorch training loop for a host: what Esper's trainer and grouped runs are held to.
+def plain(host) -> torch.nn.Sequential:
+    """The host as one network (its modules shared): a host's forward is MorphogeneticModel's job."""
+    return torch.nn.Sequential(host.stem, *host.blocks, host.head)
+
+
+def train_alone(host, data, generator: torch.Generator, steps: int) -> None:
+    """`steps` batches of 128 from train_batches (normalized, augmented), cross-entropy, one SGD with
+    the trainer's defaults (lr 0.01, momentum 0.9, weight decay 5e-4)."""
+    net = plain(host)
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    opt = torch.optim.SGD(host.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    host.train()
+    for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps, generator=generator,
+                                device="cpu", mean=mean, std=std):
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()

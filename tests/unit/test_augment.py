@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from esper.tolaria.augment import eval_batches, normalize, random_crop_flip, stacked_train_batches, train_batches
 
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

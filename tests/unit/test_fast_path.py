@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from support import train_alone
 from esper.kasmina import MorphogeneticModel, build_host
 from esper.leyline import Action, Blueprint, Operation, SeedStage
-from esper.tolaria.augment import train_batches
 from esper.tolaria.data import Dataset, load_task_data
 from esper.tolaria.trainer import Trainer, TrainConfig, cross_entropy
 
@@ -47,16 +47,7 @@ def test_the_trainer_trains_a_static_host_exactly_as_a_plain_pytorch_loop():
     initial = copy.deepcopy(host.state_dict())
     esper.train_epoch()
 
-    net = torch.nn.Sequential(host.stem, *host.blocks, host.head)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    net.train()
-    for xb, yb in train_batches(esper.data.train_x, esper.data.train_y, batch_size=128, max_batches=8,
-                                generator=torch.Generator().manual_seed(0), device="cpu",
-                                mean=esper.mean, std=esper.std):
-        loss = torch.nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_alone(host, esper.data, torch.Generator().manual_seed(0), steps=8)
     trained = esper.model.host.state_dict()
     assert not torch.equal(trained["blocks.0.0.weight"], initial["blocks.0.0.weight"])  # it trained
     torch.testing.assert_close(host.state_dict(), trained, rtol=0, atol=0)

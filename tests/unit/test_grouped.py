@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from support import plain, train_alone
 from esper.kasmina import build_host
-from esper.tolaria.augment import train_batches
 from esper.tolaria.grouped import GroupedCNN, train_grouped
-
-
-def plain(host) -> torch.nn.Sequential:
-    """The host as one network (its modules shared): a host's forward is MorphogeneticModel's job."""
-    return torch.nn.Sequential(host.stem, *host.blocks, host.head)
-
-
-def train_alone(host, data, generator: torch.Generator, steps: int) -> None:
-    """The plain loop for one run: the same batches, loss and SGD settings as train_grouped's."""
-    net = plain(host)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    opt = torch.optim.SGD(host.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    host.train()
-    for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps, generator=generator,
-                                device="cpu", mean=mean, std=std):
-        loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):

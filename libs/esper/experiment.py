@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
-from esper.nissa import JsonlSink, Sink, Telemetry, read_jsonl
+from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
@@ -180,7 +180,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     under the same run id, when it has none yet)."""
     state = None
     if run_dir is None:
-        run_dir = Path(cfg.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{cfg.mode}_{cfg.env.task}_s{seed}"
+        run_dir = Path(cfg.runs_dir) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
         run_dir.mkdir(parents=True, exist_ok=False)
         write_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg) | {"episode_seed": seed}, indent=2))
     elif (run_dir / CHECKPOINT).is_file():

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from esper.cli import UsageError, resolve_device
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
-from esper.nissa import JsonlSink, Sink, Telemetry
+from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.env import GrowthEnv
 from esper.simic.ppo import PPOConfig
@@ -152,7 +152,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     data = load_task_data(tcfg.env.task, cfg.data_dir)
     data_by_device = {d: data.to(d) if cfg.gpu_preload else data for d in tcfg.env_devices}
 
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_ppo_{tcfg.env.task}_s{tcfg.seed}"
+    run_id = new_run_id(f"ppo_{tcfg.env.task}_s{tcfg.seed}")
     run_dir = Path(cfg.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from prometheus_client import REGISTRY
 
 from esper.cli import Parser, UsageError, add_train_flags, train_config
 from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
-from esper.nissa import Telemetry
+from esper.nissa import Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.learner import Learner
 from esper.simic.trainer import check_resumable
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(PublisherSink(cfg.hub_pub, token=cfg.token))
         if not sinks[0].wait_attached(timeout_s=5.0):
             log.warning("hub at %s not attached after 5 s: PPOUpdate events are lost until it is", cfg.hub_pub)
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_ppo-learner_{tcfg.env.task}_s{tcfg.seed}"
+    run_id = new_run_id(f"ppo-learner_{tcfg.env.task}_s{tcfg.seed}")
     telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level), sinks)
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)

@@ -33,7 +33,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from prometheus_client import REGISTRY
 from esper.cli import Parser, UsageError, add_checkpoint_flag, add_train_flags, train_config
 from esper.experiment import RunConfig, run
 from esper.leyline import TelemetryLevel, from_short_name
-from esper.nissa import Telemetry
+from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import make_envs, play_round, remote_act
 from esper.simic.rewards import Rewarder
 from esper.tamiyo.features import FeatureSpec
@@ -156,7 +155,7 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     act = remote_act(policy, spec)
     # A run id per process: the worker id is stable across restarts, and an episode a kill interrupted is
     # played again from its start, a new run for karn rather than a second copy of the old one.
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}_{ship.worker_id}"
+    run_id = new_run_id(ship.worker_id)
     for first in range(sender.spool.progress, tcfg.episodes, tcfg.n_envs):
         if stop.is_set():
             break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -14,6 +15,7 @@ from rich.console import Console
 from esper.cli import main
 from esper.experiment import RunConfig, run
 from esper.karn.runs_db import RunsDB
+from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tamiyo import HeuristicConfig
 from esper.tolaria.trainer import TrainConfig
@@ -119,3 +121,13 @@ def test_esper_train_records_its_runs_in_the_store(tmp_path, capsys):
         assert sorted(r["run_id"] for r in db.runs()) == sorted([*heuristic, ppo, f"{ppo}_ep0000", f"{ppo}_ep0001"])
     finally:
         db.close()
+
+
+def test_runs_of_one_name_started_in_the_same_second_get_different_ids_in_start_order(monkeypatch):
+    """Run ids once ended at the second: two runs started in one second were one run to karn (and a CI
+    failure of the resume test, whose cut and straight runs shared an id)."""
+    clock = iter([1_800_000_000.25, 1_800_000_000.75])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    first, second = new_run_id("static_cifar10_s0"), new_run_id("static_cifar10_s0")
+    assert first != second and sorted([second, first]) == [first, second]
+    assert first.endswith(".250000_static_cifar10_s0") and second.endswith(".750000_static_cifar10_s0")

@@ -2,6 +2,6 @@
 `nissa.diagnostics` holds the measurements only the DEBUG level pays for (gradient health per layer
 and seed, loss sharpness)."""
 
-from esper.nissa.telemetry import JsonlSink, ListSink, Sink, Telemetry, read_jsonl
+from esper.nissa.telemetry import JsonlSink, ListSink, Sink, Telemetry, new_run_id, read_jsonl
 
-__all__ = ["JsonlSink", "ListSink", "Sink", "Telemetry", "read_jsonl"]
+__all__ = ["JsonlSink", "ListSink", "Sink", "Telemetry", "new_run_id", "read_jsonl"]

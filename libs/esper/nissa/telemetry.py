@@ -18,6 +18,13 @@ from esper.leyline import TelemetryEvent, TelemetryLevel
 
 L = TelemetryLevel
 
+
+def new_run_id(name: str) -> str:
+    """A run id: the start time to the microsecond, then `name`. Ids sort by start time (the newest run is
+    the last name), and two runs of the same name started within one second are still two runs in karn."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}_{name}"
+
 # The least level at which each payload is emitted.
 PAYLOAD_LEVEL = {
     "run_started": L.TELEMETRY_LEVEL_MINIMAL,

@@ -80,11 +80,12 @@ def plain_images_per_s(net, data, device, steps: int) -> float:
     return steps * 128 / (time.perf_counter() - start)
 
 
-def cifar10_on_device(parser: argparse.ArgumentParser):
-    """Parse --device/--repeats/--data-dir (besides the caller's own flags) and put CIFAR-10 on the
-    device: (args, device, data, the device's name for the header)."""
+def cifar10_on_device(parser: argparse.ArgumentParser, timed: bool = True):
+    """Parse --device/--data-dir, and --repeats for a `timed` benchmark (besides the caller's own flags),
+    and put CIFAR-10 on the device: (args, device, data, the device's name for the header)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    if timed:
+        parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None, help="as for esper train (default: $ESPER_DATA_DIR)")
     args = parser.parse_args()
     device = torch.device(args.device)

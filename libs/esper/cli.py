@@ -101,6 +101,8 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal",
                    help="of every run (normal keeps the decisions and gate values that explain a result)")
     p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
+    p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="how often to say how far each running run is (0: never)")
 
 
 def build_parser() -> Parser:
@@ -237,6 +239,8 @@ def compare_config(args: argparse.Namespace):
                                ("--seeds", args.seeds, 1), ("--workers", args.workers, 1)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
+        raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:
@@ -253,6 +257,7 @@ def compare_config(args: argparse.Namespace):
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, workers=args.workers, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
+                         progress_every=args.progress_every,
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
 
 

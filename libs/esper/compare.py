@@ -22,6 +22,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ class CompareConfig:
     telemetry_level: str = "normal"
     """Every run's telemetry.jsonl: `normal` keeps the decisions and gate values, which say why a grown
     arm won or lost (each run's cost: bench/telemetry_overhead.py); `minimal` keeps only transitions."""
+    progress_every: float = 60.0
+    """Seconds between the lines that say how far each running run is (0: none); read from the runs'
+    telemetry files, so the runs themselves never wait for it."""
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
@@ -112,6 +116,23 @@ def final_architecture(summary: dict) -> list[str]:
     return [f"{s['slot']}:{s['blueprint']}" for s in summary["seeds"] if s["fate"] in ("fossilized", "blending")]
 
 
+def progress_of(run_parent: Path, task: str) -> str | None:
+    """'epoch 12/40, val accuracy 61.2' from the newest epoch event in the telemetry of the run under
+    `run_parent`; None before its first epoch, or at a telemetry level that records no epochs."""
+    for path in run_parent.glob("*/telemetry.jsonl"):
+        for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+            try:
+                report = json.loads(line).get("epoch")
+            except json.JSONDecodeError:  # the line the run is writing now
+                continue
+            if isinstance(report, dict):  # an EpochReport (a transition's "epoch" is its number)
+                s = report["signals"]
+                shown = (f"val loss {s.get('valLoss', 0.0):.3f}" if headline(task)[0] == "val_loss"
+                         else f"val accuracy {s.get('valAccuracy', 0.0):.1f}")
+                return f"epoch {s.get('epoch', 0)}/{s['maxEpochs']}, {shown}"
+    return None
+
+
 def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict]]:
     """Run every (arm, seed); returns arm -> summaries in seed order. `on_phase(results so far)` after
     each phase, so an interrupted comparison still leaves a report of the arms it finished."""
@@ -120,10 +141,16 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
     results: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.workers))}
 
+    running: dict[str, Path] = {}  # "heuristic seed 42" -> where that run writes
+
     def run(arm: Arm, seed: int) -> None:
         grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
         started = time.perf_counter()
-        proc = subprocess.run(train_command(cfg, arm, seed, grafts), env=env, capture_output=True, text=True)
+        running[f"{arm.name} seed {seed}"] = runs_dir(cfg, arm, seed)
+        try:
+            proc = subprocess.run(train_command(cfg, arm, seed, grafts), env=env, capture_output=True, text=True)
+        finally:
+            del running[f"{arm.name} seed {seed}"]
         if proc.returncode != 0:
             raise RuntimeError(f"{arm.name} seed {seed} failed:\n{proc.stderr[-2000:]}")
         (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
@@ -135,13 +162,25 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
     def finished() -> dict[str, list[dict]]:
         return {name: [by_seed[s] for s in seeds] for name, by_seed in results.items() if len(by_seed) == len(seeds)}
 
-    # Arms that graft another arm's architecture wait for that arm.
-    for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
-        with ThreadPoolExecutor(cfg.workers) as pool:
-            for future in [pool.submit(run, arm, seed) for arm in phase for seed in seeds]:
-                future.result()
-        if on_phase is not None:
-            on_phase(finished())
+    def say_progress(stop: threading.Event) -> None:
+        while not stop.wait(cfg.progress_every):
+            now = [f"{label}: {progress_of(folder, cfg.task) or 'starting'}" for label, folder in running.copy().items()]
+            if now:
+                log("  running: " + "; ".join(now))
+
+    stop = threading.Event()
+    if cfg.progress_every > 0:
+        threading.Thread(target=say_progress, args=(stop,), daemon=True).start()
+    try:
+        # Arms that graft another arm's architecture wait for that arm.
+        for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
+            with ThreadPoolExecutor(cfg.workers) as pool:
+                for future in [pool.submit(run, arm, seed) for arm in phase for seed in seeds]:
+                    future.result()
+            if on_phase is not None:
+                on_phase(finished())
+    finally:
+        stop.set()
     return finished()
 
 

@@ -6,7 +6,8 @@ import pytest
 from scipy import stats
 
 from esper.cli import main
-from esper.compare import Arm, CompareConfig, arms_for, final_architecture, headline, mean_ci, train_command
+from esper.compare import (Arm, CompareConfig, arms_for, final_architecture, headline, mean_ci, progress_of,
+                           train_command)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -41,6 +42,8 @@ def test_language_models_are_compared_on_validation_loss():
 
 @pytest.mark.parametrize("argv, needle", [
     (["compare", "--seeds", "0"], "--seeds must be >= 1"),
+    (["compare", "--progress-every", "nan"], "--progress-every must be seconds"),
+    (["compare", "--progress-every", "-1"], "--progress-every must be seconds"),
     (["compare", "--arms", "from-scratch"], "needs heuristic"),
     (["compare", "--budget", "original", "--max-epochs", "10"], "fixes the budget at 40"),
     (["compare", "--arms", "static", "ppo"], "--arms ppo needs --policy"),
@@ -68,11 +71,36 @@ def test_every_arm_records_the_comparisons_telemetry_level():
             assert cmd[cmd.index("--telemetry-level") + 1] == level
 
 
+def test_progress_is_read_from_the_runs_own_telemetry(tmp_path):
+    """What compare says of a running run is its newest epoch event, whatever the file ends in; a run
+    whose level records no epochs says nothing."""
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "2", "--device", "cpu"]
+    assert main([*flags, "--runs-dir", str(tmp_path / "normal"), "--telemetry-level", "normal"]) == 0
+    (summary,) = (tmp_path / "normal").glob("*/summary.json")
+    last = json.loads(summary.read_text())["curve"][-1]
+    expected = f"epoch 2/2, val accuracy {last['val_accuracy']:.1f}"
+    assert progress_of(tmp_path / "normal", "synthetic") == expected
+    with (summary.parent / "telemetry.jsonl").open("a") as f:
+        f.write('{"runId": "cut off mid-wri')  # the line being written when compare reads
+    assert progress_of(tmp_path / "normal", "synthetic") == expected
+
+    assert main([*flags, "--runs-dir", str(tmp_path / "minimal"), "--telemetry-level", "minimal"]) == 0
+    assert progress_of(tmp_path / "minimal", "synthetic") is None
+    assert progress_of(tmp_path / "not-started", "synthetic") is None
+
+    lm = tmp_path / "lm" / "run"
+    lm.mkdir(parents=True)
+    (lm / "telemetry.jsonl").write_text(json.dumps({"epoch": {"signals": {"epoch": 3, "maxEpochs": 5, "valLoss": 2.5}}}))
+    assert progress_of(tmp_path / "lm", "tinystories") == "epoch 3/5, val loss 2.500"
+
+
 @pytest.mark.slow
 def test_tiny_comparison_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
-                 "--out", str(out), "--db", str(tmp_path / "karn.db")]) == 0
+                 "--out", str(out), "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5"]) == 0
+    said = capsys.readouterr().err
+    assert "  running: static seed 42: " in said and "  running: heuristic seed" in said, said
     report = (out / "results.md").read_text()
     for arm in ("| static |", "| heuristic |", "| from-scratch |"):
         assert arm in report

@@ -98,6 +98,9 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=["matched", "original"], default="matched",
                    help="original: also the unmatched static@10 baseline of the original table, at 40 epochs")
     p.add_argument("--out", default=None, help="output folder (default: compare/<time>_<task>)")
+    p.add_argument("--resume", default=None, metavar="OUT_DIR",
+                   help="finish the interrupted comparison in OUT_DIR (same flags as its first command): "
+                        "finished runs are kept, cut-off runs start again")
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal",
                    help="of every run (normal keeps the decisions and gate values that explain a result)")
     p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
@@ -251,7 +254,9 @@ def compare_config(args: argparse.Namespace):
         arms += [] if "ppo" in arms else ["ppo"]
     elif "ppo" in arms:
         raise UsageError("--arms ppo needs --policy CHECKPOINT")
-    out = args.out or f"compare/{time.strftime('%Y%m%d-%H%M%S')}_{args.task}"
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UsageError(f"--resume {args.resume} continues that folder: leave out --out {args.out}")
+    out = args.resume or args.out or f"compare/{time.strftime('%Y%m%d-%H%M%S')}_{args.task}"
     return CompareConfig(task=args.task, max_epochs=args.max_epochs, max_batches=args.max_batches,
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
@@ -294,13 +299,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(cfg) -> int:
-    from esper.compare import compare
+def cmd_compare(cfg, resume: bool) -> int:
+    from esper.compare import compare, differences
 
-    if (Path(cfg.out_dir) / "runs").exists():
-        raise UsageError(f"--out {cfg.out_dir} already holds a comparison: choose another folder")
-    print(f"device: {cfg.device}; writing {cfg.out_dir}", file=sys.stderr)
-    report = compare(cfg, log=lambda line: print(line, file=sys.stderr))
+    out = Path(cfg.out_dir)
+    if resume:
+        if not (out / "compare.json").is_file():
+            raise UsageError(f"--resume {out}: no compare.json there (not a comparison's folder)")
+        if differ := differences(cfg, out):
+            raise UsageError(f"--resume {out} was compared with other settings: {', '.join(differ)} differ")
+    elif (out / "runs").exists():
+        raise UsageError(f"--out {out} already holds a comparison: choose another folder, or --resume {out}")
+    print(f"device: {cfg.device}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
+    try:
+        report = compare(cfg, log=lambda line: print(line, file=sys.stderr), resume=resume)
+    except KeyboardInterrupt:
+        print(f"esper: compare interrupted; finish it with the same flags and --resume {out}", file=sys.stderr)
+        return 130
     print(report.read_text())
     return 0
 
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in karn_cli.COMMANDS:
             return karn_cli.run_command(args)
         if args.command == "compare":
-            return cmd_compare(compare_config(args))
+            return cmd_compare(compare_config(args), resume=args.resume is not None)
         cfg = train_config(args)
         if args.mode == "ppo":
             from esper.train_ppo import ppo_config

@@ -12,7 +12,10 @@ against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
 
 Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
 once on the device (one process per run: see bench/concurrency.py for the measurement behind it).
-Results come back as the children's summary.json files: no objects cross a process boundary.
+Results come back as the children's summary.json files: no objects cross a process boundary. So an
+interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
+run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
+gets (each run depends only on its arm, its seed and the grown run it grafts from).
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
 
+from esper.experiment import write_atomic
 from esper.kasmina import HOSTS
 
 
@@ -85,6 +90,17 @@ class CompareConfig:
     progress_every: float = 60.0
     """Seconds between the lines that say how far each running run is (0: none); read from the runs'
     telemetry files, so the runs themselves never wait for it."""
+
+
+RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "progress_every")
+"""CompareConfig fields a resumed comparison may change: where and how fast it runs, not what it compares."""
+
+
+def differences(cfg: CompareConfig, out: Path) -> list[str]:
+    """The fields (but RESUMABLE) in which `cfg` differs from the comparison saved in `out`."""
+    saved = json.loads((out / "compare.json").read_text())
+    current = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
+    return sorted(k for k in current.keys() | saved.keys() if k not in RESUMABLE and current.get(k) != saved.get(k))
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
@@ -144,6 +160,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
     running: dict[str, Path] = {}  # "heuristic seed 42" -> where that run writes
 
     def run(arm: Arm, seed: int) -> None:
+        done = list(runs_dir(cfg, arm, seed).glob("*/summary.json"))
+        if done:  # by the comparison this one resumes
+            results[arm.name][seed] = json.loads(done[0].read_text())
+            log(f"{arm.name:>13} seed {seed}: finished already")
+            return
+        shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)  # cut off by the interruption: again
         grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
         started = time.perf_counter()
         running[f"{arm.name} seed {seed}"] = runs_dir(cfg, arm, seed)
@@ -175,8 +197,13 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
         # Arms that graft another arm's architecture wait for that arm.
         for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
             with ThreadPoolExecutor(cfg.workers) as pool:
-                for future in [pool.submit(run, arm, seed) for arm in phase for seed in seeds]:
-                    future.result()
+                futures = [pool.submit(run, arm, seed) for arm in phase for seed in seeds]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:  # a run failed, or Ctrl-C: the runs not yet started never start
+                    pool.shutdown(cancel_futures=True)
+                    raise
             if on_phase is not None:
                 on_phase(finished())
     finally:
@@ -275,7 +302,7 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
     return ["curves.png", "timeline.png"]
 
 
-def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float) -> Path:
+def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float, resumed: bool = False) -> Path:
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
@@ -290,7 +317,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; {cfg.workers} concurrent "
-        f"runs; total wall {wall:.0f} s.",
+        f"runs; total wall {wall:.0f} s{' since it resumed an interrupted comparison' if resumed else ''}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),
@@ -307,12 +334,16 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
     return out / "results.md"
 
 
-def compare(cfg: CompareConfig, log=print) -> Path:
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
+    """Run the comparison into cfg.out_dir, or with `resume` finish the one there (same settings but
+    RESUMABLE: the caller checks with `differences`)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
     started = time.perf_counter()
 
     def report(results: dict[str, list[dict]]) -> Path:
-        return write_report(cfg, results, time.perf_counter() - started)
+        return write_report(cfg, results, time.perf_counter() - started, resumed=resume)
 
     run_all(cfg, log, on_phase=report)  # the report is rewritten after each phase
     return Path(cfg.out_dir) / "results.md"

@@ -1,13 +1,20 @@
 """esper compare: statistics, architecture hand-over to the from-scratch arm, and a tiny end-to-end run."""
 
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
 
 import pytest
 from scipy import stats
 
 from esper.cli import main
-from esper.compare import (Arm, CompareConfig, arms_for, final_architecture, headline, mean_ci, progress_of,
-                           train_command)
+from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
+                           progress_of, train_command)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -43,6 +50,8 @@ def test_language_models_are_compared_on_validation_loss():
 @pytest.mark.parametrize("argv, needle", [
     (["compare", "--seeds", "0"], "--seeds must be >= 1"),
     (["compare", "--progress-every", "nan"], "--progress-every must be seconds"),
+    (["compare", "--resume", "no-such-comparison"], "no compare.json there"),
+    (["compare", "--resume", "a", "--out", "b"], "leave out --out b"),
     (["compare", "--progress-every", "-1"], "--progress-every must be seconds"),
     (["compare", "--arms", "from-scratch"], "needs heuristic"),
     (["compare", "--budget", "original", "--max-epochs", "10"], "fixes the budget at 40"),
@@ -123,3 +132,71 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     print(listed)
     assert sum(" static " in line for line in listed.splitlines()) == 4  # static and from-scratch, 2 seeds each
     assert sum(" heuristic " in line for line in listed.splitlines()) == 2
+
+
+def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):
+    """--resume refuses a folder compared with other settings, naming them; where and how fast it runs
+    (device, workers, data, progress) may change."""
+    saved = CompareConfig(task="synthetic", seeds=3, workers=2, out_dir=str(tmp_path))
+    (tmp_path / "compare.json").write_text(json.dumps(asdict(saved)))
+    assert main(["compare", "--task", "synthetic", "--seeds", "2", "--max-epochs", "5", "--resume", str(tmp_path)]) == 2
+    assert "other settings: max_epochs, seeds differ" in capsys.readouterr().err
+    assert differences(dataclasses.replace(saved, workers=1, device="cuda:1", progress_every=5.0), tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped(tmp_path, capsys):
+    """The comparison and its runs SIGKILLed at once (a power cut) once a run has finished and another
+    has started; `--resume` keeps the finished run, starts the cut-off one again, and every arm's
+    results equal those of the same comparison run straight through."""
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
+             "--db", str(tmp_path / "karn.db"), "--progress-every", "0"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main([*flags, "--out", str(straight)]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "esper.cli", *flags, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run_dirs = lambda: {p.parent for p in (cut / "runs").glob("*/*/*/config.json")}
+    finished = lambda: {p.parent for p in (cut / "runs").glob("*/*/*/summary.json")}
+    deadline = time.monotonic() + 120
+    while not (finished() and run_dirs() - finished()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the comparison ended before it was cut"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept, cut_off = finished(), run_dirs() - finished()
+    assert len(kept) < 6  # of 6 runs: 2 seeds of static, heuristic and from-scratch
+
+    capsys.readouterr()
+    assert main([*flags, "--resume", str(cut)]) == 0
+    said = capsys.readouterr().err
+    assert said.count("finished already") == len(kept)
+    assert kept <= finished() and not cut_off & run_dirs()  # the cut-off runs started again, in new run dirs
+    assert "since it resumed an interrupted comparison" in (cut / "results.md").read_text()
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, cut))
+    assert a.keys() == b.keys() == {"static", "heuristic", "from-scratch"}
+    for arm in a:
+        for x, y in zip(a[arm], b[arm], strict=True):
+            assert (x["seed"], x["test_accuracy"], x["curve"], x["seeds"]) == (y["seed"], y["test_accuracy"], y["curve"], y["seeds"])
+
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_comparison_at_once_and_says_how_to_resume_it(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during the second of four queued runs: compare
+    exits 130 within seconds, starts none of the runs still queued, and names the --resume command."""
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "esper.cli", "compare", "--task", "synthetic", "--max-epochs", "3",
+                             "--seeds", "2", "--workers", "1", "--arms", "static", "heuristic", "--out", str(out),
+                             "--db", str(tmp_path / "karn.db")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dirs = lambda: sorted(p.parent for p in (out / "runs").glob("*/*/*/config.json"))
+    deadline = time.monotonic() + 120
+    while len(run_dirs()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert f"--resume {out}" in err
+    assert len(run_dirs()) == 2 and (run_dirs()[0] / "summary.json").is_file() != (run_dirs()[1] / "summary.json").is_file()

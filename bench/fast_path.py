@@ -1,10 +1,11 @@
-"""The fast path's options: bf16 autocast and torch.compile against fp32 eager, same trainer, same data.
+"""The fast path's options: channels_last, bf16 autocast and torch.compile against fp32 eager, same trainer, same data.
 
 For the cifar10 host alone and with a conv_heavy seed BLENDING in `mid`, times a training epoch of
 `--steps` batches and a validation pass (5,000 images, with the seed's counterfactual) under each
-TrainConfig setting: fp32 (the baseline), bf16, compile, compile + bf16. The first epoch of each
-setting is timed apart as its warm-up (compiling happens there). Settings alternate within each
-repeat, so drift hits all alike; best of `--repeats`. A ratio above 1 is faster than fp32 eager.
+TrainConfig setting: fp32 eager in contiguous memory (the baseline), channels_last, bf16, compile,
+compile + bf16, and all three. The first epoch of each setting is timed apart as its warm-up
+(compiling happens there). Settings alternate within each repeat, so drift hits all alike; best of
+`--repeats`. A ratio above 1 is faster than the baseline.
 
     python bench/fast_path.py --device cuda --steps 200
 """
@@ -21,8 +22,14 @@ from esper.tolaria.trainer import Trainer, TrainConfig
 
 from growth_overhead import cifar10_on_device, grown_model, sync
 
-SETTINGS = {"fp32": {}, "bf16": dict(precision="bf16"), "compile": dict(compile=True),
-            "compile+bf16": dict(compile=True, precision="bf16")}
+SETTINGS = {  # every layout named: the default, auto, differs by device
+    "fp32": dict(memory_format="contiguous"),
+    "channels_last": dict(memory_format="channels_last"),
+    "bf16": dict(precision="bf16", memory_format="contiguous"),
+    "compile": dict(compile=True, memory_format="contiguous"),
+    "compile+bf16": dict(compile=True, precision="bf16", memory_format="contiguous"),
+    "all three": dict(compile=True, precision="bf16", memory_format="channels_last"),
+}
 
 
 def model_for(case: str, device: torch.device) -> MorphogeneticModel:

@@ -23,7 +23,7 @@ from esper.kasmina import MorphogeneticModel, build_host, export_model
 from esper.leyline import Action, Blueprint, Operation, SeedStage
 from esper.tolaria.augment import train_batches
 from esper.tolaria.data import load_cifar10
-from esper.tolaria.trainer import Trainer, TrainConfig
+from esper.tolaria.trainer import Trainer, TrainConfig, layout
 
 STAGES = {"TRAINING": 1, "BLENDING": 2, "FOSSILIZED": 3}  # ADVANCEs after germination
 
@@ -58,6 +58,9 @@ def esper_images_per_s(model, data, device, steps: int) -> float:
 
 
 def plain_images_per_s(net, data, device, steps: int) -> float:
+    """The plain loop in the memory format the trainer picks on this device (TrainConfig's default)."""
+    fmt = layout(TrainConfig.memory_format, device)
+    net.to(memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
@@ -67,7 +70,7 @@ def plain_images_per_s(net, data, device, steps: int) -> float:
     def epoch() -> None:
         for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps,
                                     generator=gen, device=device, mean=mean, std=std):
-            loss = F.cross_entropy(net(xb), yb)
+            loss = F.cross_entropy(net(xb.contiguous(memory_format=fmt)), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

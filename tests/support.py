@@ -25,17 +25,19 @@ def plain(host) -> torch.nn.Sequential:
     return torch.nn.Sequential(host.stem, *host.blocks, host.head)
 
 
-def train_alone(host, data, generator: torch.Generator, steps: int) -> None:
+def train_alone(host, data, generator: torch.Generator, steps: int,
+                memory_format: torch.memory_format = torch.contiguous_format) -> None:
     """`steps` batches of 128 from train_batches (normalized, augmented), cross-entropy, one SGD with
-    the trainer's defaults (lr 0.01, momentum 0.9, weight decay 5e-4)."""
-    net = plain(host)
+    the trainer's defaults (lr 0.01, momentum 0.9, weight decay 5e-4); weights and batches in
+    `memory_format`."""
+    net = plain(host).to(memory_format=memory_format)
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
     opt = torch.optim.SGD(host.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     host.train()
     for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps, generator=generator,
                                 device="cpu", mean=mean, std=std):
-        loss = F.cross_entropy(net(xb), yb)
+        loss = F.cross_entropy(net(xb.contiguous(memory_format=memory_format)), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

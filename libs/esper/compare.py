@@ -75,7 +75,8 @@ class CompareConfig:
     gpu_preload: bool = False
     precision: str = "fp32"
     compile: bool = False
-    """Every arm's runs train with the same precision and compilation (TrainConfig)."""
+    memory_format: str = "auto"
+    """Every arm's runs train with the same precision, compilation and memory format (TrainConfig)."""
     workers: int = 1
     out_dir: str = "compare"
     budget: str = "matched"
@@ -117,7 +118,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
         cmd += ["--data-dir", cfg.data_dir]
     if cfg.gpu_preload:
         cmd.append("--gpu-preload")
-    cmd += ["--precision", cfg.precision] + (["--compile"] if cfg.compile else [])
+    cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format] + (["--compile"] if cfg.compile else [])
     for graft in grafts:
         cmd += ["--graft", graft]
     if arm.mode == "learned":
@@ -316,7 +317,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         "",
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
-        f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; {cfg.workers} concurrent "
+        f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; memory format "
+        f"{cfg.memory_format}; {cfg.workers} concurrent "
         f"runs; total wall {wall:.0f} s{' since it resumed an interrupted comparison' if resumed else ''}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",

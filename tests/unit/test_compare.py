@@ -65,10 +65,11 @@ def test_compare_flag_errors(argv, needle, capsys):
 
 
 def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
-    cfg = CompareConfig(task="synthetic", precision="bf16", compile=True)
+    cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous")
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
         cmd = train_command(cfg, arm, 42, [])
         assert cmd[cmd.index("--precision") + 1] == "bf16" and "--compile" in cmd
+        assert cmd[cmd.index("--memory-format") + 1] == "contiguous"
     assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], 42, [])
 
 

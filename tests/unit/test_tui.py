@@ -38,7 +38,8 @@ def run_events() -> list[TelemetryEvent]:
     sink = ListSink()
     cfg = EnvConfig(task="synthetic", max_epochs=14, slots=("early", "mid", "late"), train=TrainConfig(max_batches=5))
     env = GrowthEnv(cfg, make_synthetic(), torch.device("cpu"), Telemetry("tiny", sinks=[sink]))
-    run_episode(env, HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=3, plateau_patience=2)), 2)
+    # Episode seed 0: its early seed fossilizes within the 14 epochs, so every stage has a row to show.
+    run_episode(env, HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=3, plateau_patience=2)), 0)
     return sink.events
 
 

@@ -146,7 +146,7 @@ def progress_of(run_parent: Path, task: str) -> str | None:
                 s = report["signals"]
                 shown = (f"val loss {s.get('valLoss', 0.0):.3f}" if headline(task)[0] == "val_loss"
                          else f"val accuracy {s.get('valAccuracy', 0.0):.1f}")
-                return f"epoch {s.get('epoch', 0)}/{s['maxEpochs']}, {shown}"
+                return f"epoch {s.get('epoch', 0)}/{s.get('maxEpochs', 0)}, {shown}"
     return None
 
 
@@ -317,9 +317,9 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         "",
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
-        f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; memory format "
-        f"{cfg.memory_format}; {cfg.workers} concurrent "
-        f"runs; total wall {wall:.0f} s{' since it resumed an interrupted comparison' if resumed else ''}.",
+        f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
+        f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs; "
+        f"total wall {wall:.0f} s{' since it resumed an interrupted comparison' if resumed else ''}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),

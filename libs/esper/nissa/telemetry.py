@@ -25,6 +25,7 @@ def new_run_id(name: str) -> str:
     now = time.time()
     return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now % 1 * 1e6):06d}_{name}"
 
+
 # The least level at which each payload is emitted.
 PAYLOAD_LEVEL = {
     "run_started": L.TELEMETRY_LEVEL_MINIMAL,

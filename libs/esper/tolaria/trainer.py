@@ -57,10 +57,9 @@ class TrainConfig:
     """torch.compile the host's stem, blocks and head: the parts that never change shape. The slots
     and seeds between them stay eager, because a compiled whole model would recompile at every
     lifecycle move and every alpha step of a blend."""
-
     memory_format: str = "auto"
     """auto | channels_last | contiguous: how image batches and convolution weights lie in memory.
-    channels_last trained the cifar10 host 1.3-1.6x faster on a 2-core CPU, in fp32, with nothing else
+    channels_last trained the cifar10 host 1.5x faster on a 2-core CPU, in fp32, with nothing else
     changed (bench/fast_path.py); auto takes it on the CPU and stays contiguous on CUDA, where it is not
     measured yet. Token windows have no channels: a language model ignores this."""
 

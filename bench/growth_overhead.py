@@ -69,8 +69,8 @@ def plain_images_per_s(net, data, device, steps: int) -> float:
 
     def epoch() -> None:
         for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps,
-                                    generator=gen, device=device, mean=mean, std=std):
-            loss = F.cross_entropy(net(xb.contiguous(memory_format=fmt)), yb)
+                                    generator=gen, device=device, mean=mean, std=std, memory_format=fmt):
+            loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

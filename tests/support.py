@@ -36,8 +36,8 @@ def train_alone(host, data, generator: torch.Generator, steps: int,
     opt = torch.optim.SGD(host.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     host.train()
     for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps, generator=generator,
-                                device="cpu", mean=mean, std=std):
-        loss = F.cross_entropy(net(xb.contiguous(memory_format=memory_format)), yb)
+                                device="cpu", mean=mean, std=std, memory_format=memory_format):
+        loss = F.cross_entropy(net(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

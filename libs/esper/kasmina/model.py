@@ -104,7 +104,7 @@ class MorphogeneticModel(nn.Module):
                 name = self.slot_after[i]
                 if name in forced and copies == 1:
                     copies = 1 + len(variants)
-                    x = x.repeat(copies, *([1] * (x.dim() - 1)))
+                    x = torch.cat([x] * copies)  # unlike repeat, keeps a channels_last layout
                 slot = self.slots[name]
                 x = slot.forward_copies(x, copies, *forced[name]) if name in forced else slot(x)
         return self.host.head(x)

@@ -57,13 +57,14 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     return padded.flatten(2).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
 
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """float32 (x / 255 - mean) / std; mean and std are [1, C, 1, 1] on x's device.
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """float32 (x / 255 - mean) / std in `memory_format`; mean and std are [1, C, 1, 1] on x's device.
 
-    In place on a fresh float copy (never the input): one allocation, and float32 even for
-    float64 mean/std.
+    In place on a fresh float copy (never the input): one allocation, which also lays the batch out
+    as the model wants it (TrainConfig.memory_format), and float32 even for float64 mean/std.
     """
-    return x_uint8.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+    return x_uint8.to(torch.float32, copy=True, memory_format=memory_format).div_(255).sub_(mean).div_(std)
 
 
 def train_batches(
@@ -77,9 +78,10 @@ def train_batches(
     mean: torch.Tensor | None,
     std: torch.Tensor | None,
     augment: bool = True,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled pass: normalized (and augmented) float32 images [B, C, H, W] and labels [B],
-    or with `mean` None token windows [B, T] and their next tokens [B, T], as they are.
+    """One shuffled pass: normalized (and augmented) float32 images [B, C, H, W] in `memory_format`
+    and labels [B], or with `mean` None token windows [B, T] and their next tokens [B, T], as they are.
 
     x: [N, C, H, W] uint8, y: [N] int64, on any device. Only full batches are yielded, so every
     step sees `batch_size` images (BatchNorm statistics and step sizes stay comparable);
@@ -94,7 +96,7 @@ def train_batches(
         if mean is not None:
             if augment:
                 xb = random_crop_flip(xb, generator=generator)
-            xb = normalize(xb, mean, std)
+            xb = normalize(xb, mean, std, memory_format)
         yield xb, yb
 
 
@@ -152,16 +154,17 @@ def eval_batches(
     device: torch.device | str,
     mean: torch.Tensor | None,
     std: torch.Tensor | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every item once, in order, last partial batch included; normalized (unless `mean` is None),
-    not augmented."""
+    """Every item once, in order, last partial batch included; normalized in `memory_format` (unless
+    `mean` is None), not augmented."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
     for start in range(0, len(x), batch_size):
         xb = _to_device(x[start : start + batch_size], device)  # [B, C, H, W]
         yb = _to_device(y[start : start + batch_size], device)  # [B]
-        yield (xb if mean is None else normalize(xb, mean, std)), yb
+        yield (xb if mean is None else normalize(xb, mean, std, memory_format)), yb
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -213,9 +213,8 @@ class Trainer:
         for xb, yb in train_batches(
             data.train_x, data.train_y, batch_size=self.cfg.batch_size, max_batches=self.cfg.max_batches,
             generator=self.generator, device=self.device, mean=self.mean, std=self.std,
-            augment=self.cfg.augment,
+            augment=self.cfg.augment, memory_format=self.layout,
         ):
-            xb = xb.contiguous(memory_format=self.layout)
             if seen == 0:
                 step_flops = self.step_flops(xb, yb)
             with self.autocast():
@@ -255,9 +254,9 @@ class Trainer:
         have no double backward."""
         self.model.eval()
         xb, yb = next(eval_batches(self.data.train_x, self.data.train_y, batch_size=self.cfg.batch_size,
-                                   device=self.device, mean=self.mean, std=self.std))
+                                   device=self.device, mean=self.mean, std=self.std, memory_format=self.layout))
         with torch.compiler.set_stance("force_eager"):
-            return cross_entropy(self.model(xb.contiguous(memory_format=self.layout)), yb)
+            return cross_entropy(self.model(xb), yb)
 
     def seed_grad_norms(self) -> dict[str, float]:
         """L2 norm of each live seed's gradient from the last batch (debug telemetry)."""
@@ -284,10 +283,9 @@ class Trainer:
         targets = 0
         hits, probe_hits = [], {name: [] for name in probes}
         for xb, yb in eval_batches(x, y, batch_size=self.cfg.eval_batch_size, device=self.device,
-                                   mean=self.mean, std=self.std):
+                                   mean=self.mean, std=self.std, memory_format=self.layout):
             with self.autocast():
-                logits, *probe_logits = model(xb.contiguous(memory_format=self.layout), variants).chunk(
-                    1 + len(probes))  # one pass, 1 + P copies
+                logits, *probe_logits = model(xb, variants).chunk(1 + len(probes))  # one pass, 1 + P copies
                 loss_sum += cross_entropy(logits, yb, reduction="sum")
                 targets += yb.numel()
                 hits.append(item_accuracy(logits, yb))

@@ -169,11 +169,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
         shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)  # cut off by the interruption: again
         grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
         started = time.perf_counter()
-        running[f"{arm.name} seed {seed}"] = runs_dir(cfg, arm, seed)
+        label = f"{arm.name} seed {seed}"
+        running[label] = runs_dir(cfg, arm, seed)
         try:
             proc = subprocess.run(train_command(cfg, arm, seed, grafts), env=env, capture_output=True, text=True)
         finally:
-            del running[f"{arm.name} seed {seed}"]
+            del running[label]
         if proc.returncode != 0:
             raise RuntimeError(f"{arm.name} seed {seed} failed:\n{proc.stderr[-2000:]}")
         (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from esper.kasmina.blueprints import blueprints_for
 from esper import karn_cli, stack_cli
 from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, train_with_dashboard
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
+from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
@@ -124,7 +126,6 @@ def build_parser() -> Parser:
                          help="a checkpoint of `esper train ppo --save`; its greedy policy decides every epoch")
     for mode in ("heuristic", "static", "learned"):
         karn_cli.add_tui_flag(modes.choices[mode])
-    for mode in ("heuristic", "static"):
         add_checkpoint_flag(modes.choices[mode])
         modes.choices[mode].add_argument(
             "--resume", default=None, metavar="RUN_DIR",
@@ -237,8 +238,6 @@ def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[str
 
 
 def compare_config(args: argparse.Namespace):
-    import time
-
     from esper.compare import CompareConfig
 
     for flag, value, least in (("--max-epochs", args.max_epochs, 1), ("--max-batches", args.max_batches, 0),
@@ -259,7 +258,7 @@ def compare_config(args: argparse.Namespace):
         raise UsageError("--arms ppo needs --policy CHECKPOINT")
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UsageError(f"--resume {args.resume} continues that folder: leave out --out {args.out}")
-    out = args.resume or args.out or f"compare/{time.strftime('%Y%m%d-%H%M%S')}_{args.task}"
+    out = args.resume or args.out or f"compare/{new_run_id(args.task)}"
     return CompareConfig(task=args.task, max_epochs=args.max_epochs, max_batches=args.max_batches,
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
@@ -315,6 +314,7 @@ def cmd_compare(cfg, resume: bool) -> int:
     elif (out / "runs").exists():
         raise UsageError(f"--out {out} already holds a comparison: choose another folder, or --resume {out}")
     print(f"device: {cfg.device}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: its runs end with it
     try:
         report = compare(cfg, log=lambda line: print(line, file=sys.stderr), resume=resume)
     except KeyboardInterrupt:
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             dashboard = dashboard_config(args)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if args.mode in ("heuristic", "static") and args.resume:
+        if args.mode != "ppo" and args.resume:
             check_resume(cfg, args.resume)
     except UsageError as exc:
         print(f"esper: error: {exc}", file=sys.stderr)
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from esper.experiment import run
 
-        if args.mode in ("heuristic", "static") and args.resume:
+        if args.mode != "ppo" and args.resume:
             run = functools.partial(run, resume=Path(args.resume))
 
     run = karn_cli.recording(run, args.db)

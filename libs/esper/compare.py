@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,9 +123,9 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
         cmd += ["--graft", graft]
     if arm.mode == "learned":
         cmd += ["--policy", cfg.policy]
-    else:  # a comparison's runs are never resumed: spare each epoch its checkpoint (a copy off the device, an fsync)
-        cmd += ["--checkpoint-every", "0"]
-    return cmd
+    # A comparison's runs are never resumed (a cut-off run starts again): spare each epoch its checkpoint
+    # (a copy off the device, an fsync).
+    return cmd + ["--checkpoint-every", "0"]
 
 
 def final_architecture(summary: dict) -> list[str]:
@@ -150,15 +150,18 @@ def progress_of(run_parent: Path, task: str) -> str | None:
     return None
 
 
-def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict]]:
+def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[str, list[dict]]:
     """Run every (arm, seed); returns arm -> summaries in seed order. `on_phase(results so far)` after
-    each phase, so an interrupted comparison still leaves a report of the arms it finished."""
+    each phase, so an interrupted comparison still leaves a report of the arms it finished; `on_wake()`
+    about once a second while runs train."""
     arms = arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.workers))}
 
-    running: dict[str, Path] = {}  # "heuristic seed 42" -> where that run writes
+    running: dict[str, tuple[Path, subprocess.Popen]] = {}  # "heuristic seed 42" -> its folder and process
+    lock = threading.Lock()  # over `running` and `stopping`: no run starts once the comparison stops
+    stopping = threading.Event()
 
     def run(arm: Arm, seed: int) -> None:
         done = list(runs_dir(cfg, arm, seed).glob("*/summary.json"))
@@ -170,25 +173,41 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
         grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
         started = time.perf_counter()
         label = f"{arm.name} seed {seed}"
-        running[label] = runs_dir(cfg, arm, seed)
+        with lock:
+            if stopping.is_set():
+                return
+            proc = subprocess.Popen(train_command(cfg, arm, seed, grafts), env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            running[label] = (runs_dir(cfg, arm, seed), proc)
         try:
-            proc = subprocess.run(train_command(cfg, arm, seed, grafts), env=env, capture_output=True, text=True)
+            _, stderr = proc.communicate()
         finally:
-            del running[label]
+            with lock:
+                del running[label]
         if proc.returncode != 0:
-            raise RuntimeError(f"{arm.name} seed {seed} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{arm.name} seed {seed} failed:\n{stderr[-2000:]}")
         (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
         results[arm.name][seed] = json.loads(summary.read_text())
         key, label = headline(cfg.task)
         log(f"{arm.name:>13} seed {seed}: {label} {results[arm.name][seed][key]:.3f}  "
             f"({time.perf_counter() - started:.0f}s)")
 
+    def stop_runs() -> None:
+        """End the runs in flight (SIGTERM) and start no other: a comparison that is stopped leaves no run
+        training behind it, which a `--resume` would then start again beside it."""
+        with lock:
+            stopping.set()
+            for _, proc in running.values():
+                proc.terminate()
+
     def finished() -> dict[str, list[dict]]:
         return {name: [by_seed[s] for s in seeds] for name, by_seed in results.items() if len(by_seed) == len(seeds)}
 
     def say_progress(stop: threading.Event) -> None:
         while not stop.wait(cfg.progress_every):
-            now = [f"{label}: {progress_of(folder, cfg.task) or 'starting'}" for label, folder in running.copy().items()]
+            with lock:
+                folders = {label: folder for label, (folder, _) in running.items()}
+            now = [f"{label}: {progress_of(folder, cfg.task) or 'starting'}" for label, folder in folders.items()]
             if now:
                 log("  running: " + "; ".join(now))
 
@@ -202,8 +221,13 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None) -> dict[str, list[dict
                 futures = [pool.submit(run, arm, seed) for arm in phase for seed in seeds]
                 try:
                     for future in futures:
+                        while not future.done():  # wake each second: a signal's handler runs in this thread
+                            wait([future], timeout=1.0)
+                            if on_wake is not None:
+                                on_wake()
                         future.result()
-                except BaseException:  # a run failed, or Ctrl-C: the runs not yet started never start
+                except BaseException:  # a run failed, Ctrl-C or SIGTERM: no run goes on or starts
+                    stop_runs()
                     pool.shutdown(cancel_futures=True)
                     raise
             if on_phase is not None:
@@ -304,7 +328,7 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
     return ["curves.png", "timeline.png"]
 
 
-def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float, resumed: bool = False) -> Path:
+def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: float, invocations: int = 1) -> Path:
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
@@ -320,7 +344,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs; "
-        f"total wall {wall:.0f} s{' since it resumed an interrupted comparison' if resumed else ''}.",
+        f"total wall {seconds:.0f} s{f' over {invocations} invocations (interrupted and resumed)' if invocations > 1 else ''}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),
@@ -339,14 +363,26 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], wall: float
 
 def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     """Run the comparison into cfg.out_dir, or with `resume` finish the one there (same settings but
-    RESUMABLE: the caller checks with `differences`)."""
+    RESUMABLE: the caller checks with `differences`). Its wall time adds up over the invocations in
+    wall.json, rewritten each second (an invocation killed outright loses at most that second)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
+    wall_file = out / "wall.json"
+    before = json.loads(wall_file.read_text()) if resume and wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
     started = time.perf_counter()
 
-    def report(results: dict[str, list[dict]]) -> Path:
-        return write_report(cfg, results, time.perf_counter() - started, resumed=resume)
+    def wall() -> dict:
+        spent = {"seconds": before["seconds"] + time.perf_counter() - started, "invocations": before["invocations"] + 1}
+        write_atomic(wall_file, json.dumps(spent))
+        return spent
 
-    run_all(cfg, log, on_phase=report)  # the report is rewritten after each phase
-    return Path(cfg.out_dir) / "results.md"
+    def report(results: dict[str, list[dict]]) -> Path:
+        return write_report(cfg, results, **wall())
+
+    wall()
+    try:
+        run_all(cfg, log, on_phase=report, on_wake=wall)  # the report is rewritten after each phase
+    finally:
+        wall()
+    return out / "results.md"

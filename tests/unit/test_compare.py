@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -173,7 +174,7 @@ def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped
     said = capsys.readouterr().err
     assert said.count("finished already") == len(kept)
     assert kept <= finished() and not cut_off & run_dirs()  # the cut-off runs started again, in new run dirs
-    assert "since it resumed an interrupted comparison" in (cut / "results.md").read_text()
+    assert "over 2 invocations (interrupted and resumed)" in (cut / "results.md").read_text()
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, cut))
     assert a.keys() == b.keys() == {"static", "heuristic", "from-scratch"}
     for arm in a:
@@ -182,10 +183,18 @@ def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped
 
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes `pid` started, from any of its threads (Linux lists them per thread)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_a_comparison_at_once_and_says_how_to_resume_it(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) during the second of four queued runs: compare
-    exits 130 within seconds, starts none of the runs still queued, and names the --resume command."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_comparison_ends_its_runs_and_says_how_to_resume_it(stop, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to compare alone (`kill`, a scheduler)
+    during the second of four queued runs: compare exits 130 within seconds, leaves no run training
+    (SIGTERM reaches only compare, which ends its runs itself), starts none of the runs still queued,
+    keeps its wall time for the resume, and names the --resume command."""
     out = tmp_path / "cmp"
     proc = subprocess.Popen([sys.executable, "-m", "esper.cli", "compare", "--task", "synthetic", "--max-epochs", "3",
                              "--seeds", "2", "--workers", "1", "--arms", "static", "heuristic", "--out", str(out),
@@ -196,8 +205,15 @@ def test_ctrl_c_stops_a_comparison_at_once_and_says_how_to_resume_it(tmp_path):
     while len(run_dirs()) < 2:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    runs = children_of(proc.pid)
+    assert len(runs) == 1  # the second run, training
+    if stop == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert f"--resume {out}" in err
+    assert not Path(f"/proc/{runs[0]}").exists(), "a run went on training after its comparison stopped"
     assert len(run_dirs()) == 2 and (run_dirs()[0] / "summary.json").is_file() != (run_dirs()[1] / "summary.json").is_file()
+    assert json.loads((out / "wall.json").read_text())["invocations"] == 1

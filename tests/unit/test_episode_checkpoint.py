@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from esper.cli import build_parser, main, train_config
-from esper.experiment import run
+from esper.experiment import make_policy, run
 from esper.nissa import ListSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
@@ -109,36 +109,51 @@ class Interrupted(Exception):
 
 
 class StopsAt:
-    """The heuristic until `epoch`, then an exception: a run that dies mid-episode, in-process."""
+    """`policy` (the eager heuristic) until `epoch`, then an exception: a run that dies mid-episode, in-process."""
 
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, epoch: int, policy=EAGER):
+        self.epoch, self.policy = epoch, policy
 
     def decide(self, obs):
         if obs.signals.epoch == self.epoch:
             raise Interrupted
-        return EAGER.decide(obs)
+        return self.policy.decide(obs)
 
 
-def test_esper_train_resume_continues_an_interrupted_run(tmp_path, capsys):
-    """`esper train heuristic --resume RUN_DIR` finishes a run cut off after epoch 3 exactly as a run that
-    was never stopped; a different setting is refused in one line (exit 2)."""
+@pytest.fixture(scope="module")
+def saved_policy(tmp_path_factory) -> str:
+    """A PPO policy for the synthetic task with slots early and mid (two updates of `esper train ppo`)."""
+    runs = tmp_path_factory.mktemp("ppo")
+    assert main(["train", "ppo", "--task", "synthetic", "--max-epochs", "3", "--max-batches", "1", "--slots", "early",
+                 "mid", "--n-envs", "2", "--num-workers", "1", "--episodes", "4", "--update-every", "1",
+                 "--runs-dir", str(runs), "--telemetry-level", "off"]) == 0
+    (checkpoint,) = runs.glob("*/checkpoint.pt")
+    return str(checkpoint)
+
+
+@pytest.mark.parametrize("mode", ["heuristic", "learned"])
+def test_esper_train_resume_continues_an_interrupted_run(mode, tmp_path, capsys, request):
+    """`esper train heuristic|learned --resume RUN_DIR` finishes a run cut off after epoch 3 exactly as a run
+    that was never stopped; a different setting is refused in one line (exit 2)."""
     flags = ["--task", "synthetic", "--max-epochs", "6", "--slots", "early", "mid", "--device", "cpu",
              "--telemetry-level", "minimal"]
-    cfg = train_config(build_parser().parse_args(["train", "heuristic", *flags, "--runs-dir", str(tmp_path / "cut")]))
+    if mode == "learned":
+        flags += ["--policy", request.getfixturevalue("saved_policy")]
+    cfg = train_config(build_parser().parse_args(["train", mode, *flags, "--runs-dir", str(tmp_path / "cut")]))
     with pytest.raises(Interrupted):
-        run(cfg, policy=StopsAt(3))
+        run(cfg, policy=StopsAt(3, make_policy(cfg)))
     run_dir, = (p for p in (tmp_path / "cut").iterdir() if p.is_dir())
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
 
-    assert main(["train", "heuristic", *flags, "--max-epochs", "7", "--resume", str(run_dir)]) == 2
+    assert main(["train", mode, *flags, "--max-epochs", "7", "--resume", str(run_dir)]) == 2
     assert "env.max_epochs" in capsys.readouterr().err
-    assert main(["train", "heuristic", *flags, "--runs-dir", str(tmp_path / "cut"), "--resume", str(run_dir)]) == 0
+    assert main(["train", mode, *flags, "--runs-dir", str(tmp_path / "cut"), "--resume", str(run_dir)]) == 0
     assert "resuming after epoch 3" in capsys.readouterr().err
-    assert main(["train", "heuristic", *flags, "--runs-dir", str(tmp_path / "straight")]) == 0
+    assert main(["train", mode, *flags, "--runs-dir", str(tmp_path / "straight")]) == 0
     straight, = (p for p in (tmp_path / "straight").iterdir() if p.is_dir())
     a, b = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     assert sorted(k for k in a if a[k] != b[k]) == ["run_id", "wall_seconds"]
+    assert a["seed_counts"], "no seed germinated: the cut would not have tested the lifecycle's state"
     assert not (run_dir / "checkpoint.pt").exists()
     events = [json.loads(line)["sequence"] for line in (run_dir / "telemetry.jsonl").read_text().splitlines()]
     assert events == [str(i) for i in range(1, len(events) + 1)]

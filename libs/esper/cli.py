@@ -314,12 +314,14 @@ def cmd_compare(cfg, resume: bool) -> int:
     elif (out / "runs").exists():
         raise UsageError(f"--out {out} already holds a comparison: choose another folder, or --resume {out}")
     print(f"device: {cfg.device}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: its runs end with it
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: its runs end with it
     try:
         report = compare(cfg, log=lambda line: print(line, file=sys.stderr), resume=resume)
     except KeyboardInterrupt:
         print(f"esper: compare interrupted; finish it with the same flags and --resume {out}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     print(report.read_text())
     return 0
 

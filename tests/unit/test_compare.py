@@ -108,8 +108,10 @@ def test_progress_is_read_from_the_runs_own_telemetry(tmp_path):
 @pytest.mark.slow
 def test_tiny_comparison_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
+    sigterm = signal.getsignal(signal.SIGTERM)
     assert main(["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
                  "--out", str(out), "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # compare's own SIGTERM handling ends with it
     said = capsys.readouterr().err
     assert "  running: static seed 42: " in said and "  running: heuristic seed" in said, said
     report = (out / "results.md").read_text()

@@ -50,20 +50,24 @@ def timed(fn, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--cases", nargs="+", choices=["host", "blending"], default=["host", "blending"])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="fp32 is always timed: it is the baseline")
     args, device, data, name = cifar10_on_device(parser)
+    settings = {s: SETTINGS[s] for s in SETTINGS if s == "fp32" or s in args.settings}
     print(f"# fast path on {name}, torch {torch.__version__}, {args.steps} steps of 128, best of {args.repeats}")
     print(f"{'model':<9}{'setting':<14}{'warm-up s':>10}{'train img/s':>13}{'ratio':>7}{'eval s':>8}{'ratio':>7}"
           f"{'loss':>8}")
-    for case in ("host", "blending"):
+    for case in args.cases:
         trainers = {}
-        for setting, options in SETTINGS.items():
+        for setting, options in settings.items():
             torch._dynamo.reset()  # each compiled setting pays its own compilation
             trainer = Trainer(model_for(case, device), data, TrainConfig(max_batches=args.steps, **options),
                               device, torch.Generator(device=data.train_x.device).manual_seed(0))
             warmup = timed(trainer.train_epoch, device)[0] + timed(trainer.evaluate, device)[0]
             trainers[setting] = (trainer, warmup)
-        train_s = {s: [] for s in SETTINGS}
-        eval_s = {s: [] for s in SETTINGS}
+        train_s = {s: [] for s in settings}
+        eval_s = {s: [] for s in settings}
         loss = {}
         for _ in range(args.repeats):
             for setting, (trainer, _) in trainers.items():

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 5 in one call on a lent device machine (torch preinstalled there).
 # Expects the CIFAR-10 tarball in .devdata/ and a protobuf wheel in .whl/ (both git-ignored, carried by
-# the call). PART picks what runs, in its order (default: all, about 14 minutes on an H200):
+# the call). PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the
+# whole script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare
+# took 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's
+# processes line together.
 #   speed    growth overhead, concurrency K=1,2,4,8 (processes, grouped, threads), batched counterfactual,
 #            bf16 and torch.compile against fp32 eager
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
+#   mps      concurrency by processes again, and the comparison, under an MPS daemon (kernels of several
+#            processes then share the GPU at once instead of taking turns), where the machine has one
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
@@ -12,37 +17,56 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD/libs
 OUT=${OUT:-/tmp}
 PART=${PART:-compare speed ppo}
+deadline=$((SECONDS + ${BUDGET_S:-580}))
+limit() { # a step's own timeout, cut to what is left of BUDGET_S
+  local left=$((deadline - SECONDS)); echo $(($1 < left ? $1 : (left > 1 ? left : 1)))
+}
 nvidia-smi -L
 python3 -c "from esper.tolaria.data import load_cifar10; d = load_cifar10(None); print('data', d.train_x.shape)"
 for part in $PART; do
 case $part in
 speed)
-  timeout 70 python3 bench/growth_overhead.py --device cuda --steps 200
+  timeout $(limit 90) python3 bench/growth_overhead.py --device cuda --steps 300 --repeats 9
   for mechanism in processes grouped threads; do
-    timeout 100 python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism $mechanism
+    timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism $mechanism
   done
-  timeout 60 python3 bench/counterfactual_eval.py --device cuda
-  timeout 150 python3 bench/fast_path.py --device cuda --steps 200
+  timeout $(limit 60) python3 bench/counterfactual_eval.py --device cuda
+  timeout $(limit 60) python3 bench/fast_path.py --device cuda --steps 200 --settings channels_last bf16
+  timeout $(limit 150) python3 bench/fast_path.py --device cuda --steps 200 --settings compile compile+bf16 "all three"
   ;;
 compare)
   start=$SECONDS
-  timeout "${COMPARE_TIMEOUT:-380}" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
+  timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
     --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp
   echo "compare exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare" && cp /tmp/cmp/results.md /tmp/cmp/results.json /tmp/cmp/*.png "$OUT/compare/"
   ;;
+mps)
+  command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control here: MPS not measured"; continue; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps
+  mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || { echo "the MPS daemon did not start"; continue; }
+  timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism processes
+  echo "MPS clients the daemon logged (0: the runs did not use it): $(grep -c 'New client' /tmp/mps/control.log)"
+  start=$SECONDS
+  timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
+    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp_mps
+  echo "compare under MPS exit $? wall $((SECONDS - start)) s"
+  mkdir -p "$OUT/compare_mps" && cp /tmp/cmp_mps/results.md "$OUT/compare_mps/"
+  echo quit | nvidia-cuda-mps-control
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  ;;
 ppo)
   # Rounds of 8 episodes (seeds 42, 43, ...), an update per round, a checkpoint after each; cut at PPO_S.
-  timeout "${PPO_S:-230}" python3 -m esper.cli train ppo --task cifar10 --max-epochs 20 --max-batches 100 \
+  timeout "$(limit "${PPO_S:-230}")" python3 -m esper.cli train ppo --task cifar10 --max-epochs 20 --max-batches 100 \
     --episodes 64 --n-envs 8 --update-every 1 --gpu-preload --runs-dir /tmp/ppo --telemetry-level minimal
   policy=$(ls /tmp/ppo/*/checkpoint.pt | head -1)
   cp "$policy" "$OUT/tamiyo_cifar10.pt"
   start=$SECONDS
-  timeout 150 python3 -m esper.cli compare --task cifar10 --max-epochs 20 --max-batches 100 --seeds 5 --seed 1000 \
+  timeout $(limit 150) python3 -m esper.cli compare --task cifar10 --max-epochs 20 --max-batches 100 --seeds 5 --seed 1000 \
     --workers 15 --gpu-preload --arms static heuristic --policy "$policy" --out /tmp/cmpppo
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, compare, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, compare, mps, ppo)"; exit 2 ;;
 esac
 done

@@ -60,8 +60,9 @@ class TrainConfig:
     memory_format: str = "auto"
     """auto | channels_last | contiguous: how image batches and convolution weights lie in memory.
     channels_last trained the cifar10 host 1.5x faster on a 2-core CPU, in fp32, with nothing else
-    changed (bench/fast_path.py); auto takes it on the CPU and stays contiguous on CUDA, where it is not
-    measured yet. Token windows have no channels: a language model ignores this."""
+    changed (bench/fast_path.py); auto takes it on the CPU and stays contiguous on CUDA, where on an
+    H100 channels_last trained the host at 0.90x and a blending model at 1.02x. Token windows have no
+    channels: a language model ignores this."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):

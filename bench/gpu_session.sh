@@ -42,6 +42,7 @@ compare)
   mkdir -p "$OUT/compare" && cp /tmp/cmp/results.md /tmp/cmp/results.json /tmp/cmp/*.png "$OUT/compare/"
   ;;
 mps)
+  export PATH=$PATH:/usr/local/nvidia/bin  # where these machines mount the driver's tools
   command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control here: MPS not measured"; continue; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps
   mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || { echo "the MPS daemon did not start"; continue; }

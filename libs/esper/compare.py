@@ -38,6 +38,7 @@ from scipy import stats
 
 from esper.experiment import write_atomic
 from esper.kasmina import HOSTS
+from esper.simic.checkpoint import changed_settings
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,7 @@ RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "p
 
 def differences(cfg: CompareConfig, out: Path) -> list[str]:
     """The fields (but RESUMABLE) in which `cfg` differs from the comparison saved in `out`."""
-    saved = json.loads((out / "compare.json").read_text())
-    current = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
-    return sorted(k for k in current.keys() | saved.keys() if k not in RESUMABLE and current.get(k) != saved.get(k))
+    return changed_settings(cfg, json.loads((out / "compare.json").read_text()), RESUMABLE)
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:

@@ -24,7 +24,7 @@ from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
-from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
 
@@ -113,18 +113,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
 def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int]:
     """The RunConfig fields (but RESUMABLE_CHANGES) in which `cfg` differs from the run directory's
     config.json, and the run's episode seed."""
-    saved = _flat(json.loads((run_dir / "config.json").read_text()))
-    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples -> lists, as saved
-    keys = current.keys() | (saved.keys() - {"episode_seed"})
-    return sorted(k for k in keys if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k)), saved["episode_seed"]
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """{"env": {"max_epochs": 5}} -> {"env.max_epochs": 5}: a difference is named down to its field."""
-    out = {}
-    for key, value in config.items():
-        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
-    return out
+    saved = json.loads((run_dir / "config.json").read_text())
+    return changed_settings(cfg, saved, (*RESUMABLE_CHANGES, "episode_seed")), saved["episode_seed"]
 
 
 def episode_of(cfg: RunConfig, run_dir: Path) -> int:

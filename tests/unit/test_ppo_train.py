@@ -114,7 +114,7 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
                  "--runs-dir", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
     errors = capsys.readouterr().err
-    assert "lr" in errors and "already holds 4 episodes" in errors
+    assert "other settings: ppo.lr differ" in errors and "already holds 4 episodes" in errors
 
 
 def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):

@@ -11,6 +11,8 @@ under their own format name, with `rng_state()` for every random generator a run
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -26,6 +28,23 @@ FORMAT = "esper.simic.ppo/1"
 
 class ResumeError(ValueError):
     """--resume names a checkpoint this run cannot continue (another format or another config)."""
+
+
+def changed_settings(cfg, saved: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The settings in which the config dataclass `cfg` differs from `saved` (the JSON of the config a
+    run started with), but those in `may_change`: what resuming with `cfg` would silently change.
+    Nested fields are named down to the field ("env.max_epochs")."""
+    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples -> lists, as saved
+    saved = _flat(saved)
+    return sorted(k for k in current.keys() | saved.keys() if k not in may_change and current.get(k) != saved.get(k))
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """{"env": {"max_epochs": 5}} -> {"env.max_epochs": 5}."""
+    out = {}
+    for key, value in config.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
 
 
 def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:

@@ -28,7 +28,7 @@ import torch
 from esper.leyline import Decision, Observation, Operation, PPOUpdate, short_name
 from esper.nissa import Telemetry
 from esper.simic.actor import EnvFactory, make_envs, play_round
-from esper.simic.checkpoint import ResumeError, build_network
+from esper.simic.checkpoint import ResumeError, build_network, changed_settings
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, ppo_update
 from esper.simic.rewards import COMPONENTS, Rewarder, RewardConfig
@@ -239,8 +239,5 @@ class PPOTrainer:
 
 def check_resumable(cfg: TrainerConfig, state: dict) -> None:
     """Raise ResumeError unless `state` was trained with `cfg` but for RESUMABLE_CHANGES."""
-    saved = json.loads(state["config_json"])
-    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
-    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and current[k] != saved.get(k))
-    if differ:
+    if differ := changed_settings(cfg, json.loads(state["config_json"]), RESUMABLE_CHANGES):
         raise ResumeError(f"the checkpoint was trained with other settings: {', '.join(differ)} differ")

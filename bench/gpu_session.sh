@@ -44,8 +44,9 @@ compare)
 mps)
   export PATH=$PATH:/usr/local/nvidia/bin  # where these machines mount the driver's tools
   command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control here: MPS not measured"; continue; }
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps
-  mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || { echo "the MPS daemon did not start"; continue; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps  # the daemon and its clients alike
+  mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || {
+    echo "the MPS daemon did not start"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; continue; }
   timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism processes
   echo "MPS clients the daemon logged (0: the runs did not use it): $(grep -c 'New client' /tmp/mps/control.log)"
   start=$SECONDS

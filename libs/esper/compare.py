@@ -331,6 +331,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
     fates: dict[str, dict[str, int]] = {}  # growing arm -> fate -> seeds over all runs
     for arm in ("heuristic", "ppo"):
         for r in results.get(arm, []):
@@ -343,7 +344,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs; "
-        f"total wall {seconds:.0f} s{f' over {invocations} invocations (interrupted and resumed)' if invocations > 1 else ''}.",
+        f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),

@@ -234,7 +234,8 @@ def test_learner_sigkilled_mid_update_resumes_and_ends_bit_identical(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "services.simic_learner", "--task", "synthetic", "--max-epochs",
                               "3", "--save", str(tmp_path / "killed" / "learner.pt"), "--hub-pub", ""], cwd=REPO,
                              capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert refused.returncode == 2 and "trained with other settings: env.max_epochs, n_envs, update_every differ" in refused.stderr, refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert "trained with other settings: env.max_epochs, n_envs, update_every differ" in refused.stderr, refused.stderr
 
 
 def tensors(tree) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
 #   mps      concurrency by processes again, and the comparison, under an MPS daemon (kernels of several
 #            processes then share the GPU at once instead of taking turns), where the machine has one
+#   envs     a PPO round with its environments in one process against a process each (n_envs 2, 4, 8)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
@@ -57,6 +58,9 @@ mps)
   echo quit | nvidia-cuda-mps-control
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   ;;
+envs)
+  timeout $(limit 150) python3 bench/ppo_env_processes.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
+  ;;
 ppo)
   # Rounds of 8 episodes (seeds 42, 43, ...), an update per round, a checkpoint after each; cut at PPO_S.
   timeout "$(limit "${PPO_S:-230}")" python3 -m esper.cli train ppo --task cifar10 --max-epochs 20 --max-batches 100 \
@@ -69,6 +73,6 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, compare, mps, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, compare, mps, envs, ppo)"; exit 2 ;;
 esac
 done

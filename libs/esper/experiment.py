@@ -245,10 +245,6 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,
               test_accuracy: float, wall: float) -> dict:
-    seeds = [dataclasses.asdict(r) | {"fate": r.fate} for r in env.model.records]
-    counts: dict[str, int] = {}
-    for s in seeds:
-        counts[s["fate"]] = counts.get(s["fate"], 0) + 1
     return {
         "run_id": run_id,
         "mode": cfg.mode,
@@ -264,6 +260,6 @@ def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, see
         "host_params": obs.signals.host_params,
         "total_params": obs.signals.total_params,
         "train_flops": env.trainer.train_flops,
-        "seed_counts": counts,
-        "seeds": seeds,
+        "seed_counts": env.seed_fates(),
+        "seeds": [dataclasses.asdict(r) | {"fate": r.fate} for r in env.model.records],
     }

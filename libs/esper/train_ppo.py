@@ -25,6 +25,7 @@ from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.env import GrowthEnv
+from esper.simic.env_process import close_all, start_env_processes
 from esper.simic.ppo import PPOConfig
 from esper.simic.rewards import MODES, RewardConfig
 from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_resumable
@@ -41,6 +42,9 @@ class PPORunConfig:
     """CPU threads torch uses for the environments and the policy (torch.set_num_threads); None: torch's
     default. Esper has no DataLoader (datasets are resident tensors), so the original tool's meaning,
     DataLoader workers per environment, has nothing to configure."""
+    env_processes: bool = False
+    """Step each of the n_envs environments in a process of its own (simic.env_process), so that they
+    train at once: faster on a GPU, where one small host leaves the device idle; slower on a 2-core CPU."""
     telemetry_level: str = "normal"
     telemetry_file: str | None = None
     telemetry_dir: str | None = None
@@ -92,6 +96,8 @@ def add_ppo_flags(p: argparse.ArgumentParser) -> None:
                    help="environment devices, round robin (default: --device); the policy stays on --device")
     p.add_argument("--num-workers", type=int, default=None,
                    help="CPU threads for torch (there is no DataLoader to give workers to)")
+    p.add_argument("--env-processes", action="store_true",
+                   help="step each environment in its own process, all at once (for one GPU; see README)")
     p.add_argument("--save", default=None, help="checkpoint path (default: <run dir>/checkpoint.pt)")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",
@@ -134,8 +140,9 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
             raise UsageError(f"--resume {args.resume} already holds {state['counters']['episodes']} episodes: "
                              f"ask for more with --episodes")
     return PPORunConfig(trainer=trainer, data_dir=base.data_dir, gpu_preload=base.gpu_preload,
-                        num_workers=args.num_workers, telemetry_level=base.telemetry_level,
-                        telemetry_file=base.telemetry_file, telemetry_dir=base.telemetry_dir,
+                        num_workers=args.num_workers, env_processes=args.env_processes,
+                        telemetry_level=base.telemetry_level, telemetry_file=base.telemetry_file,
+                        telemetry_dir=base.telemetry_dir,
                         runs_dir=base.runs_dir, save=args.save, resume=args.resume)
 
 
@@ -149,8 +156,8 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     if cfg.num_workers is not None:
         torch.set_num_threads(cfg.num_workers)
     resume_state = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
-    data = load_task_data(tcfg.env.task, cfg.data_dir)
-    data_by_device = {d: data.to(d) if cfg.gpu_preload else data for d in tcfg.env_devices}
+    data = load_task_data(tcfg.env.task, cfg.data_dir)  # loaded here even for --env-processes: a clear error
+    data_by_device = {d: data.to(d) if cfg.gpu_preload and not cfg.env_processes else data for d in tcfg.env_devices}
 
     run_id = new_run_id(f"ppo_{tcfg.env.task}_s{tcfg.seed}")
     run_dir = Path(cfg.runs_dir) / run_id
@@ -173,6 +180,11 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
                          env_factory=env_factory)
     if resume_state is not None:
         trainer.load_state_dict(resume_state)
+    if cfg.env_processes:
+        if env_factory is not GrowthEnv:
+            raise ValueError("--env-processes runs GrowthEnv only")
+        trainer.env_processes = start_env_processes(tcfg.n_envs, trainer.env_cfg, tcfg.env_devices, cfg.data_dir,
+                                                    cfg.gpu_preload, cfg.num_workers)
     checkpoint = Path(cfg.save) if cfg.save else run_dir / "checkpoint.pt"
     start = time.perf_counter()
 
@@ -189,9 +201,13 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
         os.replace(tmp, run_dir / "summary.json")
         console.print(round_line(trainer, results))
 
-    console.print(f"{run_id}: {tcfg.episodes} episodes, {tcfg.n_envs} envs on {', '.join(tcfg.env_devices)}, "
+    console.print(f"{run_id}: {tcfg.episodes} episodes, {tcfg.n_envs} envs on {', '.join(tcfg.env_devices)}"
+                  f"{' (a process each)' if cfg.env_processes else ''}, "
                   f"policy on {tcfg.device}, {trainer.spec.dim} features -> {run_dir}")
-    trainer.train(on_round)
+    try:
+        trainer.train(on_round)
+    finally:
+        close_all(trainer.env_processes)
     telemetry.close()
     return summary()
 

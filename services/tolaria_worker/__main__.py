@@ -43,6 +43,7 @@ from esper.experiment import RunConfig, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import make_envs, play_round, remote_act
+from esper.simic.env_process import close_all, start_env_processes
 from esper.simic.rewards import Rewarder
 from esper.tamiyo.features import FeatureSpec
 from esper.tamiyo.network import ActionCodec
@@ -144,7 +145,8 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     """--ppo: rounds of n_envs episodes (episode i uses seed + i), each shipped as one trajectory."""
     tcfg, ship = cfg.run.trainer, cfg.shipping
     data = load_task_data(tcfg.env.task, cfg.run.data_dir)
-    data_by_device = {d: data.to(d) if cfg.run.gpu_preload else data for d in tcfg.env_devices}
+    preload = cfg.run.gpu_preload and not cfg.run.env_processes  # processes load their own
+    data_by_device = {d: data.to(d) if preload else data for d in tcfg.env_devices}
     env_cfg = dataclasses.replace(tcfg.env, seed_grad_norms=tcfg.telemetry_features)  # as PPOTrainer's
     spec = FeatureSpec.for_host(env_cfg.task, tcfg.reward.param_budget, tcfg.telemetry_features)
     level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
@@ -153,23 +155,29 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                               Spool(Path(ship.spool_dir)))
     REGISTRY.register(LiveMetrics(sender.metrics()))
     act = remote_act(policy, spec)
+    processes = (start_env_processes(tcfg.n_envs, env_cfg, tcfg.env_devices, cfg.run.data_dir, cfg.run.gpu_preload,
+                                     cfg.run.num_workers) if cfg.run.env_processes else [])
     # A run id per process: the worker id is stable across restarts, and an episode a kill interrupted is
     # played again from its start, a new run for karn rather than a second copy of the old one.
     run_id = new_run_id(ship.worker_id)
-    for first in range(sender.spool.progress, tcfg.episodes, tcfg.n_envs):
-        if stop.is_set():
-            break
-        episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
-        envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
-                         lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]), episodes)
-        rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
-        rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
-                                env_cfg.max_epochs)
-        sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
-        sender.poll(0)
-        versions = sorted(set(rollout.policy_version.flatten().tolist()))
-        log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],
-                 episodes[-1], versions)
+    try:
+        for first in range(sender.spool.progress, tcfg.episodes, tcfg.n_envs):
+            if stop.is_set():
+                break
+            episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
+            envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
+                             lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]), episodes,
+                             processes=processes)
+            rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
+            rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
+                                    env_cfg.max_epochs)
+            sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
+            sender.poll(0)
+            versions = sorted(set(rollout.policy_version.flatten().tolist()))
+            log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],
+                     episodes[-1], versions)
+    finally:
+        close_all(processes)
     acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)
     log.info("trajectories: %d acked, %d refused, %d resends%s", sender.acked, sender.rejected, sender.resends,
              "" if acked else f", {len(sender.unacked)} never acked")

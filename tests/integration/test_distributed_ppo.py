@@ -1,5 +1,5 @@
 """Distributed PPO on loopback: simic_learner, tamiyo_server --policy neural and one tolaria_worker --ppo
-(and the hub, for telemetry) on `synthetic` with 3-epoch episodes: two rounds of two episodes, two PPO
+--env-processes (and the hub, for telemetry) on `synthetic` with 3-epoch episodes: two rounds of two episodes, two PPO
 updates, every trajectory accepted once, and tamiyo_server deciding with the learner's version 2.
 A duplicate sent after the run is acked DUPLICATE and not applied."""
 
@@ -33,7 +33,7 @@ def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(spawn, 
     worker = spawn("tolaria_worker", "--ppo", *PPO, "--tamiyo", tamiyo.endpoints["grpc"],
                    "--learner", learner.endpoints["trajectories"], "--hub-pub", hub.endpoints["publish"],
                    "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"), "--worker-id", "w0",
-                   "--exit-when-done")
+                   "--exit-when-done", "--env-processes")  # its environments in processes of their own
     assert worker.proc.wait(120) == 0, worker.output()
     assert "trajectories: 2 acked, 0 refused" in worker.output()
 

@@ -17,6 +17,7 @@ import torch
 from esper.leyline import Decision, Observation
 from esper.nissa import Telemetry
 from esper.simic.env import EnvConfig, GrowthEnv
+from esper.simic.env_process import EnvProcess
 from esper.simic.rewards import Rewarder
 from esper.simic.rollout import Rollout
 from esper.tamiyo.features import FeatureSpec
@@ -32,17 +33,24 @@ values and policy_version tensors, each [N, ...])."""
 
 def make_envs(env_cfg: EnvConfig, data: dict[str, Dataset], devices: tuple[str, ...],
               env_telemetry: Callable[[int], Telemetry], episodes: range,
-              env_factory: EnvFactory = GrowthEnv) -> list[GrowthEnv]:
-    """One environment per episode, on `devices` round robin; data: the dataset per device."""
+              env_factory: EnvFactory = GrowthEnv, processes: list[EnvProcess] = ()) -> list[GrowthEnv | EnvProcess]:
+    """One environment per episode, on `devices` round robin; data: the dataset per device. With
+    `processes` (started on the same devices round robin: env_process.start_env_processes), the first of
+    them, each given its episode's telemetry."""
+    if processes:
+        envs = list(processes[:len(episodes)])
+        for env, episode in zip(envs, episodes):
+            env.telemetry = env_telemetry(episode)
+        return envs
     return [env_factory(env_cfg, data[devices[i % len(devices)]], torch.device(devices[i % len(devices)]),
                         env_telemetry(e)) for i, e in enumerate(episodes)]
 
 
-def play_round(envs: list[GrowthEnv], seeds: list[int], rewarders: list[Rewarder], codec: ActionCodec,
+def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: list[Rewarder], codec: ActionCodec,
                act: Act, max_epochs: int) -> tuple[Rollout, list[Observation]]:
     """One whole episode in each environment (reset with its seed): the rollout [max_epochs, N] with raw
     rewards, and each environment's final observation. The last epoch is a termination (ppo.compute_gae)."""
-    obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
+    obs = reset_all(envs, seeds)
     for rewarder, o in zip(rewarders, obs):
         rewarder.reset(o)
     n = len(envs)
@@ -50,7 +58,7 @@ def play_round(envs: list[GrowthEnv], seeds: list[int], rewarders: list[Rewarder
     for t in range(max_epochs):
         legal = torch.stack([codec.legal_tensor(observation_legal_actions(o)) for o in obs])
         decisions, row = act(obs, legal)
-        next_obs = [env.step(d)[0] for env, d in zip(envs, decisions)]
+        next_obs = step_all(envs, decisions)
         terminal = t + 1 == max_epochs
         parts = torch.tensor([r.step(o, d.action, o2, terminal)
                               for r, o, d, o2 in zip(rewarders, obs, decisions, next_obs)])  # [N, C]
@@ -66,6 +74,22 @@ def play_round(envs: list[GrowthEnv], seeds: list[int], rewarders: list[Rewarder
         step["next_values"] = following["values"]
     steps[-1]["next_values"] = torch.zeros_like(steps[-1]["values"])
     return Rollout.from_steps(steps), obs
+
+
+def reset_all(envs: list[GrowthEnv | EnvProcess], seeds: list[int]) -> list[Observation]:
+    """Each environment's first observation; those in processes of their own all start before any is awaited."""
+    for env, seed in zip(envs, seeds):
+        if isinstance(env, EnvProcess):
+            env.send_reset(seed)
+    return [env.receive()[0] if isinstance(env, EnvProcess) else env.reset(seed) for env, seed in zip(envs, seeds)]
+
+
+def step_all(envs: list[GrowthEnv | EnvProcess], decisions: list[Decision]) -> list[Observation]:
+    """Each environment's epoch under its decision; those in processes of their own all train at once."""
+    for env, d in zip(envs, decisions):
+        if isinstance(env, EnvProcess):
+            env.send_step(d)
+    return [env.receive()[0] if isinstance(env, EnvProcess) else env.step(d)[0] for env, d in zip(envs, decisions)]
 
 
 class BatchPolicy(Protocol):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -78,13 +80,14 @@ class GrowthEnv:
     # ------------------------------------------------------------------ episode
     def reset(self, seed: int) -> Observation:
         cfg = self.cfg
-        torch.manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed).get_state()
 
         def graft(model: MorphogeneticModel) -> None:
             for slot, blueprint in cfg.grafts:
                 model.graft(slot, from_short_name(Blueprint, blueprint))
 
-        self._build(seed, graft)
+        with self.own_rng():
+            self._build(seed, graft)
         self.governor.snapshot(self.model, 0)
         self.epoch = 0
         self.train_loss = self.train_accuracy = 0.0
@@ -96,6 +99,17 @@ class GrowthEnv:
         self.recently_culled: list[int] = []
         self.grad_norms: dict[str, float] = {}
         return self.observation()
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        """Torch's global CPU generator as this episode last left it, for the draws the episode makes (the
+        host's initialization, each seed's): an episode's numbers depend on its seed and its decisions
+        only, never on what other environments drew between its steps, so environments may step in any
+        order, or in processes of their own (simic.env_process), and give the same episodes."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng)
+            yield
+            self.rng = torch.get_rng_state()
 
     def _build(self, seed: int, shape) -> None:
         """A fresh model (`shape(model)` adds seeds before it moves to the device and the host optimizer
@@ -122,7 +136,7 @@ class GrowthEnv:
             "lifecycle": self.model.lifecycle_state(), "model": self.model.state_dict(),
             "trainer": self.trainer.state_dict(), "governor": self.governor.state_dict(),
             "signals": {name: getattr(self, name) for name in self.SIGNALS} | {"val": dataclasses.asdict(self.val)},
-            "rng": rng_state(),
+            "rng": rng_state() | {"torch": self.rng},
         }
 
     def resume(self, state: dict) -> Observation:
@@ -130,7 +144,8 @@ class GrowthEnv:
         saved run would have trained next, with the same numbers. The telemetry must carry the saved run id."""
         if state["run_id"] != self.telemetry.run_id:
             raise ValueError(f"the state is run {state['run_id']}, the telemetry run {self.telemetry.run_id}")
-        self._build(0, lambda model: model.restore_lifecycle(state["lifecycle"]))
+        with torch.random.fork_rng(devices=[]):  # initial weights, replaced by the saved ones below
+            self._build(0, lambda model: model.restore_lifecycle(state["lifecycle"]))
         self.model.load_state_dict(state["model"])
         self.trainer.load_state_dict(state["trainer"])
         self.governor.load_state_dict(state["governor"])
@@ -140,12 +155,17 @@ class GrowthEnv:
             setattr(self, name, value)
         self.telemetry.sequence = state["sequence"]
         set_rng_state(state["rng"])
+        self.rng = state["rng"]["torch"]
         return self.observation()
 
     def legal_actions(self) -> list[Action]:
         return self.model.legal_actions()
 
     def step(self, decision: Decision) -> tuple[Observation, bool]:
+        with self.own_rng():
+            return self._step(decision)
+
+    def _step(self, decision: Decision) -> tuple[Observation, bool]:
         model, tel = self.model, self.telemetry
         model.check_legal(decision.action)
         epoch = self.epoch + 1  # the epoch this step trains, 1-based
@@ -194,6 +214,13 @@ class GrowthEnv:
                                    epoch_seconds=time.perf_counter() - start, sharpness=sharpness,
                                    gradients=monitor.read() if monitor else []))
         return obs, self.epoch >= self.cfg.max_epochs
+
+    def seed_fates(self) -> dict[str, int]:
+        """How many of the episode's seeds met each fate so far (fossilized, culled, blending, ...)."""
+        fates: dict[str, int] = {}
+        for record in self.model.records:
+            fates[record.fate] = fates.get(record.fate, 0) + 1
+        return fates
 
     def test_accuracy(self) -> float:
         """Only for final reports: the test set never informs a decision."""

@@ -1,4 +1,5 @@
-"""The PPO training loop: n_envs growth environments stepped in lockstep in one process.
+"""The PPO training loop: n_envs growth environments stepped in lockstep, in this process or each in a
+process of its own (`env_processes`), with the policy here.
 
 Episodes run in *rounds*: each of n_envs environments starts an episode (episode i uses seed + i) and
 all of them step together, one epoch each, with one batched policy forward for all of them. After
@@ -30,6 +31,7 @@ from esper.nissa import Telemetry
 from esper.simic.actor import EnvFactory, make_envs, play_round
 from esper.simic.checkpoint import ResumeError, build_network, changed_settings
 from esper.simic.env import EnvConfig, GrowthEnv
+from esper.simic.env_process import EnvProcess
 from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, ppo_update
 from esper.simic.rewards import COMPONENTS, Rewarder, RewardConfig
 from esper.simic.rollout import Rollout
@@ -102,6 +104,9 @@ class PPOTrainer:
         self.collect_seconds = 0.0
         self.episode_log: list[dict] = []
         self.update_log: list[dict] = []
+        self.env_processes: list[EnvProcess] = []
+        """Set by the caller to play rounds in these (simic.env_process, --env-processes) instead of in
+        environments of this process; at least n_envs of them, on the devices make_envs would use."""
 
     # ------------------------------------------------------------------ acting
     def observe(self, observations: list) -> torch.Tensor:
@@ -147,7 +152,8 @@ class PPOTrainer:
         started = time.perf_counter()
         n = min(cfg.n_envs, cfg.episodes - self.episodes_done)
         episodes = range(self.episodes_done, self.episodes_done + n)
-        envs = make_envs(self.env_cfg, self.data, cfg.env_devices, self.env_telemetry, episodes, self.env_factory)
+        envs = make_envs(self.env_cfg, self.data, cfg.env_devices, self.env_telemetry, episodes, self.env_factory,
+                         self.env_processes)
         rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
         rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, self.codec, self.act,
                                   self.env_cfg.max_epochs)
@@ -184,16 +190,13 @@ class PPOTrainer:
         ))
         return stats
 
-    def _episode_result(self, episode: int, env: GrowthEnv, obs, rollout: Rollout, column: int) -> dict:
-        fates: dict[str, int] = {}
-        for record in env.model.records:
-            fates[record.fate] = fates.get(record.fate, 0) + 1
+    def _episode_result(self, episode: int, env: GrowthEnv | EnvProcess, obs, rollout: Rollout, column: int) -> dict:
         ops = torch.bincount(rollout.actions[:, column, 0].cpu(), minlength=len(OPERATIONS)).tolist()
         return {
             "episode": episode, "seed": self.cfg.seed + episode,
             "return": float(rollout.reward_parts[:, column].sum()),
             "val_accuracy": obs.signals.val_accuracy, "total_params": obs.signals.total_params,
-            "seed_fates": fates,
+            "seed_fates": env.seed_fates(),
             "actions": {short_name(Operation, op): n for op, n in zip(OPERATIONS, ops)},
         }
 

@@ -1,0 +1,79 @@
+"""PPO's environments in processes of their own against PPO's environments in one process.
+
+One PPO round (n_envs episodes of --max-epochs epochs, the policy choosing every action) is timed both
+ways in this process and session, each after an untimed warm-up round: the environments stepped one
+after another in this process (`esper train ppo`), and each in a child process, all training at once
+(`esper train ppo --env-processes`, simic.env_process). The children are started and load their data
+before the clock starts: that is paid once per training run, not per round. Reports environment
+steps (epochs) per second and the ratio, processes over one process.
+
+    python bench/ppo_env_processes.py --device cuda --n-envs 4 --max-epochs 3 --max-batches 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from esper.nissa import Telemetry
+from esper.simic.env import EnvConfig
+from esper.simic.env_process import close_all, start_env_processes
+from esper.simic.trainer import PPOTrainer, TrainerConfig
+from esper.tolaria.data import load_task_data
+from esper.tolaria.trainer import TrainConfig
+
+
+def round_seconds(trainer: PPOTrainer) -> float:
+    """Wall time of one round after a warm-up round (each round's envs start new episodes)."""
+    trainer.run_round()
+    trainer.episodes_done = 0
+    start = time.perf_counter()
+    trainer.run_round()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--task", default="cifar10")
+    parser.add_argument("--n-envs", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument("--max-batches", type=int, default=100)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    data = load_task_data(args.task, args.data_dir)
+    preload = device.type == "cuda"
+    on_device = {str(device): data.to(device) if preload else data}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"# PPO rounds on {name}, torch {torch.__version__}: {args.task}, {args.max_epochs} epochs of "
+          f"{args.max_batches} batches per episode")
+    print(f"{'n_envs':>6}{'one process':>22}{'processes':>22}{'ratio':>8}")
+    for n in args.n_envs:
+        env = EnvConfig(task=args.task, max_epochs=args.max_epochs, train=TrainConfig(max_batches=args.max_batches))
+        cfg = TrainerConfig(env=env, n_envs=n, episodes=n, update_every=1, device=str(device))
+
+        def trainer() -> PPOTrainer:
+            return PPOTrainer(cfg, on_device, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
+
+        one = trainer()
+        threads = torch.get_num_threads()
+        one_s = round_seconds(one)
+        many = trainer()
+        many.env_processes = start_env_processes(n, many.env_cfg, (str(device),), args.data_dir, preload,
+                                                 max(1, threads // n))
+        try:
+            many_s = round_seconds(many)
+        finally:
+            close_all(many.env_processes)
+        steps = n * args.max_epochs
+        print(f"{n:>6}{one_s:>8.2f} s{steps / one_s:>7.2f} steps/s{many_s:>8.2f} s{steps / many_s:>7.2f} steps/s"
+              f"{one_s / many_s:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

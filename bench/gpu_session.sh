@@ -5,11 +5,13 @@
 # whole script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare
 # took 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's
 # processes line together.
-#   speed    growth overhead, concurrency K=1,2,4,8 (processes, grouped, threads), batched counterfactual,
-#            bf16 and torch.compile against fp32 eager
+#   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by processes, grouped, threads),
+#            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
+#            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
-#   mps      concurrency by processes again, and the comparison, under an MPS daemon (kernels of several
-#            processes then share the GPU at once instead of taking turns), where the machine has one
+#   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
+#            (kernels of several processes then share the GPU at once instead of taking turns), where the
+#            machine has one
 #   envs     a PPO round with its environments in one process against a process each (n_envs 2, 4, 8)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
 set -uo pipefail
@@ -24,14 +26,20 @@ limit() { # a step's own timeout, cut to what is left of BUDGET_S
 }
 nvidia-smi -L
 python3 -c "from esper.tolaria.data import load_cifar10; d = load_cifar10(None); print('data', d.train_x.shape)"
-for part in $PART; do
+for part in ${PART/speed/growth concurrency counterfactual fastpath}; do
 case $part in
-speed)
+growth)
   timeout $(limit 90) python3 bench/growth_overhead.py --device cuda --steps 300 --repeats 9
+  ;;
+concurrency)
   for mechanism in processes grouped threads; do
     timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism $mechanism
   done
+  ;;
+counterfactual)
   timeout $(limit 60) python3 bench/counterfactual_eval.py --device cuda
+  ;;
+fastpath)
   timeout $(limit 60) python3 bench/fast_path.py --device cuda --steps 200 --settings channels_last bf16
   timeout $(limit 150) python3 bench/fast_path.py --device cuda --steps 200 --settings compile compile+bf16 "all three"
   ;;
@@ -49,12 +57,15 @@ mps)
   mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || {
     echo "the MPS daemon did not start"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; continue; }
   timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism processes
+  timeout $(limit 150) python3 bench/ppo_env_processes.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
   echo "MPS clients the daemon logged (0: the runs did not use it): $(grep -c 'New client' /tmp/mps/control.log)"
-  start=$SECONDS
-  timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
-    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp_mps
-  echo "compare under MPS exit $? wall $((SECONDS - start)) s"
-  mkdir -p "$OUT/compare_mps" && cp /tmp/cmp_mps/results.md "$OUT/compare_mps/"
+  if [ "${MPS_COMPARE:-1}" = 1 ]; then
+    start=$SECONDS
+    timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 \
+      --max-batches 0 --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp_mps
+    echo "compare under MPS exit $? wall $((SECONDS - start)) s"
+    mkdir -p "$OUT/compare_mps" && cp /tmp/cmp_mps/results.md "$OUT/compare_mps/"
+  fi
   echo quit | nvidia-cuda-mps-control
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   ;;
@@ -73,6 +84,6 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, compare, mps, envs, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, mps, envs, ppo)"; exit 2 ;;
 esac
 done

@@ -22,6 +22,7 @@ from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, t
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
+from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
 
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             return train_with_dashboard(cfg, run, dashboard)
         else:
             run(cfg)
-    except DataError as exc:
+    except (DataError, EnvProcessError) as exc:  # missing data; an environment process that failed or died
         print(f"esper: error: {exc}", file=sys.stderr)
         return 1
     return 0

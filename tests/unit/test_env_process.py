@@ -91,12 +91,16 @@ def test_missing_data_in_an_environment_process_is_a_clear_error(tmp_path):
         start_env_processes(1, EnvConfig(task="cifar10"), ("cpu",), str(tmp_path / "nowhere"), False, 1)
 
 
-def test_an_environment_process_that_dies_is_a_clear_error():
+def test_an_environment_process_reports_an_error_stays_up_and_its_death_is_a_clear_error():
     (proc,) = start_env_processes(1, EnvConfig(task="synthetic", max_epochs=2), ("cpu",), None, False, 1)
+    wait = Decision(action=Action(operation=Operation.OPERATION_WAIT))
     try:
         proc.reset(1)
+        with pytest.raises(EnvProcessError, match="failed: IllegalAction"):
+            proc.step(Decision(action=Action(operation=Operation.OPERATION_ADVANCE, slot="mid")))  # nothing there
+        assert proc.step(wait)[0].signals.epoch == 1  # the child goes on
         proc.proc.kill()
         with pytest.raises(EnvProcessError, match="exited"):
-            proc.step(Decision(action=Action(operation=Operation.OPERATION_WAIT)))
+            proc.step(wait)
     finally:
         proc.close()

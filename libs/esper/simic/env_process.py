@@ -87,16 +87,25 @@ class EnvProcess:
         self.device = device
         self.telemetry = Telemetry("")
         self.fates: dict[str, int] = {}
-        send(self.proc.stdin, {"env": dataclasses.asdict(env), "device": device, "data_dir": data_dir,
-                               "gpu_preload": gpu_preload, "threads": threads})
+        self._send({"env": dataclasses.asdict(env), "device": device, "data_dir": data_dir,
+                    "gpu_preload": gpu_preload, "threads": threads})
         self.ready = False
+
+    def _exited(self) -> EnvProcessError:
+        return EnvProcessError(f"the environment process on {self.device} exited (status {self.proc.wait()}); "
+                               f"its error is above")
+
+    def _send(self, header: dict, *payloads: bytes) -> None:
+        try:
+            send(self.proc.stdin, header, *payloads)
+        except OSError:  # a broken pipe: the child is gone
+            raise self._exited() from None
 
     def _reply(self) -> tuple[dict, list[bytes]]:
         try:
             header, payloads = receive(self.proc.stdout)
         except (EOFError, OSError):
-            raise EnvProcessError(f"the environment process on {self.device} exited "
-                                  f"(status {self.proc.wait()}); its error is above") from None
+            raise self._exited() from None
         if "error" in header:
             raise EnvProcessError(f"the environment process on {self.device} failed: {header['error']}")
         return header, payloads
@@ -110,11 +119,10 @@ class EnvProcess:
     def send_reset(self, seed: int) -> None:
         self.wait_ready()
         tel = self.telemetry
-        send(self.proc.stdin, {"op": "reset", "seed": seed, "run_id": tel.run_id, "level": tel.level,
-                               "forward": bool(tel.sinks)})
+        self._send({"op": "reset", "seed": seed, "run_id": tel.run_id, "level": tel.level, "forward": bool(tel.sinks)})
 
     def send_step(self, decision: Decision) -> None:
-        send(self.proc.stdin, {"op": "step"}, decision.SerializeToString())
+        self._send({"op": "step"}, decision.SerializeToString())
 
     def receive(self) -> tuple[Observation, bool]:
         header, (observation, *events) = self._reply()

@@ -1,19 +1,23 @@
 """Concurrency: aggregate images/s of K independent training runs on one device against one run alone.
 
-Two mechanisms (`--mechanism`):
+Four mechanisms (`--mechanism`):
 - processes: each run is its own process (what `esper compare --workers K` uses). Every child loads
   the data, builds the cifar10 host and the Esper trainer, warms up, says "ready", waits for "go" on
   stdin, trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to
   the last finish.
 - grouped: the K runs are the K groups of one grouped network (esper.tolaria.grouped: identical host
   architectures batched), trained in this process; K = 1 is one plain run, the baseline.
+- vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their
+  stacked weights and BatchNorm statistics, trained in this process. Unlike grouped it needs no grouped
+  rewrite of the layers, so it batches any architecture the runs share (a grafted from-scratch network
+  too); it still cannot batch runs whose architectures differ. K = 1 is one run through vmap.
 - threads: K Esper trainers in this process, each stepped by its own thread on its own CUDA stream, so
   one process's kernels from different runs may overlap (processes only time-slice the GPU without
   MPS). Python holds the GIL between kernel launches, so this measures how much of a launch-bound step
   is Python.
 Target on a GPU (issue 3): >= 0.7*K for K <= 8.
 
-    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped|threads]
+    python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped|vmap|threads]
 """
 
 from __future__ import annotations
@@ -93,6 +97,46 @@ def grouped_rate(k: int, args) -> float:
     return k * args.steps * 128 / (time.perf_counter() - start)
 
 
+def vmapped_rate(k: int, args) -> float:
+    """Images/s of K Esper models as one vmap over their stacked weights (torch.func), each run with its
+    own data order, one SGD over the stacked weights (element-wise, so each run's own), after a warm-up."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from esper.kasmina import MorphogeneticModel, build_host
+    from esper.tolaria.augment import stacked_train_batches
+    from esper.tolaria.data import load_cifar10
+
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    models = [MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device).train() for _ in range(k)]
+    params, buffers = stack_module_state(models)  # [K, ...] leaves; BatchNorm statistics updated in place
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    optimizer = torch.optim.SGD(params.values(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    losses = vmap(lambda p, b, x, y: F.cross_entropy(functional_call(skeleton, (p, b), (x,)), y))
+    generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+
+    def train(steps: int) -> None:
+        for xb, yb in stacked_train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps,
+                                            generators=generators, device=device, mean=mean, std=std):
+            loss = losses(params, buffers, xb, yb).sum()  # each run's gradient is its own mean loss's
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    train(20)  # warm-up
+    next(iter(params.values())).sum().item()
+    start = time.perf_counter()
+    train(args.steps)
+    next(iter(params.values())).sum().item()  # wait for the device
+    return k * args.steps * 128 / (time.perf_counter() - start)
+
+
 def threaded_rate(k: int, args) -> float:
     """Images/s of K trainers stepped by K threads, each on its own CUDA stream, after a warm-up."""
     import contextlib
@@ -126,7 +170,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--mechanism", choices=["processes", "grouped", "threads"], default="processes")
+    parser.add_argument("--mechanism", choices=["processes", "grouped", "vmap", "threads"], default="processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -135,8 +179,9 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     how = {"processes": "one process per run", "grouped": "the runs as groups of one network",
-           "threads": "one thread and CUDA stream per run"}[args.mechanism]
-    rate_of = {"processes": aggregate, "grouped": grouped_rate, "threads": threaded_rate}[args.mechanism]
+           "vmap": "the runs' models as one vmap", "threads": "one thread and CUDA stream per run"}[args.mechanism]
+    rate_of = {"processes": aggregate, "grouped": grouped_rate, "vmap": vmapped_rate,
+               "threads": threaded_rate}[args.mechanism]
     print(f"# concurrency on {name}, torch {torch.__version__}, {how}, {args.steps} steps of 128")
     print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
     one = None

@@ -5,7 +5,8 @@
 # whole script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare
 # took 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's
 # processes line together.
-#   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by processes, grouped, threads),
+#   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by each of MECHANISMS, default
+#            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
@@ -32,7 +33,7 @@ growth)
   timeout $(limit 90) python3 bench/growth_overhead.py --device cuda --steps 300 --repeats 9
   ;;
 concurrency)
-  for mechanism in processes grouped threads; do
+  for mechanism in ${MECHANISMS:-processes grouped vmap threads}; do
     timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism $mechanism
   done
   ;;

@@ -43,7 +43,7 @@ from esper.experiment import RunConfig, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import make_envs, play_round, remote_act
-from esper.simic.env_process import close_all, start_env_processes
+from esper.simic.env_process import EnvProcessError, close_all, start_env_processes
 from esper.simic.rewards import Rewarder
 from esper.tamiyo.features import FeatureSpec
 from esper.tamiyo.network import ActionCodec
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         log.log(logging.INFO if status == 0 else logging.ERROR, "episode abandoned: %s", exc)
     except SpoolBusy as exc:
         status = 2
+        log.error("%s", exc)
+    except EnvProcessError as exc:  # --env-processes: a child failed or died; its round was not shipped
+        status = 1
         log.error("%s", exc)
     if status == 0 and not cfg.exit_when_done:
         stop.wait()

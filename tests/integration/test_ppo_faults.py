@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import zmq
@@ -208,6 +209,31 @@ def learn(tmp: Path, rollouts: list[Rollout], kill_from: int | None) -> tuple[di
         ctx.term()
         spawn.close()
     return load_checkpoint(tmp / "learner.pt"), info
+
+
+def test_an_environment_process_killed_ends_its_worker_in_one_line_and_leaves_no_child(stack, tmp_path):
+    """tolaria_worker --env-processes: SIGKILL one of its environment processes mid-round; the worker
+    says which in one error line, exits 1 (a restart continues from its spool) and leaves no child
+    behind. Its episodes are long (200 epochs), so the first round is still playing: nothing ships."""
+    worker = start_worker(stack["spawn"], stack, "envkill", tmp_path, 4, None, "--env-processes", "--n-envs", "2",
+                          "--max-epochs", "200")
+    parent = psutil.Process(worker.proc.pid)
+
+    def environments() -> list[psutil.Process]:
+        return [c for c in parent.children() if "env_process" in " ".join(c.cmdline())]
+
+    wait_until(lambda: len(environments()) == 2, 60, "two environment processes")
+    wait_until(lambda: any("running 4 episode(s)" in line for line in worker.lines), 60, "the first round")
+    time.sleep(1.0)  # into the round
+    victim, survivor = environments()
+    victim.kill()
+    assert worker.proc.wait(30) == 1, worker.output()
+    errors = [line for line in worker.lines if "ERROR" in line]
+    assert len(errors) == 1 and "the environment process on cpu exited (status -9)" in errors[0], worker.output()
+    assert "Traceback" not in worker.output()
+    _, alive = psutil.wait_procs([survivor], timeout=10)  # it read the end of its input and returned
+    assert not alive
+    assert not any("shipped trajectory" in line for line in worker.lines)
 
 
 def test_learner_sigkilled_mid_update_resumes_and_ends_bit_identical(tmp_path):

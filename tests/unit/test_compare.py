@@ -201,7 +201,10 @@ def test_a_stopped_comparison_ends_its_runs_and_says_how_to_resume_it(stop, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "esper.cli", "compare", "--task", "synthetic", "--max-epochs", "3",
                              "--seeds", "2", "--workers", "1", "--arms", "static", "heuristic", "--out", str(out),
                              "--db", str(tmp_path / "karn.db")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIG_DFL as at a terminal: a test runner started in the background (`cmd &` in a script) passes
+    # SIGINT on ignored, and an ignored Ctrl-C would test nothing.
     run_dirs = lambda: sorted(p.parent for p in (out / "runs").glob("*/*/*/config.json"))
     deadline = time.monotonic() + 120
     while len(run_dirs()) < 2:

@@ -93,7 +93,7 @@ class EnvProcess:
 
     def _exited(self) -> EnvProcessError:
         return EnvProcessError(f"the environment process on {self.device} exited (status {self.proc.wait()}); "
-                               f"its error is above")
+                               f"an error it wrote is above")
 
     def _send(self, header: dict, *payloads: bytes) -> None:
         try:

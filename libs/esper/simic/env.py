@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -217,10 +218,7 @@ class GrowthEnv:
 
     def seed_fates(self) -> dict[str, int]:
         """How many of the episode's seeds met each fate so far (fossilized, culled, blending, ...)."""
-        fates: dict[str, int] = {}
-        for record in self.model.records:
-            fates[record.fate] = fates.get(record.fate, 0) + 1
-        return fates
+        return dict(Counter(record.fate for record in self.model.records))
 
     def test_accuracy(self) -> float:
         """Only for final reports: the test set never informs a decision."""

@@ -31,7 +31,7 @@ from typing import BinaryIO
 import torch
 
 from esper.leyline import Decision, Observation, TelemetryEvent
-from esper.nissa import Telemetry
+from esper.nissa import ListSink, Telemetry
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.tolaria.data import load_task_data
 
@@ -89,7 +89,6 @@ class EnvProcess:
         self.fates: dict[str, int] = {}
         self._send({"env": dataclasses.asdict(env), "device": device, "data_dir": data_dir,
                     "gpu_preload": gpu_preload, "threads": threads})
-        self.ready = False
 
     def _exited(self) -> EnvProcessError:
         return EnvProcessError(f"the environment process on {self.device} exited (status {self.proc.wait()}); "
@@ -112,12 +111,9 @@ class EnvProcess:
 
     def wait_ready(self) -> None:
         """Until the child has loaded its data (children load theirs at once: call after starting all)."""
-        if not self.ready:
-            self._reply()
-            self.ready = True
+        self._reply()
 
     def send_reset(self, seed: int) -> None:
-        self.wait_ready()
         tel = self.telemetry
         self._send({"op": "reset", "seed": seed, "run_id": tel.run_id, "level": tel.level, "forward": bool(tel.sinks)})
 
@@ -176,23 +172,6 @@ def close_all(procs: list[EnvProcess]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- child
-class Collect:
-    """The child's telemetry sink: events wait here until the reply that carries them to the parent."""
-
-    def __init__(self):
-        self.events: list[TelemetryEvent] = []
-
-    def emit(self, event: TelemetryEvent) -> None:
-        self.events.append(event)
-
-    def take(self) -> list[bytes]:
-        taken, self.events = [e.SerializeToString() for e in self.events], []
-        return taken
-
-    def close(self) -> None:
-        pass
-
-
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """The child: load the data, say ready, then answer reset and step requests until the input ends."""
     start, _ = receive(inp)
@@ -206,7 +185,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         send(out, {"error": f"{type(exc).__name__}: {exc}"})
         return
     send(out, {"ready": True})
-    env, sink = None, Collect()
+    env, sink = None, ListSink()  # the step's events wait there for the reply that carries them
     while True:
         try:
             header, payloads = receive(inp)
@@ -214,13 +193,15 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             return
         try:
             if header["op"] == "reset":
-                sink.take()  # what a failed step left
+                sink.events.clear()  # what a failed step left
                 tel = Telemetry(header["run_id"], header["level"], [sink] if header["forward"] else [])
                 env = GrowthEnv(env_cfg, data, device, tel)
                 obs, done = env.reset(header["seed"]), False
             else:
                 obs, done = env.step(Decision.FromString(payloads[0]))
-            send(out, {"done": done, "fates": env.seed_fates()}, obs.SerializeToString(), *sink.take())
+            events, sink.events = sink.events, []
+            send(out, {"done": done, "fates": env.seed_fates()}, obs.SerializeToString(),
+                 *(e.SerializeToString() for e in events))
         except Exception as exc:  # an illegal action, a device error: the parent raises it, this child stays
             traceback.print_exc()
             send(out, {"error": f"{type(exc).__name__}: {exc}"})

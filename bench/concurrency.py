@@ -82,17 +82,18 @@ def grouped_rate(k: int, args) -> float:
 
     from esper.kasmina import HOSTS
     from esper.tolaria.data import load_cifar10
-    from esper.tolaria.grouped import GroupedCNN, train_grouped
+    from esper.tolaria.grouped import GroupedCNN, sgd, train_grouped
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
     model = GroupedCNN(HOSTS["cifar10"], k).to(device)
     generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
-    optimizer = train_grouped(model, data, generators, 20)  # warm-up (cuDNN picks its algorithms)
+    optimizer = sgd(model)
+    train_grouped(model, data, generators, 20, optimizer)  # warm-up (cuDNN picks its algorithms)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train_grouped(model, data, generators, args.steps, optimizer=optimizer)
+    train_grouped(model, data, generators, args.steps, optimizer)
     next(model.parameters()).sum().item()  # wait for the device
     return k * args.steps * 128 / (time.perf_counter() - start)
 

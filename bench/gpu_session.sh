@@ -9,7 +9,9 @@
 #            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
-#   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch)
+#   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
+#            flags (--group-static)
+#   static   the static arm of compare (5 seeds, 5 epochs) with a process per seed against one grouped run
 #   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
 #            (kernels of several processes then share the GPU at once instead of taking turns), where the
 #            machine has one
@@ -47,7 +49,7 @@ fastpath)
 compare)
   start=$SECONDS
   timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
-    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp
+    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp ${COMPARE_FLAGS:-}
   echo "compare exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare" && cp /tmp/cmp/results.md /tmp/cmp/results.json /tmp/cmp/*.png "$OUT/compare/"
   ;;
@@ -70,6 +72,9 @@ mps)
   echo quit | nvidia-cuda-mps-control
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   ;;
+static)
+  timeout $(limit 150) python3 bench/compare_static.py --device cuda:0 --seeds 5 --workers 5 --max-epochs 5 --max-batches 0
+  ;;
 envs)
   timeout $(limit 150) python3 bench/ppo_env_processes.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
   ;;
@@ -85,6 +90,6 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, mps, envs, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, static, mps, envs, ppo)"; exit 2 ;;
 esac
 done

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from esper.kasmina import HOSTS, MorphogeneticModel, build_host
-from esper.tolaria.grouped import GroupedCNN, train_grouped
+from esper.tolaria.grouped import GroupedCNN, sgd, train_grouped
 from esper.tolaria.trainer import Trainer, TrainConfig
 
 from growth_overhead import cifar10_on_device
@@ -54,10 +54,11 @@ def main() -> None:
     for k in args.k:
         grouped = GroupedCNN(HOSTS["cifar10"], k).to(device)
         generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
-        optimizer = train_grouped(grouped, data, generators, 1)
+        optimizer = sgd(grouped)
+        train_grouped(grouped, data, generators, 1, optimizer)
 
         def grouped_steps(grouped=grouped, generators=generators, optimizer=optimizer) -> None:
-            train_grouped(grouped, data, generators, args.steps, optimizer=optimizer)
+            train_grouped(grouped, data, generators, args.steps, optimizer)
 
         per_step = dispatches(grouped_steps) / args.steps
         print(f"{k:>3}{per_step:>21.1f}{k * alone / per_step:>19.2f}x")

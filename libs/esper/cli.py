@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from esper.kasmina import build_host, load_exported, seed_param_count
+from esper.kasmina import HOSTS, build_host, load_exported, seed_param_count
 from esper.kasmina.blueprints import blueprints_for
 from esper import karn_cli, stack_cli
 from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, train_with_dashboard
@@ -65,7 +65,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal")
     p.add_argument("--telemetry-file", default=None, help="also append every event to this JSONL file")
     p.add_argument("--telemetry-dir", default=None, help="also write <dir>/<run_id>.jsonl per episode")
-    p.add_argument("--runs-dir", default="runs", help="where run directories are created")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where run directories are created; {seed} in it becomes each episode's seed")
     p.add_argument("--graft", action="append", default=[], metavar="SLOT:BLUEPRINT",
                    help="build a seed into the host before epoch 1 (repeatable): train a grown architecture "
                         "from scratch")
@@ -81,8 +82,9 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
-                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never; "
+                        "default 1, and 0 with --grouped)")
 
 
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
@@ -97,6 +99,9 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-preload", action="store_true")
     add_speed_flags(p)
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
+    p.add_argument("--group-static", action="store_true",
+                   help="train each static arm's seeds as one grouped run (esper train static --grouped), "
+                        "one of the --workers")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
     p.add_argument("--policy", default=None, metavar="CHECKPOINT",
@@ -131,6 +136,10 @@ def build_parser() -> Parser:
         modes.choices[mode].add_argument(
             "--resume", default=None, metavar="RUN_DIR",
             help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the run)")
+    modes.choices["static"].add_argument(
+        "--grouped", action="store_true",
+        help="train the --episodes at once, their hosts as the groups of one network (CNN hosts, fp32, "
+             "no checkpoints): many small runs keep a GPU busy (bench/concurrency.py --mechanism grouped)")
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
@@ -170,9 +179,13 @@ def resolve_device(requested: str | None) -> str:
 def train_config(args: argparse.Namespace):
     from esper.experiment import RunConfig
 
+    grouped = getattr(args, "grouped", False)
+    checkpoint_every = getattr(args, "checkpoint_every", 0)
+    if checkpoint_every is None:
+        checkpoint_every = 0 if grouped else 1
     for flag, value, least in (("--episodes", args.episodes, 1), ("--max-epochs", args.max_epochs, 1),
                                ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0),
-                               ("--checkpoint-every", getattr(args, "checkpoint_every", 0), 0)):
+                               ("--checkpoint-every", checkpoint_every, 0)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     host = build_host(TASK_HOSTS[args.task])
@@ -186,6 +199,8 @@ def train_config(args: argparse.Namespace):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
     grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
+    if grouped:
+        check_grouped(args, host.spec.kind, grafts, checkpoint_every)
     policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
@@ -196,7 +211,17 @@ def train_config(args: argparse.Namespace):
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
-                     checkpoint_every=getattr(args, "checkpoint_every", 0))
+                     checkpoint_every=checkpoint_every, grouped=grouped)
+
+
+def check_grouped(args: argparse.Namespace, host_kind: str, grafts: tuple, checkpoint_every: int) -> None:
+    """--grouped trains plain CNN hosts with the plain recipe, from the start (esper.tolaria.grouped)."""
+    refused = [("--task " + args.task, host_kind != "cnn"), ("--graft", bool(grafts)),
+               ("--precision bf16", args.precision != "fp32"), ("--compile", args.compile),
+               (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume))]
+    if bad := [flag for flag, given in refused if given]:
+        raise UsageError(f"--grouped trains CNN hosts without seeds in fp32, eagerly, without checkpoints: "
+                         f"leave out {', '.join(bad)}")
 
 
 def policy_spec(path: str, task: str):
@@ -247,6 +272,9 @@ def compare_config(args: argparse.Namespace):
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
+    if args.group_static and (HOSTS[TASK_HOSTS[args.task]].kind != "cnn" or args.precision != "fp32" or args.compile):
+        raise UsageError("--group-static trains CNN hosts in fp32, eagerly: leave out --precision bf16 and --compile, "
+                         "or choose a CNN --task")
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:
@@ -264,7 +292,7 @@ def compare_config(args: argparse.Namespace):
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, memory_format=args.memory_format,
-                         workers=args.workers, out_dir=out,
+                         workers=args.workers, group_static=args.group_static, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every,
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))

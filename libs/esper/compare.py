@@ -11,7 +11,9 @@ Arms (all with the same epochs x batches, data, optimizer settings and seeds):
 against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
 
 Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
-once on the device (one process per run: see bench/concurrency.py for the measurement behind it).
+once on the device (one process per run: see bench/concurrency.py for the measurement behind it). With
+`group_static` a static arm's seeds are one child instead, `esper train static --grouped`: the hosts as
+the groups of one network (esper.tolaria.grouped), each seed still its own run directory.
 Results come back as the children's summary.json files: no objects cross a process boundary. So an
 interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
 run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
@@ -79,6 +81,9 @@ class CompareConfig:
     memory_format: str = "auto"
     """Every arm's runs train with the same precision, compilation and memory format (TrainConfig)."""
     workers: int = 1
+    group_static: bool = False
+    """Train each static arm's seeds as one grouped run (`esper train static --grouped`: the hosts as the
+    groups of one network), which takes one of the `workers`; otherwise one process per seed."""
     out_dir: str = "compare"
     budget: str = "matched"
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
@@ -103,15 +108,21 @@ def differences(cfg: CompareConfig, out: Path) -> list[str]:
     return changed_settings(cfg, json.loads((out / "compare.json").read_text()), RESUMABLE)
 
 
-def runs_dir(cfg: CompareConfig, arm: Arm, seed: int) -> Path:
+def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:
     return Path(cfg.out_dir) / "runs" / arm.name / f"seed{seed}"
 
 
-def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) -> list[str]:
+def grouped(cfg: CompareConfig, arm: Arm) -> bool:
+    """Whether the arm's seeds train as one grouped run: static arms under `group_static`."""
+    return cfg.group_static and arm.mode == "static" and arm.graft_from is None
+
+
+def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: list[str]) -> list[str]:
+    """The `esper train` of `seeds` (consecutive) of the arm: one process each, or all of a grouped arm's."""
     cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
            "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
-           "--seed", str(seed), "--slots", *cfg.slots, "--device", cfg.device,
-           "--runs-dir", str(runs_dir(cfg, arm, seed)), "--telemetry-level", cfg.telemetry_level,
+           "--seed", str(seeds[0]), "--episodes", str(len(seeds)), "--slots", *cfg.slots, "--device", cfg.device,
+           "--runs-dir", str(runs_dir(cfg, arm, "{seed}")), "--telemetry-level", cfg.telemetry_level,
            "--db", cfg.db]
     if cfg.data_dir:
         cmd += ["--data-dir", cfg.data_dir]
@@ -122,9 +133,22 @@ def train_command(cfg: CompareConfig, arm: Arm, seed: int, grafts: list[str]) ->
         cmd += ["--graft", graft]
     if arm.mode == "learned":
         cmd += ["--policy", cfg.policy]
+    if grouped(cfg, arm):
+        cmd.append("--grouped")
     # A comparison's runs are never resumed (a cut-off run starts again): spare each epoch its checkpoint
     # (a copy off the device, an fsync).
     return cmd + ["--checkpoint-every", "0"]
+
+
+def consecutive(seeds: list[int]) -> list[list[int]]:
+    """[42, 43, 45] -> [[42, 43], [45]]: the blocks one `esper train --seed S --episodes N` can run."""
+    blocks: list[list[int]] = []
+    for seed in seeds:
+        if blocks and blocks[-1][-1] == seed - 1:
+            blocks[-1].append(seed)
+        else:
+            blocks.append([seed])
+    return blocks
 
 
 def final_architecture(summary: dict) -> list[str]:
@@ -162,34 +186,40 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     lock = threading.Lock()  # over `running` and `stopping`: no run starts once the comparison stops
     stopping = threading.Event()
 
-    def run(arm: Arm, seed: int) -> None:
+    def finished_already(arm: Arm, seed: int) -> bool:
+        """Loads the run's summary if the comparison this one resumes finished it; else clears its folder."""
         done = list(runs_dir(cfg, arm, seed).glob("*/summary.json"))
-        if done:  # by the comparison this one resumes
+        if done:
             results[arm.name][seed] = json.loads(done[0].read_text())
             log(f"{arm.name:>13} seed {seed}: finished already")
-            return
+            return True
         shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)  # cut off by the interruption: again
-        grafts = final_architecture(results[arm.graft_from][seed]) if arm.graft_from else []
+        return False
+
+    def run(arm: Arm, block: list[int]) -> None:
+        """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process."""
+        grafts = final_architecture(results[arm.graft_from][block[0]]) if arm.graft_from else []
         started = time.perf_counter()
-        label = f"{arm.name} seed {seed}"
+        label = f"{arm.name} seed {block[0]}" + (f"-{block[-1]}" if len(block) > 1 else "")
         with lock:
             if stopping.is_set():
                 return
-            proc = subprocess.Popen(train_command(cfg, arm, seed, grafts), env=env, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen(train_command(cfg, arm, block, grafts), env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
-            running[label] = (runs_dir(cfg, arm, seed), proc)
+            running[label] = (runs_dir(cfg, arm, block[0]), proc)
         try:
             _, stderr = proc.communicate()
         finally:
             with lock:
                 del running[label]
         if proc.returncode != 0:
-            raise RuntimeError(f"{arm.name} seed {seed} failed:\n{stderr[-2000:]}")
-        (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
-        results[arm.name][seed] = json.loads(summary.read_text())
-        key, label = headline(cfg.task)
-        log(f"{arm.name:>13} seed {seed}: {label} {results[arm.name][seed][key]:.3f}  "
-            f"({time.perf_counter() - started:.0f}s)")
+            raise RuntimeError(f"{label} failed:\n{stderr[-2000:]}")
+        key, what = headline(cfg.task)
+        for seed in block:
+            (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
+            results[arm.name][seed] = json.loads(summary.read_text())
+            log(f"{arm.name:>13} seed {seed}: {what} {results[arm.name][seed][key]:.3f}  "
+                f"({time.perf_counter() - started:.0f}s)")
 
     def stop_runs() -> None:
         """End the runs in flight (SIGTERM) and start no other: a comparison that is stopped leaves no run
@@ -216,8 +246,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     try:
         # Arms that graft another arm's architecture wait for that arm.
         for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
+            jobs = []
+            for arm in phase:
+                todo = [seed for seed in seeds if not finished_already(arm, seed)]
+                jobs += [(arm, block) for block in (consecutive(todo) if grouped(cfg, arm) else [[s] for s in todo])]
             with ThreadPoolExecutor(cfg.workers) as pool:
-                futures = [pool.submit(run, arm, seed) for arm in phase for seed in seeds]
+                futures = [pool.submit(run, arm, block) for arm, block in jobs]
                 try:
                     for future in futures:
                         while not future.done():  # wake each second: a signal's handler runs in this thread
@@ -343,7 +377,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
-        f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs; "
+        f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs"
+        f"{' (static seeds grouped: one run of them all)' if cfg.group_static else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",

@@ -27,6 +27,8 @@ from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
+from esper.tolaria.grouped import GroupMember, TrainerGroup
+from esper.tolaria.trainer import Trainer
 
 MODES = ("heuristic", "static", "learned")
 
@@ -53,8 +55,12 @@ class RunConfig:
     telemetry_dir: str | None = None
     """Write each episode's events to <dir>/<run_id>.jsonl."""
     runs_dir: str = "runs"
+    """Where run directories are created; "{seed}" in it becomes each episode's seed."""
     checkpoint_every: int = 0
     """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never."""
+    grouped: bool = False
+    """static, CNN hosts: train the episodes at once, their hosts as the groups of one network
+    (run_grouped). No checkpoints: a grouped run's optimizer state is its group's."""
 
 
 def default_device() -> str:
@@ -90,11 +96,15 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     and episode seed under `runs_dir`, and does not run again one that finished: how a restarted worker
     picks up its experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
+    if cfg.grouped and (cfg.mode != "static" or cfg.checkpoint_every or resume or continue_runs or policy):
+        raise ValueError("grouped runs are static, keep no checkpoints and start afresh")
     first = 0 if resume is None else episode_of(cfg, resume)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
         data = data.to(device)
+    if cfg.grouped:
+        return run_grouped(cfg, data, device, console)
     summaries = []
     for episode in range(first, cfg.episodes):
         seed = cfg.seed + episode
@@ -131,7 +141,8 @@ def episode_of(cfg: RunConfig, run_dir: Path) -> int:
 
 def find_run(cfg: RunConfig, seed: int) -> Path | None:
     """The newest run directory under `cfg.runs_dir` of this config and episode seed, if any."""
-    for config in sorted(Path(cfg.runs_dir).glob("*/config.json"), reverse=True):  # names start with the time
+    # Newest first: a run directory's name starts with its time.
+    for config in sorted(run_parent(cfg.runs_dir, seed).glob("*/config.json"), reverse=True):
         try:
             differ, saved_seed = config_differences(cfg, config.parent)
         except (ValueError, KeyError):  # another kind of run directory (PPO), or not one at all
@@ -139,6 +150,12 @@ def find_run(cfg: RunConfig, seed: int) -> Path | None:
         if not differ and saved_seed == seed:
             return config.parent
     return None
+
+
+def run_parent(runs_dir: str, seed: int) -> Path:
+    """The folder episode `seed`'s run directory goes in: `runs_dir` with "{seed}" in it replaced (esper
+    compare keeps each seed's run in <out>/runs/<arm>/seed<seed>, whether one process trains it or a group)."""
+    return Path(runs_dir.replace("{seed}", str(seed)))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -164,83 +181,140 @@ def trim_jsonl(path: Path, last_sequence: int) -> None:
     write_atomic(path, "".join(kept))
 
 
-def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None) -> dict:
-    """One episode in a new run directory, or continued in `run_dir` from its checkpoint (from the start,
-    under the same run id, when it has none yet)."""
-    state = None
-    if run_dir is None:
-        run_dir = Path(cfg.runs_dir) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
-        run_dir.mkdir(parents=True, exist_ok=False)
-        write_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg) | {"episode_seed": seed}, indent=2))
-    elif (run_dir / CHECKPOINT).is_file():
-        state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
-        console.print(f"{run_dir.name}: resuming after epoch {state['env']['signals']['epoch']}")
-    run_id = run_dir.name
-    config_json = (run_dir / "config.json").read_text()
+class Episode:
+    """One episode's run directory while it trains: its environment, telemetry, curve and progress bar.
+    Made for a seed, whoever steps its `env` calls `epoch_done(obs)` after every step, then `finish(obs)`
+    writes the summary (run_one steps one episode; run_grouped steps a group in lockstep)."""
 
-    level = from_short_name(TelemetryLevel, cfg.telemetry_level)
-    sinks = list(extra_sinks)
-    if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
-        own = [run_dir / "telemetry.jsonl"] + ([Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else [])
-        for path in own:
-            trim_jsonl(path, state["env"]["sequence"] if state else 0)
-        # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
-        # fills in, and consumers drop what they had by sequence number.
-        for event in read_jsonl(own[0]) if state else ():
-            for sink in extra_sinks:
-                sink.emit(event)
-        sinks += [JsonlSink(path) for path in own]
-        if cfg.telemetry_file:  # shared by runs: a resumed run's events after its checkpoint appear twice
-            sinks.append(JsonlSink(Path(cfg.telemetry_file)))
-    telemetry = Telemetry(run_id, level, sinks)
-    if state is None:
-        telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
-                                              device=str(device), config_json=config_json))
-    env = GrowthEnv(cfg.env, data, device, telemetry)
-    start = time.perf_counter() - (state["wall_seconds"] if state else 0.0)
-    with Progress(
+    def __init__(self, cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
+                 extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer):
+        """A new run directory, or `run_dir` continued from its checkpoint (from the start, under the same
+        run id, when it has none yet)."""
+        self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
+        self.state = None
+        if run_dir is None:
+            run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
+            run_dir.mkdir(parents=True, exist_ok=False)
+            config = dataclasses.asdict(cfg) | {"episode_seed": seed}
+            write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+        elif (run_dir / CHECKPOINT).is_file():
+            self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
+            console.print(f"{run_dir.name}: resuming after epoch {self.state['env']['signals']['epoch']}")
+        self.run_dir = run_dir
+        run_id = run_dir.name
+        config_json = (run_dir / "config.json").read_text()
+
+        level = from_short_name(TelemetryLevel, cfg.telemetry_level)
+        sinks = list(extra_sinks)
+        if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
+            own = [run_dir / "telemetry.jsonl"]
+            own += [Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else []
+            for path in own:
+                trim_jsonl(path, self.state["env"]["sequence"] if self.state else 0)
+            # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
+            # fills in, and consumers drop what they had by sequence number.
+            for event in read_jsonl(own[0]) if self.state else ():
+                for sink in extra_sinks:
+                    sink.emit(event)
+            sinks += [JsonlSink(path) for path in own]
+            if cfg.telemetry_file:  # shared by runs: a resumed run's events after its checkpoint appear twice
+                sinks.append(JsonlSink(Path(cfg.telemetry_file)))
+        self.telemetry = Telemetry(run_id, level, sinks)
+        if self.state is None:
+            self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
+                                                       device=str(device), config_json=config_json))
+        self.env = GrowthEnv(cfg.env, data, device, self.telemetry, trainer_factory)
+        self.start = time.perf_counter() - (self.state["wall_seconds"] if self.state else 0.0)
+        self.curve: list[dict] = list(self.state["curve"]) if self.state else []
+        self.progress: Progress | None = None
+
+    def show_in(self, progress: Progress) -> None:
+        """A bar of this episode in `progress`, moved on by every epoch_done."""
+        self.progress = progress
+        self.bar = progress.add_task(self.run_dir.name, total=self.cfg.env.max_epochs, acc="-", loss="-", slots="",
+                                     completed=self.state["env"]["signals"]["epoch"] if self.state else 0)
+
+    def epoch_done(self, obs: Observation) -> None:
+        """After each step: the progress bar, the curve and (every `checkpoint_every` epochs) the checkpoint."""
+        cfg, env = self.cfg, self.env
+        if self.progress is not None:
+            self.progress.update(self.bar, completed=obs.signals.epoch, acc=f"{obs.signals.val_accuracy:.2f}%",
+                                 loss=f"{obs.signals.train_loss:.3f}", slots=stage_line(obs))
+        self.curve.append({
+            "epoch": obs.signals.epoch, "val_accuracy": obs.signals.val_accuracy,
+            "val_loss": obs.signals.val_loss,
+            "train_loss": obs.signals.train_loss, "total_params": obs.signals.total_params,
+            "train_flops": env.trainer.train_flops,
+            "stages": {s.slot: short_name(SeedStage, s.stage) for s in obs.slots},
+        })
+        every, epoch = cfg.checkpoint_every, obs.signals.epoch
+        if every and (epoch % every == 0 or epoch == cfg.env.max_epochs):
+            state = {"env": env.state_dict(), "curve": self.curve, "wall_seconds": time.perf_counter() - self.start}
+            save_checkpoint(state, self.run_dir / CHECKPOINT, EPISODE_FORMAT)
+
+    def finish(self, obs: Observation) -> dict:
+        """The test accuracy, the final telemetry, the exported model and summary.json; returns the summary."""
+        env, run_dir, cfg = self.env, self.run_dir, self.cfg
+        test_accuracy = env.test_accuracy()
+        wall = time.perf_counter() - self.start
+        self.telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
+                                                     total_params=obs.signals.total_params, wall_seconds=wall,
+                                                     epochs=obs.signals.epoch))
+        self.telemetry.close()
+        save_exported(env.model, run_dir / "model")
+        if self.data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
+            self.data.tokenizer.save(run_dir / "model" / "tokenizer.json")
+        summary = summarize(env, obs, run_dir.name, cfg, self.seed, str(self.device), test_accuracy, wall)
+        summary |= {"curve": self.curve}
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        self.console.print(
+            f"{run_dir.name}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  "
+            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  seeds {summary['seed_counts']}  "
+            f"{wall:.1f}s  -> {run_dir}"
+        )
+        return summary
+
+
+def progress_bars(console: Console) -> Progress:
+    return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("val {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[slots]}"),
         TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task(run_id, total=cfg.env.max_epochs, acc="-", loss="-", slots="",
-                                completed=state["env"]["signals"]["epoch"] if state else 0)
-        curve: list[dict] = list(state["curve"]) if state else []
-
-        def on_epoch(obs: Observation) -> None:
-            progress.update(bar, completed=obs.signals.epoch, acc=f"{obs.signals.val_accuracy:.2f}%",
-                            loss=f"{obs.signals.train_loss:.3f}", slots=stage_line(obs))
-            curve.append({
-                "epoch": obs.signals.epoch, "val_accuracy": obs.signals.val_accuracy,
-                "val_loss": obs.signals.val_loss,
-                "train_loss": obs.signals.train_loss, "total_params": obs.signals.total_params,
-                "train_flops": env.trainer.train_flops,
-                "stages": {s.slot: short_name(SeedStage, s.stage) for s in obs.slots},
-            })
-            every, epoch = cfg.checkpoint_every, obs.signals.epoch
-            if every and (epoch % every == 0 or epoch == cfg.env.max_epochs):
-                save_checkpoint({"env": env.state_dict(), "curve": curve, "wall_seconds": time.perf_counter() - start},
-                                run_dir / CHECKPOINT, EPISODE_FORMAT)
-
-        obs = run_episode(env, policy or make_policy(cfg), seed, on_epoch, state["env"] if state else None)
-    test_accuracy = env.test_accuracy()
-    wall = time.perf_counter() - start
-    telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
-                                            total_params=obs.signals.total_params, wall_seconds=wall,
-                                            epochs=obs.signals.epoch))
-    telemetry.close()
-    save_exported(env.model, run_dir / "model")
-    if data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
-        data.tokenizer.save(run_dir / "model" / "tokenizer.json")
-    summary = summarize(env, obs, run_id, cfg, seed, str(device), test_accuracy, wall) | {"curve": curve}
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
-    console.print(
-        f"{run_id}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  test {test_accuracy:.2f}%  "
-        f"params {summary['total_params']:,}  seeds {summary['seed_counts']}  {wall:.1f}s  -> {run_dir}"
     )
-    return summary
+
+
+def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
+            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None) -> dict:
+    """One episode in a new run directory, or continued in `run_dir` from its checkpoint."""
+    episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir)
+    with progress_bars(console) as progress:
+        episode.show_in(progress)
+        obs = run_episode(episode.env, policy or make_policy(cfg), seed, episode.epoch_done,
+                          episode.state["env"] if episode.state else None)
+    return episode.finish(obs)
+
+
+def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console) -> list[dict]:
+    """Every episode of a static experiment at once (RunConfig.grouped). Each is the episode `run_one`
+    would train: its own GrowthEnv, seed, data order, run directory and telemetry; only the hosts'
+    training steps are batched, as the groups of one network (esper.tolaria.grouped), so K runs cost
+    about the kernel launches of one. The episodes step in lockstep: the group trains an epoch of
+    every run, then each run's environment takes its step (evaluation, governor, telemetry)."""
+    seeds = [cfg.seed + i for i in range(cfg.episodes)]
+    episodes = [Episode(cfg, data, device, seed, console, trainer_factory=GroupMember) for seed in seeds]
+    observations = [episode.env.reset(seed) for episode, seed in zip(episodes, seeds)]
+    group = TrainerGroup([episode.env.trainer for episode in episodes])
+    policy = WaitPolicy()
+    with progress_bars(console) as progress:
+        for episode in episodes:
+            episode.show_in(progress)
+        for _ in range(cfg.env.max_epochs):
+            group.train_epoch()
+            for i, episode in enumerate(episodes):
+                observations[i], _ = episode.env.step(policy.decide(observations[i]))
+                episode.epoch_done(observations[i])
+    return [episode.finish(obs) for episode, obs in zip(episodes, observations)]
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

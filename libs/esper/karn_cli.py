@@ -183,16 +183,18 @@ def recording(run, db: str | None):
     it summarizes: a list of episode summaries, or one PPO summary), so `esper runs list` shows them."""
     import functools
 
+    from esper.experiment import run_parent
     from esper.karn.runs_db import RunsDB
 
     @functools.wraps(run)
     def recorded(cfg, *args, **kwargs):
         result = run(cfg, *args, **kwargs)
         summaries = result if isinstance(result, list) else [result]
-        run_dirs = [Path(cfg.runs_dir) / s["run_id"] for s in summaries]
+        # An episode's folder may carry its seed (experiment.run_parent); a PPO run's is runs_dir itself.
+        run_dirs = [run_parent(cfg.runs_dir, s.get("seed", 0)) / s["run_id"] for s in summaries]
         run_dirs = [d for d in run_dirs if (d / "telemetry.jsonl").is_file()]  # none at --telemetry-level off
         if run_dirs:
-            store = RunsDB(db or Path(cfg.runs_dir) / "karn.db")
+            store = RunsDB(db or run_dirs[0].parent / "karn.db")
             try:
                 for run_dir in run_dirs:
                     store.index_path(run_dir)

@@ -21,6 +21,11 @@ from esper.nissa import read_jsonl
     (["train", "heuristic", "--slots", "mid", "mid"], "listed twice"),
     (["train", "heuristic", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "static", "--precision", "fp16"], "invalid choice: 'fp16'"),
+    (["train", "static", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
+    (["train", "static", "--grouped", "--checkpoint-every", "2", "--compile"],
+     "leave out --compile, --checkpoint-every 2"),
+    (["train", "static", "--grouped", "--graft", "mid:conv_light"], "leave out --graft"),
+    (["train", "heuristic", "--grouped"], "unrecognized arguments: --grouped"),
     (["train"], "required"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):

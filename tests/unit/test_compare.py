@@ -14,8 +14,8 @@ import pytest
 from scipy import stats
 
 from esper.cli import main
-from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
-                           progress_of, train_command)
+from esper.compare import (Arm, CompareConfig, arms_for, consecutive, differences, final_architecture, headline,
+                           mean_ci, progress_of, train_command)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -59,6 +59,8 @@ def test_language_models_are_compared_on_validation_loss():
     (["compare", "--arms", "static", "ppo"], "--arms ppo needs --policy"),
     (["compare", "--policy", "missing.pt"], "--policy missing.pt: no such file"),
     (["train", "learned", "--task", "synthetic"], "--policy"),
+    (["compare", "--group-static", "--precision", "bf16"], "--group-static trains CNN hosts in fp32"),
+    (["compare", "--group-static", "--task", "tinystories"], "--group-static trains CNN hosts in fp32"),
 ])
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
@@ -68,17 +70,28 @@ def test_compare_flag_errors(argv, needle, capsys):
 def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
     cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous")
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
-        cmd = train_command(cfg, arm, 42, [])
+        cmd = train_command(cfg, arm, [42], [])
         assert cmd[cmd.index("--precision") + 1] == "bf16" and "--compile" in cmd
         assert cmd[cmd.index("--memory-format") + 1] == "contiguous"
-    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], 42, [])
+    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
+
+
+def test_group_static_trains_each_static_arms_seeds_in_one_grouped_process():
+    cfg = CompareConfig(task="synthetic", budget="original", group_static=True)
+    for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
+        cmd = train_command(cfg, arm, [42, 43, 44], [])
+        assert ("--grouped" in cmd) == (arm.name in ("static", "static@10")), arm
+        assert cmd[cmd.index("--episodes") + 1] == "3" and cmd[cmd.index("--seed") + 1] == "42"
+        assert cmd[cmd.index("--runs-dir") + 1].endswith(f"runs/{arm.name}/seed{{seed}}")
+    assert "--grouped" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
+    assert consecutive([42, 43, 45, 46, 48]) == [[42, 43], [45, 46], [48]] and consecutive([]) == []
 
 
 def test_every_arm_records_the_comparisons_telemetry_level():
     for level in ("normal", "minimal"):
         cfg = CompareConfig(task="synthetic", telemetry_level=level)
         for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
-            cmd = train_command(cfg, arm, 42, [])
+            cmd = train_command(cfg, arm, [42], [])
             assert cmd[cmd.index("--telemetry-level") + 1] == level
 
 
@@ -136,6 +149,25 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     print(listed)
     assert sum(" static " in line for line in listed.splitlines()) == 4  # static and from-scratch, 2 seeds each
     assert sum(" heuristic " in line for line in listed.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_a_comparison_with_grouped_static_runs(tmp_path, capsys):
+    """--group-static: the static arm's seeds train as one grouped process into the usual per-seed
+    folders (each a run directory of its own) and follow the same seeds trained one process each."""
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "3", "--max-batches", "5", "--seeds", "2",
+             "--arms", "static", "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5"]
+    assert main([*flags, "--out", str(tmp_path / "alone")]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--out", str(tmp_path / "grouped"), "--group-static"]) == 0
+    assert "  running: static seed 42-43: " in capsys.readouterr().err
+    assert "static seeds grouped" in (tmp_path / "grouped" / "results.md").read_text()
+    alone, grouped = (json.loads((tmp_path / d / "results.json").read_text())["static"] for d in ("alone", "grouped"))
+    for seed, a, g in zip((42, 43), alone, grouped, strict=True):
+        (config,) = (tmp_path / "grouped" / "runs" / "static" / f"seed{seed}").glob("*/config.json")
+        assert json.loads(config.read_text())["grouped"] and g["seed"] == seed
+        assert g["train_flops"] == a["train_flops"]
+        assert g["curve"][-1]["val_loss"] == pytest.approx(a["curve"][-1]["val_loss"], rel=1e-3)
 
 
 def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):

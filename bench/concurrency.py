@@ -15,9 +15,12 @@ Four mechanisms (`--mechanism`):
   one process's kernels from different runs may overlap (processes only time-slice the GPU without
   MPS). Python holds the GIL between kernel launches, so this measures how much of a launch-bound step
   is Python.
-Target on a GPU (issue 3): >= 0.7*K for K <= 8.
+Target on a GPU (issue 3): >= 0.7*K for K <= 8. `--cudnn-benchmark` turns on cuDNN's benchmark mode
+(torch.backends.cudnn.benchmark: each convolution shape times cuDNN's algorithms once and keeps the
+fastest) in every run, children included; grouped convolutions are where its choice may differ most.
 
     python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped|vmap|threads]
+        [--cudnn-benchmark]
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ def esper_trainer(data, device, steps: int, seed: int):
                    torch.Generator(device=device).manual_seed(seed))
 
 
-def child(device_name: str, steps: int, data_dir: str | None) -> None:
+def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool) -> None:
     import torch
 
     from esper.tolaria.data import load_cifar10
+
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
     device = torch.device(device_name)
     data = load_cifar10(data_dir).to(device)
@@ -60,6 +65,8 @@ def aggregate(k: int, args) -> float:
     cmd = [sys.executable, __file__, "--child", "--device", args.device, "--steps", str(args.steps)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    if args.cudnn_benchmark:
+        cmd.append("--cudnn-benchmark")
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))}
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(k)]
@@ -172,18 +179,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--mechanism", choices=["processes", "grouped", "vmap", "threads"], default="processes")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmark mode in every run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.device, args.steps, args.data_dir)
+        return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark)
     import torch
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     how = {"processes": "one process per run", "grouped": "the runs as groups of one network",
            "vmap": "the runs' models as one vmap", "threads": "one thread and CUDA stream per run"}[args.mechanism]
     rate_of = {"processes": aggregate, "grouped": grouped_rate, "vmap": vmapped_rate,
                "threads": threaded_rate}[args.mechanism]
-    print(f"# concurrency on {name}, torch {torch.__version__}, {how}, {args.steps} steps of 128")
+    mode = ", cuDNN benchmark mode" if args.cudnn_benchmark else ""
+    print(f"# concurrency on {name}, torch {torch.__version__}, {how}{mode}, {args.steps} steps of 128")
     print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
     one = None
     for k in args.k:

@@ -3,7 +3,9 @@
 For the cifar10 host alone and with a conv_heavy seed BLENDING in `mid`, times a training epoch of
 `--steps` batches and a validation pass (5,000 images, with the seed's counterfactual) under each
 TrainConfig setting: fp32 eager in contiguous memory (the baseline), channels_last, bf16, compile,
-compile + bf16, and all three. The first epoch of each setting is timed apart as its warm-up
+compile + bf16, and all three; and fp32 eager in cuDNN's benchmark mode (torch.backends.cudnn.benchmark,
+a process-wide switch, so on only while that setting's trainer runs: each convolution shape times
+cuDNN's algorithms once and keeps the fastest; nothing on a CPU). The first epoch of each setting is timed apart as its warm-up
 (compiling happens there). Settings alternate within each repeat, so drift hits all alike; best of
 `--repeats`. A ratio above 1 is faster than the baseline.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -29,7 +32,19 @@ SETTINGS = {  # every layout named: the default, auto, differs by device
     "compile": dict(compile=True, memory_format="contiguous"),
     "compile+bf16": dict(compile=True, precision="bf16", memory_format="contiguous"),
     "all three": dict(compile=True, precision="bf16", memory_format="channels_last"),
+    "cudnn_bench": dict(memory_format="contiguous"),
 }
+
+
+@contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's benchmark mode on (or off) for what runs inside, as it was after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def model_for(case: str, device: torch.device) -> MorphogeneticModel:
@@ -38,12 +53,13 @@ def model_for(case: str, device: torch.device) -> MorphogeneticModel:
         else grown_model("BLENDING", device)
 
 
-def timed(fn, device: torch.device):
-    """(seconds, what fn returned); train_epoch and evaluate end in one device->host transfer."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
+def timed(fn, device: torch.device, setting: str):
+    """(seconds, what fn returned) under `setting`; train_epoch and evaluate end in one device->host transfer."""
+    with cudnn_benchmark(setting == "cudnn_bench"):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
     return time.perf_counter() - start, out
 
 
@@ -64,16 +80,16 @@ def main() -> None:
             torch._dynamo.reset()  # each compiled setting pays its own compilation
             trainer = Trainer(model_for(case, device), data, TrainConfig(max_batches=args.steps, **options),
                               device, torch.Generator(device=data.train_x.device).manual_seed(0))
-            warmup = timed(trainer.train_epoch, device)[0] + timed(trainer.evaluate, device)[0]
+            warmup = timed(trainer.train_epoch, device, setting)[0] + timed(trainer.evaluate, device, setting)[0]
             trainers[setting] = (trainer, warmup)
         train_s = {s: [] for s in settings}
         eval_s = {s: [] for s in settings}
         loss = {}
         for _ in range(args.repeats):
             for setting, (trainer, _) in trainers.items():
-                seconds, (loss[setting], _) = timed(trainer.train_epoch, device)
+                seconds, (loss[setting], _) = timed(trainer.train_epoch, device, setting)
                 train_s[setting].append(seconds)
-                eval_s[setting].append(timed(trainer.evaluate, device)[0])
+                eval_s[setting].append(timed(trainer.evaluate, device, setting)[0])
         base_train, base_eval = min(train_s["fp32"]), min(eval_s["fp32"])
         for setting, (_, warmup) in trainers.items():
             t, e = min(train_s[setting]), min(eval_s[setting])

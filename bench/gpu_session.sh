@@ -12,6 +12,8 @@
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
 #            flags (--group-static)
 #   static   the static arm of compare (5 seeds, 5 epochs) with a process per seed against one grouped run
+#   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and
+#            grouped (K = 1, 2, 4, 8) with it on
 #   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
 #            (kernels of several processes then share the GPU at once instead of taking turns), where the
 #            machine has one
@@ -72,6 +74,13 @@ mps)
   echo quit | nvidia-cuda-mps-control
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   ;;
+cudnn)
+  timeout $(limit 60) python3 bench/fast_path.py --device cuda --steps 200 --settings cudnn_bench
+  for mechanism in processes grouped; do
+    timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism $mechanism \
+      --cudnn-benchmark
+  done
+  ;;
 static)
   timeout $(limit 150) python3 bench/compare_static.py --device cuda:0 --seeds 5 --workers 5 --max-epochs 5 --max-batches 0
   ;;
@@ -90,6 +99,6 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, static, mps, envs, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, static, cudnn, mps, envs, ppo)"; exit 2 ;;
 esac
 done

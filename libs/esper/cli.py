@@ -218,10 +218,11 @@ def check_grouped(args: argparse.Namespace, host_kind: str, grafts: tuple, check
     """--grouped trains plain CNN hosts with the plain recipe, from the start (esper.tolaria.grouped)."""
     refused = [("--task " + args.task, host_kind != "cnn"), ("--graft", bool(grafts)),
                ("--precision bf16", args.precision != "fp32"), ("--compile", args.compile),
-               (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume))]
+               (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume)),
+               ("--telemetry-level debug", args.telemetry_level == "debug")]
     if bad := [flag for flag, given in refused if given]:
-        raise UsageError(f"--grouped trains CNN hosts without seeds in fp32, eagerly, without checkpoints: "
-                         f"leave out {', '.join(bad)}")
+        raise UsageError(f"--grouped trains CNN hosts without seeds in fp32, eagerly, without checkpoints or "
+                         f"gradient health: leave out {', '.join(bad)}")
 
 
 def policy_spec(path: str, task: str):
@@ -272,9 +273,10 @@ def compare_config(args: argparse.Namespace):
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
-    if args.group_static and (HOSTS[TASK_HOSTS[args.task]].kind != "cnn" or args.precision != "fp32" or args.compile):
-        raise UsageError("--group-static trains CNN hosts in fp32, eagerly: leave out --precision bf16 and --compile, "
-                         "or choose a CNN --task")
+    if args.group_static and (HOSTS[TASK_HOSTS[args.task]].kind != "cnn" or args.precision != "fp32" or args.compile
+                              or args.telemetry_level == "debug"):
+        raise UsageError("--group-static trains CNN hosts in fp32, eagerly, without gradient health: leave out "
+                         "--precision bf16, --compile and --telemetry-level debug, or choose a CNN --task")
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:

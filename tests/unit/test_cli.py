@@ -25,6 +25,7 @@ from esper.nissa import read_jsonl
     (["train", "static", "--grouped", "--checkpoint-every", "2", "--compile"],
      "leave out --compile, --checkpoint-every 2"),
     (["train", "static", "--grouped", "--graft", "mid:conv_light"], "leave out --graft"),
+    (["train", "static", "--grouped", "--telemetry-level", "debug"], "leave out --telemetry-level debug"),
     (["train", "heuristic", "--grouped"], "unrecognized arguments: --grouped"),
     (["train"], "required"),
 ])

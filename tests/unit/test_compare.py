@@ -61,6 +61,7 @@ def test_language_models_are_compared_on_validation_loss():
     (["train", "learned", "--task", "synthetic"], "--policy"),
     (["compare", "--group-static", "--precision", "bf16"], "--group-static trains CNN hosts in fp32"),
     (["compare", "--group-static", "--task", "tinystories"], "--group-static trains CNN hosts in fp32"),
+    (["compare", "--group-static", "--telemetry-level", "debug"], "--telemetry-level debug"),
 ])
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2

@@ -114,6 +114,10 @@ def test_a_member_trains_only_through_its_group(synthetic_data):
         run.train_epoch()
     with pytest.raises(RuntimeError, match="keeps no checkpoint"):
         run.state_dict()
+    TrainerGroup([run]).train_epoch()
+    run.after_backward = lambda: None  # GrowthEnv's gradient monitor at debug telemetry
+    with pytest.raises(RuntimeError, match="has none"):
+        run.train_epoch()
 
 
 @pytest.mark.parametrize("cfg, grafts", [

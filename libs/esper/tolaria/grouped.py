@@ -148,6 +148,9 @@ class GroupMember(Trainer):
     def train_epoch(self) -> tuple[float, float]:
         if self.trained is None:
             raise RuntimeError("a grouped run's epoch is trained by its group: call TrainerGroup.train_epoch first")
+        if self.after_backward is not None:  # set by GrowthEnv at debug telemetry
+            raise RuntimeError("gradient health (debug telemetry) reads a run's own backward pass: a grouped run "
+                               "has none")
         trained, self.trained = self.trained, None
         return trained
 

@@ -104,7 +104,7 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     if cfg.gpu_preload:
         data = data.to(device)
     if cfg.grouped:
-        return run_grouped(cfg, data, device, console)
+        return run_grouped(cfg, data, device, console, sinks)
     summaries = []
     for episode in range(first, cfg.episodes):
         seed = cfg.seed + episode
@@ -295,14 +295,16 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     return episode.finish(obs)
 
 
-def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console) -> list[dict]:
+def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console,
+                sinks: tuple[Sink, ...] = ()) -> list[dict]:
     """Every episode of a static experiment at once (RunConfig.grouped). Each is the episode `run_one`
     would train: its own GrowthEnv, seed, data order, run directory and telemetry; only the hosts'
     training steps are batched, as the groups of one network (esper.tolaria.grouped), so K runs cost
     about the kernel launches of one. The episodes step in lockstep: the group trains an epoch of
-    every run, then each run's environment takes its step (evaluation, governor, telemetry)."""
+    every run, then each run's environment takes its step (evaluation, governor, telemetry). `sinks`
+    get every run's events (the TUI's, the dashboard's), as run_one's extra sinks do."""
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    episodes = [Episode(cfg, data, device, seed, console, trainer_factory=GroupMember) for seed in seeds]
+    episodes = [Episode(cfg, data, device, seed, console, sinks, trainer_factory=GroupMember) for seed in seeds]
     observations = [episode.env.reset(seed) for episode, seed in zip(episodes, seeds)]
     group = TrainerGroup([episode.env.trainer for episode in episodes])
     policy = WaitPolicy()

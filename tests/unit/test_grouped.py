@@ -14,7 +14,7 @@ from esper import experiment
 from esper.experiment import RunConfig
 from esper.kasmina import MorphogeneticModel, build_host
 from esper.leyline import Blueprint
-from esper.nissa import read_jsonl
+from esper.nissa import ListSink, read_jsonl
 from esper.simic import EnvConfig
 from esper.tolaria.grouped import GroupedCNN, GroupMember, TrainerGroup, sgd, train_grouped
 from esper.tolaria.trainer import TrainConfig
@@ -72,13 +72,19 @@ def members(data, seeds, cfg: TrainConfig | None = None, grafts=()) -> list[Grou
 
 def test_a_grouped_static_experiment_follows_its_runs_trained_alone(tmp_path, synthetic_data):
     """`esper train static --grouped`: every episode gets the run directory, telemetry and summary an
-    episode alone gets, and its losses, parameters and FLOPs follow that episode's up to float order."""
+    episode alone gets, its events reach the extra sinks (the TUI's), and its losses, parameters and
+    FLOPs follow that episode's up to float order."""
     env = EnvConfig(task="synthetic", max_epochs=3, train=TrainConfig(max_batches=5))
-    summaries = {}
+    summaries, sinks = {}, {}
     for grouped in (True, False):
         cfg = RunConfig(mode="static", env=env, episodes=3, runs_dir=str(tmp_path / str(grouped) / "seed{seed}"),
                         grouped=grouped)
-        summaries[grouped] = experiment.run(cfg, console=Console(file=io.StringIO()))
+        sinks[grouped] = ListSink()
+        summaries[grouped] = experiment.run(cfg, console=Console(file=io.StringIO()), sinks=(sinks[grouped],))
+    seen = {grouped: sorted((e.run_started.seed, e.run_id) for e in sink.events if e.HasField("run_started"))
+            for grouped, sink in sinks.items()}
+    assert seen[True] == sorted((s["seed"], s["run_id"]) for s in summaries[True]) and len(seen[True]) == 3
+    assert len(sinks[True].events) == len(sinks[False].events)
     for seed, together, alone in zip((42, 43, 44), summaries[True], summaries[False], strict=True):
         (run_dir,) = (tmp_path / "True" / f"seed{seed}").iterdir()
         assert together["seed"] == seed and (run_dir / "summary.json").is_file() and (run_dir / "model").is_dir()

@@ -105,9 +105,10 @@ def grouped_rate(k: int, args) -> float:
     return k * args.steps * 128 / (time.perf_counter() - start)
 
 
-def vmapped_rate(k: int, args) -> float:
-    """Images/s of K Esper models as one vmap over their stacked weights (torch.func), each run with its
-    own data order, one SGD over the stacked weights (element-wise, so each run's own), after a warm-up."""
+def vmapped_trainer(k: int, data, device):
+    """A function training K Esper models (the cifar10 host, an empty `mid` slot) `steps` batches, as
+    one vmap over their stacked weights (torch.func), each run with its own data order, one SGD over the
+    stacked weights (element-wise, so each run's own). Returns it and the stacked weights."""
     import copy
 
     import torch
@@ -116,10 +117,7 @@ def vmapped_rate(k: int, args) -> float:
 
     from esper.kasmina import MorphogeneticModel, build_host
     from esper.tolaria.augment import stacked_train_batches
-    from esper.tolaria.data import load_cifar10
 
-    device = torch.device(args.device)
-    data = load_cifar10(args.data_dir).to(device)
     models = [MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device).train() for _ in range(k)]
     params, buffers = stack_module_state(models)  # [K, ...] leaves; BatchNorm statistics updated in place
     skeleton = copy.deepcopy(models[0]).to("meta")
@@ -137,6 +135,18 @@ def vmapped_rate(k: int, args) -> float:
             loss.backward()
             optimizer.step()
 
+    return train, params
+
+
+def vmapped_rate(k: int, args) -> float:
+    """Images/s of K Esper models as one vmap (vmapped_trainer), after a warm-up."""
+    import torch
+
+    from esper.tolaria.data import load_cifar10
+
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    train, params = vmapped_trainer(k, data, device)
     train(20)  # warm-up
     next(iter(params.values())).sum().item()
     start = time.perf_counter()

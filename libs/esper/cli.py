@@ -200,7 +200,7 @@ def train_config(args: argparse.Namespace):
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
     grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
     if grouped:
-        check_grouped(args, host.spec.kind, grafts, checkpoint_every)
+        check_grouped(args, grafts, checkpoint_every)
     policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
@@ -214,13 +214,21 @@ def train_config(args: argparse.Namespace):
                      checkpoint_every=checkpoint_every, grouped=grouped)
 
 
-def check_grouped(args: argparse.Namespace, host_kind: str, grafts: tuple, checkpoint_every: int) -> None:
-    """--grouped trains plain CNN hosts with the plain recipe, from the start (esper.tolaria.grouped)."""
-    refused = [("--task " + args.task, host_kind != "cnn"), ("--graft", bool(grafts)),
+def grouped_conflicts(args: argparse.Namespace) -> list[str]:
+    """The flags of `esper train` or `esper compare` that grouped runs (esper.tolaria.grouped) cannot
+    take: they train CNN hosts in fp32, eagerly, with no gradient health (it reads a run's own backward)."""
+    refused = [("--task " + args.task, HOSTS[TASK_HOSTS[args.task]].kind != "cnn"),
                ("--precision bf16", args.precision != "fp32"), ("--compile", args.compile),
-               (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume)),
                ("--telemetry-level debug", args.telemetry_level == "debug")]
-    if bad := [flag for flag, given in refused if given]:
+    return [flag for flag, given in refused if given]
+
+
+def check_grouped(args: argparse.Namespace, grafts: tuple, checkpoint_every: int) -> None:
+    """--grouped trains plain hosts from the start: no seeds, no checkpoints either."""
+    bad = grouped_conflicts(args) + [flag for flag, given in (
+        ("--graft", bool(grafts)), (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0),
+        ("--resume", bool(args.resume))) if given]
+    if bad:
         raise UsageError(f"--grouped trains CNN hosts without seeds in fp32, eagerly, without checkpoints or "
                          f"gradient health: leave out {', '.join(bad)}")
 
@@ -273,10 +281,9 @@ def compare_config(args: argparse.Namespace):
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
-    if args.group_static and (HOSTS[TASK_HOSTS[args.task]].kind != "cnn" or args.precision != "fp32" or args.compile
-                              or args.telemetry_level == "debug"):
-        raise UsageError("--group-static trains CNN hosts in fp32, eagerly, without gradient health: leave out "
-                         "--precision bf16, --compile and --telemetry-level debug, or choose a CNN --task")
+    if args.group_static and (bad := grouped_conflicts(args)):
+        raise UsageError(f"--group-static trains CNN hosts in fp32, eagerly, without gradient health: leave out "
+                         f"{', '.join(bad)}")
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:

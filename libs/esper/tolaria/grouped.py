@@ -180,6 +180,10 @@ class TrainerGroup:
         self.optimizer = sgd(self.model, cfg)
         for m in members:
             m.group = self
+        xb, yb = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,
+                                   device=first.device, mean=first.mean, std=first.std))
+        self.step_flops = first.step_flops(xb, yb)
+        """One run's training step, counted as its Trainer counts it: every run has this architecture for good."""
 
     def train_epoch(self) -> None:
         """One epoch of every run; each member's next train_epoch() returns its run's loss and accuracy."""
@@ -190,12 +194,10 @@ class TrainerGroup:
                                               self.optimizer, cfg.batch_size, first.layout)
         for k, host in enumerate(self.hosts):
             self.model.store_host(k, host)
-        xb, yb = next(eval_batches(data.train_x, data.train_y, batch_size=cfg.batch_size, device=first.device,
-                                   mean=first.mean, std=first.std))  # a batch to count one step's FLOPs on
         values = torch.cat([loss_sums / seen, hits * 100.0 / seen]).tolist()  # one device->host transfer
         for k, m in enumerate(self.members):
             m.trained = (values[k], values[len(self.members) + k])
-            m.train_flops += m.step_flops(xb, yb) * (seen // cfg.batch_size)
+            m.train_flops += self.step_flops * (seen // cfg.batch_size)
 
     def reset_momentum(self, member: GroupMember) -> None:
         """Forget one run's momentum (Trainer.reset_momentum after a rollback): its slice of every buffer."""

@@ -5,8 +5,9 @@ Four mechanisms (`--mechanism`):
   the data, builds the cifar10 host and the Esper trainer, warms up, says "ready", waits for "go" on
   stdin, trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to
   the last finish.
-- grouped: the K runs are the K groups of one grouped network (esper.tolaria.grouped: identical host
-  architectures batched), trained in this process; K = 1 is one plain run, the baseline.
+- grouped: the K runs are the K groups of one grouped network, each run's seed on its group
+  (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process; K = 1
+  is one run of a group, the baseline.
 - vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their
   stacked weights and BatchNorm statistics, trained in this process. Unlike grouped it needs no grouped
   rewrite of the layers, so it batches any architecture the runs share (a grafted from-scratch network
@@ -18,9 +19,12 @@ Four mechanisms (`--mechanism`):
 Target on a GPU (issue 3): >= 0.7*K for K <= 8. `--cudnn-benchmark` turns on cuDNN's benchmark mode
 (torch.backends.cudnn.benchmark: each convolution shape times cuDNN's algorithms once and keeps the
 fastest) in every run, children included; grouped convolutions are where its choice may differ most.
+`--stage` gives every run a conv_heavy seed in `mid` (TRAINING, BLENDING or FOSSILIZED), or with several
+stages run i the i-th: growing runs, whose seeds a group batches by blueprint and stage (SeedGroups).
+K = 1 is then the first stage's run alone.
 
     python bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 [--mechanism grouped|vmap|threads]
-        [--cudnn-benchmark]
+        [--cudnn-benchmark] [--stage none BLENDING]
 """
 
 from __future__ import annotations
@@ -32,19 +36,24 @@ import sys
 import time
 
 
-def esper_trainer(data, device, steps: int, seed: int):
-    """The trainer every mechanism but grouped times: the cifar10 host with an empty `mid` slot."""
+def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trainer_class=None):
+    """The trainer each run is: the cifar10 host with an empty `mid` slot, or (`stage`) a conv_heavy seed
+    there in TRAINING, BLENDING or FOSSILIZED (growth_overhead.grown_model). `trainer_class`: tolaria's
+    Trainer, or grouped.GroupMember for a run of a TrainerGroup."""
     import torch
 
     from esper.kasmina import MorphogeneticModel, build_host
     from esper.tolaria.trainer import Trainer, TrainConfig
+    from growth_overhead import grown_model
 
-    model = MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device)
-    return Trainer(model, data, TrainConfig(max_batches=steps), device,
-                   torch.Generator(device=device).manual_seed(seed))
+    torch.manual_seed(seed)  # each run its own initial weights, as each seed's run has
+    model = (MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device) if stage == "none"
+             else grown_model(stage, device))
+    return (trainer_class or Trainer)(model, data, TrainConfig(max_batches=steps), device,
+                                      torch.Generator(device=device).manual_seed(seed))
 
 
-def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool) -> None:
+def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool, stage: str) -> None:
     import torch
 
     from esper.tolaria.data import load_cifar10
@@ -53,7 +62,7 @@ def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: b
 
     device = torch.device(device_name)
     data = load_cifar10(data_dir).to(device)
-    trainer = esper_trainer(data, device, steps, os.getpid())
+    trainer = esper_trainer(data, device, steps, os.getpid(), stage)
     trainer.train_epoch()  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()
@@ -68,8 +77,8 @@ def aggregate(k: int, args) -> float:
     if args.cudnn_benchmark:
         cmd.append("--cudnn-benchmark")
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))}
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(k)]
+    procs = [subprocess.Popen(cmd + ["--stage", args.stage[i % len(args.stage)]], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env) for i in range(k)]
     for p in procs:
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError("a child failed before it was ready")
@@ -84,24 +93,24 @@ def aggregate(k: int, args) -> float:
 
 
 def grouped_rate(k: int, args) -> float:
-    """Images/s of K runs as one grouped network, each run with its own data order, after a warm-up."""
+    """Images/s of K runs as one TrainerGroup (each run its own init, data order and, with --stage, seed),
+    after a warm-up."""
+    import dataclasses
+
     import torch
 
-    from esper.kasmina import HOSTS
     from esper.tolaria.data import load_cifar10
-    from esper.tolaria.grouped import GroupedCNN, sgd, train_grouped
+    from esper.tolaria.grouped import GroupMember, TrainerGroup
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
-    model = GroupedCNN(HOSTS["cifar10"], k).to(device)
-    generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
-    optimizer = sgd(model)
-    train_grouped(model, data, generators, 20, optimizer)  # warm-up (cuDNN picks its algorithms)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    members = [esper_trainer(data, device, 20, i, args.stage[i % len(args.stage)], GroupMember) for i in range(k)]
+    group = TrainerGroup(members)
+    group.train_epoch()  # warm-up (cuDNN picks its algorithms); ends in a device->host transfer
+    for m in members:
+        m.cfg = dataclasses.replace(m.cfg, max_batches=args.steps)
     start = time.perf_counter()
-    train_grouped(model, data, generators, args.steps, optimizer)
-    next(model.parameters()).sum().item()  # wait for the device
+    group.train_epoch()
     return k * args.steps * 128 / (time.perf_counter() - start)
 
 
@@ -166,7 +175,7 @@ def threaded_rate(k: int, args) -> float:
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
-    trainers = [esper_trainer(data, device, args.steps, i) for i in range(k)]
+    trainers = [esper_trainer(data, device, args.steps, i, args.stage[i % len(args.stage)]) for i in range(k)]
     streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(k)]
     if device.type == "cuda":
         torch.cuda.synchronize()  # data and weights were written on the default stream
@@ -190,10 +199,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--mechanism", choices=["processes", "grouped", "vmap", "threads"], default="processes")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmark mode in every run")
+    parser.add_argument("--stage", choices=["none", "TRAINING", "BLENDING", "FOSSILIZED"], nargs="+", default=["none"],
+                        help="a conv_heavy seed in every run's mid slot, in this stage; several: run i in the i-th "
+                             "(cyclically); vmap: none only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mechanism == "vmap" and args.stage != ["none"]:
+        parser.error("--mechanism vmap batches identical models: --stage none only")
     if args.child:
-        return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark)
+        return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0])
     import torch
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -202,7 +216,8 @@ def main() -> None:
            "vmap": "the runs' models as one vmap", "threads": "one thread and CUDA stream per run"}[args.mechanism]
     rate_of = {"processes": aggregate, "grouped": grouped_rate, "vmap": vmapped_rate,
                "threads": threaded_rate}[args.mechanism]
-    mode = ", cuDNN benchmark mode" if args.cudnn_benchmark else ""
+    mode = (", cuDNN benchmark mode" if args.cudnn_benchmark else "") + (
+        f", mid slot: {' / '.join(args.stage)} (conv_heavy), run by run" if args.stage != ["none"] else "")
     print(f"# concurrency on {name}, torch {torch.__version__}, {how}{mode}, {args.steps} steps of 128")
     print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
     one = None

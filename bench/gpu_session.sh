@@ -10,14 +10,17 @@
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
-#            flags (--group-static)
-#   static   the static arm of compare (5 seeds, 5 epochs) with a process per seed against one grouped run
+#            flags (--grouped)
+#   grouped  growing runs grouped: concurrency by grouped with a seed in every run (one SeedGroup) and with
+#            four kinds of run (four SeedGroups), then compare (5 seeds, 5 epochs) with a process per run
+#            against each arm's seeds as one grouped run
 #   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and
 #            grouped (K = 1, 2, 4, 8) with it on
 #   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
 #            (kernels of several processes then share the GPU at once instead of taking turns), where the
 #            machine has one
-#   envs     a PPO round with its environments in one process against a process each (n_envs 2, 4, 8)
+#   envs     a PPO round with its environments in one process against a process each and grouped
+#            (n_envs 2, 4, 8)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
@@ -62,7 +65,8 @@ mps)
   mkdir -p /tmp/mps && nvidia-cuda-mps-control -d || {
     echo "the MPS daemon did not start"; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; continue; }
   timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism processes
-  timeout $(limit 150) python3 bench/ppo_env_processes.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
+  timeout $(limit 150) python3 bench/ppo_envs.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100 \
+    --ways processes
   echo "MPS clients the daemon logged (0: the runs did not use it): $(grep -c 'New client' /tmp/mps/control.log)"
   if [ "${MPS_COMPARE:-1}" = 1 ]; then
     start=$SECONDS
@@ -81,11 +85,15 @@ cudnn)
       --cudnn-benchmark
   done
   ;;
-static)
-  timeout $(limit 150) python3 bench/compare_static.py --device cuda:0 --seeds 5 --workers 5 --max-epochs 5 --max-batches 0
+grouped)
+  for stages in BLENDING "none TRAINING BLENDING FOSSILIZED"; do
+    timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
+      --stage $stages
+  done
+  timeout $(limit 200) python3 bench/compare_grouped.py --device cuda:0 --seeds 5 --workers 5 --max-epochs 5 --max-batches 0
   ;;
 envs)
-  timeout $(limit 150) python3 bench/ppo_env_processes.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
+  timeout $(limit 200) python3 bench/ppo_envs.py --device cuda --n-envs 2 4 8 --max-epochs 3 --max-batches 100
   ;;
 ppo)
   # Rounds of 8 episodes (seeds 42, 43, ...), an update per round, a checkpoint after each; cut at PPO_S.
@@ -99,6 +107,6 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, static, cudnn, mps, envs, ppo)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, cudnn, mps, envs, ppo)"; exit 2 ;;
 esac
 done

@@ -99,9 +99,9 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-preload", action="store_true")
     add_speed_flags(p)
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
-    p.add_argument("--group-static", action="store_true",
-                   help="train each static arm's seeds as one grouped run (esper train static --grouped), "
-                        "one of the --workers")
+    p.add_argument("--grouped", action="store_true",
+                   help="train each arm's seeds as one grouped run (esper train MODE --grouped), one of the "
+                        "--workers; from-scratch's seeds (each its own architecture) stay one process each")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
     p.add_argument("--policy", default=None, metavar="CHECKPOINT",
@@ -136,10 +136,11 @@ def build_parser() -> Parser:
         modes.choices[mode].add_argument(
             "--resume", default=None, metavar="RUN_DIR",
             help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the run)")
-    modes.choices["static"].add_argument(
-        "--grouped", action="store_true",
-        help="train the --episodes at once, their hosts as the groups of one network (CNN hosts, fp32, "
-             "no checkpoints): many small runs keep a GPU busy (bench/concurrency.py --mechanism grouped)")
+        modes.choices[mode].add_argument(
+            "--grouped", action="store_true",
+            help="train the --episodes at once, their hosts as the groups of one network and each one's seeds "
+                 "on its group (CNN hosts, fp32, no checkpoints): many small runs keep a GPU busy "
+                 "(bench/concurrency.py --mechanism grouped)")
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
@@ -179,7 +180,7 @@ def resolve_device(requested: str | None) -> str:
 def train_config(args: argparse.Namespace):
     from esper.experiment import RunConfig
 
-    grouped = getattr(args, "grouped", False)
+    grouped = getattr(args, "grouped", False) and args.mode != "ppo"  # PPO's: ppo_config (its rounds keep no env state)
     checkpoint_every = getattr(args, "checkpoint_every", 0)
     if checkpoint_every is None:
         checkpoint_every = 0 if grouped else 1
@@ -200,7 +201,7 @@ def train_config(args: argparse.Namespace):
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
     grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
     if grouped:
-        check_grouped(args, grafts, checkpoint_every)
+        check_grouped(args, checkpoint_every)
     policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
@@ -223,14 +224,13 @@ def grouped_conflicts(args: argparse.Namespace) -> list[str]:
     return [flag for flag, given in refused if given]
 
 
-def check_grouped(args: argparse.Namespace, grafts: tuple, checkpoint_every: int) -> None:
-    """--grouped trains plain hosts from the start: no seeds, no checkpoints either."""
+def check_grouped(args: argparse.Namespace, checkpoint_every: int) -> None:
+    """--grouped runs start afresh and keep no checkpoints (a run's host momentum is its group's)."""
     bad = grouped_conflicts(args) + [flag for flag, given in (
-        ("--graft", bool(grafts)), (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0),
-        ("--resume", bool(args.resume))) if given]
+        (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume))) if given]
     if bad:
-        raise UsageError(f"--grouped trains CNN hosts without seeds in fp32, eagerly, without checkpoints or "
-                         f"gradient health: leave out {', '.join(bad)}")
+        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without checkpoints or gradient health: "
+                         f"leave out {', '.join(bad)}")
 
 
 def policy_spec(path: str, task: str):
@@ -281,8 +281,8 @@ def compare_config(args: argparse.Namespace):
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
-    if args.group_static and (bad := grouped_conflicts(args)):
-        raise UsageError(f"--group-static trains CNN hosts in fp32, eagerly, without gradient health: leave out "
+    if args.grouped and (bad := grouped_conflicts(args)):
+        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health: leave out "
                          f"{', '.join(bad)}")
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
@@ -301,7 +301,7 @@ def compare_config(args: argparse.Namespace):
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, memory_format=args.memory_format,
-                         workers=args.workers, group_static=args.group_static, out_dir=out,
+                         workers=args.workers, grouped=args.grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every,
                          policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))

@@ -12,8 +12,9 @@ against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
 
 Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
 once on the device (one process per run: see bench/concurrency.py for the measurement behind it). With
-`group_static` a static arm's seeds are one child instead, `esper train static --grouped`: the hosts as
-the groups of one network (esper.tolaria.grouped), each seed still its own run directory.
+`grouped` an arm's seeds are one child instead, `esper train MODE --grouped`: the hosts as the groups of
+one network and each run's seeds on its group (esper.tolaria.grouped), each seed still its own run
+directory. The from-scratch arm's seeds stay a child each: each has its own architecture to graft.
 Results come back as the children's summary.json files: no objects cross a process boundary. So an
 interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
 run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
@@ -81,9 +82,9 @@ class CompareConfig:
     memory_format: str = "auto"
     """Every arm's runs train with the same precision, compilation and memory format (TrainConfig)."""
     workers: int = 1
-    group_static: bool = False
-    """Train each static arm's seeds as one grouped run (`esper train static --grouped`: the hosts as the
-    groups of one network), which takes one of the `workers`; otherwise one process per seed."""
+    grouped: bool = False
+    """Train each arm's seeds (but from-scratch's) as one grouped run (`esper train MODE --grouped`: the
+    hosts as the groups of one network), which takes one of the `workers`; otherwise one process per seed."""
     out_dir: str = "compare"
     budget: str = "matched"
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
@@ -113,8 +114,9 @@ def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:
 
 
 def grouped(cfg: CompareConfig, arm: Arm) -> bool:
-    """Whether the arm's seeds train as one grouped run: static arms under `group_static`."""
-    return cfg.group_static and arm.mode == "static" and arm.graft_from is None
+    """Whether the arm's seeds train as one grouped run: under `cfg.grouped`, every arm whose seeds share
+    one set of flags (from-scratch's grafts differ from seed to seed)."""
+    return cfg.grouped and arm.graft_from is None
 
 
 def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: list[str]) -> list[str]:
@@ -378,7 +380,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs"
-        f"{' (static seeds grouped: one run of them all)' if cfg.group_static else ''}; "
+        f"{' (each arm but from-scratch grouped: one run of all its seeds)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",

@@ -24,10 +24,11 @@ from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
+from esper.simic.env import form_groups, step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
-from esper.tolaria.grouped import GroupMember, TrainerGroup
+from esper.tolaria.grouped import GroupMember
 from esper.tolaria.trainer import Trainer
 
 MODES = ("heuristic", "static", "learned")
@@ -59,8 +60,8 @@ class RunConfig:
     checkpoint_every: int = 0
     """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never."""
     grouped: bool = False
-    """static, CNN hosts: train the episodes at once, their hosts as the groups of one network
-    (run_grouped). No checkpoints: a grouped run's optimizer state is its group's."""
+    """CNN hosts: train the episodes at once, their hosts as the groups of one network and each one's
+    seeds on its group (run_grouped). No checkpoints: a grouped run's optimizer state is its group's."""
 
 
 def default_device() -> str:
@@ -96,8 +97,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     and episode seed under `runs_dir`, and does not run again one that finished: how a restarted worker
     picks up its experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
-    if cfg.grouped and (cfg.mode != "static" or cfg.checkpoint_every or resume or continue_runs or policy):
-        raise ValueError("grouped runs are static, keep no checkpoints and start afresh")
+    if cfg.grouped and (cfg.checkpoint_every or resume or continue_runs or policy):
+        raise ValueError("grouped runs keep no checkpoints, start afresh and decide with their mode's own policy")
     first = 0 if resume is None else episode_of(cfg, resume)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
@@ -297,25 +298,26 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
 
 def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console,
                 sinks: tuple[Sink, ...] = ()) -> list[dict]:
-    """Every episode of a static experiment at once (RunConfig.grouped). Each is the episode `run_one`
-    would train: its own GrowthEnv, seed, data order, run directory and telemetry; only the hosts'
-    training steps are batched, as the groups of one network (esper.tolaria.grouped), so K runs cost
-    about the kernel launches of one. The episodes step in lockstep: the group trains an epoch of
-    every run, then each run's environment takes its step (evaluation, governor, telemetry). `sinks`
-    get every run's events (the TUI's, the dashboard's), as run_one's extra sinks do."""
+    """Every episode of the experiment at once (RunConfig.grouped). Each is the episode `run_one` would
+    train: its own GrowthEnv, seed, data order, decisions, seeds, run directory and telemetry; only the
+    training steps are batched, the hosts as the groups of one network and each run's seeds acting on
+    its group (esper.tolaria.grouped), so K runs cost about the kernel launches of one plus their seeds'.
+    The episodes step in lockstep (simic.step_together): every run's operation, the group's epoch, then
+    every run's evaluation, governor and telemetry. `sinks` get every run's events (the TUI's, the
+    dashboard's), as run_one's extra sinks do."""
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     episodes = [Episode(cfg, data, device, seed, console, sinks, trainer_factory=GroupMember) for seed in seeds]
     observations = [episode.env.reset(seed) for episode, seed in zip(episodes, seeds)]
-    group = TrainerGroup([episode.env.trainer for episode in episodes])
-    policy = WaitPolicy()
+    form_groups([episode.env for episode in episodes])
+    policy = make_policy(cfg)  # every mode's policy decides from the observation alone
     with progress_bars(console) as progress:
         for episode in episodes:
             episode.show_in(progress)
         for _ in range(cfg.env.max_epochs):
-            group.train_epoch()
-            for i, episode in enumerate(episodes):
-                observations[i], _ = episode.env.step(policy.decide(observations[i]))
-                episode.epoch_done(observations[i])
+            decisions = [policy.decide(obs) for obs in observations]
+            observations = [obs for obs, _ in step_together([episode.env for episode in episodes], decisions)]
+            for episode, obs in zip(episodes, observations):
+                episode.epoch_done(obs)
     return [episode.finish(obs) for episode, obs in zip(episodes, observations)]
 
 

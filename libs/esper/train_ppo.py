@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from esper.cli import UsageError, resolve_device
+from esper.cli import UsageError, grouped_conflicts, resolve_device
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
@@ -45,6 +45,9 @@ class PPORunConfig:
     env_processes: bool = False
     """Step each of the n_envs environments in a process of its own (simic.env_process), so that they
     train at once: faster on a GPU, where one small host leaves the device idle; slower on a 2-core CPU."""
+    grouped: bool = False
+    """Train the environments' epochs together, each device's as the groups of one network (tolaria.grouped):
+    the mechanism that kept an H100 busiest with small hosts (bench/concurrency.py)."""
     telemetry_level: str = "normal"
     telemetry_file: str | None = None
     telemetry_dir: str | None = None
@@ -98,6 +101,9 @@ def add_ppo_flags(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (there is no DataLoader to give workers to)")
     p.add_argument("--env-processes", action="store_true",
                    help="step each environment in its own process, all at once (for one GPU; see README)")
+    p.add_argument("--grouped", action="store_true",
+                   help="train the environments' epochs together, their hosts as the groups of one network and "
+                        "each one's seeds on its group (CNN hosts, fp32; see README)")
     p.add_argument("--save", default=None, help="checkpoint path (default: <run dir>/checkpoint.pt)")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",
@@ -113,6 +119,9 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
         raise UsageError("--entropy-anneal-episodes needs --entropy-coef-start or --entropy-coef-end to anneal")
     if args.num_workers is not None and args.num_workers < 1:
         raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.grouped and (bad := grouped_conflicts(args) + (["--env-processes"] if args.env_processes else [])):
+        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health, in this process: "
+                         f"leave out {', '.join(bad)}")
     devices = tuple(resolve_device(d) for d in args.devices or ())
     try:
         ppo = PPOConfig(
@@ -140,7 +149,7 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
             raise UsageError(f"--resume {args.resume} already holds {state['counters']['episodes']} episodes: "
                              f"ask for more with --episodes")
     return PPORunConfig(trainer=trainer, data_dir=base.data_dir, gpu_preload=base.gpu_preload,
-                        num_workers=args.num_workers, env_processes=args.env_processes,
+                        num_workers=args.num_workers, env_processes=args.env_processes, grouped=args.grouped,
                         telemetry_level=base.telemetry_level, telemetry_file=base.telemetry_file,
                         telemetry_dir=base.telemetry_dir,
                         runs_dir=base.runs_dir, save=args.save, resume=args.resume)
@@ -185,6 +194,9 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
             raise ValueError("--env-processes runs GrowthEnv only")
         trainer.env_processes = start_env_processes(tcfg.n_envs, trainer.env_cfg, tcfg.env_devices, cfg.data_dir,
                                                     cfg.gpu_preload, cfg.num_workers)
+    if cfg.grouped and env_factory is not GrowthEnv:
+        raise ValueError("--grouped runs GrowthEnv only")
+    trainer.grouped = cfg.grouped
     checkpoint = Path(cfg.save) if cfg.save else run_dir / "checkpoint.pt"
     start = time.perf_counter()
 
@@ -202,7 +214,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
         console.print(round_line(trainer, results))
 
     console.print(f"{run_id}: {tcfg.episodes} episodes, {tcfg.n_envs} envs on {', '.join(tcfg.env_devices)}"
-                  f"{' (a process each)' if cfg.env_processes else ''}, "
+                  f"{' (a process each)' if cfg.env_processes else ' (grouped)' if cfg.grouped else ''}, "
                   f"policy on {tcfg.device}, {trainer.spec.dim} features -> {run_dir}")
     try:
         trainer.train(on_round)

@@ -167,10 +167,10 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
             episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
             envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
                              lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]), episodes,
-                             processes=processes)
+                             processes=processes, grouped=cfg.run.grouped)
             rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
             rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
-                                    env_cfg.max_epochs)
+                                    env_cfg.max_epochs, cfg.run.grouped)
             sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
             sender.poll(0)
             versions = sorted(set(rollout.policy_version.flatten().tolist()))

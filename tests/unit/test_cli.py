@@ -24,9 +24,11 @@ from esper.nissa import read_jsonl
     (["train", "static", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
     (["train", "static", "--grouped", "--checkpoint-every", "2", "--compile"],
      "leave out --compile, --checkpoint-every 2"),
-    (["train", "static", "--grouped", "--graft", "mid:conv_light"], "leave out --graft"),
+    (["train", "heuristic", "--grouped", "--resume", "runs/x"], "leave out --resume"),
     (["train", "static", "--grouped", "--telemetry-level", "debug"], "leave out --telemetry-level debug"),
-    (["train", "heuristic", "--grouped"], "unrecognized arguments: --grouped"),
+    (["train", "ppo", "--grouped", "--env-processes", "--precision", "bf16"],
+     "leave out --precision bf16, --env-processes"),
+    (["train", "ppo", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
     (["train"], "required"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):

@@ -59,9 +59,9 @@ def test_language_models_are_compared_on_validation_loss():
     (["compare", "--arms", "static", "ppo"], "--arms ppo needs --policy"),
     (["compare", "--policy", "missing.pt"], "--policy missing.pt: no such file"),
     (["train", "learned", "--task", "synthetic"], "--policy"),
-    (["compare", "--group-static", "--precision", "bf16"], "--group-static trains CNN hosts in fp32"),
-    (["compare", "--group-static", "--task", "tinystories"], "--group-static trains CNN hosts in fp32"),
-    (["compare", "--group-static", "--telemetry-level", "debug"], "--telemetry-level debug"),
+    (["compare", "--grouped", "--precision", "bf16"], "--grouped trains CNN hosts in fp32"),
+    (["compare", "--grouped", "--task", "tinystories"], "--grouped trains CNN hosts in fp32"),
+    (["compare", "--grouped", "--telemetry-level", "debug"], "--telemetry-level debug"),
 ])
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
@@ -77,11 +77,12 @@ def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
     assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
 
 
-def test_group_static_trains_each_static_arms_seeds_in_one_grouped_process():
-    cfg = CompareConfig(task="synthetic", budget="original", group_static=True)
+def test_grouped_trains_each_arms_seeds_in_one_grouped_process():
+    cfg = CompareConfig(task="synthetic", budget="original", grouped=True, arms=("static", "heuristic", "from-scratch",
+                                                                             "ppo"), policy="policy.pt")
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
         cmd = train_command(cfg, arm, [42, 43, 44], [])
-        assert ("--grouped" in cmd) == (arm.name in ("static", "static@10")), arm
+        assert ("--grouped" in cmd) == (arm.name != "from-scratch"), arm
         assert cmd[cmd.index("--episodes") + 1] == "3" and cmd[cmd.index("--seed") + 1] == "42"
         assert cmd[cmd.index("--runs-dir") + 1].endswith(f"runs/{arm.name}/seed{{seed}}")
     assert "--grouped" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
@@ -153,22 +154,28 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_comparison_with_grouped_static_runs(tmp_path, capsys):
-    """--group-static: the static arm's seeds train as one grouped process into the usual per-seed
-    folders (each a run directory of its own) and follow the same seeds trained one process each."""
-    flags = ["compare", "--task", "synthetic", "--max-epochs", "3", "--max-batches", "5", "--seeds", "2",
-             "--arms", "static", "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5"]
+def test_a_comparison_with_grouped_arms(tmp_path, capsys):
+    """--grouped: the static and heuristic arms' seeds train as one grouped process each, into the usual
+    per-seed folders (each a run directory of its own), and follow the same seeds trained one process
+    each: the same lifecycle epoch by epoch, FLOPs, and losses up to float order; from-scratch's seeds
+    still train one process each, with their own grown architectures."""
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "8", "--max-batches", "5", "--seeds", "2",
+             "--slots", "mid", "late", "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5", "--workers", "2"]
     assert main([*flags, "--out", str(tmp_path / "alone")]) == 0
     capsys.readouterr()
-    assert main([*flags, "--out", str(tmp_path / "grouped"), "--group-static"]) == 0
-    assert "  running: static seed 42-43: " in capsys.readouterr().err
-    assert "static seeds grouped" in (tmp_path / "grouped" / "results.md").read_text()
-    alone, grouped = (json.loads((tmp_path / d / "results.json").read_text())["static"] for d in ("alone", "grouped"))
-    for seed, a, g in zip((42, 43), alone, grouped, strict=True):
-        (config,) = (tmp_path / "grouped" / "runs" / "static" / f"seed{seed}").glob("*/config.json")
-        assert json.loads(config.read_text())["grouped"] and g["seed"] == seed
-        assert g["train_flops"] == a["train_flops"]
-        assert g["curve"][-1]["val_loss"] == pytest.approx(a["curve"][-1]["val_loss"], rel=1e-3)
+    assert main([*flags, "--out", str(tmp_path / "grouped"), "--grouped"]) == 0
+    err = capsys.readouterr().err
+    assert "static seed 42-43: " in err and "heuristic seed 42-43: " in err and "from-scratch seed 43: " in err
+    assert "each arm but from-scratch grouped" in (tmp_path / "grouped" / "results.md").read_text()
+    alone, grouped = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("alone", "grouped"))
+    assert any(s["seeds"] for s in alone["heuristic"])  # growth happened: the seeds' path is in the group
+    for arm in ("static", "heuristic", "from-scratch"):
+        for seed, a, g in zip((42, 43), alone[arm], grouped[arm], strict=True):
+            (config,) = (tmp_path / "grouped" / "runs" / arm / f"seed{seed}").glob("*/config.json")
+            assert json.loads(config.read_text())["grouped"] == (arm != "from-scratch") and g["seed"] == seed
+            assert g["train_flops"] == a["train_flops"] and g["total_params"] == a["total_params"]
+            assert [c["stages"] for c in g["curve"]] == [c["stages"] for c in a["curve"]]
+            assert g["curve"][-1]["val_loss"] == pytest.approx(a["curve"][-1]["val_loss"], rel=1e-2)
 
 
 def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -11,13 +12,17 @@ from rich.console import Console
 
 from support import plain, train_alone
 from esper import experiment
+from esper.cli import main
 from esper.experiment import RunConfig
 from esper.kasmina import MorphogeneticModel, build_host
-from esper.leyline import Blueprint
-from esper.nissa import ListSink, read_jsonl
-from esper.simic import EnvConfig
+from esper.kasmina import LifecycleConfig
+from esper.leyline import Action, Blueprint, Decision, Operation
+from esper.nissa import ListSink, Telemetry, read_jsonl
+from esper.simic import EnvConfig, GrowthEnv
+from esper.simic.env import step_together
+from esper.tamiyo.network import observation_legal_actions
 from esper.tolaria.grouped import GroupedCNN, GroupMember, TrainerGroup, sgd, train_grouped
-from esper.tolaria.trainer import TrainConfig
+from esper.tolaria.trainer import TrainConfig, Trainer
 
 
 def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
@@ -33,7 +38,7 @@ def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
         torch.testing.assert_close(grouped.host(i).state_dict(), host.state_dict(), rtol=0, atol=0)
 
     generators = [torch.Generator().manual_seed(100 + i) for i in range(k)]
-    train_grouped(grouped, synthetic_data, generators, steps, sgd(grouped))
+    train_grouped(grouped, synthetic_data, generators, steps, [sgd(grouped)])
     for i, host in enumerate(hosts):
         train_alone(host, synthetic_data, torch.Generator().manual_seed(100 + i), steps)
 
@@ -126,11 +131,142 @@ def test_a_member_trains_only_through_its_group(synthetic_data):
         run.train_epoch()
 
 
-@pytest.mark.parametrize("cfg, grafts", [
-    (TrainConfig(precision="bf16"), ()),
-    (TrainConfig(compile=True), ()),
-    (TrainConfig(), (("mid", Blueprint.BLUEPRINT_CONV_LIGHT),)),
-])
-def test_only_plain_hosts_with_the_plain_recipe_group(cfg, grafts, synthetic_data):
-    with pytest.raises(ValueError, match="grouped runs train|only hosts without seeds"):
-        TrainerGroup(members(synthetic_data, (1, 2), cfg, grafts))
+@pytest.mark.parametrize("cfg", [TrainConfig(precision="bf16"), TrainConfig(compile=True),
+                                 TrainConfig(optimizer="adamw")])
+def test_only_the_plain_recipe_groups(cfg, synthetic_data):
+    with pytest.raises(ValueError, match="plain recipe only"):
+        TrainerGroup(members(synthetic_data, (1, 2), cfg))
+
+
+def test_only_runs_with_one_set_of_slots_group(synthetic_data):
+    runs = members(synthetic_data, (1,))
+    torch.manual_seed(2)
+    other = MorphogeneticModel(build_host("synthetic"), ["early", "mid"])
+    runs.append(GroupMember(other, synthetic_data, TrainConfig(), torch.device("cpu"), torch.Generator()))
+    with pytest.raises(ValueError, match="same slots"):
+        TrainerGroup(runs)
+
+
+OP = Operation
+CONV_LIGHT, CONV_HEAVY = Blueprint.BLUEPRINT_CONV_LIGHT, Blueprint.BLUEPRINT_CONV_HEAVY
+# What each of five growing runs does at the start of each epoch (when legal; WAIT otherwise): run 0
+# grows a conv seed to full alpha and a second one into TRAINING; run 3 grows the same conv seed an
+# epoch later (one SeedGroup: at epoch 3 run 3's TRAINING with run 0's BLENDING, from epoch 4 both
+# blending at alphas 1 and 0.5); run 1 germinates a
+# channel gate and culls it mid-blend; runs 2 and 4 have a seed built in (FOSSILIZED: the from-scratch
+# arm's), one SeedGroup. Every stage's forward and gradient routing is in the group. (Moves through
+# gates that read accuracies stop short of FOSSILIZED: float order can flip one of a few hundred
+# predictions, and with it a gate at its threshold.)
+MIXED = (
+    {1: (OP.OPERATION_GERMINATE, "mid", CONV_LIGHT), 2: (OP.OPERATION_ADVANCE, "mid", 0),
+     3: (OP.OPERATION_ADVANCE, "mid", 0),
+     6: (OP.OPERATION_GERMINATE, "early", Blueprint.BLUEPRINT_DEPTHWISE), 7: (OP.OPERATION_ADVANCE, "early", 0)},
+    {2: (OP.OPERATION_GERMINATE, "late", Blueprint.BLUEPRINT_ATTENTION), 3: (OP.OPERATION_ADVANCE, "late", 0),
+     4: (OP.OPERATION_ADVANCE, "late", 0), 5: (OP.OPERATION_CULL, "late", 0)},
+    {},
+    {2: (OP.OPERATION_GERMINATE, "mid", CONV_LIGHT), 3: (OP.OPERATION_ADVANCE, "mid", 0),
+     4: (OP.OPERATION_ADVANCE, "mid", 0)},
+    {},
+)
+MIXED_GRAFTS = ((), (), (("mid", "conv_heavy"),), (), (("mid", "conv_heavy"),))
+# Two runs alike, seeds included: each slot's seeds are one SeedGroup of every run (no gathering).
+ALIKE = ({1: (OP.OPERATION_GERMINATE, "late", Blueprint.BLUEPRINT_ATTENTION), 2: (OP.OPERATION_ADVANCE, "late", 0),
+          3: (OP.OPERATION_ADVANCE, "late", 0)},) * 2
+
+
+def scripted(script: dict, obs) -> Decision:
+    operation, slot, blueprint = script.get(obs.signals.epoch + 1, (OP.OPERATION_WAIT, "", 0))
+    action = Action(operation=operation, slot=slot, blueprint=blueprint)
+    return Decision(action=action if action in observation_legal_actions(obs) else Action(operation=OP.OPERATION_WAIT))
+
+
+def together_and_alone(data, scripts, grafts, epochs: int) -> tuple[list[GrowthEnv], list[GrowthEnv]]:
+    """The scripted runs stepped together (simic.step_together: their epochs trained as one grouped
+    network, their seeds as SeedGroups) and stepped alone, checked against each other epoch by epoch:
+    the same lifecycle, and losses, accuracies and contributions up to float order; at the end, the
+    same FLOP counts and weights (host and seeds) up to float order."""
+    cfg = EnvConfig(task="synthetic", max_epochs=epochs, slots=("early", "mid", "late"), seed_grad_norms=True,
+                    train=TrainConfig(max_batches=4),
+                    lifecycle=LifecycleConfig(blend_epochs=2, blend_min_contribution=-100.0))
+
+    def envs(factory):
+        return [GrowthEnv(dataclasses.replace(cfg, grafts=g), data, torch.device("cpu"), Telemetry(f"run{i}"), factory)
+                for i, g in enumerate(grafts)]
+
+    together, alone = envs(GroupMember), envs(Trainer)
+    seeds = range(1, len(scripts) + 1)
+    obs_together = [env.reset(seed) for env, seed in zip(together, seeds)]
+    obs_alone = [env.reset(seed) for env, seed in zip(alone, seeds)]
+    initial = [{name: tensor.clone() for name, tensor in env.model.state_dict().items()} for env in alone]
+    TrainerGroup([env.trainer for env in together])
+    for _ in range(epochs):
+        decisions = [scripted(script, obs) for script, obs in zip(scripts, obs_together)]
+        obs_together = [obs for obs, _ in step_together(together, decisions)]
+        obs_alone = [env.step(scripted(script, obs))[0] for env, script, obs in zip(alone, scripts, obs_alone)]
+        for env, start in zip(alone, initial):  # a seed germinated this epoch: GERMINATED, not trained yet
+            start |= {name: tensor.clone() for name, tensor in env.model.state_dict().items() if name not in start}
+        for a, b in zip(obs_together, obs_alone):
+            lifecycle = [[(s.stage, s.blueprint, s.alpha) for s in obs.slots] for obs in (a, b)]
+            assert lifecycle[0] == lifecycle[1]
+            for name in ("train_loss", "val_loss"):
+                assert getattr(a.signals, name) == pytest.approx(getattr(b.signals, name), rel=1e-3), name
+            for name in ("train_accuracy", "val_accuracy"):  # 1 point: 2 of 512 training images, 5 of 500 val
+                assert getattr(a.signals, name) == pytest.approx(getattr(b.signals, name), abs=1.0), name
+            assert [s.contribution for s in a.slots] == pytest.approx([s.contribution for s in b.slots], abs=1.0)
+            assert [s.seed_grad_norm for s in a.slots] == pytest.approx([s.seed_grad_norm for s in b.slots], rel=0.1)
+    # Weights: float order alone moves them apart by 1e-8 a step, until a max-pool window's two largest
+    # values swap and a step's gradient lands on another pixel: measured, up to 8% of a host tensor's
+    # movement over these 32 steps, and 28% of a seed's that trained 8 steps on the drifted host. A seed
+    # that did not train is 100%; one that lost its momentum 77% (and its gradient norm is 14% off).
+    for a, b, start in zip(together, alone, initial):
+        assert a.trainer.train_flops == b.trainer.train_flops
+        weights = b.model.state_dict()
+        for name, tensor in a.model.state_dict().items():
+            if tensor.is_floating_point():
+                moved = float((weights[name] - start[name]).abs().max())
+                assert float((tensor - weights[name]).abs().max()) <= 0.4 * moved + 1e-6, name
+            else:
+                assert torch.equal(tensor, weights[name]), name  # BatchNorm's batch counts
+    return together, alone
+
+
+def test_growing_runs_in_a_group_follow_their_runs_alone(synthetic_data):
+    together, _ = together_and_alone(synthetic_data, MIXED, MIXED_GRAFTS, epochs=8)
+    stages = [[(r.slot, h["stage"]) for r in env.model.records for h in r.history] for env in together]
+    assert stages == [[("mid", "GERMINATED"), ("mid", "TRAINING"), ("mid", "BLENDING"),
+                       ("early", "GERMINATED"), ("early", "TRAINING")],
+                      [("late", "GERMINATED"), ("late", "TRAINING"), ("late", "BLENDING"), ("late", "CULLED"),
+                       ("late", "EMBARGOED"), ("late", "DORMANT")],
+                      [("mid", "FOSSILIZED")],
+                      [("mid", "GERMINATED"), ("mid", "TRAINING"), ("mid", "BLENDING")],
+                      [("mid", "FOSSILIZED")]]
+    assert [env.model.slots["mid"].alpha for env in together] == [1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_runs_that_grow_alike_train_their_seeds_as_one_seed_group(synthetic_data):
+    together, _ = together_and_alone(synthetic_data, ALIKE, ((), ()), epochs=4)
+    groups = together[0].trainer.group.seed_groups()
+    assert [g.members for g in groups[2]] == [[0, 1]] and not groups[0]  # late: after block 2
+
+
+def test_ppo_with_grouped_environments_learns_what_ppo_one_environment_at_a_time_learns(tmp_path):
+    """esper train ppo --grouped: 8 episodes on 4 environments whose epochs train as one grouped network
+    play the episodes the environments stepped one after another play: the same actions, seeds and
+    lifecycle, and episode results and PPO statistics equal up to float order."""
+    flags = ["train", "ppo", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "3", "--slots", "early",
+             "mid", "late", "--n-envs", "4", "--episodes", "8", "--update-every", "1", "--num-workers", "1"]
+    summaries = {}
+    for name, extra in (("one", []), ("grouped", ["--grouped"])):
+        assert main([*flags, "--runs-dir", str(tmp_path / name), *extra]) == 0
+        (run,) = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
+        summaries[name] = json.loads((run / "summary.json").read_text())
+    one, grouped = summaries["one"], summaries["grouped"]
+    for a, b in zip(one["episodes"], grouped["episodes"], strict=True):
+        assert (a["actions"], a["seed_fates"], a["total_params"]) == (b["actions"], b["seed_fates"], b["total_params"])
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.0)
+        assert a["return"] == pytest.approx(b["return"], rel=1e-3)
+    assert sum(sum(e["seed_fates"].values()) for e in one["episodes"]) > 0  # seeds grew: they were in the groups
+    for a, b in zip(one["update_stats"], grouped["update_stats"], strict=True):
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-3)
+        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-3)
+        assert a["action_counts"] == b["action_counts"]

@@ -40,19 +40,18 @@ class SeedSlot(nn.Module):
         # Measured with `contribution`: validation loss without the seed minus with it.
         self.loss_contribution = 0.0
 
+    @property
+    def runs_seed(self) -> bool:
+        """Whether `forward` (in training) runs the seed; otherwise it returns x itself."""
+        return self.seed is not None and self.stage in (
+            S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING, S.SEED_STAGE_FOSSILIZED)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.seed is None or self.stage not in (
-            S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING, S.SEED_STAGE_FOSSILIZED
-        ):
+        if not self.runs_seed:
             return x
-        if self.stage == S.SEED_STAGE_FOSSILIZED:
-            return x + self.seed(x)
         if self.stage == S.SEED_STAGE_TRAINING and not torch.is_grad_enabled():
             return x  # evaluation: the value is x anyway, skip the seed's compute
-        delta = self.seed(x.detach())
-        if self.stage == S.SEED_STAGE_TRAINING:
-            return x + (delta - delta.detach())
-        return x + self.alpha * delta
+        return through_seed(x, self.seed, self.stage, self.alpha)
 
     def forward_copies(self, x: torch.Tensor, copies: int, forced_copy: int, forced_alpha: float) -> torch.Tensor:
         """Evaluation of a batch made of `copies` equal-sized copies: each copy as `forward` would give it
@@ -71,3 +70,15 @@ class SeedSlot(nn.Module):
     @property
     def seed_params(self) -> int:
         return 0 if self.seed is None else sum(p.numel() for p in self.seed.parameters())
+
+
+def through_seed(x: torch.Tensor, seed: nn.Module, stage: int, alpha: float | torch.Tensor) -> torch.Tensor:
+    """x through a seed in TRAINING, BLENDING or FOSSILIZED, routed as the module docstring says. `alpha`
+    (BLENDING) may be a tensor broadcasting over x: the grouped runs of tolaria.grouped blend at one
+    alpha per run's channels."""
+    if stage == S.SEED_STAGE_FOSSILIZED:
+        return x + seed(x)
+    delta = seed(x.detach())
+    if stage == S.SEED_STAGE_TRAINING:
+        return x + (delta - delta.detach())
+    return x + alpha * delta

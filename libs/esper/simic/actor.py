@@ -9,6 +9,7 @@ and sum); whoever learns normalizes them (`RewardNormalizer.episodes`), so a wor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -16,13 +17,14 @@ import torch
 
 from esper.leyline import Decision, Observation
 from esper.nissa import Telemetry
-from esper.simic.env import EnvConfig, GrowthEnv
+from esper.simic.env import EnvConfig, GrowthEnv, form_groups, step_together
 from esper.simic.env_process import EnvProcess
 from esper.simic.rewards import Rewarder
 from esper.simic.rollout import Rollout
 from esper.tamiyo.features import FeatureSpec
 from esper.tamiyo.network import ActionCodec, NeuralPolicy, observation_legal_actions
 from esper.tolaria.data import Dataset
+from esper.tolaria.grouped import GroupMember
 
 EnvFactory = Callable[[EnvConfig, Dataset, torch.device, Telemetry], GrowthEnv]
 
@@ -33,24 +35,30 @@ values and policy_version tensors, each [N, ...])."""
 
 def make_envs(env_cfg: EnvConfig, data: dict[str, Dataset], devices: tuple[str, ...],
               env_telemetry: Callable[[int], Telemetry], episodes: range,
-              env_factory: EnvFactory = GrowthEnv, processes: list[EnvProcess] = ()) -> list[GrowthEnv | EnvProcess]:
+              env_factory: EnvFactory = GrowthEnv, processes: list[EnvProcess] = (),
+              grouped: bool = False) -> list[GrowthEnv | EnvProcess]:
     """One environment per episode, on `devices` round robin; data: the dataset per device. With
     `processes` (started on the same devices round robin: env_process.start_env_processes), the first of
-    them, each given its episode's telemetry."""
+    them, each given its episode's telemetry. `grouped`: GrowthEnvs whose epochs the environments on a
+    device train together (tolaria.grouped; play_round(grouped=True) forms the groups)."""
     if processes:
         envs = list(processes[:len(episodes)])
         for env, episode in zip(envs, episodes):
             env.telemetry = env_telemetry(episode)
         return envs
-    return [env_factory(env_cfg, data[devices[i % len(devices)]], torch.device(devices[i % len(devices)]),
-                        env_telemetry(e)) for i, e in enumerate(episodes)]
+    factory = functools.partial(GrowthEnv, trainer_factory=GroupMember) if grouped else env_factory
+    return [factory(env_cfg, data[devices[i % len(devices)]], torch.device(devices[i % len(devices)]),
+                    env_telemetry(e)) for i, e in enumerate(episodes)]
 
 
 def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: list[Rewarder], codec: ActionCodec,
-               act: Act, max_epochs: int) -> tuple[Rollout, list[Observation]]:
+               act: Act, max_epochs: int, grouped: bool = False) -> tuple[Rollout, list[Observation]]:
     """One whole episode in each environment (reset with its seed): the rollout [max_epochs, N] with raw
-    rewards, and each environment's final observation. The last epoch is a termination (ppo.compute_gae)."""
+    rewards, and each environment's final observation. The last epoch is a termination (ppo.compute_gae).
+    `grouped`: environments of make_envs(grouped=True), whose epochs train together (simic.step_together)."""
     obs = reset_all(envs, seeds)
+    if grouped:
+        form_groups(envs)
     for rewarder, o in zip(rewarders, obs):
         rewarder.reset(o)
     n = len(envs)
@@ -58,7 +66,7 @@ def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: 
     for t in range(max_epochs):
         legal = torch.stack([codec.legal_tensor(observation_legal_actions(o)) for o in obs])
         decisions, row = act(obs, legal)
-        next_obs = step_all(envs, decisions)
+        next_obs = [o for o, _ in step_together(envs, decisions)] if grouped else step_all(envs, decisions)
         terminal = t + 1 == max_epochs
         parts = torch.tensor([r.step(o, d.action, o2, terminal)
                               for r, o, d, o2 in zip(rewarders, obs, decisions, next_obs)])  # [N, C]

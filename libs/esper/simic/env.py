@@ -39,6 +39,7 @@ from esper.simic.checkpoint import rng_state, set_rng_state
 from esper.tamiyo import Policy
 from esper.tolaria.data import Dataset
 from esper.tolaria.governor import Governor, GovernorConfig
+from esper.tolaria.grouped import GroupMember, TrainerGroup
 from esper.tolaria.trainer import EvalResult, TrainConfig, Trainer
 
 HISTORY = 10  # epochs of accuracy/loss history in an observation
@@ -163,58 +164,67 @@ class GrowthEnv:
         return self.model.legal_actions()
 
     def step(self, decision: Decision) -> tuple[Observation, bool]:
+        self.begin_step(decision)
+        return self.end_step()
+
+    def begin_step(self, decision: Decision) -> None:
+        """The first half of `step`: the operation, and the alphas of the epoch it trains. Between the two
+        halves the trainer's epoch may be trained by a group of runs (tolaria.grouped, `step_lockstep`)."""
         with self.own_rng():
-            return self._step(decision)
+            model, tel = self.model, self.telemetry
+            model.check_legal(decision.action)
+            epoch = self.epoch + 1  # the epoch this step trains, 1-based
+            if tel.wants(TelemetryLevel.TELEMETRY_LEVEL_NORMAL):  # with what it was made on: a late joiner replays it
+                recorded = Decision()
+                recorded.CopyFrom(decision)
+                recorded.observation.CopyFrom(self.observation())
+                tel.emit(decision=recorded)
+            outcome = model.execute(decision.action, epoch, decision.reason)
+            for check in outcome.gates:
+                tel.emit(gate=check)
+            self._record(outcome.transitions)
 
-    def _step(self, decision: Decision) -> tuple[Observation, bool]:
-        model, tel = self.model, self.telemetry
-        model.check_legal(decision.action)
-        epoch = self.epoch + 1  # the epoch this step trains, 1-based
-        if tel.wants(TelemetryLevel.TELEMETRY_LEVEL_NORMAL):  # with what it was made on: a late joiner replays it
-            recorded = Decision()
-            recorded.CopyFrom(decision)
-            recorded.observation.CopyFrom(self.observation())
-            tel.emit(decision=recorded)
-        outcome = model.execute(decision.action, epoch, decision.reason)
-        for check in outcome.gates:
-            tel.emit(gate=check)
-        self._record(outcome.transitions)
+            self.step_started = time.perf_counter()
+            model.begin_epoch()
+            debug = tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG)
+            self.monitor = GradientMonitor(gradient_groups(model)) if debug else None
+            self.trainer.after_backward = self.monitor.accumulate if self.monitor else None
 
-        start = time.perf_counter()
-        model.begin_epoch()
-        debug = tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG)
-        monitor = GradientMonitor(gradient_groups(model)) if debug else None
-        self.trainer.after_backward = monitor.accumulate if monitor else None
-        self.train_loss, self.train_accuracy = self.trainer.train_epoch()
-        if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
-            self.grad_norms = self.trainer.seed_grad_norms()
-        sharpness = 0.0
-        if (tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG) and self.cfg.sharpness_every
-                and epoch % self.cfg.sharpness_every == 0):
-            sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, list(model.parameters()))
-        cause = self.governor.verdict(self.train_loss)
-        if cause:
-            culled = model.cull_live(epoch, f"governor: {cause}")
-            restored = self.governor.restore(model)
-            self.trainer.reset_momentum()
-            tel.emit(governor=GovernorEvent(epoch=epoch, cause=cause, train_loss=self.train_loss,
-                                            restored_epoch=restored, culled_slots=[t.slot for t in culled]))
-            self._record(culled)
-        self.val = self.trainer.evaluate("val")
-        for name, contribution in self.val.contributions.items():
-            model.slots[name].contribution = contribution
-            model.slots[name].loss_contribution = self.val.loss_contributions[name]
-        self._record(model.end_epoch(epoch))
-        if cause is None:
-            self.governor.snapshot(model, epoch)
-        self.epoch = epoch
-        self._update_signals()
+    def end_step(self) -> tuple[Observation, bool]:
+        """The second half of `step`: the epoch's training, the governor, evaluation and the epoch's report."""
+        with self.own_rng():
+            model, tel, monitor = self.model, self.telemetry, self.monitor
+            epoch = self.epoch + 1
+            self.train_loss, self.train_accuracy = self.trainer.train_epoch()
+            if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
+                self.grad_norms = self.trainer.seed_grad_norms()
+            sharpness = 0.0
+            if (tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG) and self.cfg.sharpness_every
+                    and epoch % self.cfg.sharpness_every == 0):
+                sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, list(model.parameters()))
+            cause = self.governor.verdict(self.train_loss)
+            if cause:
+                culled = model.cull_live(epoch, f"governor: {cause}")
+                restored = self.governor.restore(model)
+                self.trainer.reset_momentum()
+                tel.emit(governor=GovernorEvent(epoch=epoch, cause=cause, train_loss=self.train_loss,
+                                                restored_epoch=restored, culled_slots=[t.slot for t in culled]))
+                self._record(culled)
+            self.val = self.trainer.evaluate("val")
+            for name, contribution in self.val.contributions.items():
+                model.slots[name].contribution = contribution
+                model.slots[name].loss_contribution = self.val.loss_contributions[name]
+            self._record(model.end_epoch(epoch))
+            if cause is None:
+                self.governor.snapshot(model, epoch)
+            self.epoch = epoch
+            self._update_signals()
 
-        obs = self.observation()
-        tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
-                                   epoch_seconds=time.perf_counter() - start, sharpness=sharpness,
-                                   gradients=monitor.read() if monitor else []))
-        return obs, self.epoch >= self.cfg.max_epochs
+            obs = self.observation()
+            tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
+                                       epoch_seconds=time.perf_counter() - self.step_started, sharpness=sharpness,
+                                       gradients=monitor.read() if monitor else []))
+            return obs, self.epoch >= self.cfg.max_epochs
 
     def seed_fates(self) -> dict[str, int]:
         """How many of the episode's seeds met each fate so far (fossilized, culled, blending, ...)."""
@@ -285,3 +295,23 @@ def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, state:
         if on_epoch is not None:
             on_epoch(obs)
     return obs
+
+
+def form_groups(envs: list[GrowthEnv]) -> None:
+    """A TrainerGroup of the environments' trainers (GroupMembers) on each device: after `reset`, which
+    builds them, and before `step_together`."""
+    by_device: dict[torch.device, list[GroupMember]] = {}
+    for env in envs:
+        by_device.setdefault(env.device, []).append(env.trainer)
+    for members in by_device.values():
+        TrainerGroup(members)
+
+
+def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tuple[Observation, bool]]:
+    """Each environment's `step`, their epochs trained together by the groups of `form_groups`: every
+    operation first, then each group's epoch, then every environment's evaluation and report."""
+    for env, decision in zip(envs, decisions, strict=True):
+        env.begin_step(decision)
+    for group in {id(env.trainer.group): env.trainer.group for env in envs}.values():
+        group.train_epoch()
+    return [env.end_step() for env in envs]

@@ -1,5 +1,6 @@
-"""The PPO training loop: n_envs growth environments stepped in lockstep, in this process or each in a
-process of its own (`env_processes`), with the policy here.
+"""The PPO training loop: n_envs growth environments stepped in lockstep, in this process (their epochs
+one after another, or trained together: `grouped`) or each in a process of its own (`env_processes`),
+with the policy here.
 
 Episodes run in *rounds*: each of n_envs environments starts an episode (episode i uses seed + i) and
 all of them step together, one epoch each, with one batched policy forward for all of them. After
@@ -107,6 +108,9 @@ class PPOTrainer:
         self.env_processes: list[EnvProcess] = []
         """Set by the caller to play rounds in these (simic.env_process, --env-processes) instead of in
         environments of this process; at least n_envs of them, on the devices make_envs would use."""
+        self.grouped = False
+        """Set by the caller to train the environments' epochs together, each device's as the groups of
+        one network (tolaria.grouped, --grouped)."""
 
     # ------------------------------------------------------------------ acting
     def observe(self, observations: list) -> torch.Tensor:
@@ -153,10 +157,10 @@ class PPOTrainer:
         n = min(cfg.n_envs, cfg.episodes - self.episodes_done)
         episodes = range(self.episodes_done, self.episodes_done + n)
         envs = make_envs(self.env_cfg, self.data, cfg.env_devices, self.env_telemetry, episodes, self.env_factory,
-                         self.env_processes)
+                         self.env_processes, self.grouped)
         rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
         rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, self.codec, self.act,
-                                  self.env_cfg.max_epochs)
+                                  self.env_cfg.max_epochs, self.grouped)
         if cfg.ppo.norm_reward:
             rollout.rewards = self.reward_norm.episodes(rollout.rewards)
         self.global_step += rollout.num_steps

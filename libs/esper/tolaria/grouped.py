@@ -8,28 +8,46 @@ k's batch is channels [k c_in, (k+1) c_in) of the input, so K runs cost the kern
 Their batches are gathered, augmented and normalized at once too (augment.stacked_train_batches). With
 each run augmenting its own batch, 8 grouped runs dispatched 356 operators a step against one run's 143,
 most of the difference augmentation; stacked, 189 (bench/launches.py). With each run's loss and hits
-summed on the device, as the Trainer does, and channels_last on the CPU: 203 against one Esper run's 162.
+summed on the device, as the Trainer does, and channels_last on the CPU: 203 against one Esper run's 147.
+
+Growing runs' seeds batch the same way. At a slot, the runs whose seeds share a blueprint, live
+(TRAINING or BLENDING) or fossilized, are one SeedGroup: their seeds as the groups of one grouped copy
+of the blueprint (`grouped_seed`), each run at its own alpha. Seeds move, appear and go between epochs
+only, so a group forms its SeedGroups at the start of each epoch from the runs' own seeds (weights,
+BatchNorm statistics, momentum) and hands everything back at its end. Run by run, a blending
+conv_heavy seed in each of 8 runs took the grouped step from 203 operators to 582 (a ceiling of 2.65x
+over one growing run's 193); as one SeedGroup, to 249 (6.20x). Eight runs in four states (no seed,
+and a conv_heavy seed in TRAINING, BLENDING, FOSSILIZED): 322 against one run's 181 on average (4.50x;
+365 with TRAINING and BLENDING seeds in separate groups) (bench/launches.py).
 
 The loss is the sum of the runs' mean losses, so each group gets exactly its own run's gradient, and
 SGD (momentum, weight decay) is element-wise: every group follows the run it stands for, up to the
 order of floating-point sums (tests/unit/test_grouped.py trains both ways and compares).
-Only identical architectures batch: the static host of every seed, or every arm before it grows.
 
-TrainerGroup puts whole runs on it: `esper train static --grouped` (experiment.run_grouped) and
-`esper compare --group-static` train every seed of a static arm this way, each seed still a run of
-its own (GrowthEnv, run directory, telemetry, evaluation), only its training steps shared.
+TrainerGroup puts whole runs on it: `esper train MODE --grouped` (experiment.run_grouped), `esper
+compare --grouped` and `esper train ppo --grouped` (simic.step_together) train their runs this way,
+each still a run of its own (GrowthEnv, decisions, run directory, telemetry, evaluation), only its
+training steps shared.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper.kasmina.blueprints import SqueezeExcite
 from esper.kasmina.hosts import CNNHost, HostSpec
+from esper.kasmina.lifecycle import LIVE_STAGES
+from esper.kasmina.slot import SeedSlot, through_seed
+from esper.leyline import SeedStage
 from esper.tolaria.augment import eval_batches, stacked_train_batches
 from esper.tolaria.data import Dataset
 from esper.tolaria.trainer import Trainer, TrainConfig
+
+S = SeedStage
 
 
 def grouped_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -40,6 +58,28 @@ def grouped_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )
+
+
+@torch.no_grad()
+def load_groups(grouped: nn.Module, tensor_of: Callable[[int, str], torch.Tensor], k: int) -> None:
+    """Group j of every grouped tensor from run j's (`tensor_of(j, name)`). A count (BatchNorm's batches
+    tracked) starts at 0, for `store_group` to add what the group counted to each run's own."""
+    for name, tensor in grouped.state_dict().items():
+        if tensor.dim() == 0:
+            tensor.zero_()
+        else:
+            tensor.copy_(torch.cat([tensor_of(j, name) for j in range(k)]).view_as(tensor))
+
+
+@torch.no_grad()
+def store_group(grouped: nn.Module, j: int, target_of: Callable[[str], torch.Tensor], k: int) -> None:
+    """Group j of every grouped tensor into run j's (`target_of(name)`), in place."""
+    for name, tensor in grouped.state_dict().items():
+        target = target_of(name)
+        if tensor.dim() == 0:
+            target.add_(tensor)
+        else:
+            target.copy_(tensor.chunk(k)[j].view_as(target))
 
 
 class GroupedCNN(nn.Module):
@@ -55,8 +95,13 @@ class GroupedCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Conv1d(k * spec.channels[-1], k * spec.num_classes, 1, groups=k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pool(self.blocks(x)).flatten(2)  # [B, K C, 1]
+    def forward(self, x: torch.Tensor, seed_groups: dict[int, list[SeedGroup]] | None = None) -> torch.Tensor:
+        """`seed_groups`: after block i, the SeedGroups of the slot there (TrainerGroup.seed_groups)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if seed_groups and seed_groups.get(i):
+                x = through_seed_groups(x, seed_groups[i], self.k)
+        features = self.pool(x).flatten(2)  # [B, K C, 1]
         return self.head(features).view(len(x), self.k, self.spec.num_classes)
 
     @classmethod
@@ -66,19 +111,13 @@ class GroupedCNN(nn.Module):
         grouped.load_hosts(hosts)
         return grouped
 
-    @torch.no_grad()
     def load_hosts(self, hosts: list[CNNHost]) -> None:
         """Host k's weights and BatchNorm statistics into group k, in place."""
-        for name, tensor in self.state_dict().items():
-            parts = [host_tensor(h, name) for h in hosts]
-            tensor.copy_(parts[0] if tensor.dim() == 0 else torch.cat(parts).view_as(tensor))
+        load_groups(self, lambda j, name: host_tensor(hosts[j], name), self.k)
 
-    @torch.no_grad()
     def store_host(self, k: int, host: CNNHost) -> None:
         """Group k's weights and BatchNorm statistics into `host`, in place."""
-        for name, tensor in self.state_dict().items():
-            target = host_tensor(host, name)
-            target.copy_(tensor if tensor.dim() == 0 else tensor.chunk(self.k)[k].view_as(target))
+        store_group(self, k, lambda name: host_tensor(host, name), self.k)
 
     def host(self, k: int) -> CNNHost:
         """Run k as a plain CNNHost (to evaluate or export it like any other run)."""
@@ -89,28 +128,132 @@ class GroupedCNN(nn.Module):
 
 def host_tensor(host: CNNHost, grouped_name: str) -> torch.Tensor:
     """The host's tensor that a grouped tensor's group stands for ("blocks.0.0.weight" -> the first
-    block's conv weight, "head.weight" -> the linear head's, as a [classes, C, 1] view for the 1x1 conv)."""
+    block's conv weight, "head.weight" -> the linear head's)."""
     if grouped_name.startswith("head."):
-        tensor = host.head[2].state_dict(keep_vars=True)[grouped_name.removeprefix("head.")]
-        return tensor.unsqueeze(-1) if tensor.dim() == 2 else tensor
+        return host.head[2].state_dict(keep_vars=True)[grouped_name.removeprefix("head.")]
     return host.state_dict(keep_vars=True)[grouped_name]
 
 
-def sgd(model: nn.Module, cfg: TrainConfig | None = None) -> torch.optim.SGD:
-    """The host optimizer tolaria's Trainer gives one run (TrainConfig's settings), over every group at
-    once: SGD is element-wise, so each group steps as its run would alone."""
+class GroupedSqueezeExcite(nn.Module):
+    """K SqueezeExcite seeds side by side: their linear layers as grouped 1x1 convolutions (named as
+    SqueezeExcite's, so each run's weights load by name)."""
+
+    def __init__(self, channels: int, hidden: int, k: int):
+        super().__init__()
+        self.squeeze = nn.Conv1d(k * channels, k * hidden, 1, groups=k)
+        self.excite = nn.Conv1d(k * hidden, k * channels, 1, groups=k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3)).unsqueeze(-1)  # [B, K C, 1]
+        gate = torch.tanh(self.excite(torch.relu(self.squeeze(s))))  # [B, K C, 1]
+        return x * gate.unsqueeze(-1)
+
+
+def grouped_seed(seed: nn.Module, k: int) -> nn.Module:
+    """K copies of a CNN seed's architecture side by side, copy j in group j, with the seed's parameter
+    and buffer names (the layers the CNN blueprints are made of)."""
+    if isinstance(seed, nn.Sequential):
+        return nn.Sequential(*(grouped_seed(layer, k) for layer in seed))
+    if isinstance(seed, nn.Conv2d):
+        return nn.Conv2d(k * seed.in_channels, k * seed.out_channels, seed.kernel_size, seed.stride, seed.padding,
+                         bias=seed.bias is not None, groups=k * seed.groups)
+    if isinstance(seed, nn.BatchNorm2d):
+        return nn.BatchNorm2d(k * seed.num_features)
+    if isinstance(seed, nn.ReLU):
+        return nn.ReLU(inplace=seed.inplace)
+    if isinstance(seed, SqueezeExcite):
+        return GroupedSqueezeExcite(seed.squeeze.in_features, seed.squeeze.out_features, k)
+    raise ValueError(f"no grouped form of {type(seed).__name__}")
+
+
+class SeedGroup:
+    """For one epoch, the seeds of one blueprint at one slot, in the runs `members`, all live (TRAINING or
+    BLENDING) or all FOSSILIZED, as the groups of one grouped seed: loaded from the runs' seeds and
+    optimizers, stepped by one SGD (the runs' own settings: seed_lr for live seeds, the host's lr for
+    fossilized ones), stored back by `store()`: weights, BatchNorm statistics, momentum, and the last
+    batch's gradients (PPO's gradient-norm features read them)."""
+
+    def __init__(self, members: list[int], trainers: list[GroupMember], slot_name: str, layout: torch.memory_format):
+        self.members = members
+        self.slots = [trainers[k].model.slots[slot_name] for k in members]
+        self.optimizers = [trainers[k].optimizer_of(slot) for k, slot in zip(members, self.slots)]
+        first, n = self.slots[0], len(members)
+        stages = {slot.stage for slot in self.slots}
+        self.stage = stages.pop() if len(stages) == 1 else None  # None: TRAINING and BLENDING seeds together
+        device = next(first.seed.parameters()).device
+        self.module = grouped_seed(first.seed, n).to(device, memory_format=layout).train()
+        self.own = [slot.seed.state_dict(keep_vars=True) for slot in self.slots]
+        load_groups(self.module, lambda j, name: self.own[j][name], n)
+
+        def per_channel(values: list[float]) -> torch.Tensor:  # a value per run over its channels: [1, n C, 1, 1]
+            return torch.tensor(values).repeat_interleave(first.channels).view(1, -1, 1, 1).to(device)
+
+        blending = [slot.stage == S.SEED_STAGE_BLENDING for slot in self.slots]
+        self.alpha = per_channel([slot.alpha if b else 0.0 for slot, b in zip(self.slots, blending)]) \
+            if any(blending) else None
+        self.straight = per_channel([float(not b) for b in blending]) if self.stage is None else None
+        cfg = trainers[members[0]].cfg
+        self.optimizer = sgd(self.module, cfg, cfg.seed_lr if first.stage in LIVE_STAGES else cfg.lr)
+        for name, p in self.module.named_parameters():
+            momenta = [opt.state.get(own[name], {}).get("momentum_buffer")
+                       for opt, own in zip(self.optimizers, self.own)]
+            if any(m is not None for m in momenta):
+                parts = [torch.zeros_like(own[name]) if m is None else m for m, own in zip(momenta, self.own)]
+                self.optimizer.state[p]["momentum_buffer"] = torch.cat(parts).view_as(p).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' activations ([B, n C, H, W]) through their seeds."""
+        if self.stage is not None:
+            return through_seed(x, self.module, self.stage, self.alpha)
+        # TRAINING and BLENDING together. A TRAINING member's alpha is 0 and its `straight` 1: its channels
+        # are through_seed's x + (delta - delta.detach()), value x and the seed's full gradient; a BLENDING
+        # member's (straight 0) are x + alpha delta. One grouped seed instead of two, at three more operators.
+        delta = self.module(x.detach())
+        return x + self.alpha * delta + self.straight * (delta - delta.detach())
+
+    @torch.no_grad()
+    def store(self) -> None:
+        n = len(self.members)
+        for j, own in enumerate(self.own):
+            store_group(self.module, j, own.__getitem__, n)
+            for name, p in self.module.named_parameters():
+                target = own[name]
+                target.grad = None if p.grad is None else p.grad.chunk(n)[j].view_as(target).clone()
+                buffer = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buffer is not None:
+                    self.optimizers[j].state[target]["momentum_buffer"] = buffer.chunk(n)[j].view_as(target).clone()
+
+
+def through_seed_groups(x: torch.Tensor, seed_groups: list[SeedGroup], k: int) -> torch.Tensor:
+    """[B, K C, H, W] activations through a slot's SeedGroups, each on its members' channel groups."""
+    if len(seed_groups) == 1 and seed_groups[0].members == list(range(k)):
+        return seed_groups[0].forward(x)  # every run's seed alike: no gathering
+    groups = list(x.chunk(k, dim=1))
+    for seed_group in seed_groups:
+        members = seed_group.members
+        out = seed_group.forward(torch.cat([groups[j] for j in members], dim=1))
+        for j, part in zip(members, out.chunk(len(members), dim=1)):
+            groups[j] = part
+    return torch.cat(groups, dim=1)
+
+
+def sgd(model: nn.Module, cfg: TrainConfig | None = None, lr: float | None = None) -> torch.optim.SGD:
+    """The optimizer tolaria's Trainer gives one run (TrainConfig's settings; `lr`, default the host's),
+    over every group at once: SGD is element-wise, so each group steps as its run would alone."""
     cfg = cfg or TrainConfig()
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Generator], max_batches: int,
-                  optimizer: torch.optim.Optimizer, batch_size: int = 128,
+                  optimizers: Sequence[torch.optim.Optimizer], batch_size: int = 128,
                   memory_format: torch.memory_format = torch.contiguous_format,
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  seed_groups: dict[int, list[SeedGroup]] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One epoch of `max_batches` SGD steps (0: the whole split) of the K runs at once, run k drawing its
     batches (order and augmentation) from `generators[k]`, exactly as tolaria's Trainer would for that
-    run alone. Returns each run's summed loss and correct predictions ([K], left on the device: no host
-    sync) and the images each run saw. Batches go to the model in `memory_format` (the model's own:
+    run alone. `seed_groups`: the runs' seeds (GroupedCNN.forward); `optimizers` step the grouped weights
+    and the seeds'. Returns each run's summed loss and correct predictions ([K], left on the device: no
+    host sync) and the images each run saw. Batches go to the model in `memory_format` (the model's own:
     TrainConfig.memory_format, channels_last on the CPU, where it trained 2 grouped runs 1.3x faster)."""
     device = next(model.parameters()).device
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -124,11 +267,13 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
         # [B, K c_in, H, W]: run k's images in group k, laid out as the model's weights are
         x = xb.transpose(0, 1).flatten(1, 2).contiguous(memory_format=memory_format)
         y = yb.T  # [B, K]
-        logits = model(x)  # [B, K, classes]
+        logits = model(x, seed_groups)  # [B, K, classes]
         run_losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(0)  # [K]
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         run_losses.sum().backward()  # the sum of the runs' mean losses: each group gets its run's gradient
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         loss_sums += run_losses.detach() * batch_size
         hits += (logits.detach().argmax(-1) == y).sum(0)
         seen += batch_size
@@ -138,8 +283,8 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
 class GroupMember(Trainer):
     """One run's Trainer in a TrainerGroup. The group trains the run's epochs, with the other runs', and
     copies the run's weights back into its model; all else (evaluation, the counterfactual, FLOP counts,
-    the test split) is the plain Trainer's, on the run's own model. Its own host optimizer is never
-    stepped: the group's SGD holds every run's momentum."""
+    the test split) is the plain Trainer's, on the run's own model. Its optimizers are never stepped:
+    they hold the run's seeds' momentum between epochs, which the group's SeedGroups load and store."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -155,52 +300,78 @@ class GroupMember(Trainer):
         trained, self.trained = self.trained, None
         return trained
 
+    def optimizer_of(self, slot: SeedSlot) -> torch.optim.Optimizer:
+        """The optimizer that holds a seed's momentum: its own while live, the host's once fossilized."""
+        return self.seed_opts[slot.seed_id] if slot.stage in LIVE_STAGES else self.host_opt
+
     def reset_momentum(self) -> None:
+        super().reset_momentum()  # the fossilized seeds'
         self.group.reset_momentum(self)
 
     def state_dict(self) -> dict:
-        raise RuntimeError("a grouped run keeps no checkpoint: its optimizer state is its group's")
+        raise RuntimeError("a grouped run keeps no checkpoint: its host's optimizer state is its group's")
 
 
 class TrainerGroup:
-    """K runs of one CNN host, no seeds (esper train static --grouped), trained as the groups of one
-    GroupedCNN. The runs' own models stay the truth between epochs: each epoch starts from them (so a
-    governor's rollback of one run holds) and ends by copying every group back into its run's model."""
+    """K runs of one CNN host and one set of slots trained as the groups of one GroupedCNN, their seeds
+    as SeedGroups (esper train --grouped, and PPO's environments under --grouped). The runs' own models
+    stay the truth between epochs: each epoch starts from them (so a governor's rollback of one run
+    holds) and ends by copying every group back into its run's model."""
 
     def __init__(self, members: list[GroupMember]):
         first = members[0]
         cfg = first.cfg
         if cfg.optimizer != "sgd" or not cfg.augment or cfg.precision != "fp32" or cfg.compile:
             raise ValueError("grouped runs train with the plain recipe only: SGD, augmentation, fp32, no compile")
-        if any(slot.seed is not None for m in members for slot in m.model.slots.values()):
-            raise ValueError("only hosts without seeds train as a group (a static run's)")
+        if any(m.model.slot_after != first.model.slot_after or m.device != first.device for m in members):
+            raise ValueError("grouped runs have the same slots on the same device")
         self.members = members
         self.hosts = [m.model.host for m in members]
         self.model = GroupedCNN.from_hosts(self.hosts).to(first.device, memory_format=first.layout)
         self.optimizer = sgd(self.model, cfg)
         for m in members:
             m.group = self
-        xb, yb = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,
-                                   device=first.device, mean=first.mean, std=first.std))
-        self.step_flops = first.step_flops(xb, yb)
-        """One run's training step, counted as its Trainer counts it: every run has this architecture for good."""
+        self.flops_batch = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,
+                                             device=first.device, mean=first.mean, std=first.std,
+                                             memory_format=first.layout))
+        """A batch to count a run's training step on (Trainer.step_flops, once per architecture)."""
+
+    def seed_groups(self) -> dict[int, list[SeedGroup]]:
+        """Block index -> the SeedGroups of the slot after it: the runs' acting seeds, by blueprint, live
+        (TRAINING, BLENDING) or fossilized."""
+        out: dict[int, list[SeedGroup]] = {}
+        for block, name in self.members[0].model.slot_after.items():
+            by_kind: dict[tuple[int, bool], list[int]] = {}
+            for k, m in enumerate(self.members):
+                slot = m.model.slots[name]
+                if slot.runs_seed:
+                    by_kind.setdefault((slot.blueprint, slot.stage in LIVE_STAGES), []).append(k)
+            out[block] = [SeedGroup(ks, self.members, name, self.members[0].layout) for ks in by_kind.values()]
+        return out
 
     def train_epoch(self) -> None:
         """One epoch of every run; each member's next train_epoch() returns its run's loss and accuracy."""
         first = self.members[0]
         cfg, data = first.cfg, first.data
+        for m in self.members:
+            m.sync_optimizers()  # the seeds germinated, fossilized or culled since the last epoch
         self.model.load_hosts(self.hosts)
+        seed_groups = self.seed_groups()
+        optimizers = [self.optimizer, *(g.optimizer for groups in seed_groups.values() for g in groups)]
         loss_sums, hits, seen = train_grouped(self.model, data, [m.generator for m in self.members], cfg.max_batches,
-                                              self.optimizer, cfg.batch_size, first.layout)
+                                              optimizers, cfg.batch_size, first.layout, seed_groups)
         for k, host in enumerate(self.hosts):
             self.model.store_host(k, host)
+        for groups in seed_groups.values():
+            for group in groups:
+                group.store()
         values = torch.cat([loss_sums / seen, hits * 100.0 / seen]).tolist()  # one device->host transfer
         for k, m in enumerate(self.members):
             m.trained = (values[k], values[len(self.members) + k])
-            m.train_flops += self.step_flops * (seen // cfg.batch_size)
+            m.train_flops += m.step_flops(*self.flops_batch) * (seen // cfg.batch_size)
 
     def reset_momentum(self, member: GroupMember) -> None:
-        """Forget one run's momentum (Trainer.reset_momentum after a rollback): its slice of every buffer."""
+        """Forget one run's host momentum (Trainer.reset_momentum after a rollback): its slice of every buffer."""
         k = self.members.index(member)
         for state in self.optimizer.state.values():
             if state.get("momentum_buffer") is not None:

@@ -67,9 +67,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-dir", default=None, help="also write <dir>/<run_id>.jsonl per episode")
     p.add_argument("--runs-dir", default="runs",
                    help="where run directories are created; {seed} in it becomes each episode's seed")
-    p.add_argument("--graft", action="append", default=[], metavar="SLOT:BLUEPRINT",
+    p.add_argument("--graft", action="append", default=[], metavar="[SEED=]SLOT:BLUEPRINT",
                    help="build a seed into the host before epoch 1 (repeatable): train a grown architecture "
-                        "from scratch")
+                        "from scratch; SEED= only in the episode of that seed")
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
@@ -199,7 +199,15 @@ def train_config(args: argparse.Namespace):
     if args.telemetry_level == "off" and (args.telemetry_file or args.telemetry_dir):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
-    grafts = tuple(parse_graft(g, args.slots, fitting) for g in args.graft)
+    parsed = [parse_graft(g, args.slots, fitting) for g in args.graft]
+    grafts = tuple((slot, blueprint) for seed, slot, blueprint in parsed if seed is None)
+    seed_grafts = tuple(graft for graft in parsed if graft[0] is not None)
+    episode_seeds = range(args.seed, args.seed + args.episodes)
+    if seed_grafts and args.mode == "ppo":
+        raise UsageError("--graft SEED=...: PPO's environments are all built alike; give SLOT:BLUEPRINT")
+    if strays := sorted({seed for seed, _, _ in seed_grafts} - set(episode_seeds)):
+        raise UsageError(f"--graft {strays[0]}=...: seed {strays[0]} is not an episode's (--seed {args.seed} "
+                         f"--episodes {args.episodes}: {episode_seeds[0]} to {episode_seeds[-1]})")
     if grouped:
         check_grouped(args, checkpoint_every)
     policy = getattr(args, "policy", None)
@@ -212,7 +220,7 @@ def train_config(args: argparse.Namespace):
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
-                     checkpoint_every=checkpoint_every, grouped=grouped)
+                     checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
 
 
 def grouped_conflicts(args: argparse.Namespace) -> list[str]:
@@ -263,13 +271,17 @@ def check_resume(cfg, run_dir: str) -> None:
         raise UsageError(f"--resume: {exc}") from None
 
 
-def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[str, str]:
-    slot, _, blueprint = text.partition(":")
+def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[int | None, str, str]:
+    """[SEED=]SLOT:BLUEPRINT -> (seed or None, slot, blueprint)."""
+    seed, _, graft = text.rpartition("=")
+    slot, _, blueprint = graft.partition(":")
+    if seed and not seed.isdigit():
+        raise UsageError(f"--graft {text}: {seed!r} is not a seed (SEED=SLOT:BLUEPRINT)")
     if slot not in slots:
         raise UsageError(f"--graft {text}: slot {slot!r} is not among --slots ({' '.join(slots)})")
     if blueprint not in blueprints:
         raise UsageError(f"--graft {text}: not a blueprint of this host (choices: {', '.join(blueprints)})")
-    return slot, blueprint
+    return (int(seed) if seed else None), slot, blueprint
 
 
 def compare_config(args: argparse.Namespace):

@@ -14,7 +14,7 @@ Every run is a child `esper train` process writing its own run directory; up to 
 once on the device (one process per run: see bench/concurrency.py for the measurement behind it). With
 `grouped` an arm's seeds are one child instead, `esper train MODE --grouped`: the hosts as the groups of
 one network and each run's seeds on its group (esper.tolaria.grouped), each seed still its own run
-directory. The from-scratch arm's seeds stay a child each: each has its own architecture to graft.
+directory (from-scratch's child builds in each seed's grown architecture: `--graft SEED=SLOT:BLUEPRINT`).
 Results come back as the children's summary.json files: no objects cross a process boundary. So an
 interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
 run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
@@ -83,8 +83,9 @@ class CompareConfig:
     """Every arm's runs train with the same precision, compilation and memory format (TrainConfig)."""
     workers: int = 1
     grouped: bool = False
-    """Train each arm's seeds (but from-scratch's) as one grouped run (`esper train MODE --grouped`: the
-    hosts as the groups of one network), which takes one of the `workers`; otherwise one process per seed."""
+    """Train each arm's seeds as one grouped run (`esper train MODE --grouped`: the hosts as the groups of
+    one network, each run's seeds on its group), which takes one of the `workers`; otherwise one process
+    per seed."""
     out_dir: str = "compare"
     budget: str = "matched"
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
@@ -113,14 +114,9 @@ def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:
     return Path(cfg.out_dir) / "runs" / arm.name / f"seed{seed}"
 
 
-def grouped(cfg: CompareConfig, arm: Arm) -> bool:
-    """Whether the arm's seeds train as one grouped run: under `cfg.grouped`, every arm whose seeds share
-    one set of flags (from-scratch's grafts differ from seed to seed)."""
-    return cfg.grouped and arm.graft_from is None
-
-
-def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: list[str]) -> list[str]:
-    """The `esper train` of `seeds` (consecutive) of the arm: one process each, or all of a grouped arm's."""
+def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[int, list[str]]) -> list[str]:
+    """The `esper train` of `seeds` (consecutive) of the arm: one process each, or all of them under
+    `cfg.grouped`. `grafts`: seed -> the SLOT:BLUEPRINT seeds its run builds in (from-scratch's)."""
     cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
            "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
            "--seed", str(seeds[0]), "--episodes", str(len(seeds)), "--slots", *cfg.slots, "--device", cfg.device,
@@ -131,11 +127,12 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: list[s
     if cfg.gpu_preload:
         cmd.append("--gpu-preload")
     cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format] + (["--compile"] if cfg.compile else [])
-    for graft in grafts:
-        cmd += ["--graft", graft]
+    for seed, seed_grafts in grafts.items():
+        for graft in seed_grafts:
+            cmd += ["--graft", f"{seed}={graft}"]
     if arm.mode == "learned":
         cmd += ["--policy", cfg.policy]
-    if grouped(cfg, arm):
+    if cfg.grouped:
         cmd.append("--grouped")
     # A comparison's runs are never resumed (a cut-off run starts again): spare each epoch its checkpoint
     # (a copy off the device, an fsync).
@@ -200,7 +197,7 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
 
     def run(arm: Arm, block: list[int]) -> None:
         """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process."""
-        grafts = final_architecture(results[arm.graft_from][block[0]]) if arm.graft_from else []
+        grafts = {seed: final_architecture(results[arm.graft_from][seed]) for seed in block} if arm.graft_from else {}
         started = time.perf_counter()
         label = f"{arm.name} seed {block[0]}" + (f"-{block[-1]}" if len(block) > 1 else "")
         with lock:
@@ -251,7 +248,7 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
             jobs = []
             for arm in phase:
                 todo = [seed for seed in seeds if not finished_already(arm, seed)]
-                jobs += [(arm, block) for block in (consecutive(todo) if grouped(cfg, arm) else [[s] for s in todo])]
+                jobs += [(arm, block) for block in (consecutive(todo) if cfg.grouped else [[s] for s in todo])]
             with ThreadPoolExecutor(cfg.workers) as pool:
                 futures = [pool.submit(run, arm, block) for arm, block in jobs]
                 try:
@@ -380,7 +377,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs"
-        f"{' (each arm but from-scratch grouped: one run of all its seeds)' if cfg.grouped else ''}; "
+        f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",

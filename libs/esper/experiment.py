@@ -59,6 +59,10 @@ class RunConfig:
     """Where run directories are created; "{seed}" in it becomes each episode's seed."""
     checkpoint_every: int = 0
     """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never."""
+    seed_grafts: tuple[tuple[int, str, str], ...] = ()
+    """(seed, slot, blueprint): a seed built in before epoch 1 in the episode of that seed only, besides
+    env.grafts (every episode's); how one grouped `esper compare` child trains from-scratch runs that each
+    have their own grown architecture."""
     grouped: bool = False
     """CNN hosts: train the episodes at once, their hosts as the groups of one network and each one's
     seeds on its group (run_grouped). No checkpoints: a grouped run's optimizer state is its group's."""
@@ -80,6 +84,12 @@ def make_policy(cfg: RunConfig) -> Policy:
     if cfg.mode == "learned":
         return load_policy(cfg.policy)
     return HeuristicPolicy(cfg.heuristic) if cfg.mode == "heuristic" else WaitPolicy()
+
+
+def episode_env(cfg: RunConfig, seed: int) -> EnvConfig:
+    """The episode's environment: cfg.env with the episode's own grafts (RunConfig.seed_grafts) added."""
+    own = tuple((slot, blueprint) for s, slot, blueprint in cfg.seed_grafts if s == seed)
+    return dataclasses.replace(cfg.env, grafts=cfg.env.grafts + own) if own else cfg.env
 
 
 def stage_line(obs: Observation) -> str:
@@ -224,7 +234,7 @@ class Episode:
         if self.state is None:
             self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
                                                        device=str(device), config_json=config_json))
-        self.env = GrowthEnv(cfg.env, data, device, self.telemetry, trainer_factory)
+        self.env = GrowthEnv(episode_env(cfg, seed), data, device, self.telemetry, trainer_factory)
         self.start = time.perf_counter() - (self.state["wall_seconds"] if self.state else 0.0)
         self.curve: list[dict] = list(self.state["curve"]) if self.state else []
         self.progress: Progress | None = None

@@ -71,21 +71,22 @@ def test_compare_flag_errors(argv, needle, capsys):
 def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
     cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous")
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
-        cmd = train_command(cfg, arm, [42], [])
+        cmd = train_command(cfg, arm, [42], {})
         assert cmd[cmd.index("--precision") + 1] == "bf16" and "--compile" in cmd
         assert cmd[cmd.index("--memory-format") + 1] == "contiguous"
-    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
+    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
 
 
-def test_grouped_trains_each_arms_seeds_in_one_grouped_process():
+def test_grouped_trains_each_arms_seeds_in_one_grouped_process_with_its_own_grafts():
     cfg = CompareConfig(task="synthetic", budget="original", grouped=True, arms=("static", "heuristic", "from-scratch",
                                                                              "ppo"), policy="policy.pt")
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
-        cmd = train_command(cfg, arm, [42, 43, 44], [])
-        assert ("--grouped" in cmd) == (arm.name != "from-scratch"), arm
+        cmd = train_command(cfg, arm, [42, 43, 44], {42: ["mid:conv_heavy"], 43: [], 44: ["mid:norm"]})
+        assert "--grouped" in cmd, arm
         assert cmd[cmd.index("--episodes") + 1] == "3" and cmd[cmd.index("--seed") + 1] == "42"
         assert cmd[cmd.index("--runs-dir") + 1].endswith(f"runs/{arm.name}/seed{{seed}}")
-    assert "--grouped" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], [])
+        assert [cmd[i + 1] for i, flag in enumerate(cmd) if flag == "--graft"] == ["42=mid:conv_heavy", "44=mid:norm"]
+    assert "--grouped" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
     assert consecutive([42, 43, 45, 46, 48]) == [[42, 43], [45, 46], [48]] and consecutive([]) == []
 
 
@@ -93,7 +94,7 @@ def test_every_arm_records_the_comparisons_telemetry_level():
     for level in ("normal", "minimal"):
         cfg = CompareConfig(task="synthetic", telemetry_level=level)
         for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
-            cmd = train_command(cfg, arm, [42], [])
+            cmd = train_command(cfg, arm, [42], {})
             assert cmd[cmd.index("--telemetry-level") + 1] == level
 
 
@@ -155,24 +156,26 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_comparison_with_grouped_arms(tmp_path, capsys):
-    """--grouped: the static and heuristic arms' seeds train as one grouped process each, into the usual
-    per-seed folders (each a run directory of its own), and follow the same seeds trained one process
-    each: the same lifecycle epoch by epoch, FLOPs, and losses up to float order; from-scratch's seeds
-    still train one process each, with their own grown architectures."""
+    """--grouped: each arm's seeds train as one grouped process, into the usual per-seed folders (each a
+    run directory of its own), and follow the same seeds trained one process each: the same lifecycle
+    epoch by epoch (from-scratch's runs each with its own grown architecture), FLOPs, and losses up to
+    float order."""
     flags = ["compare", "--task", "synthetic", "--max-epochs", "8", "--max-batches", "5", "--seeds", "2",
              "--slots", "mid", "late", "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5", "--workers", "2"]
     assert main([*flags, "--out", str(tmp_path / "alone")]) == 0
     capsys.readouterr()
     assert main([*flags, "--out", str(tmp_path / "grouped"), "--grouped"]) == 0
     err = capsys.readouterr().err
-    assert "static seed 42-43: " in err and "heuristic seed 42-43: " in err and "from-scratch seed 43: " in err
-    assert "each arm but from-scratch grouped" in (tmp_path / "grouped" / "results.md").read_text()
+    assert all(f"{arm} seed 42-43: " in err for arm in ("static", "heuristic", "from-scratch"))
+    assert "each arm grouped" in (tmp_path / "grouped" / "results.md").read_text()
     alone, grouped = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("alone", "grouped"))
-    assert any(s["seeds"] for s in alone["heuristic"])  # growth happened: the seeds' path is in the group
+    assert any(run["seeds"] for run in alone["heuristic"])  # growth happened: the seeds' path is in the group
+    for grown, scratch in zip(grouped["heuristic"], grouped["from-scratch"], strict=True):  # each its own grafts
+        assert [f"{s['slot']}:{s['blueprint']}" for s in scratch["seeds"]] == final_architecture(grown)
     for arm in ("static", "heuristic", "from-scratch"):
         for seed, a, g in zip((42, 43), alone[arm], grouped[arm], strict=True):
             (config,) = (tmp_path / "grouped" / "runs" / arm / f"seed{seed}").glob("*/config.json")
-            assert json.loads(config.read_text())["grouped"] == (arm != "from-scratch") and g["seed"] == seed
+            assert json.loads(config.read_text())["grouped"] and g["seed"] == seed
             assert g["train_flops"] == a["train_flops"] and g["total_params"] == a["total_params"]
             assert [c["stages"] for c in g["curve"]] == [c["stages"] for c in a["curve"]]
             assert g["curve"][-1]["val_loss"] == pytest.approx(a["curve"][-1]["val_loss"], rel=1e-2)

@@ -270,3 +270,16 @@ def test_ppo_with_grouped_environments_learns_what_ppo_one_environment_at_a_time
         assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-3)
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-3)
         assert a["action_counts"] == b["action_counts"]
+
+
+def test_each_episode_builds_in_its_own_grafts(tmp_path, synthetic_data):
+    """RunConfig.seed_grafts (--graft SEED=SLOT:BLUEPRINT): how one grouped child of esper compare trains
+    from-scratch runs of different grown architectures. Episode 42 gets its conv seed, 43 only the graft
+    every episode gets."""
+    env = EnvConfig(task="synthetic", max_epochs=2, slots=("mid", "late"), grafts=(("late", "norm"),),
+                    train=TrainConfig(max_batches=2))
+    cfg = RunConfig(mode="static", env=env, episodes=2, runs_dir=str(tmp_path), grouped=True,
+                    seed_grafts=((42, "mid", "conv_heavy"),))
+    summaries = experiment.run(cfg, console=Console(file=io.StringIO()))
+    assert [sorted((s["slot"], s["blueprint"], s["fate"]) for s in summary["seeds"]) for summary in summaries] == [
+        [("late", "norm", "fossilized"), ("mid", "conv_heavy", "fossilized")], [("late", "norm", "fossilized")]]

@@ -179,7 +179,6 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     arms = arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     results: dict[str, dict[int, dict]] = {arm.name: {} for arm in arms}
-    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.workers))}
 
     running: dict[str, tuple[Path, subprocess.Popen]] = {}  # "heuristic seed 42" -> its folder and process
     lock = threading.Lock()  # over `running` and `stopping`: no run starts once the comparison stops
@@ -195,15 +194,17 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)  # cut off by the interruption: again
         return False
 
-    def run(arm: Arm, block: list[int]) -> None:
-        """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process."""
+    def run(arm: Arm, block: list[int], threads: int) -> None:
+        """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process,
+        with `threads` CPU threads."""
         grafts = {seed: final_architecture(results[arm.graft_from][seed]) for seed in block} if arm.graft_from else {}
         started = time.perf_counter()
         label = f"{arm.name} seed {block[0]}" + (f"-{block[-1]}" if len(block) > 1 else "")
         with lock:
             if stopping.is_set():
                 return
-            proc = subprocess.Popen(train_command(cfg, arm, block, grafts), env=env, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen(train_command(cfg, arm, block, grafts), stdout=subprocess.DEVNULL,
+                                    env=os.environ | {"OMP_NUM_THREADS": str(threads)},
                                     stderr=subprocess.PIPE, text=True)
             running[label] = (runs_dir(cfg, arm, block[0]), proc)
         try:
@@ -250,7 +251,9 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
                 todo = [seed for seed in seeds if not finished_already(arm, seed)]
                 jobs += [(arm, block) for block in (consecutive(todo) if cfg.grouped else [[s] for s in todo])]
             with ThreadPoolExecutor(cfg.workers) as pool:
-                futures = [pool.submit(run, arm, block) for arm, block in jobs]
+                # The cores shared out among the runs at once: all workers, or fewer jobs (a grouped phase).
+                threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.workers, len(jobs))))
+                futures = [pool.submit(run, arm, block, threads) for arm, block in jobs]
                 try:
                     for future in futures:
                         while not future.done():  # wake each second: a signal's handler runs in this thread

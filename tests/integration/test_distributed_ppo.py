@@ -1,12 +1,14 @@
 """Distributed PPO on loopback: simic_learner, tamiyo_server --policy neural and one tolaria_worker --ppo
---env-processes (and the hub, for telemetry) on `synthetic` with 3-epoch episodes: two rounds of two episodes, two PPO
-updates, every trajectory accepted once, and tamiyo_server deciding with the learner's version 2.
+(and the hub, for telemetry) on `synthetic` with 3-epoch episodes: two rounds of two episodes, two PPO updates,
+every trajectory accepted once, and tamiyo_server deciding with the learner's version 2. The worker runs its
+environments in processes of their own (--env-processes), or trains them grouped (--grouped).
 A duplicate sent after the run is acked DUPLICATE and not applied."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import zmq
 from procs import start_hub, wait_until
@@ -21,7 +23,8 @@ PPO = ["--task", "synthetic", "--max-epochs", "3", "--n-envs", "2", "--update-ev
        "--device", "cpu"]
 
 
-def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(spawn, tmp_path):
+@pytest.mark.parametrize("envs", ["--env-processes", "--grouped"])
+def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(envs, spawn, tmp_path):
     hub = start_hub(spawn)
     summary = tmp_path / "learner.json"
     learner = spawn("simic_learner", *PPO, "--port", "0", "--weights-port", "0", "--hub-pub", hub.endpoints["publish"],
@@ -33,7 +36,7 @@ def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(spawn, 
     worker = spawn("tolaria_worker", "--ppo", *PPO, "--tamiyo", tamiyo.endpoints["grpc"],
                    "--learner", learner.endpoints["trajectories"], "--hub-pub", hub.endpoints["publish"],
                    "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"), "--worker-id", "w0",
-                   "--exit-when-done", "--env-processes")  # its environments in processes of their own
+                   "--exit-when-done", envs)
     assert worker.proc.wait(120) == 0, worker.output()
     assert "trajectories: 2 acked, 0 refused" in worker.output()
 

@@ -3,7 +3,7 @@
 `esper compare` is timed both ways in this session, one after the other, each as the command a
 researcher types with the same --workers: every (arm, seed) one `esper train` process, up to --workers
 at once, then with `--grouped`, where each arm's seeds are one `esper train MODE --grouped` process
-(from-scratch's stay a process each: every seed has its own architecture to graft). The wall times
+(from-scratch's building in each seed's own grown architecture). The wall times
 include what each way pays per process (Python, torch, the data). Each arm's mean test accuracy both
 ways says they trained the same runs (grouped runs follow their runs alone up to float order; a
 growing run's gates read accuracies, so a float-order flip of a decision can make one seed's run

@@ -101,7 +101,7 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
     p.add_argument("--grouped", action="store_true",
                    help="train each arm's seeds as one grouped run (esper train MODE --grouped), one of the "
-                        "--workers; from-scratch's seeds (each its own architecture) stay one process each")
+                        "--workers; from-scratch's builds in each seed's own grown architecture")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
     p.add_argument("--policy", default=None, metavar="CHECKPOINT",

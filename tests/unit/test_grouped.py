@@ -21,8 +21,8 @@ from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv
 from esper.simic.env import step_together
 from esper.tamiyo.network import observation_legal_actions
-from esper.tolaria.grouped import GroupedCNN, GroupMember, TrainerGroup, sgd, train_grouped
-from esper.tolaria.trainer import TrainConfig, Trainer
+from esper.tolaria.grouped import GroupedCNN, GroupMember, TrainerGroup, train_grouped
+from esper.tolaria.trainer import TrainConfig, Trainer, make_optimizer
 
 
 def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
@@ -38,7 +38,8 @@ def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
         torch.testing.assert_close(grouped.host(i).state_dict(), host.state_dict(), rtol=0, atol=0)
 
     generators = [torch.Generator().manual_seed(100 + i) for i in range(k)]
-    train_grouped(grouped, synthetic_data, generators, steps, [sgd(grouped)])
+    optimizer = make_optimizer(grouped.parameters(), TrainConfig(), TrainConfig.lr)  # the Trainer's SGD, every group
+    train_grouped(grouped, synthetic_data, generators, steps, [optimizer])
     for i, host in enumerate(hosts):
         train_alone(host, synthetic_data, torch.Generator().manual_seed(100 + i), steps)
 

@@ -169,7 +169,7 @@ class GrowthEnv:
 
     def begin_step(self, decision: Decision) -> None:
         """The first half of `step`: the operation, and the alphas of the epoch it trains. Between the two
-        halves the trainer's epoch may be trained by a group of runs (tolaria.grouped, `step_lockstep`)."""
+        halves the trainer's epoch may be trained by a group of runs (tolaria.grouped, `step_together`)."""
         with self.own_rng():
             model, tel = self.model, self.telemetry
             model.check_legal(decision.action)

@@ -45,7 +45,7 @@ from esper.kasmina.slot import SeedSlot, through_seed
 from esper.leyline import SeedStage
 from esper.tolaria.augment import eval_batches, stacked_train_batches
 from esper.tolaria.data import Dataset
-from esper.tolaria.trainer import Trainer, TrainConfig
+from esper.tolaria.trainer import Trainer, make_optimizer
 
 S = SeedStage
 
@@ -175,6 +175,8 @@ class SeedGroup:
 
     def __init__(self, members: list[int], trainers: list[GroupMember], slot_name: str, layout: torch.memory_format):
         self.members = members
+        self.every_run = members == list(range(len(trainers)))
+        """Every run of the group is a member (in order): the slot's activations need no gathering."""
         self.slots = [trainers[k].model.slots[slot_name] for k in members]
         self.optimizers = [trainers[k].optimizer_of(slot) for k, slot in zip(members, self.slots)]
         first, n = self.slots[0], len(members)
@@ -193,7 +195,9 @@ class SeedGroup:
             if any(blending) else None
         self.straight = per_channel([float(not b) for b in blending]) if self.stage is None else None
         cfg = trainers[members[0]].cfg
-        self.optimizer = sgd(self.module, cfg, cfg.seed_lr if first.stage in LIVE_STAGES else cfg.lr)
+        # The runs' own SGD over every group at once: element-wise, so each group steps as its run would alone.
+        lr = cfg.seed_lr if first.stage in LIVE_STAGES else cfg.lr
+        self.optimizer = make_optimizer(self.module.parameters(), cfg, lr)
         for name, p in self.module.named_parameters():
             momenta = [opt.state.get(own[name], {}).get("momentum_buffer")
                        for opt, own in zip(self.optimizers, self.own)]
@@ -226,8 +230,8 @@ class SeedGroup:
 
 def through_seed_groups(x: torch.Tensor, seed_groups: list[SeedGroup], k: int) -> torch.Tensor:
     """[B, K C, H, W] activations through a slot's SeedGroups, each on its members' channel groups."""
-    if len(seed_groups) == 1 and seed_groups[0].members == list(range(k)):
-        return seed_groups[0].forward(x)  # every run's seed alike: no gathering
+    if len(seed_groups) == 1 and seed_groups[0].every_run:
+        return seed_groups[0].forward(x)
     groups = list(x.chunk(k, dim=1))
     for seed_group in seed_groups:
         members = seed_group.members
@@ -235,14 +239,6 @@ def through_seed_groups(x: torch.Tensor, seed_groups: list[SeedGroup], k: int) -
         for j, part in zip(members, out.chunk(len(members), dim=1)):
             groups[j] = part
     return torch.cat(groups, dim=1)
-
-
-def sgd(model: nn.Module, cfg: TrainConfig | None = None, lr: float | None = None) -> torch.optim.SGD:
-    """The optimizer tolaria's Trainer gives one run (TrainConfig's settings; `lr`, default the host's),
-    over every group at once: SGD is element-wise, so each group steps as its run would alone."""
-    cfg = cfg or TrainConfig()
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
 
 
 def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Generator], max_batches: int,
@@ -328,7 +324,7 @@ class TrainerGroup:
         self.members = members
         self.hosts = [m.model.host for m in members]
         self.model = GroupedCNN.from_hosts(self.hosts).to(first.device, memory_format=first.layout)
-        self.optimizer = sgd(self.model, cfg)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg, cfg.lr)  # element-wise: each group its run's
         for m in members:
             m.group = self
         self.flops_batch = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,

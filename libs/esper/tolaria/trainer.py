@@ -71,6 +71,15 @@ class TrainConfig:
             raise ValueError(f"memory_format must be auto, channels_last or contiguous, not {self.memory_format!r}")
 
 
+def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer TrainConfig names, at `lr` (the host's, or a live seed's seed_lr)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # beta2 0.99: nanoGPT's choice for few tokens per step
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
+
+
 def layout(memory_format: str, device: torch.device) -> torch.memory_format:
     """TrainConfig.memory_format on `device`, for image batches and convolution weights."""
     if memory_format == "channels_last" or (memory_format == "auto" and device.type == "cpu"):
@@ -114,7 +123,7 @@ class Trainer:
         self.layout = layout(cfg.memory_format, device) if images else torch.contiguous_format
         """Of every batch the model sees, and of its weights: the host's now, each seed's as it joins."""
         model.to(memory_format=self.layout)  # in place: the parameters stay the same objects
-        self.host_opt = self._optimizer(model.host_parameters(), cfg.lr)
+        self.host_opt = make_optimizer(model.host_parameters(), cfg, cfg.lr)
         self.seed_opts: dict[int, torch.optim.Optimizer] = {}
         self.train_flops = 0
         """Forward + backward FLOPs of every training step so far (counted by torch's FlopCounterMode)."""
@@ -138,13 +147,6 @@ class Trainer:
         """The precision the forward passes run in (TrainConfig.precision)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
-        if self.cfg.optimizer == "adamw":  # beta2 0.99: nanoGPT's choice for few tokens per step
-            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=self.cfg.weight_decay)
-        raise ValueError(f"optimizer must be sgd or adamw, not {self.cfg.optimizer!r}")
-
     def sync_optimizers(self) -> None:
         """Give new live seeds an optimizer (and the model's layout); hand fossilized seeds (with momentum)
         to the host's; drop culled."""
@@ -163,7 +165,7 @@ class Trainer:
             del self.seed_opts[seed_id]
         for seed_id, slot in slots_by_id.items():
             if slot.stage in LIVE_STAGES and seed_id not in self.seed_opts:
-                self.seed_opts[seed_id] = self._optimizer(slot.seed.parameters(), self.cfg.seed_lr)
+                self.seed_opts[seed_id] = make_optimizer(slot.seed.parameters(), self.cfg, self.cfg.seed_lr)
 
     def state_dict(self) -> dict:
         """Optimizers, the data-order and augmentation generator and the FLOP counts, as tensors and plain
@@ -185,14 +187,14 @@ class Trainer:
         is left out: the next `sync_optimizers` would drop it anyway."""
         self.model.to(memory_format=self.layout)  # the seeds restored since __init__
         params = dict(self.model.named_parameters())
-        self.host_opt = self._optimizer([{"params": [params[n] for n in group]} for group in state["host_groups"]],
-                                        self.cfg.lr)
+        groups = [{"params": [params[n] for n in group]} for group in state["host_groups"]]
+        self.host_opt = make_optimizer(groups, self.cfg, self.cfg.lr)
         self.host_opt.load_state_dict(state["host_opt"])
         live = {slot.seed_id: slot for slot in self.model.live_seeds().values()}
         self.seed_opts = {}
         for seed_id, opt_state in state["seed_opts"].items():
             if seed_id in live:
-                self.seed_opts[seed_id] = self._optimizer(live[seed_id].seed.parameters(), self.cfg.seed_lr)
+                self.seed_opts[seed_id] = make_optimizer(live[seed_id].seed.parameters(), self.cfg, self.cfg.seed_lr)
                 self.seed_opts[seed_id].load_state_dict(opt_state)
         self.generator.set_state(state["generator"])
         self.train_flops = state["train_flops"]

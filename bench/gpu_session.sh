@@ -11,9 +11,9 @@
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
 #            flags (--grouped)
-#   grouped  growing runs grouped: concurrency by grouped with a seed in every run (one SeedGroup) and with
-#            four kinds of run (four SeedGroups), then compare (5 seeds, 5 epochs) with a process per run
-#            against each arm's seeds as one grouped run
+#   grouped  concurrency by grouped with static runs (the 0.7 K target), with a seed in every run (one
+#            SeedGroup) and with four kinds of run (two SeedGroups: live, fossilized), then compare (5 seeds,
+#            5 epochs) with a process per run against each arm's seeds as one grouped run
 #   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and
 #            grouped (K = 1, 2, 4, 8) with it on
 #   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
@@ -86,7 +86,7 @@ cudnn)
   done
   ;;
 grouped)
-  for stages in BLENDING "none TRAINING BLENDING FOSSILIZED"; do
+  for stages in none BLENDING "none TRAINING BLENDING FOSSILIZED"; do
     timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
       --stage $stages
   done

@@ -6,7 +6,9 @@ aten operators of a training step (forward, backward, optimizer, batching and au
 torch.profiler, for the Esper trainer (cifar10 host, `mid` slot empty or, with `--stage`, holding a
 conv_heavy seed) and for K such runs as one TrainerGroup (esper.tolaria.grouped: the hosts as the
 groups of one network, each run's seed on its group) and, with `--vmap`, for K runs' Esper models as
-one torch.func.vmap (bench/concurrency.py --mechanism vmap). A step's count is the marginal one, from
+one torch.func.vmap (bench/concurrency.py --mechanism vmap), and with `--plain`, for the plain loop that
+trains one run's architecture (bench/growth_overhead.py's: the ceiling of its ratio). A step's count is
+the marginal one, from
 epochs of 2 and 6 steps, so what an epoch does once is left out. If a step's time follows its
 dispatches, K grouped runs can go at most (K x one run's dispatches) / (the grouped step's
 dispatches) times as fast as one run: the ceiling the GPU measurement of bench/concurrency.py
@@ -15,7 +17,7 @@ the parameters one by one (some 40 of one run's dispatches), where CUDA's defaul
 few foreach operators. One run and a grouped network have the same number of parameter tensors, so on
 CUDA both counts drop by the same amount and the ceiling is a little lower than the CPU's.
 
-    python bench/launches.py --data-dir ../shared/data/cifar10 --k 1 2 4 8 [--stage none BLENDING] [--vmap]
+    python bench/launches.py --data-dir ../shared/data/cifar10 --k 1 2 4 8 [--stage none BLENDING] [--vmap] [--plain]
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import dataclasses
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from esper.kasmina import MorphogeneticModel, build_host, export_model
 from esper.tolaria.grouped import GroupMember, TrainerGroup
 
 from concurrency import esper_trainer, vmapped_trainer
-from growth_overhead import cifar10_on_device
+from growth_overhead import cifar10_on_device, grown_model, plain_epoch
 
 
 def dispatches(fn) -> int:
@@ -56,6 +59,15 @@ def per_step(trainers: list, epoch) -> float:
 STEPS = (2, 6)
 
 
+def plain_per_step(stage: str, data, device) -> float:
+    """Dispatches of one more step of the plain loop training the architecture of one run in `stage`: the
+    host alone (none), or host and seed as one exported network (growth_overhead's baseline)."""
+    model = MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device) if stage == "none" \
+        else grown_model("FOSSILIZED", device)
+    counts = [dispatches(plain_epoch(export_model(model), data, device, steps)) for steps in STEPS]
+    return (counts[1] - counts[0]) / (STEPS[1] - STEPS[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -63,13 +75,21 @@ def main() -> None:
                         help="a conv_heavy seed in every run's mid slot, in this stage; several: run i in the i-th "
                              "(cyclically), against one run in each")
     parser.add_argument("--vmap", action="store_true", help="count the vmap mechanism's step too (--stage none)")
+    parser.add_argument("--plain", action="store_true",
+                        help="first, one Esper run against the plain loop training its architecture, per stage")
     args, device, data, name = cifar10_on_device(parser, timed=False)  # it counts, it does not time
     if args.vmap and args.stage != ["none"]:
         parser.error("--vmap batches identical models: --stage none only")
     seeded = f", mid slot: {' / '.join(args.stage)} (conv_heavy), run by run" if args.stage != ["none"] else ""
     print(f"# dispatches per training step on {name}, torch {torch.__version__}, batches of 128{seeded}")
     ones = [esper_trainer(data, device, 1, 0, stage) for stage in args.stage]
-    alone = sum(per_step([trainer], trainer.train_epoch) for trainer in ones) / len(ones)
+    esper_steps = [per_step([trainer], trainer.train_epoch) for trainer in ones]
+    if args.plain:
+        print(f"{'stage':<11}{'esper':>7}{'plain':>7}{'ceiling of esper / plain':>26}")
+        for stage, esper in zip(args.stage, esper_steps):
+            plain = plain_per_step(stage, data, device)
+            print(f"{stage:<11}{esper:>7.1f}{plain:>7.1f}{plain / esper:>25.2f}x")
+    alone = sum(esper_steps) / len(ones)
     print(f"esper trainer, one run: {alone:.1f}" + (" (mean over the stages)" if len(ones) > 1 else ""))
     print(f"{'K':>3}{'grouped, per K-step':>21}{'ceiling vs one run':>20}"
           + (f"{'vmap, per K-step':>18}{'ceiling':>9}" if args.vmap else ""))

@@ -6,11 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esper.tolaria.augment import eval_batches, normalize, random_crop_flip, stacked_train_batches, train_batches
+from esper.tolaria.augment import (
+    crop_flip,
+    draw_crop_flip,
+    eval_batches,
+    normalize,
+    pass_crops,
+    stacked_train_batches,
+    train_batches,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def random_crop_flip(x: torch.Tensor, *, pad: int = 4, generator: torch.Generator) -> torch.Tensor:
+    """x cropped and flipped at random, drawn from `generator`, as a training batch is."""
+    return crop_flip(x, *draw_crop_flip(len(x), pad=pad, generator=generator, device=x.device), pad=pad)
 
 
 def _reference_match(out: torch.Tensor, x: torch.Tensor, pad: int) -> tuple[int, int, bool]:
@@ -58,7 +71,6 @@ def test_crop_flip_is_reproducible_with_the_same_generator():
     first, again = (random_crop_flip(x, generator=_gen(7)) for _ in range(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, random_crop_flip(x, generator=_gen(8)))
-    assert random_crop_flip(x).shape == x.shape  # the global generator works too
 
 
 def test_normalize_values_and_dtype():
@@ -137,6 +149,31 @@ def test_stacked_batches_are_each_runs_own_train_batches():
         for k in range(len(seeds)):
             assert torch.equal(xb[k], alone[k][step][0]) and torch.equal(yb[k], alone[k][step][1])
     assert not torch.equal(stacked[0][1][0], stacked[0][1][1]), "each run has its own order"
+
+
+def test_a_pass_draws_everything_when_it_starts():
+    """Order, crops and flips are drawn before the first batch, so a training step dispatches no random
+    operators: the generator stands where the whole pass leaves it once the first batch is out."""
+    x, y = _indexed_images(100)
+    for augment in (False, True):
+        first, whole = _gen(), _gen()
+        batches = train_batches(x, y, batch_size=8, max_batches=0, generator=first, device="cpu",
+                                augment=augment, **IDENTITY)
+        next(batches)
+        list(train_batches(x, y, batch_size=8, max_batches=0, generator=whole, device="cpu", augment=augment,
+                           **IDENTITY))
+        assert torch.equal(first.get_state(), whole.get_state())
+        assert not torch.equal(first.get_state(), _gen().get_state())
+
+
+def test_pass_crops_lay_out_each_batch_run_by_run():
+    together = pass_crops(5, 4, [_gen(1), _gen(2)], torch.device("cpu"))
+    alone = [pass_crops(5, 4, [_gen(s)], torch.device("cpu")) for s in (1, 2)]
+    for c in range(3):  # dy, dx, flip
+        assert together[c].shape == (5, 8, 1)
+        for i in range(5):
+            assert torch.equal(together[c][i], torch.cat([alone[0][c][i], alone[1][c][i]]))
+    assert together[0].max() <= 8 and together[2].dtype == torch.bool
 
 
 def test_eval_batches_cover_everything_in_order_with_the_partial_batch():

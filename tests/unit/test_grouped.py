@@ -214,7 +214,9 @@ def together_and_alone(data, scripts, grafts, epochs: int) -> tuple[list[GrowthE
             for name in ("train_accuracy", "val_accuracy"):  # 1 point: 2 of 512 training images, 5 of 500 val
                 assert getattr(a.signals, name) == pytest.approx(getattr(b.signals, name), abs=1.0), name
             assert [s.contribution for s in a.slots] == pytest.approx([s.contribution for s in b.slots], abs=1.0)
-            assert [s.seed_grad_norm for s in a.slots] == pytest.approx([s.seed_grad_norm for s in b.slots], rel=0.1)
+            # A last batch's gradient norm follows float order closely: run 0 alone, on 1 thread against 2, had
+            # its early seed's 8% apart in that seed's first epoch (0.0300 / 0.0276) and the grouped run 14%.
+            assert [s.seed_grad_norm for s in a.slots] == pytest.approx([s.seed_grad_norm for s in b.slots], rel=0.2)
     # Weights: float order alone moves them apart by 1e-8 a step, until a max-pool window's two largest
     # values swap and a step's gradient lands on another pixel: measured, up to 8% of a host tensor's
     # movement over these 32 steps, and 28% of a seed's that trained 8 steps on the drifted host. A seed
@@ -253,7 +255,8 @@ def test_runs_that_grow_alike_train_their_seeds_as_one_seed_group(synthetic_data
 def test_ppo_with_grouped_environments_learns_what_ppo_one_environment_at_a_time_learns(tmp_path):
     """esper train ppo --grouped: 8 episodes on 4 environments whose epochs train as one grouped network
     play the episodes the environments stepped one after another play: the same actions, seeds and
-    lifecycle, and episode results and PPO statistics equal up to float order."""
+    lifecycle, and episode results and PPO statistics equal up to float order (and what a prediction it flips
+    moves)."""
     flags = ["train", "ppo", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "3", "--slots", "early",
              "mid", "late", "--n-envs", "4", "--episodes", "8", "--update-every", "1", "--num-workers", "1"]
     summaries = {}
@@ -265,11 +268,13 @@ def test_ppo_with_grouped_environments_learns_what_ppo_one_environment_at_a_time
     for a, b in zip(one["episodes"], grouped["episodes"], strict=True):
         assert (a["actions"], a["seed_fates"], a["total_params"]) == (b["actions"], b["seed_fates"], b["total_params"])
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.0)
-        assert a["return"] == pytest.approx(b["return"], rel=1e-3)
+        assert a["return"] == pytest.approx(b["return"], abs=0.01)  # the terminal reward: 1 point of accuracy
     assert sum(sum(e["seed_fates"].values()) for e in one["episodes"]) > 0  # seeds grew: they were in the groups
+    # Float order flipped one of 512 validation predictions in two episodes (returns 0.002 apart): through the
+    # normalized advantages that moved the first update's policy loss by 0.004 (7%) and its value loss by 1.5%.
     for a, b in zip(one["update_stats"], grouped["update_stats"], strict=True):
-        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-3)
-        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-3)
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], abs=0.01)
+        assert a["value_loss"] == pytest.approx(b["value_loss"], rel=0.05)
         assert a["action_counts"] == b["action_counts"]
 
 

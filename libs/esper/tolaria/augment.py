@@ -1,8 +1,8 @@
 """Batching, augmentation and normalization as tensor ops on the batch's device.
 
-Following airbench, the dataset stays one uint8 tensor (ideally already on the GPU), batch indices
-come from a `randperm` on the generator's device, and a batch is cropped, flipped and normalized in
-a handful of kernels: no per-image Python loop, no DataLoader workers, no `.item()` or `.cpu()`,
+Following airbench, the dataset stays one uint8 tensor (ideally already on the GPU), a pass's random
+draws (its order, a `randperm`, and every image's crop and flip) are made on the generator's device
+when the pass starts, and a batch is cropped, flipped and normalized in a handful of kernels: no per-image Python loop, no DataLoader workers, no `.item()` or `.cpu()`,
 so the training step never waits on the host. Crop and flip run on the uint8 batch (a quarter of
 the bytes of float32) and pad with zeros, i.e. black, as torchvision's `RandomCrop(padding=4)`
 does in the standard CIFAR-10 recipe.
@@ -18,26 +18,18 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-
-def random_crop_flip(
-    x: torch.Tensor, *, pad: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Zero-pad by `pad`, crop back to H x W at a random offset per image, flip half horizontally.
-
-    x: [B, C, H, W], any dtype. The random draws come from `generator` on its own device (x's
-    device when None) and move to x's device, which costs nothing when the two match.
-    """
-    return crop_flip(x, *draw_crop_flip(len(x), pad=pad, generator=generator, device=x.device), pad=pad)
+PAD = 4
+"""Pixels of zero padding a training crop may shift by: CIFAR-10's standard RandomCrop(32, padding=4)."""
 
 
 def draw_crop_flip(
-    b: int, *, pad: int, generator: torch.Generator | None, device: torch.device
+    b: int, *, pad: int, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The random part of random_crop_flip for b images: row and column offsets and flips, [B, 1] each
-    on `device`, drawn from `generator` on its own device (`device` when None)."""
-    gen_device = generator.device if generator is not None else device
-    offsets = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=gen_device)
-    flip = torch.randint(0, 2, (b, 1), generator=generator, device=gen_device).bool()  # [B, 1]
+    """Random crops and flips for b images: row and column offsets in [0, 2 pad] and flips, [B, 1] each on
+    `device`, drawn from `generator` on its own device and moved to `device`, which costs nothing when the
+    two match."""
+    offsets = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=generator.device)
+    flip = torch.randint(0, 2, (b, 1), generator=generator, device=generator.device).bool()  # [B, 1]
     dy, dx = offsets.to(device)  # [B, 1] each
     return dy, dx, flip.to(device)
 
@@ -90,12 +82,13 @@ def train_batches(
     n_batches = batch_count(len(x), batch_size, max_batches)
     perm = shuffled(len(x), generator, x.device)
     device = torch.device(device)
+    crops = pass_crops(n_batches, batch_size, [generator], device) if mean is not None and augment else None
     for i in range(n_batches):
         idx = perm[i * batch_size : (i + 1) * batch_size]  # [B]
         xb, yb = _to_device(x[idx], device), _to_device(y[idx], device)
         if mean is not None:
-            if augment:
-                xb = random_crop_flip(xb, generator=generator)
+            if crops is not None:
+                xb = crop_flip(xb, *(c[i] for c in crops), pad=PAD)
             xb = normalize(xb, mean, std, memory_format)
         yield xb, yb
 
@@ -121,13 +114,24 @@ def stacked_train_batches(
     n_batches = batch_count(len(x), batch_size, max_batches)
     perms = torch.stack([shuffled(len(x), g, x.device) for g in generators])  # [K, N]
     device = torch.device(device)
+    crops = pass_crops(n_batches, batch_size, generators, device)
     for i in range(n_batches):
         idx = perms[:, i * batch_size : (i + 1) * batch_size].reshape(-1)  # [K B], run by run
         xb, yb = _to_device(x[idx], device), _to_device(y[idx], device)
-        dy, dx, flip = (torch.cat(parts) for parts in zip(*(
-            draw_crop_flip(batch_size, pad=4, generator=g, device=device) for g in generators)))
-        xb = normalize(crop_flip(xb, dy, dx, flip, pad=4), mean, std)
+        xb = normalize(crop_flip(xb, *(c[i] for c in crops), pad=PAD), mean, std)
         yield xb.view(k, batch_size, *xb.shape[1:]), yb.view(k, batch_size)
+
+
+def pass_crops(n_batches: int, batch_size: int, generators: list[torch.Generator],
+               device: torch.device) -> list[torch.Tensor]:
+    """Every batch's crops and flips for a pass of K runs (one generator each), drawn when the pass
+    starts: dy, dx and flip, each [n_batches, K B, 1], batch i's K B rows run by run.
+
+    Drawn per pass rather than per batch, a step dispatches no random-number operators at all, whatever
+    K is: drawn per batch, they took a step of 8 grouped runs from 155 operators to 203 (bench/launches.py)."""
+    draws = [draw_crop_flip(n_batches * batch_size, pad=PAD, generator=g, device=device) for g in generators]
+    return [torch.stack(parts).view(len(generators), n_batches, batch_size, 1).transpose(0, 1)
+            .reshape(n_batches, len(generators) * batch_size, 1) for parts in zip(*draws)]
 
 
 def batch_count(n: int, batch_size: int, max_batches: int) -> int:

@@ -5,20 +5,20 @@ A small host leaves a GPU idle between kernel launches, and K runs in K processe
 group k of grouped layers: one Conv2d(K c_in, K c_out, groups=K) per conv, one BatchNorm2d(K c) (its
 per-channel statistics are each run's own), and a grouped 1x1 convolution as the K linear heads. Run
 k's batch is channels [k c_in, (k+1) c_in) of the input, so K runs cost the kernel launches of one.
-Their batches are gathered, augmented and normalized at once too (augment.stacked_train_batches). With
-each run augmenting its own batch, 8 grouped runs dispatched 356 operators a step against one run's 143,
-most of the difference augmentation; stacked, 189 (bench/launches.py). With each run's loss and hits
-summed on the device, as the Trainer does, and channels_last on the CPU: 203 against one Esper run's 147.
+Their batches are gathered, augmented and normalized at once too (augment.stacked_train_batches), and
+every run's random draws for a pass are made when it starts (augment.pass_crops), so a step of K runs
+dispatches as many operators at any K: 152 against one Esper run's 139 (bench/launches.py, on the CPU).
+Augmenting each run's batch on its own had cost 356 at K = 8; drawing each run's crops per batch, 203.
 
 Growing runs' seeds batch the same way. At a slot, the runs whose seeds share a blueprint, live
 (TRAINING or BLENDING) or fossilized, are one SeedGroup: their seeds as the groups of one grouped copy
 of the blueprint (`grouped_seed`), each run at its own alpha. Seeds move, appear and go between epochs
 only, so a group forms its SeedGroups at the start of each epoch from the runs' own seeds (weights,
-BatchNorm statistics, momentum) and hands everything back at its end. Run by run, a blending
-conv_heavy seed in each of 8 runs took the grouped step from 203 operators to 582 (a ceiling of 2.65x
-over one growing run's 193); as one SeedGroup, to 249 (6.20x). Eight runs in four states (no seed,
-and a conv_heavy seed in TRAINING, BLENDING, FOSSILIZED): 322 against one run's 181 on average (4.50x;
-365 with TRAINING and BLENDING seeds in separate groups) (bench/launches.py).
+BatchNorm statistics, momentum) and hands everything back at its end. With a blending conv_heavy seed
+in every run, a grouped step dispatches 198 operators at any K, against one growing run's 185 (run by
+run, the seeds had cost 582 at K = 8). Eight runs in four states (no seed, and a conv_heavy seed in
+TRAINING, BLENDING, FOSSILIZED) dispatch 271 against one run's 173 on average, a ceiling of 5.11x
+(bench/launches.py).
 
 The loss is the sum of the runs' mean losses, so each group gets exactly its own run's gradient, and
 SGD (momentum, weight decay) is element-wise: every group follows the run it stands for, up to the
@@ -248,7 +248,7 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
     """One epoch of `max_batches` SGD steps (0: the whole split) of the K runs at once, run k drawing its
     batches (order and augmentation) from `generators[k]`, exactly as tolaria's Trainer would for that
     run alone. `seed_groups`: the runs' seeds (GroupedCNN.forward); `optimizers` step the grouped weights
-    and the seeds'. Returns each run's summed loss and correct predictions ([K], left on the device: no
+    and the seeds'. Returns each run's mean loss and correct predictions ([K], left on the device: no
     host sync) and the images each run saw. Batches go to the model in `memory_format` (the model's own:
     TrainConfig.memory_format, channels_last on the CPU, where it trained 2 grouped runs 1.3x faster)."""
     device = next(model.parameters()).device
@@ -270,10 +270,11 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
         run_losses.sum().backward()  # the sum of the runs' mean losses: each group gets its run's gradient
         for optimizer in optimizers:
             optimizer.step()
-        loss_sums += run_losses.detach() * batch_size
-        hits += (logits.detach().argmax(-1) == y).sum(0)
+        with torch.no_grad():
+            loss_sums += run_losses
+            hits += (logits.argmax(-1) == y).sum(0)
         seen += batch_size
-    return loss_sums, hits, seen
+    return loss_sums / (seen // batch_size), hits, seen  # full batches: the mean of their means
 
 
 class GroupMember(Trainer):
@@ -354,14 +355,14 @@ class TrainerGroup:
         self.model.load_hosts(self.hosts)
         seed_groups = self.seed_groups()
         optimizers = [self.optimizer, *(g.optimizer for groups in seed_groups.values() for g in groups)]
-        loss_sums, hits, seen = train_grouped(self.model, data, [m.generator for m in self.members], cfg.max_batches,
+        losses, hits, seen = train_grouped(self.model, data, [m.generator for m in self.members], cfg.max_batches,
                                               optimizers, cfg.batch_size, first.layout, seed_groups)
         for k, host in enumerate(self.hosts):
             self.model.store_host(k, host)
         for groups in seed_groups.values():
             for group in groups:
                 group.store()
-        values = torch.cat([loss_sums / seen, hits * 100.0 / seen]).tolist()  # one device->host transfer
+        values = torch.cat([losses, hits * 100.0 / seen]).tolist()  # one device->host transfer
         for k, m in enumerate(self.members):
             m.trained = (values[k], values[len(self.members) + k])
             m.train_flops += m.step_flops(*self.flops_batch) * (seen // cfg.batch_size)

@@ -89,7 +89,9 @@ def layout(memory_format: str, device: torch.device) -> torch.memory_format:
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Over the last dim: [B, classes] logits for [B] labels, or [B, T, vocab] for [B, T] next tokens."""
-    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
+    if logits.dim() > 2:  # a row per token; images' logits go as they are (flattening them costs two operators)
+        logits, y = logits.flatten(0, -2), y.flatten()
+    return F.cross_entropy(logits, y, reduction=reduction)
 
 
 def item_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -210,7 +212,7 @@ class Trainer:
         model, data = self.model, self.data
         optimizers = [self.host_opt, *self.seed_opts.values()]
         model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)  # of the batches' mean losses
         hits = torch.zeros((), device=self.device, dtype=torch.long)
         seen = targets = 0
         for xb, yb in train_batches(
@@ -230,12 +232,15 @@ class Trainer:
                 self.after_backward()
             for opt in optimizers:
                 opt.step()
-            loss_sum += loss.detach() * yb.numel()
-            hits += (logits.detach().argmax(-1) == yb).sum()
+            with torch.no_grad():  # in place on the device, and in the fewest operators: a step dispatches them
+                loss_sum += loss
+                hits += (logits.argmax(-1) == yb).sum()
             seen += yb.shape[0]
             targets += yb.numel()
-        self.train_flops += step_flops * (seen // self.cfg.batch_size)
-        loss_mean, accuracy = torch.stack([loss_sum / targets, hits * 100.0 / targets]).tolist()
+        steps = seen // self.cfg.batch_size
+        self.train_flops += step_flops * steps
+        # Every batch is full, so the mean of the batches' means is the epoch's mean loss.
+        loss_mean, accuracy = torch.stack([loss_sum / steps, hits * 100.0 / targets]).tolist()
         return loss_mean, accuracy
 
     def step_flops(self, xb: torch.Tensor, yb: torch.Tensor) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 5 in one call on a lent device machine (torch preinstalled there).
-# Expects the CIFAR-10 tarball in .devdata/ and a protobuf wheel in .whl/ (both git-ignored, carried by
-# the call). PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the
+# Expects the CIFAR-10 tarball in .devdata/ and wheels of protobuf, pyzmq and pytest (with pluggy, iniconfig,
+# packaging, pygments) in .whl/ (both git-ignored, carried by the call; `pip download -d .whl pytest`). PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the
 # whole script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare
 # took 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's
 # processes line together.
@@ -22,6 +22,7 @@
 #   envs     a PPO round with its environments in one process against a process each and grouped
 #            (n_envs 2, 4, 8)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
+#   cudatests  the tests marked gpu that need no more than torch and pytest (host syncs, host data on the GPU)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -107,6 +108,11 @@ ppo)
   echo "compare_ppo exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare_ppo" && cp /tmp/cmpppo/results.md /tmp/cmpppo/results.json /tmp/cmpppo/*.png "$OUT/compare_ppo/"
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, cudnn, mps, envs, ppo)"; exit 2 ;;
+cudatests)
+  timeout $(limit 60) python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/unit/test_augment.py \
+    tests/unit/test_diagnostics.py
+  ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, cudnn, mps, envs, ppo,"\
+     "cudatests)"; exit 2 ;;
 esac
 done

@@ -41,3 +41,19 @@ def train_alone(host, data, generator: torch.Generator, steps: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopsAt:
+    """`policy` until `epoch`, then an exception: a run that dies mid-episode, in-process."""
+
+    def __init__(self, epoch: int, policy):
+        self.epoch, self.policy = epoch, policy
+
+    def decide(self, obs):
+        if obs.signals.epoch == self.epoch:
+            raise Interrupted
+        return self.policy.decide(obs)

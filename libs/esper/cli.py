@@ -82,9 +82,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
-                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never; "
-                        "default 1, and 0 with --grouped)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never)")
 
 
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
@@ -135,11 +134,12 @@ def build_parser() -> Parser:
         add_checkpoint_flag(modes.choices[mode])
         modes.choices[mode].add_argument(
             "--resume", default=None, metavar="RUN_DIR",
-            help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the run)")
+            help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the "
+                 "run); with --grouped, every episode of the experiment, each in its newest run directory")
         modes.choices[mode].add_argument(
             "--grouped", action="store_true",
             help="train the --episodes at once, their hosts as the groups of one network and each one's seeds "
-                 "on its group (CNN hosts, fp32, no checkpoints): many small runs keep a GPU busy "
+                 "on its group (CNN hosts, fp32): many small runs keep a GPU busy "
                  "(bench/concurrency.py --mechanism grouped)")
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
@@ -182,8 +182,6 @@ def train_config(args: argparse.Namespace):
 
     grouped = getattr(args, "grouped", False) and args.mode != "ppo"  # PPO's: ppo_config (its rounds keep no env state)
     checkpoint_every = getattr(args, "checkpoint_every", 0)
-    if checkpoint_every is None:
-        checkpoint_every = 0 if grouped else 1
     for flag, value, least in (("--episodes", args.episodes, 1), ("--max-epochs", args.max_epochs, 1),
                                ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0),
                                ("--checkpoint-every", checkpoint_every, 0)):
@@ -209,7 +207,7 @@ def train_config(args: argparse.Namespace):
         raise UsageError(f"--graft {strays[0]}=...: seed {strays[0]} is not an episode's (--seed {args.seed} "
                          f"--episodes {args.episodes}: {episode_seeds[0]} to {episode_seeds[-1]})")
     if grouped:
-        check_grouped(args, checkpoint_every)
+        check_grouped(args)
     policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
@@ -232,13 +230,10 @@ def grouped_conflicts(args: argparse.Namespace) -> list[str]:
     return [flag for flag, given in refused if given]
 
 
-def check_grouped(args: argparse.Namespace, checkpoint_every: int) -> None:
-    """--grouped runs start afresh and keep no checkpoints (a run's host momentum is its group's)."""
-    bad = grouped_conflicts(args) + [flag for flag, given in (
-        (f"--checkpoint-every {checkpoint_every}", checkpoint_every != 0), ("--resume", bool(args.resume))) if given]
-    if bad:
-        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without checkpoints or gradient health: "
-                         f"leave out {', '.join(bad)}")
+def check_grouped(args: argparse.Namespace) -> None:
+    if bad := grouped_conflicts(args):
+        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health: leave out "
+                         f"{', '.join(bad)}")
 
 
 def policy_spec(path: str, task: str):
@@ -293,9 +288,8 @@ def compare_config(args: argparse.Namespace):
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
-    if args.grouped and (bad := grouped_conflicts(args)):
-        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health: leave out "
-                         f"{', '.join(bad)}")
+    if args.grouped:
+        check_grouped(args)
     if args.budget == "original" and args.max_epochs != 40:
         raise UsageError("--budget original fixes the budget at 40 epochs: leave out --max-epochs")
     if "from-scratch" in args.arms and "heuristic" not in args.arms:

@@ -24,7 +24,7 @@ from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
-from esper.simic.env import form_groups, step_together
+from esper.simic.env import step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
@@ -65,7 +65,7 @@ class RunConfig:
     have their own grown architecture."""
     grouped: bool = False
     """CNN hosts: train the episodes at once, their hosts as the groups of one network and each one's
-    seeds on its group (run_grouped). No checkpoints: a grouped run's optimizer state is its group's."""
+    seeds on its group (run_grouped)."""
 
 
 def default_device() -> str:
@@ -103,32 +103,32 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     service passes a remote policy and the bus publisher here.
 
     `resume`, a run directory of this config, continues that episode from its checkpoint, then runs the
-    episodes after it. `continue_runs` continues each episode in the newest run directory of this config
-    and episode seed under `runs_dir`, and does not run again one that finished: how a restarted worker
-    picks up its experiment. Either raises ResumeError for a run of other settings."""
+    episodes after it; a grouped experiment resumes as a whole, every episode as `continue_runs` would.
+    `continue_runs` continues each episode in the newest run directory of this config and episode seed
+    under `runs_dir`, and does not run again one that finished: how a restarted worker picks up its
+    experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
-    if cfg.grouped and (cfg.checkpoint_every or resume or continue_runs or policy):
-        raise ValueError("grouped runs keep no checkpoints, start afresh and decide with their mode's own policy")
-    first = 0 if resume is None else episode_of(cfg, resume)
+    resumed = None if resume is None else episode_of(cfg, resume)
+    continue_runs = continue_runs or (cfg.grouped and resume is not None)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
         data = data.to(device)
-    if cfg.grouped:
-        return run_grouped(cfg, data, device, console, sinks)
-    summaries = []
-    for episode in range(first, cfg.episodes):
-        seed = cfg.seed + episode
-        if resume is not None and episode == first:
-            run_dir = resume
-        else:
-            run_dir = find_run(cfg, seed) if continue_runs else None
+    summaries: dict[int, dict] = {}
+    todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
+    for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
+        run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode) if continue_runs else None
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
-            summaries.append(json.loads((run_dir / "summary.json").read_text()))
-            continue
-        summaries.append(run_one(cfg, data, device, seed, console, policy, sinks, run_dir))
-    return summaries
+            summaries[episode] = json.loads((run_dir / "summary.json").read_text())
+        else:
+            todo.append((episode, run_dir))
+    if cfg.grouped:
+        summaries |= run_grouped(cfg, data, device, console, todo, policy, sinks)
+    else:
+        for episode, run_dir in todo:
+            summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir)
+    return [summaries[episode] for episode in sorted(summaries)]
 
 
 def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int]:
@@ -306,29 +306,32 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     return episode.finish(obs)
 
 
-def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console,
-                sinks: tuple[Sink, ...] = ()) -> list[dict]:
-    """Every episode of the experiment at once (RunConfig.grouped). Each is the episode `run_one` would
-    train: its own GrowthEnv, seed, data order, decisions, seeds, run directory and telemetry; only the
-    training steps are batched, the hosts as the groups of one network and each run's seeds acting on
-    its group (esper.tolaria.grouped), so K runs cost about the kernel launches of one plus their seeds'.
-    The episodes step in lockstep (simic.step_together): every run's operation, the group's epoch, then
-    every run's evaluation, governor and telemetry. `sinks` get every run's events (the TUI's, the
-    dashboard's), as run_one's extra sinks do."""
-    seeds = [cfg.seed + i for i in range(cfg.episodes)]
-    episodes = [Episode(cfg, data, device, seed, console, sinks, trainer_factory=GroupMember) for seed in seeds]
-    observations = [episode.env.reset(seed) for episode, seed in zip(episodes, seeds)]
-    form_groups([episode.env for episode in episodes])
-    policy = make_policy(cfg)  # every mode's policy decides from the observation alone
+def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, todo: list[tuple[int, Path | None]],
+                policy: Policy | None = None, sinks: tuple[Sink, ...] = ()) -> dict[int, dict]:
+    """The episodes `todo` at once (RunConfig.grouped), each in a new run directory or continued in its own;
+    returns their summaries by episode. Each is the episode `run_one` would train: its own GrowthEnv, seed,
+    data order, decisions, seeds, run directory, telemetry and checkpoints; only the training steps are
+    batched, the hosts as the groups of one network and each run's seeds acting on its group
+    (esper.tolaria.grouped), so K runs cost about the kernel launches of one plus their seeds'. The
+    episodes step together (simic.step_together): every run's operation, the group's epoch, then every
+    run's evaluation, governor and telemetry; continued ones may be at different epochs, and each stops
+    stepping at its last. `sinks` get every run's events (the TUI's, the dashboard's), as run_one's extra
+    sinks do."""
+    policy = policy or make_policy(cfg)
+    episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember)
+                for episode, run_dir in todo}
+    last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])
+            for episode, e in episodes.items()}
     with progress_bars(console) as progress:
-        for episode in episodes:
-            episode.show_in(progress)
-        for _ in range(cfg.env.max_epochs):
-            decisions = [policy.decide(obs) for obs in observations]
-            observations = [obs for obs, _ in step_together([episode.env for episode in episodes], decisions)]
-            for episode, obs in zip(episodes, observations):
-                episode.epoch_done(obs)
-    return [episode.finish(obs) for episode, obs in zip(episodes, observations)]
+        for e in episodes.values():
+            e.show_in(progress)
+        while stepping := [episode for episode, e in episodes.items() if e.env.epoch < cfg.env.max_epochs]:
+            stepped = step_together([episodes[episode].env for episode in stepping],
+                                    [policy.decide(last[episode]) for episode in stepping])
+            for episode, (obs, _) in zip(stepping, stepped):
+                last[episode] = obs
+                episodes[episode].epoch_done(obs)
+    return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

@@ -201,3 +201,25 @@ def test_host_data_reaches_the_gpu_and_matches_the_cpu_pipeline():
     gen = torch.Generator(device=cuda).manual_seed(0)
     out = random_crop_flip(x.to(cuda), generator=gen)  # draws and gather all on the GPU
     assert out.is_cuda and _items(out.float()) == list(range(64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a host sync only exists with a device")
+def test_a_pass_of_host_data_never_waits_for_the_gpu():
+    """CUDA's sync debug mode raises on any operation that waits for the device. With the dataset in host
+    memory (no --gpu-preload), a pass's batches, draws and augmentation reach the GPU without one, one run's
+    or K runs' at once, so the training step never stalls the host (a plain copy of the draws did, per batch)."""
+    x, y = _indexed_images(256)
+    cuda = torch.device("cuda")
+    stats = {name: value.to(cuda) for name, value in IDENTITY.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        alone = list(train_batches(x, y, batch_size=16, max_batches=0, generator=_gen(), device=cuda, **stats))
+        stacked = list(stacked_train_batches(x, y, batch_size=16, max_batches=0, generators=[_gen(1), _gen(2)],
+                                             device=cuda, **stats))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(alone) == len(stacked) == 16
+    assert all(xb.is_cuda and yb.is_cuda for xb, yb in alone + stacked)
+    assert _items(alone[0][0]) == alone[0][1].tolist()  # each image still with its label

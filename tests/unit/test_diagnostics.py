@@ -96,6 +96,7 @@ def test_gradient_monitor_flags_vanishing_exploding_and_non_finite_layers():
     assert report["bad"].exploding and not report["bad"].max_norm == report["bad"].max_norm  # NaN kept visible
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a host sync only exists with a device")
 def test_gradient_monitor_never_syncs_with_the_device_per_batch():
     """CUDA's sync debug mode raises on any operation that waits for the device (.item(), .cpu(),

@@ -16,6 +16,7 @@ from esper.simic.checkpoint import load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.trainer import TrainConfig
+from support import Interrupted, StopsAt
 
 EAGER = HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=3, plateau_patience=2))
 FORMAT = "esper.test.episode/1"
@@ -104,22 +105,6 @@ def test_resume_refuses_another_run(synthetic_data):
         other.resume(env.state_dict())
 
 
-class Interrupted(Exception):
-    pass
-
-
-class StopsAt:
-    """`policy` (the eager heuristic) until `epoch`, then an exception: a run that dies mid-episode, in-process."""
-
-    def __init__(self, epoch: int, policy=EAGER):
-        self.epoch, self.policy = epoch, policy
-
-    def decide(self, obs):
-        if obs.signals.epoch == self.epoch:
-            raise Interrupted
-        return self.policy.decide(obs)
-
-
 @pytest.fixture(scope="module")
 def saved_policy(tmp_path_factory) -> str:
     """A PPO policy for the synthetic task with slots early and mid (two updates of `esper train ppo`)."""
@@ -166,7 +151,7 @@ def test_continue_runs_resumes_an_unfinished_run_and_skips_a_finished_one(tmp_pa
     cfg = train_config(build_parser().parse_args(["train", "heuristic", *flags, "--runs-dir", str(tmp_path)]))
     run_dirs = lambda: sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     with pytest.raises(Interrupted):
-        run(cfg, policy=StopsAt(2), continue_runs=True)
+        run(cfg, policy=StopsAt(2, EAGER), continue_runs=True)
     first = run_dirs()
     assert run(cfg, continue_runs=True)[0]["epochs"] == 3
     assert "resuming after epoch 2" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import torch
 
 from esper.leyline import Decision, Observation
 from esper.nissa import Telemetry
-from esper.simic.env import EnvConfig, GrowthEnv, form_groups, step_together
+from esper.simic.env import EnvConfig, GrowthEnv, step_together
 from esper.simic.env_process import EnvProcess
 from esper.simic.rewards import Rewarder
 from esper.simic.rollout import Rollout
@@ -57,8 +57,6 @@ def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: 
     rewards, and each environment's final observation. The last epoch is a termination (ppo.compute_gae).
     `grouped`: environments of make_envs(grouped=True), whose epochs train together (simic.step_together)."""
     obs = reset_all(envs, seeds)
-    if grouped:
-        form_groups(envs)
     for rewarder, o in zip(rewarders, obs):
         rewarder.reset(o)
     n = len(envs)

@@ -297,21 +297,15 @@ def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, state:
     return obs
 
 
-def form_groups(envs: list[GrowthEnv]) -> None:
-    """A TrainerGroup of the environments' trainers (GroupMembers) on each device: after `reset`, which
-    builds them, and before `step_together`."""
+def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tuple[Observation, bool]]:
+    """Each environment's `step` (their trainers GroupMembers), their epochs trained together: every
+    operation first, then one TrainerGroup's epoch per device, then every environment's evaluation and
+    report. The environments may be at different epochs (a resumed experiment's)."""
+    for env, decision in zip(envs, decisions, strict=True):
+        env.begin_step(decision)
     by_device: dict[torch.device, list[GroupMember]] = {}
     for env in envs:
         by_device.setdefault(env.device, []).append(env.trainer)
     for members in by_device.values():
-        TrainerGroup(members)
-
-
-def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tuple[Observation, bool]]:
-    """Each environment's `step`, their epochs trained together by the groups of `form_groups`: every
-    operation first, then each group's epoch, then every environment's evaluation and report."""
-    for env, decision in zip(envs, decisions, strict=True):
-        env.begin_step(decision)
-    for group in {id(env.trainer.group): env.trainer.group for env in envs}.values():
-        group.train_epoch()
+        TrainerGroup(members).train_epoch()
     return [env.end_step() for env in envs]

@@ -26,12 +26,11 @@ def draw_crop_flip(
     b: int, *, pad: int, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random crops and flips for b images: row and column offsets in [0, 2 pad] and flips, [B, 1] each on
-    `device`, drawn from `generator` on its own device and moved to `device`, which costs nothing when the
-    two match."""
+    `device`, drawn from `generator` on its own device and moved to `device` without waiting for it."""
     offsets = torch.randint(0, 2 * pad + 1, (2, b, 1), generator=generator, device=generator.device)
     flip = torch.randint(0, 2, (b, 1), generator=generator, device=generator.device).bool()  # [B, 1]
-    dy, dx = offsets.to(device)  # [B, 1] each
-    return dy, dx, flip.to(device)
+    dy, dx = _to_device(offsets, device)  # [B, 1] each
+    return dy, dx, _to_device(flip, device)
 
 
 def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, *, pad: int) -> torch.Tensor:
@@ -172,7 +171,8 @@ def eval_batches(
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-to-GPU copies go through pinned memory so they overlap with compute."""
+    """Host-to-GPU copies go through pinned memory so they overlap with compute: a plain copy from pageable
+    memory waits for the GPU to finish all it was given (a host sync)."""
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -82,6 +82,30 @@ def store_group(grouped: nn.Module, j: int, target_of: Callable[[str], torch.Ten
             target.copy_(tensor.chunk(k)[j].view_as(target))
 
 
+def load_momentum(optimizer: torch.optim.Optimizer, grouped: nn.Module, tensor_of: Callable[[int, str], torch.Tensor],
+                  run_optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Group j of each grouped parameter's momentum from run j's own optimizer (its buffer of `tensor_of(j,
+    name)`), zeros for a run that has none yet: SGD's first step from a zero buffer is its first step."""
+    for name, p in grouped.named_parameters():
+        momenta = [opt.state.get(tensor_of(j, name), {}).get("momentum_buffer") for j, opt in enumerate(run_optimizers)]
+        if any(m is not None for m in momenta):
+            parts = [torch.zeros_like(tensor_of(j, name)) if m is None else m for j, m in enumerate(momenta)]
+            optimizer.state[p]["momentum_buffer"] = torch.cat(parts).view_as(p)
+
+
+@torch.no_grad()
+def store_momentum(optimizer: torch.optim.Optimizer, grouped: nn.Module, tensor_of: Callable[[int, str], torch.Tensor],
+                   run_optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Group j of each grouped parameter's momentum into run j's own optimizer, for `tensor_of(j, name)`."""
+    k = len(run_optimizers)
+    for name, p in grouped.named_parameters():
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buffer is not None:
+            for j, opt in enumerate(run_optimizers):
+                target = tensor_of(j, name)
+                opt.state[target]["momentum_buffer"] = buffer.chunk(k)[j].view_as(target).clone()
+
+
 class GroupedCNN(nn.Module):
     """K CNNHosts of one spec as one module: [B, K c_in, H, W] images in, [B, K, classes] logits out."""
 
@@ -185,7 +209,7 @@ class SeedGroup:
         device = next(first.seed.parameters()).device
         self.module = grouped_seed(first.seed, n).to(device, memory_format=layout).train()
         self.own = [slot.seed.state_dict(keep_vars=True) for slot in self.slots]
-        load_groups(self.module, lambda j, name: self.own[j][name], n)
+        load_groups(self.module, self.own_tensor, n)
 
         def per_channel(values: list[float]) -> torch.Tensor:  # a value per run over its channels: [1, n C, 1, 1]
             return torch.tensor(values).repeat_interleave(first.channels).view(1, -1, 1, 1).to(device)
@@ -198,12 +222,11 @@ class SeedGroup:
         # The runs' own SGD over every group at once: element-wise, so each group steps as its run would alone.
         lr = cfg.seed_lr if first.stage in LIVE_STAGES else cfg.lr
         self.optimizer = make_optimizer(self.module.parameters(), cfg, lr)
-        for name, p in self.module.named_parameters():
-            momenta = [opt.state.get(own[name], {}).get("momentum_buffer")
-                       for opt, own in zip(self.optimizers, self.own)]
-            if any(m is not None for m in momenta):
-                parts = [torch.zeros_like(own[name]) if m is None else m for m, own in zip(momenta, self.own)]
-                self.optimizer.state[p]["momentum_buffer"] = torch.cat(parts).view_as(p).clone()
+        load_momentum(self.optimizer, self.module, self.own_tensor, self.optimizers)
+
+    def own_tensor(self, j: int, name: str) -> torch.Tensor:
+        """Member j's seed's own tensor that the grouped seed's `name` stands for."""
+        return self.own[j][name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The members' activations ([B, n C, H, W]) through their seeds."""
@@ -221,11 +244,8 @@ class SeedGroup:
         for j, own in enumerate(self.own):
             store_group(self.module, j, own.__getitem__, n)
             for name, p in self.module.named_parameters():
-                target = own[name]
-                target.grad = None if p.grad is None else p.grad.chunk(n)[j].view_as(target).clone()
-                buffer = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if buffer is not None:
-                    self.optimizers[j].state[target]["momentum_buffer"] = buffer.chunk(n)[j].view_as(target).clone()
+                own[name].grad = None if p.grad is None else p.grad.chunk(n)[j].view_as(own[name]).clone()
+        store_momentum(self.optimizer, self.module, self.own_tensor, self.optimizers)
 
 
 def through_seed_groups(x: torch.Tensor, seed_groups: list[SeedGroup], k: int) -> torch.Tensor:
@@ -280,12 +300,13 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
 class GroupMember(Trainer):
     """One run's Trainer in a TrainerGroup. The group trains the run's epochs, with the other runs', and
     copies the run's weights back into its model; all else (evaluation, the counterfactual, FLOP counts,
-    the test split) is the plain Trainer's, on the run's own model. Its optimizers are never stepped:
-    they hold the run's seeds' momentum between epochs, which the group's SeedGroups load and store."""
+    the test split) is the plain Trainer's, on the run's own model. Its optimizers are never stepped: they
+    hold the run's momentum between epochs (host and seeds), which the group loads and stores, so between
+    epochs a member is exactly a lone run's Trainer: its checkpoint, a rollback's reset_momentum and a
+    resume are the Trainer's own."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.group: TrainerGroup | None = None
         self.trained: tuple[float, float] | None = None  # this epoch's (loss, accuracy), set by the group
 
     def train_epoch(self) -> tuple[float, float]:
@@ -301,19 +322,14 @@ class GroupMember(Trainer):
         """The optimizer that holds a seed's momentum: its own while live, the host's once fossilized."""
         return self.seed_opts[slot.seed_id] if slot.stage in LIVE_STAGES else self.host_opt
 
-    def reset_momentum(self) -> None:
-        super().reset_momentum()  # the fossilized seeds'
-        self.group.reset_momentum(self)
-
-    def state_dict(self) -> dict:
-        raise RuntimeError("a grouped run keeps no checkpoint: its host's optimizer state is its group's")
-
 
 class TrainerGroup:
     """K runs of one CNN host and one set of slots trained as the groups of one GroupedCNN, their seeds
     as SeedGroups (esper train --grouped, and PPO's environments under --grouped). The runs' own models
-    stay the truth between epochs: each epoch starts from them (so a governor's rollback of one run
-    holds) and ends by copying every group back into its run's model."""
+    and optimizers stay the truth between epochs: each epoch loads weights, BatchNorm statistics and
+    momentum from them (so a governor's rollback of one run holds) and ends by handing every group's back
+    to its run. A group holds nothing across epochs, so simic.step_together forms one for every epoch
+    from whichever runs step."""
 
     def __init__(self, members: list[GroupMember]):
         first = members[0]
@@ -325,13 +341,14 @@ class TrainerGroup:
         self.members = members
         self.hosts = [m.model.host for m in members]
         self.model = GroupedCNN.from_hosts(self.hosts).to(first.device, memory_format=first.layout)
-        self.optimizer = make_optimizer(self.model.parameters(), cfg, cfg.lr)  # element-wise: each group its run's
-        for m in members:
-            m.group = self
         self.flops_batch = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,
                                              device=first.device, mean=first.mean, std=first.std,
                                              memory_format=first.layout))
         """A batch to count a run's training step on (Trainer.step_flops, once per architecture)."""
+
+    def host_tensor(self, k: int, name: str) -> torch.Tensor:
+        """Run k's host tensor that the grouped model's `name` stands for."""
+        return host_tensor(self.hosts[k], name)
 
     def seed_groups(self) -> dict[int, list[SeedGroup]]:
         """Block index -> the SeedGroups of the slot after it: the runs' acting seeds, by blueprint, live
@@ -353,12 +370,16 @@ class TrainerGroup:
         for m in self.members:
             m.sync_optimizers()  # the seeds germinated, fossilized or culled since the last epoch
         self.model.load_hosts(self.hosts)
+        host_optimizers = [m.host_opt for m in self.members]
+        optimizer = make_optimizer(self.model.parameters(), cfg, cfg.lr)  # element-wise: each group its run's
+        load_momentum(optimizer, self.model, self.host_tensor, host_optimizers)
         seed_groups = self.seed_groups()
-        optimizers = [self.optimizer, *(g.optimizer for groups in seed_groups.values() for g in groups)]
+        optimizers = [optimizer, *(g.optimizer for groups in seed_groups.values() for g in groups)]
         losses, hits, seen = train_grouped(self.model, data, [m.generator for m in self.members], cfg.max_batches,
-                                              optimizers, cfg.batch_size, first.layout, seed_groups)
+                                           optimizers, cfg.batch_size, first.layout, seed_groups)
         for k, host in enumerate(self.hosts):
             self.model.store_host(k, host)
+        store_momentum(optimizer, self.model, self.host_tensor, host_optimizers)
         for groups in seed_groups.values():
             for group in groups:
                 group.store()
@@ -366,10 +387,3 @@ class TrainerGroup:
         for k, m in enumerate(self.members):
             m.trained = (values[k], values[len(self.members) + k])
             m.train_flops += m.step_flops(*self.flops_batch) * (seen // cfg.batch_size)
-
-    def reset_momentum(self, member: GroupMember) -> None:
-        """Forget one run's host momentum (Trainer.reset_momentum after a rollback): its slice of every buffer."""
-        k = self.members.index(member)
-        for state in self.optimizer.state.values():
-            if state.get("momentum_buffer") is not None:
-                state["momentum_buffer"].chunk(len(self.members))[k].zero_()

@@ -60,6 +60,15 @@ def grouped_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
     )
 
 
+def unfilled(build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """`build()`'s module with its tensors allocated on `device` but not initialized, for load_groups to fill
+    every one: a group is formed every epoch, and a plain build would run a K-wide random initialization on
+    the CPU, then copy it over."""
+    with torch.device("meta"):
+        module = build()
+    return module.to_empty(device=device)
+
+
 @torch.no_grad()
 def load_groups(grouped: nn.Module, tensor_of: Callable[[int, str], torch.Tensor], k: int) -> None:
     """Group j of every grouped tensor from run j's (`tensor_of(j, name)`). A count (BatchNorm's batches
@@ -131,7 +140,7 @@ class GroupedCNN(nn.Module):
     @classmethod
     def from_hosts(cls, hosts: list[CNNHost]) -> GroupedCNN:
         """The K hosts' weights and BatchNorm statistics, each as its group (each run keeps its own init)."""
-        grouped = cls(hosts[0].spec, len(hosts))
+        grouped = unfilled(lambda: cls(hosts[0].spec, len(hosts)), next(hosts[0].parameters()).device)
         grouped.load_hosts(hosts)
         return grouped
 
@@ -207,9 +216,10 @@ class SeedGroup:
         stages = {slot.stage for slot in self.slots}
         self.stage = stages.pop() if len(stages) == 1 else None  # None: TRAINING and BLENDING seeds together
         device = next(first.seed.parameters()).device
-        self.module = grouped_seed(first.seed, n).to(device, memory_format=layout).train()
+        self.module = unfilled(lambda: grouped_seed(first.seed, n), device)
         self.own = [slot.seed.state_dict(keep_vars=True) for slot in self.slots]
         load_groups(self.module, self.own_tensor, n)
+        self.module.to(memory_format=layout).train()
 
         def per_channel(values: list[float]) -> torch.Tensor:  # a value per run over its channels: [1, n C, 1, 1]
             return torch.tensor(values).repeat_interleave(first.channels).view(1, -1, 1, 1).to(device)
@@ -340,7 +350,9 @@ class TrainerGroup:
             raise ValueError("grouped runs have the same slots on the same device")
         self.members = members
         self.hosts = [m.model.host for m in members]
-        self.model = GroupedCNN.from_hosts(self.hosts).to(first.device, memory_format=first.layout)
+        # filled from the runs' hosts by every train_epoch
+        self.model = unfilled(lambda: GroupedCNN(first.model.host.spec, len(members)), first.device) \
+            .to(memory_format=first.layout)
         self.flops_batch = next(eval_batches(first.data.train_x, first.data.train_y, batch_size=cfg.batch_size,
                                              device=first.device, mean=first.mean, std=first.std,
                                              memory_format=first.layout))

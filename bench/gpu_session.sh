@@ -12,8 +12,9 @@
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
 #            flags (--grouped)
 #   grouped  concurrency by grouped with static runs (the 0.7 K target), with a seed in every run (one
-#            SeedGroup) and with four kinds of run (two SeedGroups: live, fossilized), then compare (5 seeds,
-#            5 epochs) with a process per run against each arm's seeds as one grouped run
+#            SeedGroup) and with four kinds of run (two SeedGroups: live, fossilized)
+#   groupedcompare  compare (5 seeds, 5 epochs) with a process per run against each arm's seeds as one
+#            grouped run
 #   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and
 #            grouped (K = 1, 2, 4, 8) with it on
 #   mps      concurrency by processes and envs again, and the comparison (unless MPS_COMPARE=0), under an MPS daemon
@@ -91,6 +92,8 @@ grouped)
     timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
       --stage $stages
   done
+  ;;
+groupedcompare)
   timeout $(limit 200) python3 bench/compare_grouped.py --device cuda:0 --seeds 5 --workers 5 --max-epochs 5 --max-batches 0
   ;;
 envs)
@@ -112,7 +115,7 @@ cudatests)
   timeout $(limit 60) python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/unit/test_augment.py \
     tests/unit/test_diagnostics.py
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, cudnn, mps, envs, ppo,"\
-     "cudatests)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, groupedcompare, cudnn,"\
+     "mps, envs, ppo, cudatests)"; exit 2 ;;
 esac
 done

@@ -2,10 +2,11 @@
 
 Following airbench, the dataset stays one uint8 tensor (ideally already on the GPU), a pass's random
 draws (its order, a `randperm`, and every image's crop and flip) are made on the generator's device
-when the pass starts, and a batch is cropped, flipped and normalized in a handful of kernels: no per-image Python loop, no DataLoader workers, no `.item()` or `.cpu()`,
-so the training step never waits on the host. Crop and flip run on the uint8 batch (a quarter of
-the bytes of float32) and pad with zeros, i.e. black, as torchvision's `RandomCrop(padding=4)`
-does in the standard CIFAR-10 recipe.
+when the pass starts, and a batch is cropped, flipped and normalized in a handful of kernels: no
+per-image Python loop, no DataLoader workers, no `.item()` or `.cpu()`, and from host memory only
+pinned, non-blocking copies, so the training step never waits on the device. Crop and flip run on the
+uint8 batch (a quarter of the bytes of float32) and pad with zeros, i.e. black, as torchvision's
+`RandomCrop(padding=4)` does in the standard CIFAR-10 recipe.
 
 Token windows (a language model's data) share the batching: with `mean` None a batch goes to the
 model as it is, never normalized or augmented.

@@ -101,8 +101,7 @@ def test_a_grouped_static_experiment_follows_its_runs_trained_alone(tmp_path, sy
         for a, b in zip(together["curve"], alone["curve"], strict=True):
             assert a["train_flops"] == b["train_flops"] and a["stages"] == b["stages"]
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
-            # measured: seeds 42 and 43 exact, 44 (its seeds now in other SeedGroups) 0.3% off in val loss
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
     losses = [s["curve"][-1]["train_loss"] for s in summaries[True]]
     assert len(set(losses)) == 3  # the seeds' runs differ: runs given each other's groups would fail above
 

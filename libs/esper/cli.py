@@ -221,19 +221,16 @@ def train_config(args: argparse.Namespace):
                      checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
 
 
-def grouped_conflicts(args: argparse.Namespace) -> list[str]:
-    """The flags of `esper train` or `esper compare` that grouped runs (esper.tolaria.grouped) cannot
-    take: they train CNN hosts in fp32, eagerly, with no gradient health (it reads a run's own backward)."""
+def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
+    """Refuses the flags of `esper train` or `esper compare` that grouped runs (esper.tolaria.grouped) cannot
+    take, and `also` (the command's own): they train CNN hosts in fp32, eagerly, with no gradient health (it
+    reads a run's own backward)."""
     refused = [("--task " + args.task, HOSTS[TASK_HOSTS[args.task]].kind != "cnn"),
                ("--precision bf16", args.precision != "fp32"), ("--compile", args.compile),
                ("--telemetry-level debug", args.telemetry_level == "debug")]
-    return [flag for flag, given in refused if given]
-
-
-def check_grouped(args: argparse.Namespace) -> None:
-    if bad := grouped_conflicts(args):
-        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health: leave out "
-                         f"{', '.join(bad)}")
+    if bad := [flag for flag, given in refused if given] + list(also):
+        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health, in one process: "
+                         f"leave out {', '.join(bad)}")
 
 
 def policy_spec(path: str, task: str):

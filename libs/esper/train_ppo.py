@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from esper.cli import UsageError, grouped_conflicts, resolve_device
+from esper.cli import UsageError, check_grouped, resolve_device
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
@@ -119,9 +119,8 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
         raise UsageError("--entropy-anneal-episodes needs --entropy-coef-start or --entropy-coef-end to anneal")
     if args.num_workers is not None and args.num_workers < 1:
         raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
-    if args.grouped and (bad := grouped_conflicts(args) + (["--env-processes"] if args.env_processes else [])):
-        raise UsageError(f"--grouped trains CNN hosts in fp32, eagerly, without gradient health, in this process: "
-                         f"leave out {', '.join(bad)}")
+    if args.grouped:
+        check_grouped(args, ("--env-processes",) if args.env_processes else ())
     devices = tuple(resolve_device(d) for d in args.devices or ())
     try:
         ppo = PPOConfig(

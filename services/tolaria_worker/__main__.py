@@ -170,7 +170,7 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                              processes=processes, grouped=cfg.run.grouped)
             rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
             rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
-                                    env_cfg.max_epochs, cfg.run.grouped)
+                                    env_cfg.max_epochs)
             sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
             sender.poll(0)
             versions = sorted(set(rollout.policy_version.flatten().tolist()))

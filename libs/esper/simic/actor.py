@@ -39,8 +39,8 @@ def make_envs(env_cfg: EnvConfig, data: dict[str, Dataset], devices: tuple[str, 
               grouped: bool = False) -> list[GrowthEnv | EnvProcess]:
     """One environment per episode, on `devices` round robin; data: the dataset per device. With
     `processes` (started on the same devices round robin: env_process.start_env_processes), the first of
-    them, each given its episode's telemetry. `grouped`: GrowthEnvs whose epochs the environments on a
-    device train together (tolaria.grouped; play_round(grouped=True) forms the groups)."""
+    them, each given its episode's telemetry. `grouped`: GrowthEnvs with GroupMember trainers, whose
+    epochs the environments on a device train together (play_round steps them with simic.step_together)."""
     if processes:
         envs = list(processes[:len(episodes)])
         for env, episode in zip(envs, episodes):
@@ -52,11 +52,12 @@ def make_envs(env_cfg: EnvConfig, data: dict[str, Dataset], devices: tuple[str, 
 
 
 def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: list[Rewarder], codec: ActionCodec,
-               act: Act, max_epochs: int, grouped: bool = False) -> tuple[Rollout, list[Observation]]:
+               act: Act, max_epochs: int) -> tuple[Rollout, list[Observation]]:
     """One whole episode in each environment (reset with its seed): the rollout [max_epochs, N] with raw
     rewards, and each environment's final observation. The last epoch is a termination (ppo.compute_gae).
-    `grouped`: environments of make_envs(grouped=True), whose epochs train together (simic.step_together)."""
+    Environments of make_envs(grouped=True) train their epochs together (simic.step_together)."""
     obs = reset_all(envs, seeds)
+    grouped = isinstance(getattr(envs[0], "trainer", None), GroupMember)  # built by reset
     for rewarder, o in zip(rewarders, obs):
         rewarder.reset(o)
     n = len(envs)

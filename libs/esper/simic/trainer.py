@@ -160,7 +160,7 @@ class PPOTrainer:
                          self.env_processes, self.grouped)
         rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
         rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, self.codec, self.act,
-                                  self.env_cfg.max_epochs, self.grouped)
+                                  self.env_cfg.max_epochs)
         if cfg.ppo.norm_reward:
             rollout.rewards = self.reward_norm.episodes(rollout.rewards)
         self.global_step += rollout.num_steps

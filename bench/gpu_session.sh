@@ -12,7 +12,8 @@
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
 #            flags (--grouped)
 #   grouped  concurrency by grouped with static runs (the 0.7 K target), with a seed in every run (one
-#            SeedGroup) and with four kinds of run (two SeedGroups: live, fossilized)
+#            SeedGroup) and with four kinds of run (no seed, TRAINING, BLENDING, FOSSILIZED: one SeedGroup
+#            over the seeded runs' channels, gathered)
 #   groupedcompare  compare (5 seeds, 5 epochs) with a process per run against each arm's seeds as one
 #            grouped run
 #   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and

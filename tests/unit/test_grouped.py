@@ -16,13 +16,15 @@ from esper.cli import build_parser, main, train_config
 from esper.experiment import RunConfig
 from esper.kasmina import MorphogeneticModel, build_host
 from esper.kasmina import LifecycleConfig
+from esper.kasmina.slot import through_seed
 from esper.leyline import Action, Blueprint, Decision, Operation
 from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv
 from esper.simic.env import step_together
 from esper.tamiyo.network import observation_legal_actions
-from esper.tolaria.grouped import GroupedCNN, GroupMember, TrainerGroup, train_grouped
+from esper.tolaria.grouped import GroupedCNN, GroupMember, SeedGroup, TrainerGroup, train_grouped
 from esper.tolaria.trainer import TrainConfig, Trainer, make_optimizer
+from test_isolation import perturb
 
 
 def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
@@ -162,13 +164,13 @@ def test_only_runs_with_one_set_of_slots_group(synthetic_data):
 OP = Operation
 CONV_LIGHT, CONV_HEAVY = Blueprint.BLUEPRINT_CONV_LIGHT, Blueprint.BLUEPRINT_CONV_HEAVY
 # What each of five growing runs does at the start of each epoch (when legal; WAIT otherwise): run 0
-# grows a conv seed to full alpha and a second one into TRAINING; run 3 grows the same conv seed an
-# epoch later (one SeedGroup: at epoch 3 run 3's TRAINING with run 0's BLENDING, from epoch 4 both
-# blending at alphas 1 and 0.5); run 1 germinates a
-# channel gate and culls it mid-blend; runs 2 and 4 have a seed built in (FOSSILIZED: the from-scratch
-# arm's), one SeedGroup. Every stage's forward and gradient routing is in the group. (Moves through
-# gates that read accuracies stop short of FOSSILIZED: float order can flip one of a few hundred
-# predictions, and with it a gate at its threshold.)
+# grows a conv_light seed to full alpha and a second one into TRAINING; run 3 grows the same conv seed
+# an epoch later; run 4 has one built in (FOSSILIZED: the from-scratch arm's), so the three are one
+# SeedGroup (at epoch 3 run 3's TRAINING with run 0's BLENDING and run 4's FOSSILIZED, from epoch 4 two
+# blending at alphas 1 and 0.5 with it); run 1 germinates a channel gate and culls it mid-blend; run 2
+# has a conv_heavy built in, a SeedGroup of its own at the same slot. Every stage's forward and gradient
+# routing is in the groups. (Moves through gates that read accuracies stop short of FOSSILIZED: float
+# order can flip one of a few hundred predictions, and with it a gate at its threshold.)
 MIXED = (
     {1: (OP.OPERATION_GERMINATE, "mid", CONV_LIGHT), 2: (OP.OPERATION_ADVANCE, "mid", 0),
      3: (OP.OPERATION_ADVANCE, "mid", 0),
@@ -180,7 +182,7 @@ MIXED = (
      4: (OP.OPERATION_ADVANCE, "mid", 0)},
     {},
 )
-MIXED_GRAFTS = ((), (), (("mid", "conv_heavy"),), (), (("mid", "conv_heavy"),))
+MIXED_GRAFTS = ((), (), (("mid", "conv_heavy"),), (), (("mid", "conv_light"),))
 # Two runs alike, seeds included: each slot's seeds are one SeedGroup of every run (no gathering).
 ALIKE = ({1: (OP.OPERATION_GERMINATE, "late", Blueprint.BLUEPRINT_ATTENTION), 2: (OP.OPERATION_ADVANCE, "late", 0),
           3: (OP.OPERATION_ADVANCE, "late", 0)},) * 2
@@ -260,6 +262,71 @@ def test_runs_that_grow_alike_train_their_seeds_as_one_seed_group(synthetic_data
     together, _ = together_and_alone(synthetic_data, ALIKE, ((), ()), epochs=4)
     groups = TrainerGroup([env.trainer for env in together]).seed_groups()
     assert [g.members for g in groups[2]] == [[0, 1]] and not groups[0]  # late: after block 2
+
+
+def seeded(run: GroupMember, stage: str, alpha: float = 0.3) -> None:
+    """A conv_light seed in the run's mid slot, in `stage` (TRAINING, BLENDING at `alpha`, FOSSILIZED)."""
+    model = run.model
+    if stage == "FOSSILIZED":
+        model.graft("mid", CONV_LIGHT)
+    else:
+        model.execute(Action(operation=OP.OPERATION_GERMINATE, slot="mid", blueprint=CONV_LIGHT), 0)
+        model.execute(Action(operation=OP.OPERATION_ADVANCE, slot="mid"), 0)
+        if stage == "BLENDING":
+            slot = model.slots["mid"]
+            slot.contribution, slot.epochs_in_stage = (10.0, 0.1), 10  # past G_blend
+            model.execute(Action(operation=OP.OPERATION_ADVANCE, slot="mid"), 0)
+            slot.alpha = alpha
+    run.sync_optimizers()
+
+
+def test_a_seed_group_routes_each_stage_as_the_runs_slot_does(synthetic_data):
+    """One SeedGroup of a TRAINING, a BLENDING and a FOSSILIZED seed: each member's output and gradients,
+    to the slot's input (none from a live seed, the seed's from a fossilized one) and to its seed's
+    weights, are what its own slot's routing (kasmina.slot.through_seed) gives, to float rounding."""
+    stages = ("TRAINING", "BLENDING", "FOSSILIZED")
+    runs = members(synthetic_data, (1, 2, 3))
+    for j, (run, stage) in enumerate(zip(runs, stages)):
+        seeded(run, stage)
+        perturb(run.model.slots["mid"].seed, j)  # off the zero init of its last layer: f(x) != 0
+    group = SeedGroup([0, 1, 2], runs, "mid", torch.contiguous_format)
+    assert group.stage is None  # the stages together, one grouped seed
+    c = runs[0].model.slots["mid"].channels
+    torch.manual_seed(0)
+    x = torch.randn(6, 3 * c, 8, 8, requires_grad=True)
+    upstream = torch.randn_like(x)  # the gradient from the layers after the slot
+    out = group.forward(x)
+    (out * upstream).sum().backward()
+    grouped_grads = {name: p.grad.chunk(3) for name, p in group.module.named_parameters()}
+    for j, (run, stage) in enumerate(zip(runs, stages)):
+        slot = run.model.slots["mid"]
+        part = slice(j * c, (j + 1) * c)
+        x_j = x.detach()[:, part].clone().requires_grad_()
+        out_j = through_seed(x_j, slot.seed.train(), slot.stage, slot.alpha)
+        (out_j * upstream[:, part]).sum().backward()
+        torch.testing.assert_close(out[:, part], out_j, rtol=1e-6, atol=1e-6, msg=stage)
+        torch.testing.assert_close(x.grad[:, part], x_j.grad, rtol=1e-6, atol=1e-6, msg=stage)
+        for name, p in slot.seed.named_parameters():
+            torch.testing.assert_close(grouped_grads[name][j].view_as(p), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the routes differ: a fossilized seed sends the input a gradient of its own, a live one none
+    fossil = slice(2 * c, 3 * c)
+    assert float((x.grad[:, fossil] - upstream[:, fossil]).abs().max()) > 1e-3
+    torch.testing.assert_close(x.grad[:, :2 * c], upstream[:, :2 * c], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed_lr, groups, lrs", [(TrainConfig.lr, [[0, 1, 2]], [TrainConfig.lr]),
+                                                  (0.02, [[0], [1, 2]], [TrainConfig.lr, 0.02])])
+def test_live_and_fossilized_seeds_share_a_group_where_they_share_a_learning_rate(synthetic_data, seed_lr, groups,
+                                                                                   lrs):
+    """A live seed trains at seed_lr, a fossilized one at the host's lr: one SeedGroup while the two are
+    equal (the default), two where they differ, each group's SGD at its members' rate."""
+    runs = members(synthetic_data, (1, 2, 3), TrainConfig(max_batches=3, seed_lr=seed_lr))
+    for run, stage in zip(runs, ("FOSSILIZED", "TRAINING", "BLENDING")):
+        seeded(run, stage)
+    (mid,) = (block for block, name in runs[0].model.slot_after.items() if name == "mid")
+    seed_groups = TrainerGroup(runs).seed_groups()[mid]
+    assert [g.members for g in seed_groups] == groups
+    assert [g.optimizer.param_groups[0]["lr"] for g in seed_groups] == lrs
 
 
 def test_ppo_with_grouped_environments_learns_what_ppo_one_environment_at_a_time_learns(tmp_path):

@@ -10,15 +10,20 @@ every run's random draws for a pass are made when it starts (augment.pass_crops)
 dispatches as many operators at any K: 152 against one Esper run's 139 (bench/launches.py, on the CPU).
 Augmenting each run's batch on its own had cost 356 at K = 8; drawing each run's crops per batch, 203.
 
-Growing runs' seeds batch the same way. At a slot, the runs whose seeds share a blueprint, live
-(TRAINING or BLENDING) or fossilized, are one SeedGroup: their seeds as the groups of one grouped copy
-of the blueprint (`grouped_seed`), each run at its own alpha. Seeds move, appear and go between epochs
-only, so a group forms its SeedGroups at the start of each epoch from the runs' own seeds (weights,
-BatchNorm statistics, momentum) and hands everything back at its end. With a blending conv_heavy seed
-in every run, a grouped step dispatches 198 operators at any K, against one growing run's 185 (run by
-run, the seeds had cost 582 at K = 8). Eight runs in four states (no seed, and a conv_heavy seed in
-TRAINING, BLENDING, FOSSILIZED) dispatch 271 against one run's 173 on average, a ceiling of 5.11x
-(bench/launches.py).
+Growing runs' seeds batch the same way. At a slot, the runs whose seeds share a blueprint and a
+learning rate are one SeedGroup: their seeds as the groups of one grouped copy of the blueprint
+(`grouped_seed`), each run at its own alpha, each routed as its stage routes it (TRAINING, BLENDING and
+FOSSILIZED in one group, by per-channel masks). Seeds move, appear and go between epochs only, so a
+group forms its SeedGroups at the start of each epoch from the runs' own seeds (weights, BatchNorm
+statistics, momentum) and hands everything back at its end. With a blending conv_heavy seed in every
+run, a grouped step dispatches 198 operators at any K, against one growing run's 185 (run by run, the
+seeds had cost 582 at K = 8). Eight runs, six seeds blending and two fossilized, dispatch 204 (267
+with live and fossilized seeds as two SeedGroups); eight in four states (no seed, and a conv_heavy seed
+in TRAINING, BLENDING, FOSSILIZED) 230 (was 271) against one run's 173 on average, a ceiling of 6.02x:
+what is left is gathering the seeded runs' channels (bench/launches.py). A comparison's heuristic runs
+mostly move in step (every run's slots in the same stages in 40 of 40 epochs for 5 seeds on the H100,
+36 of 40 and 39 of 40 on the CPU); a greedy PPO policy's 5 runs (H200) were alike in 12 of 20 epochs,
+one run two epochs ahead of the others: the mixed live and fossilized groups that masks merge.
 
 The loss is the sum of the runs' mean losses, so each group gets exactly its own run's gradient, and
 SGD (momentum, weight decay) is element-wise: every group follows the run it stands for, up to the
@@ -200,10 +205,10 @@ def grouped_seed(seed: nn.Module, k: int) -> nn.Module:
 
 
 class SeedGroup:
-    """For one epoch, the seeds of one blueprint at one slot, in the runs `members`, all live (TRAINING or
-    BLENDING) or all FOSSILIZED, as the groups of one grouped seed: loaded from the runs' seeds and
-    optimizers, stepped by one SGD (the runs' own settings: seed_lr for live seeds, the host's lr for
-    fossilized ones), stored back by `store()`: weights, BatchNorm statistics, momentum, and the last
+    """For one epoch, the seeds of one blueprint at one slot that train at one learning rate, in the runs
+    `members` (TRAINING, BLENDING and FOSSILIZED together while seed_lr is the host's lr, the default), as
+    the groups of one grouped seed: loaded from the runs' seeds and optimizers, stepped by one SGD (the
+    runs' own settings), stored back by `store()`: weights, BatchNorm statistics, momentum, and the last
     batch's gradients (PPO's gradient-norm features read them)."""
 
     def __init__(self, members: list[int], trainers: list[GroupMember], slot_name: str, layout: torch.memory_format):
@@ -214,7 +219,7 @@ class SeedGroup:
         self.optimizers = [trainers[k].optimizer_of(slot) for k, slot in zip(members, self.slots)]
         first, n = self.slots[0], len(members)
         stages = {slot.stage for slot in self.slots}
-        self.stage = stages.pop() if len(stages) == 1 else None  # None: TRAINING and BLENDING seeds together
+        self.stage = next(iter(stages)) if len(stages) == 1 else None  # None: seeds in different stages together
         device = next(first.seed.parameters()).device
         self.module = unfilled(lambda: grouped_seed(first.seed, n), device)
         self.own = [slot.seed.state_dict(keep_vars=True) for slot in self.slots]
@@ -224,14 +229,23 @@ class SeedGroup:
         def per_channel(values: list[float]) -> torch.Tensor:  # a value per run over its channels: [1, n C, 1, 1]
             return torch.tensor(values).repeat_interleave(first.channels).view(1, -1, 1, 1).to(device)
 
-        blending = [slot.stage == S.SEED_STAGE_BLENDING for slot in self.slots]
-        self.alpha = per_channel([slot.alpha if b else 0.0 for slot, b in zip(self.slots, blending)]) \
-            if any(blending) else None
-        self.straight = per_channel([float(not b) for b in blending]) if self.stage is None else None
-        cfg = trainers[members[0]].cfg
+        def of_stage(stage: int) -> list[float]:  # 1 for the members in `stage`, 0 for the others
+            return [float(slot.stage == stage) for slot in self.slots]
+
+        mixed = self.stage is None
+        # How much of its seed's output each member adds: BLENDING its alpha, FOSSILIZED all, TRAINING none.
+        added = [slot.alpha if slot.stage == S.SEED_STAGE_BLENDING else f
+                 for slot, f in zip(self.slots, of_stage(S.SEED_STAGE_FOSSILIZED))]
+        self.alpha = per_channel(added) if mixed or self.stage == S.SEED_STAGE_BLENDING else None
+        self.straight = per_channel(of_stage(S.SEED_STAGE_TRAINING)) \
+            if mixed and S.SEED_STAGE_TRAINING in stages else None
+        """Members whose seed's gradient passes straight through (TRAINING)."""
+        self.through = per_channel(of_stage(S.SEED_STAGE_FOSSILIZED)) \
+            if mixed and S.SEED_STAGE_FOSSILIZED in stages else None
+        """Members whose seed's input keeps its gradient (FOSSILIZED: part of the host; live seeds' is detached)."""
+        trainer = trainers[members[0]]
         # The runs' own SGD over every group at once: element-wise, so each group steps as its run would alone.
-        lr = cfg.seed_lr if first.stage in LIVE_STAGES else cfg.lr
-        self.optimizer = make_optimizer(self.module.parameters(), cfg, lr)
+        self.optimizer = make_optimizer(self.module.parameters(), trainer.cfg, trainer.lr_of(first))
         load_momentum(self.optimizer, self.module, self.own_tensor, self.optimizers)
 
     def own_tensor(self, j: int, name: str) -> torch.Tensor:
@@ -242,11 +256,14 @@ class SeedGroup:
         """The members' activations ([B, n C, H, W]) through their seeds."""
         if self.stage is not None:
             return through_seed(x, self.module, self.stage, self.alpha)
-        # TRAINING and BLENDING together. A TRAINING member's alpha is 0 and its `straight` 1: its channels
-        # are through_seed's x + (delta - delta.detach()), value x and the seed's full gradient; a BLENDING
-        # member's (straight 0) are x + alpha delta. One grouped seed instead of two, at three more operators.
-        delta = self.module(x.detach())
-        return x + self.alpha * delta + self.straight * (delta - delta.detach())
+        # Stages together, each member's channels routed as through_seed routes its stage, in value and in
+        # gradient: a TRAINING member (alpha 0, straight 1) is x + (delta - delta.detach()), value x and the
+        # seed's full gradient; a BLENDING one (straight 0) x + alpha delta; a FOSSILIZED one (alpha 1,
+        # through 1) x + seed(x), its input not detached. One grouped seed, at a few operators per mask.
+        seed_input = x.detach() if self.through is None else x.detach() + self.through * (x - x.detach())
+        delta = self.module(seed_input)
+        out = x + self.alpha * delta
+        return out if self.straight is None else out + self.straight * (delta - delta.detach())
 
     @torch.no_grad()
     def store(self) -> None:
@@ -332,6 +349,10 @@ class GroupMember(Trainer):
         """The optimizer that holds a seed's momentum: its own while live, the host's once fossilized."""
         return self.seed_opts[slot.seed_id] if slot.stage in LIVE_STAGES else self.host_opt
 
+    def lr_of(self, slot: SeedSlot) -> float:
+        """The learning rate a seed trains at: seed_lr while live, the host's once fossilized."""
+        return self.cfg.seed_lr if slot.stage in LIVE_STAGES else self.cfg.lr
+
 
 class TrainerGroup:
     """K runs of one CNN host and one set of slots trained as the groups of one GroupedCNN, their seeds
@@ -363,15 +384,15 @@ class TrainerGroup:
         return host_tensor(self.hosts[k], name)
 
     def seed_groups(self) -> dict[int, list[SeedGroup]]:
-        """Block index -> the SeedGroups of the slot after it: the runs' acting seeds, by blueprint, live
-        (TRAINING, BLENDING) or fossilized."""
+        """Block index -> the SeedGroups of the slot after it: the runs' acting seeds, by blueprint and
+        learning rate (live and fossilized seeds apart only where seed_lr is not the host's lr)."""
         out: dict[int, list[SeedGroup]] = {}
         for block, name in self.members[0].model.slot_after.items():
-            by_kind: dict[tuple[int, bool], list[int]] = {}
+            by_kind: dict[tuple[int, float], list[int]] = {}
             for k, m in enumerate(self.members):
                 slot = m.model.slots[name]
                 if slot.runs_seed:
-                    by_kind.setdefault((slot.blueprint, slot.stage in LIVE_STAGES), []).append(k)
+                    by_kind.setdefault((slot.blueprint, m.lr_of(slot)), []).append(k)
             out[block] = [SeedGroup(ks, self.members, name, self.members[0].layout) for ks in by_kind.values()]
         return out
 

@@ -234,8 +234,8 @@ class SeedGroup:
 
         mixed = self.stage is None
         # How much of its seed's output each member adds: BLENDING its alpha, FOSSILIZED all, TRAINING none.
-        added = [slot.alpha if slot.stage == S.SEED_STAGE_BLENDING else f
-                 for slot, f in zip(self.slots, of_stage(S.SEED_STAGE_FOSSILIZED))]
+        added = [slot.alpha if slot.stage == S.SEED_STAGE_BLENDING else float(slot.stage == S.SEED_STAGE_FOSSILIZED)
+                 for slot in self.slots]
         self.alpha = per_channel(added) if mixed or self.stage == S.SEED_STAGE_BLENDING else None
         self.straight = per_channel(of_stage(S.SEED_STAGE_TRAINING)) \
             if mixed and S.SEED_STAGE_TRAINING in stages else None

@@ -133,8 +133,7 @@ def vmapped_trainer(k: int, data, device):
     optimizer = torch.optim.SGD(params.values(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     losses = vmap(lambda p, b, x, y: F.cross_entropy(functional_call(skeleton, (p, b), (x,)), y))
     generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    mean, std = data.channel_stats(device)
 
     def train(steps: int) -> None:
         for xb, yb in stacked_train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps,

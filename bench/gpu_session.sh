@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3 and 5 in one call on a lent device machine (torch preinstalled there).
-# Expects the CIFAR-10 tarball in .devdata/ and wheels of protobuf, pyzmq and pytest (with pluggy, iniconfig,
-# packaging, pygments) in .whl/ (both git-ignored, carried by the call; `pip download -d .whl pytest`). PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the
-# whole script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare
-# took 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's
-# processes line together.
+# The GPU checks of issues 3 and 5 in one call on a lent device machine (torch, scipy and matplotlib
+# preinstalled there). It expects the CIFAR-10 tarball in .devdata/ and wheels of protobuf, pyzmq and pytest
+# (with their dependencies) in .whl/, for whichever Python the machine has; prepare both here (git ignores
+# them; the call carries them):
+#   mkdir -p .devdata && cp ../shared/data/cifar10/cifar10-jpeg.tar.gz .devdata/
+#   for v in 3.10 3.11 3.12 3.13; do .venv/bin/pip download -q -d .whl --only-binary=:all: --implementation cp \
+#     --python-version $v --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 pytest protobuf pyzmq; done
+# PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the whole
+# script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare took
+# 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's processes
+# line together. A session's 15 device minutes leave one such call after the machine's start: what issue 3
+# still needs first, `PART="cudatests grouped growth groupedcompare groupedseeds envs cudnn mps" MPS_COMPARE=0`.
 #   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by each of MECHANISMS, default
 #            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
 #            flags (--grouped)
-#   grouped  concurrency by grouped with static runs (the 0.7 K target), with a seed in every run (one
-#            SeedGroup) and with four kinds of run (no seed, TRAINING, BLENDING, FOSSILIZED: one SeedGroup
-#            over the seeded runs' channels, gathered)
+#   grouped  concurrency by grouped with static runs (the 0.7 K target)
+#   groupedseeds  concurrency by grouped with a seed in every run (one SeedGroup) and with four kinds of run
+#            (no seed, TRAINING, BLENDING, FOSSILIZED: one SeedGroup over the seeded runs' channels, gathered)
 #   groupedcompare  compare (5 seeds, 5 epochs) with a process per run against each arm's seeds as one
 #            grouped run
 #   cudnn    cuDNN's benchmark mode: the fast path's fp32 against it, and concurrency by processes and
@@ -27,7 +33,7 @@
 #   cudatests  the tests marked gpu that need no more than torch and pytest (host syncs, host data on the GPU)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site pytest protobuf pyzmq || exit 1
 export PYTHONPATH=/tmp/site:$PWD/libs
 OUT=${OUT:-/tmp}
 PART=${PART:-compare speed ppo}
@@ -89,7 +95,10 @@ cudnn)
   done
   ;;
 grouped)
-  for stages in none BLENDING "none TRAINING BLENDING FOSSILIZED"; do
+  timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped
+  ;;
+groupedseeds)
+  for stages in BLENDING "none TRAINING BLENDING FOSSILIZED"; do
     timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
       --stage $stages
   done
@@ -116,7 +125,7 @@ cudatests)
   timeout $(limit 60) python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/unit/test_augment.py \
     tests/unit/test_diagnostics.py
   ;;
-*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, groupedcompare, cudnn,"\
-     "mps, envs, ppo, cudatests)"; exit 2 ;;
+*) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, groupedseeds,"\
+     "groupedcompare, cudnn, mps, envs, ppo, cudatests)"; exit 2 ;;
 esac
 done

@@ -65,8 +65,7 @@ def plain_epoch(net, data, device, steps: int):
     fmt = layout(TrainConfig.memory_format, device)
     net.to(memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    mean, std = data.channel_stats(device)
     gen = torch.Generator(device=data.train_x.device).manual_seed(0)
     net.train()
 

@@ -31,8 +31,7 @@ def train_alone(host, data, generator: torch.Generator, steps: int,
     the trainer's defaults (lr 0.01, momentum 0.9, weight decay 5e-4); weights and batches in
     `memory_format`."""
     net = plain(host).to(memory_format=memory_format)
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    mean, std = data.channel_stats()
     opt = torch.optim.SGD(host.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     host.train()
     for xb, yb in train_batches(data.train_x, data.train_y, batch_size=128, max_batches=steps, generator=generator,

@@ -296,7 +296,7 @@ def test_synthetic_is_learnable_but_not_trivial():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, ds.num_classes),
     )
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    mean, std = torch.tensor(ds.mean).view(1, 3, 1, 1), torch.tensor(ds.std).view(1, 3, 1, 1)
+    mean, std = ds.channel_stats()
     gen = torch.Generator().manual_seed(0)
     for _ in range(10):
         for xb, yb in train_batches(

@@ -22,6 +22,7 @@ from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv
 from esper.simic.env import step_together
 from esper.tamiyo.network import observation_legal_actions
+from esper.tolaria.augment import normalize
 from esper.tolaria.grouped import GroupedCNN, GroupMember, SeedGroup, TrainerGroup, train_grouped
 from esper.tolaria.trainer import TrainConfig, Trainer, make_optimizer
 from test_isolation import perturb
@@ -45,8 +46,7 @@ def test_grouped_runs_follow_the_runs_trained_alone(synthetic_data):
     for i, host in enumerate(hosts):
         train_alone(host, synthetic_data, torch.Generator().manual_seed(100 + i), steps)
 
-    x = (synthetic_data.val_x[:64].float() / 255 - torch.tensor(synthetic_data.mean).view(1, -1, 1, 1)) \
-        / torch.tensor(synthetic_data.std).view(1, -1, 1, 1)
+    x = normalize(synthetic_data.val_x[:64], *synthetic_data.channel_stats())
     grouped.eval()
     together = grouped(torch.cat([x] * k, dim=1))  # [64, K, classes]
     moved = 0.0

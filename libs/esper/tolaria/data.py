@@ -65,6 +65,11 @@ class Dataset:
     kind: str = "images"
     tokenizer: BPETokenizer | None = None  # tokens: what turns ids back into text
 
+    def channel_stats(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """`mean` and `std` as [1, C, 1, 1] tensors on `device`: what a batch of images is normalized by."""
+        mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        return mean, std
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same dataset with every tensor on `device`."""
         moved = {

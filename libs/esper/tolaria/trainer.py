@@ -120,8 +120,7 @@ class Trainer:
         self.generator = generator
         # Images are normalized per batch; token windows go to the model as they are (mean None).
         images = data.kind == "images"
-        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) if images else None
-        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1) if images else None
+        self.mean, self.std = data.channel_stats(device) if images else (None, None)
         self.layout = layout(cfg.memory_format, device) if images else torch.contiguous_format
         """Of every batch the model sees, and of its weights: the host's now, each seed's as it joins."""
         model.to(memory_format=self.layout)  # in place: the parameters stay the same objects

@@ -110,7 +110,7 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: compare/<time>_<task>)")
     p.add_argument("--resume", default=None, metavar="OUT_DIR",
                    help="finish the interrupted comparison in OUT_DIR (same flags as its first command): "
-                        "finished runs are kept, cut-off runs start again")
+                        "finished runs are kept, cut-off runs start again (with --grouped, their arm's whole group)")
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal",
                    help="of every run (normal keeps the decisions and gate values that explain a result)")
     p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
@@ -187,13 +187,7 @@ def train_config(args: argparse.Namespace):
                                ("--checkpoint-every", checkpoint_every, 0)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
-    host = build_host(TASK_HOSTS[args.task])
-    slots_known = host.slot_positions()
-    bad = [s for s in args.slots if s not in slots_known]
-    if bad:
-        raise UsageError(f"--slots: unknown {' '.join(bad)} (choices: {' '.join(slots_known)})")
-    if len(set(args.slots)) != len(args.slots):
-        raise UsageError("--slots: a slot is listed twice")
+    host = checked_host(args.task, args.slots)
     if args.telemetry_level == "off" and (args.telemetry_file or args.telemetry_dir):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
     fitting = [short_name(Blueprint, b) for b in blueprints_for(host.spec.kind)]
@@ -206,6 +200,11 @@ def train_config(args: argparse.Namespace):
     if strays := sorted({seed for seed, _, _ in seed_grafts} - set(episode_seeds)):
         raise UsageError(f"--graft {strays[0]}=...: seed {strays[0]} is not an episode's (--seed {args.seed} "
                          f"--episodes {args.episodes}: {episode_seeds[0]} to {episode_seeds[-1]})")
+    for seed in episode_seeds:  # here, not as the episode builds it: that would leave a run directory behind
+        slots = [slot for slot, _ in grafts] + [slot for s, slot, _ in seed_grafts if s == seed]
+        if twice := [slot for slot in slots if slots.count(slot) > 1]:
+            raise UsageError(f"--graft: slot {twice[0]} is grafted twice in the episode of seed {seed} "
+                             "(a slot holds one seed)")
     if grouped:
         check_grouped(args)
     policy = getattr(args, "policy", None)
@@ -219,6 +218,18 @@ def train_config(args: argparse.Namespace):
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
                      checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
+
+
+def checked_host(task: str, slots: list[str]):
+    """The task's host, once `slots` (--slots) are slots of it, each named once."""
+    host = build_host(TASK_HOSTS[task])
+    slots_known = host.slot_positions()
+    bad = [s for s in slots if s not in slots_known]
+    if bad:
+        raise UsageError(f"--slots: unknown {' '.join(bad)} (choices: {' '.join(slots_known)})")
+    if len(set(slots)) != len(slots):
+        raise UsageError("--slots: a slot is listed twice")
+    return host
 
 
 def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
@@ -264,10 +275,10 @@ def check_resume(cfg, run_dir: str) -> None:
 
 
 def parse_graft(text: str, slots: list[str], blueprints: list[str]) -> tuple[int | None, str, str]:
-    """[SEED=]SLOT:BLUEPRINT -> (seed or None, slot, blueprint)."""
+    """[SEED=]SLOT:BLUEPRINT -> (seed or None, slot, blueprint); a seed may be negative, as --seed may."""
     seed, _, graft = text.rpartition("=")
     slot, _, blueprint = graft.partition(":")
-    if seed and not seed.isdigit():
+    if seed and not seed.removeprefix("-").isdigit():
         raise UsageError(f"--graft {text}: {seed!r} is not a seed (SEED=SLOT:BLUEPRINT)")
     if slot not in slots:
         raise UsageError(f"--graft {text}: slot {slot!r} is not among --slots ({' '.join(slots)})")
@@ -283,6 +294,9 @@ def compare_config(args: argparse.Namespace):
                                ("--seeds", args.seeds, 1), ("--workers", args.workers, 1)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    checked_host(args.task, args.slots)  # every run's `esper train` checks them too, but only once it starts
+    if repeated := [arm for arm in args.arms if args.arms.count(arm) > 1]:
+        raise UsageError(f"--arms: {repeated[0]} is listed twice")
     if not 0 <= args.progress_every < 1e6:  # also refuses nan and inf, which no timer takes
         raise UsageError(f"--progress-every must be seconds from 0 (never) to 1e6, got {args.progress_every}")
     if args.grouped:
@@ -344,7 +358,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(cfg, resume: bool) -> int:
-    from esper.compare import compare, differences
+    from esper.compare import RunFailed, compare, differences
 
     out = Path(cfg.out_dir)
     if resume:
@@ -361,6 +375,9 @@ def cmd_compare(cfg, resume: bool) -> int:
     except KeyboardInterrupt:
         print(f"esper: compare interrupted; finish it with the same flags and --resume {out}", file=sys.stderr)
         return 130
+    except RunFailed as exc:  # its other runs were stopped, as at Ctrl-C
+        print(f"esper: error: {exc}; finish the comparison with the same flags and --resume {out}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     print(report.read_text())

@@ -18,7 +18,9 @@ directory (from-scratch's child builds in each seed's grown architecture: `--gra
 Results come back as the children's summary.json files: no objects cross a process boundary. So an
 interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
 run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
-gets (each run depends only on its arm, its seed and the grown run it grafts from).
+gets, on the same machine with the same `--workers` (each run depends only on its arm, its seed, the grown
+run it grafts from and its CPU threads; a grouped run also on the runs in its group, so a grouped arm with a
+run not done trains all its seeds again).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from esper.cli import TASK_TRAIN
 from esper.experiment import write_atomic
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import changed_settings
+from esper.tolaria.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:
     return Path(cfg.out_dir) / "runs" / arm.name / f"seed{seed}"
 
 
+class RunFailed(Exception):
+    """A run's `esper train` exited non-zero; the message is the run and the last line it wrote."""
+
+
 def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[int, list[str]]) -> list[str]:
     """The `esper train` of `seeds` (consecutive) of the arm: one process each, or all of them under
     `cfg.grouped`. `grafts`: seed -> the SLOT:BLUEPRINT seeds its run builds in (from-scratch's)."""
@@ -129,7 +137,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
     cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format] + (["--compile"] if cfg.compile else [])
     for seed, seed_grafts in grafts.items():
         for graft in seed_grafts:
-            cmd += ["--graft", f"{seed}={graft}"]
+            cmd.append(f"--graft={seed}={graft}")  # one item: argparse takes a separate "-1=..." for a flag
     if arm.mode == "learned":
         cmd += ["--policy", cfg.policy]
     if cfg.grouped:
@@ -139,20 +147,20 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
     return cmd + ["--checkpoint-every", "0"]
 
 
-def consecutive(seeds: list[int]) -> list[list[int]]:
-    """[42, 43, 45] -> [[42, 43], [45]]: the blocks one `esper train --seed S --episodes N` can run."""
-    blocks: list[list[int]] = []
-    for seed in seeds:
-        if blocks and blocks[-1][-1] == seed - 1:
-            blocks[-1].append(seed)
-        else:
-            blocks.append([seed])
-    return blocks
+def final_seeds(summary: dict) -> list[dict]:
+    """The seeds that shape the final network (fossilized, or still blending)."""
+    return [s for s in summary["seeds"] if s["fate"] in ("fossilized", "blending")]
 
 
 def final_architecture(summary: dict) -> list[str]:
-    """slot:blueprint of every seed that shapes the final network (fossilized, or still blending)."""
-    return [f"{s['slot']}:{s['blueprint']}" for s in summary["seeds"] if s["fate"] in ("fossilized", "blending")]
+    """slot:blueprint of every seed of final_seeds."""
+    return [f"{s['slot']}:{s['blueprint']}" for s in final_seeds(summary)]
+
+
+def final_params(summary: dict) -> int:
+    """The parameters of the final network: the host and final_seeds (total_params also counts the seeds
+    still germinated or training, which a from-scratch run of the same architecture leaves out)."""
+    return summary["host_params"] + sum(s["params"] for s in final_seeds(summary))
 
 
 def progress_of(run_parent: Path, task: str) -> str | None:
@@ -184,15 +192,23 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     lock = threading.Lock()  # over `running` and `stopping`: no run starts once the comparison stops
     stopping = threading.Event()
 
-    def finished_already(arm: Arm, seed: int) -> bool:
-        """Loads the run's summary if the comparison this one resumes finished it; else clears its folder."""
-        done = list(runs_dir(cfg, arm, seed).glob("*/summary.json"))
-        if done:
-            results[arm.name][seed] = json.loads(done[0].read_text())
-            log(f"{arm.name:>13} seed {seed}: finished already")
-            return True
-        shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)  # cut off by the interruption: again
-        return False
+    def to_train(arm: Arm) -> list[list[int]]:
+        """The arm's blocks of seeds still to train, their folders cleared: one seed each, or all its seeds in
+        one under `cfg.grouped`. Loads the runs of the blocks the comparison this one resumes finished. A block
+        with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level, on
+        the runs in its group."""
+        todo = []
+        for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
+            done = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
+            if all(done):
+                for seed, summary in zip(block, done):
+                    results[arm.name][seed] = json.loads(summary.read_text())
+                    log(f"{arm.name:>13} seed {seed}: finished already")
+            else:
+                for seed in block:
+                    shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)
+                todo.append(block)
+        return todo
 
     def run(arm: Arm, block: list[int], threads: int) -> None:
         """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process,
@@ -212,8 +228,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         finally:
             with lock:
                 del running[label]
-        if proc.returncode != 0:
-            raise RuntimeError(f"{label} failed:\n{stderr[-2000:]}")
+        if proc.returncode != 0:  # its last line says why; the whole of it (a traceback) is kept beside its runs
+            said = runs_dir(cfg, arm, block[0]) / "stderr.txt"
+            said.parent.mkdir(parents=True, exist_ok=True)
+            said.write_text(stderr)
+            why = stderr.strip().splitlines()[-1].removeprefix("esper: error: ") if stderr.strip() else "no message"
+            raise RunFailed(f"{label} failed (exit status {proc.returncode}): {why} (all it wrote: {said})")
         key, what = headline(cfg.task)
         for seed in block:
             (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
@@ -248,11 +268,13 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
             jobs = []
             for arm in phase:
-                todo = [seed for seed in seeds if not finished_already(arm, seed)]
-                jobs += [(arm, block) for block in (consecutive(todo) if cfg.grouped else [[s] for s in todo])]
+                jobs += [(arm, block) for block in to_train(arm)]
             with ThreadPoolExecutor(cfg.workers) as pool:
-                # The cores shared out among the runs at once: all workers, or fewer jobs (a grouped phase).
-                threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.workers, len(jobs))))
+                # The cores shared out among the runs at once: all workers, or fewer jobs (a grouped phase). Counted
+                # from the phase's blocks, not those left: a CPU run's numbers depend on its threads (a resumed
+                # grouped heuristic run with more ended at another loss), so a resumed run gets the same.
+                blocks = len(phase) * (1 if cfg.grouped else len(seeds))
+                threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.workers, blocks)))
                 futures = [pool.submit(run, arm, block, threads) for arm, block in jobs]
                 try:
                     for future in futures:
@@ -273,10 +295,10 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its t-interval (0 for a single value)."""
+    """Mean and the half-width of its t-interval (nan for a single value: one seed gives no interval)."""
     a = np.asarray(values, dtype=float)
     if len(a) < 2:
-        return float(a.mean()), 0.0
+        return float(a.mean()), math.nan
     half = stats.t.ppf(0.5 + confidence / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
     return float(a.mean()), float(half)
 
@@ -287,6 +309,12 @@ def headline(task: str) -> tuple[str, str]:
     if HOSTS[task].kind == "transformer":
         return "val_loss", "validation loss"
     return "test_accuracy", "test accuracy"
+
+
+def shown_ci(value: tuple[float, float], spec: str) -> str:
+    """mean_ci's (mean, half-width) as "72.40 ± 1.23" (`spec` the mean's format), "72.40 ± n/a" for one seed."""
+    mean, half = value
+    return f"{mean:{spec}} ± " + ("n/a" if math.isnan(half) else f"{half:{spec.lstrip('+')}}")
 
 
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
@@ -302,14 +330,14 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
         value = mean_ci([r[key] for r in runs])
         if baseline and name != "static":
             diff = mean_ci([r[key] - b for r, b in zip(runs, baseline)])
-            vs = f"{diff[0]:+.3f} ± {diff[1]:.3f}" if key == "val_loss" else f"{diff[0]:+.2f} ± {diff[1]:.2f}"
+            vs = shown_ci(diff, "+.3f" if key == "val_loss" else "+.2f")
         else:
             vs = "-"
-        shown = (f"{value[0]:.3f} ± {value[1]:.3f} (perplexity {math.exp(value[0]):.2f})" if key == "val_loss"
-                 else f"{value[0]:.2f} ± {value[1]:.2f}")
+        shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "val_loss"
+                 else shown_ci(value, ".2f"))
         lines.append(
             f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].compute_matched else 'no'} "
-            f"| {shown} | {vs} | {np.mean([r['total_params'] for r in runs]):,.0f} "
+            f"| {shown} | {vs} | {np.mean([final_params(r) for r in runs]):,.0f} "
             f"| {np.mean([r['train_flops'] for r in runs]):.3g} | {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
         )
     return "\n".join(lines)
@@ -367,6 +395,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    batch_size = TrainConfig(**TASK_TRAIN.get(cfg.task, {})).batch_size  # as `esper train` trains the task
     spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
     fates: dict[str, dict[str, int]] = {}  # growing arm -> fate -> seeds over all runs
     for arm in ("heuristic", "ppo"):
@@ -377,7 +406,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"# esper compare: {cfg.task}",
         "",
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
-        f"{cfg.max_batches or 'all'} batches of 128; slots {' '.join(cfg.slots)}; device {device}; "
+        f"{cfg.max_batches or 'all'} batches of {batch_size}; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs"
         f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "

@@ -61,7 +61,8 @@ class HubCollector:
         hub = self.hub
         yield CounterMetricFamily("esper_bus_messages_forwarded", "Telemetry messages forwarded to subscribers.",
                                   value=hub.forwarded)
-        dropped = CounterMetricFamily("esper_bus_messages_dropped", "Malformed or unknown frames dropped.",
+        dropped = CounterMetricFamily("esper_bus_messages_dropped",
+                                      "Malformed or unknown frames dropped, and snapshot replies a peer did not take.",
                                       labels=["reason"])
         for reason, n in hub.dropped.items():
             dropped.add_metric([reason], n)

@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 def receive_batch(router: zmq.Socket, inbox: TrajectoryInbox, learner: Learner,
                   log: logging.Logger) -> list[tuple[bytes, TrajectoryAck]]:
     """Apply the trajectories waiting on the socket (at most MAX_BATCH), updating whenever enough episodes
-    are pending; returns the acks to send once the result is committed."""
+    are pending; returns the acks to send once the result is committed.
+
+    `learner.update()` is not guarded: Learner.problem refuses every trajectory that could make it fail, so
+    an exception here is a bug, and the learner should stop on it with the traceback. Catching it could only
+    drop the pending episodes (accepted and acked: lost silently) or keep them and fail again at every
+    arrival; stopping before the commit loses nothing (this batch was not acked, its senders resend it)."""
     replies = []
     while len(replies) < MAX_BATCH and router.poll(0):
         identity, *frames = router.recv_multipart()

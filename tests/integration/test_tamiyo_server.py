@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
+import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -24,10 +26,17 @@ from esper.leyline import (
     TrainingSignals,
     tamiyo_pb2_grpc,
 )
+from esper.nissa import Telemetry
+from esper.simic.env import EnvConfig
+from esper.simic.learner import Learner
+from esper.simic.trainer import TrainerConfig
 from esper.tamiyo import HeuristicPolicy
+from esper.tamiyo.validate import MAX_REASON_BYTES
+from esper.transport.bus import bind_endpoint
 from esper.transport.policy_service import RemotePolicy
+from esper.transport.trajectories import weights_frames
 
-from procs import start_tamiyo
+from procs import metric, scrape, start_tamiyo
 
 BLUEPRINTS = [b for b in Blueprint.values() if b]
 accuracy = st.floats(0, 100, width=32)
@@ -106,7 +115,26 @@ def test_health_and_reflection(server):
     assert {"esper.leyline.Tamiyo", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
+def observation(**fields) -> Observation:
+    """A valid observation (for the heuristic, and for a neural policy of the synthetic host), `fields` replaced."""
+    valid = {"run_id": "t", "signals": TrainingSignals(epoch=1, max_epochs=10, val_accuracy_history=[50.0]),
+             "slots": [SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT)], "blueprints": [1]}
+    return Observation(**(valid | fields))
+
+
+NAN, INF = float("nan"), float("inf")
+NOT_FINITE = {  # every policy: observation_problems
+    "NaN in the accuracy history": observation(signals=TrainingSignals(max_epochs=10, val_accuracy_history=[1, NAN])),
+    "inf in the loss history": observation(signals=TrainingSignals(max_epochs=10, val_loss_history=[INF])),
+    "slot alpha NaN": observation(slots=[SlotState(slot="mid", stage=1, alpha=NAN)]),
+    "slot contribution inf": observation(slots=[SlotState(slot="mid", stage=1, has_contribution=True,
+                                                          contribution=INF)]),
+    "two 20 KB slot names": observation(slots=[SlotState(slot="z" * 20_000, stage=1)] * 2),
+}
 INVALID = {
+    **{case: DecideRequest(observation=obs) for case, obs in NOT_FINITE.items()},
+    "200 slots of no stage": DecideRequest(observation=observation(slots=[SlotState(slot=f"s{i}")
+                                                                          for i in range(200)])),
     "no observation": DecideRequest(),
     "no signals": DecideRequest(observation=Observation(slots=[SlotState(slot="mid", stage=1)], blueprints=[1])),
     "no slots": DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5), blueprints=[1])),
@@ -129,8 +157,8 @@ def test_invalid_requests_get_invalid_argument(server, case):
     for call in calls:
         with pytest.raises(grpc.RpcError) as info:
             call()
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert 0 < len(info.value.details().encode()) <= MAX_REASON_BYTES
 
 
 def test_requests_that_do_not_parse_get_invalid_argument(server):
@@ -139,15 +167,25 @@ def test_requests_that_do_not_parse_get_invalid_argument(server):
     garbage = b"\xff\xff\xff"
     unary = channel.unary_unary("/esper.leyline.Tamiyo/Decide")
     stream = channel.stream_stream("/esper.leyline.Tamiyo/DecideStream")
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch")  # a response stream: refused all the same
     valid = DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5),
                                                   slots=[SlotState(slot="mid", stage=1)], blueprints=[1]))
     for call in (lambda: unary(garbage, timeout=10),
-                 lambda: list(stream(iter([valid.SerializeToString(), garbage]), timeout=10))):
+                 lambda: list(stream(iter([valid.SerializeToString(), garbage]), timeout=10)),
+                 lambda: list(watch(garbage, timeout=10))):
         with pytest.raises(grpc.RpcError) as info:
             call()
         print(info.value.code().name, info.value.details())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "does not parse" in info.value.details()
+
+
+def test_health_watch_streams_the_status(server):
+    """Health.Watch, wrapped by the malformed-request check, still streams the status of a valid request."""
+    _, channel = server
+    replies = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert next(replies).status == health_pb2.HealthCheckResponse.SERVING
+    replies.cancel()
 
 
 def test_empty_batch_is_invalid_and_server_keeps_serving(server):
@@ -184,3 +222,42 @@ def test_esper_policy_query_prints_the_decision(server, tmp_path):
     out = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "INVALID_ARGUMENT" in out.stderr
+
+
+def test_neural_policy_refuses_what_its_network_cannot_decide(spawn):
+    """Slots and blueprints outside the network's FeatureSpec, and non-finite fields, are INVALID_ARGUMENT
+    (counted as invalid requests), not UNKNOWN with a traceback from inside the policy."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    tamiyo = spawn("tamiyo_server", "--port", "0", "--metrics-port", "0", "--policy", "neural",
+                   "--learner-weights", bind_endpoint(pub, "127.0.0.1", 0))
+    tamiyo.wait_bound("grpc", "metrics")
+    config = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=4, slots=("mid",)), n_envs=1, episodes=1)
+    weights = weights_frames(1, Learner(config, Telemetry("weights")).policy_state())
+    refused = {
+        **NOT_FINITE,
+        "unknown slot": observation(slots=[SlotState(slot="bogus", stage=1)]),
+        "200 slots": observation(slots=[SlotState(slot=f"s{i}" * 100, stage=1) for i in range(200)]),
+        "a blueprint the host does not take": observation(blueprints=[Blueprint.BLUEPRINT_LORA]),
+    }
+    with grpc.insecure_channel(tamiyo.endpoints["grpc"]) as channel:
+        stub = tamiyo_pb2_grpc.TamiyoStub(channel)
+        deadline = time.monotonic() + 30
+        while stub.GetPolicyInfo(PolicyInfoRequest(), timeout=10).version != "1":  # PUB/SUB: until it joined
+            assert time.monotonic() < deadline, tamiyo.output()
+            pub.send_multipart(weights)
+            time.sleep(0.2)
+        assert stub.Decide(DecideRequest(observation=observation()), timeout=10).decision.policy_name == "ppo"
+        invalid = metric(scrape(tamiyo.endpoints["metrics"]), "esper_tamiyo_invalid_requests_total")
+        for case, obs in refused.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decide(DecideRequest(observation=obs), timeout=10)
+            print(f"{case}: {info.value.code().name} {info.value.details()[:120]}")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, info.value.details())
+            assert 0 < len(info.value.details().encode()) <= MAX_REASON_BYTES
+        counted = metric(scrape(tamiyo.endpoints["metrics"]), "esper_tamiyo_invalid_requests_total") - invalid
+        assert counted == len(refused)
+    pub.close()
+    ctx.term()
+    assert tamiyo.stop() == 0, tamiyo.output()
+    assert "Traceback" not in tamiyo.output()

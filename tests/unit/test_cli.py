@@ -112,6 +112,17 @@ def test_graft_trains_a_grown_architecture_from_scratch(tmp_path):
     assert summary["seeds"][0]["fate"] == "fossilized" and summary["seeds"][0]["history"][0]["epoch"] == 0
 
 
+@pytest.mark.parametrize("grafts, seed", [(["mid:norm", "mid:conv_heavy"], 42), (["43=mid:norm", "mid:norm"], 43)])
+def test_a_slot_grafted_twice_fails_before_any_run_directory_exists(grafts, seed, tmp_path, capsys):
+    """Two grafts in one slot in any episode (every episode's, or one's own besides them) would meet an occupied
+    slot as the episode builds its network: refused first, so no run directory is left behind."""
+    runs = tmp_path / "runs"
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--episodes", "2", "--runs-dir",
+                 str(runs), *(f"--graft={g}" for g in grafts)]) == 2
+    assert f"--graft: slot mid is grafted twice in the episode of seed {seed}" in capsys.readouterr().err
+    assert not runs.exists()
+
+
 @pytest.mark.parametrize("graft, needle", [("late:conv_heavy", "not among --slots"),
                                            ("mid:huge", "not a blueprint of this host"),
                                            ("mid:lora", "not a blueprint of this host")])

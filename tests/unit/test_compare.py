@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from esper.cli import main
-from esper.compare import (Arm, CompareConfig, arms_for, consecutive, differences, final_architecture, headline,
-                           mean_ci, progress_of, train_command)
+from esper.cli import build_parser, main, train_config
+from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
+                           progress_of, results_table, train_command, write_report)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -24,7 +26,8 @@ def test_mean_ci_is_the_t_interval():
     assert mean == pytest.approx(72.4)
     sd = stats.tstd(values)
     assert half == pytest.approx(stats.t.ppf(0.975, 4) * sd / 5 ** 0.5)
-    assert mean_ci([3.0]) == (3.0, 0.0)
+    mean, half = mean_ci([3.0])
+    assert mean == 3.0 and math.isnan(half)  # one seed: no interval, not one of width 0
 
 
 def test_final_architecture_keeps_only_what_shapes_the_network():
@@ -62,6 +65,13 @@ def test_language_models_are_compared_on_validation_loss():
     (["compare", "--grouped", "--precision", "bf16"], "--grouped trains CNN hosts in fp32"),
     (["compare", "--grouped", "--task", "tinystories"], "--grouped trains CNN hosts in fp32"),
     (["compare", "--grouped", "--telemetry-level", "debug"], "--telemetry-level debug"),
+    # Refused before any run starts (each run's `esper train` would refuse them only once it started); the
+    # small budget keeps a regression from training for long.
+    (["compare", "--task", "synthetic", "--max-epochs", "1", "--seeds", "1", "--slots", "middle"],
+     "--slots: unknown middle"),
+    (["compare", "--task", "synthetic", "--max-epochs", "1", "--seeds", "1", "--slots", "mid", "mid"], "listed twice"),
+    (["compare", "--task", "synthetic", "--max-epochs", "1", "--seeds", "1", "--arms", "static", "heuristic",
+      "heuristic"], "--arms: heuristic is listed twice"),
 ])
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
@@ -85,9 +95,90 @@ def test_grouped_trains_each_arms_seeds_in_one_grouped_process_with_its_own_graf
         assert "--grouped" in cmd, arm
         assert cmd[cmd.index("--episodes") + 1] == "3" and cmd[cmd.index("--seed") + 1] == "42"
         assert cmd[cmd.index("--runs-dir") + 1].endswith(f"runs/{arm.name}/seed{{seed}}")
-        assert [cmd[i + 1] for i, flag in enumerate(cmd) if flag == "--graft"] == ["42=mid:conv_heavy", "44=mid:norm"]
+        assert [a for a in cmd if a.startswith("--graft")] == ["--graft=42=mid:conv_heavy", "--graft=44=mid:norm"]
     assert "--grouped" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
-    assert consecutive([42, 43, 45, 46, 48]) == [[42, 43], [45, 46], [48]] and consecutive([]) == []
+
+
+def test_from_scratch_runs_of_negative_seeds_get_their_grafts():
+    """--seed -1: the child reads `--graft=-1=mid:norm` as the graft of episode -1 (a separate "-1=mid:norm"
+    would be taken for a flag), as it reads `esper train --seed -1`."""
+    cfg = CompareConfig(task="synthetic", seed=-1, seeds=2, grouped=True)
+    scratch = arms_for(cfg.budget, cfg.max_epochs, ["heuristic", "from-scratch"])[1]
+    cmd = train_command(cfg, scratch, [-1, 0], {-1: ["mid:norm"], 0: ["mid:conv_heavy"]})
+    run = train_config(build_parser().parse_args(cmd[cmd.index("train"):]))
+    assert (run.seed, run.episodes, run.seed_grafts) == (-1, 2, ((-1, "mid", "norm"), (0, "mid", "conv_heavy")))
+
+
+def test_a_failed_run_ends_the_comparison_in_one_line_that_says_how_to_resume(tmp_path, capsys):
+    """A run's `esper train` that fails (here: no TinyStories text) ends compare with exit 1 and one line: which
+    run, its own last line, where the rest of what it wrote is, and the --resume that finishes the comparison."""
+    out, empty = tmp_path / "cmp", tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", "--task", "tinystories", "--data-dir", str(empty), "--arms", "static", "--seeds", "1",
+                 "--max-epochs", "1", "--out", str(out), "--db", str(tmp_path / "karn.db"),
+                 "--progress-every", "0"]) == 1
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[0].startswith("device: ") and len(said) == 2, said
+    stderr = out / "runs" / "static" / "seed42" / "stderr.txt"
+    assert said[1].startswith(f"esper: error: static seed 42 failed (exit status 1): no *.txt or *.txt.gz in {empty}")
+    assert said[1].endswith(f"(all it wrote: {stderr}); finish the comparison with the same flags and --resume {out}")
+    assert "Traceback" not in stderr.read_text() and f"no *.txt or *.txt.gz in {empty}" in stderr.read_text()
+
+
+def summary(seed: int, accuracy: float, seeds: list[dict]) -> dict:
+    """A run's summary.json as far as the report reads it, on the synthetic host (6,220 parameters)."""
+    return {"seed": seed, "test_accuracy": accuracy, "val_loss": 1.0, "host_params": 6220,
+            "total_params": 6220 + sum(s["params"] for s in seeds), "seeds": seeds, "seed_counts": {},
+            "train_flops": 1e9, "wall_seconds": 2.0,
+            "curve": [{"epoch": 1, "val_accuracy": accuracy, "val_loss": 1.0, "total_params": 6220,
+                       "stages": {"mid": "DORMANT"}}]}
+
+
+def test_the_report_counts_the_final_architectures_parameters_and_gives_one_seed_no_interval():
+    """A heuristic run that ends with mid:conv_heavy fossilized and late:norm still training has 6,220 + 4,672
+    parameters in its final network, as its from-scratch run, which builds in only mid:conv_heavy; one seed
+    per arm gives no interval ("n/a", not "± 0.00")."""
+    conv_heavy = {"slot": "mid", "blueprint": "conv_heavy", "fate": "fossilized", "params": 4672}
+    norm = {"slot": "late", "blueprint": "norm", "fate": "training", "params": 300}
+    results = {"static": [summary(42, 60.0, [])], "heuristic": [summary(42, 65.5, [conv_heavy, norm])],
+               "from-scratch": [summary(42, 64.0, [conv_heavy])]}
+    table = results_table(CompareConfig(task="synthetic", seeds=1), results)
+    rows = {cells[0].removeprefix("| "): cells[3:6] for cells in (line.split(" | ") for line in table.splitlines()[2:])}
+    assert rows == {"static": ["60.00 ± n/a", "-", "6,220"], "heuristic": ["65.50 ± n/a", "+5.50 ± n/a", "10,892"],
+                    "from-scratch": ["64.00 ± n/a", "+4.00 ± n/a", "10,892"]}
+
+
+@pytest.mark.parametrize("task, batch", [("cifar10", 128), ("tinystories", 16)])
+def test_the_report_names_the_batch_its_task_trains_with(task, batch, tmp_path):
+    results = {"static": [summary(42, 60.0, []), summary(43, 62.0, [])]}
+    report = write_report(CompareConfig(task=task, seeds=2, max_batches=50, arms=("static",), out_dir=str(tmp_path)),
+                          results, seconds=1.0)
+    assert f"40 epochs x 50 batches of {batch};" in report.read_text()
+
+
+@pytest.mark.slow
+def test_a_grouped_comparison_resumes_to_the_results_of_one_never_stopped(tmp_path, capsys):
+    """A grouped run's numbers depend, at float-summation level, on the runs in its group (heuristic seed 43
+    trained alone ends at another validation loss than in its group with 42) and on its CPU threads (with the
+    cores for 1 run, not 2, heuristic's group ends at another loss): a grouped arm with a run cut off trains
+    its whole group again on --resume, with the threads it had, and ends exactly as never stopped."""
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "2", "--seeds", "2", "--grouped",
+             "--arms", "static", "heuristic", "--workers", "2", "--db", str(tmp_path / "karn.db"),
+             "--progress-every", "0"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main([*flags, "--out", str(straight)]) == 0
+    shutil.copytree(straight, cut)
+    (kept,) = (cut / "runs" / "heuristic" / "seed42").glob("*/summary.json")
+    (cut_off,) = (cut / "runs" / "heuristic" / "seed43").glob("*/summary.json")
+    cut_off.unlink()  # killed as the group wrote its summaries: seed 42's written, seed 43's not
+    capsys.readouterr()
+    assert main([*flags, "--resume", str(cut)]) == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, cut))
+    for x, y in zip(a["static"] + a["heuristic"], b["static"] + b["heuristic"], strict=True):
+        assert (x["seed"], x["val_loss"], x["test_accuracy"], x["curve"], x["seeds"]) == \
+               (y["seed"], y["val_loss"], y["test_accuracy"], y["curve"], y["seeds"])
+    assert capsys.readouterr().err.count("finished already") == 2  # static's; heuristic's group trained again
+    assert not kept.exists() and not cut_off.parent.exists()  # both trained again, in new run directories
 
 
 def test_every_arm_records_the_comparisons_telemetry_level():

@@ -17,6 +17,7 @@ learner restarted from it continues as if never stopped.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import time
 from dataclasses import fields
 
@@ -53,7 +54,9 @@ class Learner:
         return self.trainer.cfg.n_envs * self.trainer.cfg.update_every
 
     def problem(self, rollout: Rollout) -> str | None:
-        """Why `rollout` cannot be learned from, or None."""
+        """Why `rollout` cannot be learned from, or None. Whatever passes here is committed and learned from,
+        so anything that would make `update()` fail is refused here: a worker's bug or a hostile sender
+        must not stop the learner."""
         trainer = self.trainer
         steps, envs = rollout.rewards.shape
         expected = {"obs": (trainer.spec.dim,), "legal": trainer.codec.shape, "actions": (3,),
@@ -63,12 +66,26 @@ class Learner:
             shape = (steps, envs, *expected.get(f.name, ()))
             if tuple(tensor.shape) != shape or tensor.dtype != Rollout.DTYPES[f.name]:
                 return f"{f.name} is {tensor.dtype} {tuple(tensor.shape)}"
+            # One NaN would reach the committed observation normalizer and pending rollout, and every
+            # later update would fail on it, across restarts.
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                return f"{f.name} is not finite"
+        ops, slots, blueprints = trainer.codec.shape
+        if not bool(((rollout.actions >= 0) & (rollout.actions < torch.tensor([ops, slots, blueprints]))).all()):
+            return f"actions outside the heads' ranges {trainer.codec.shape}"
+        # PPO takes the log-probability of each taken action under its mask; one the mask forbids was not
+        # chosen by the policy (and a mask that allows nothing fails here too).
+        op, slot, blueprint = rollout.actions.unbind(-1)  # [T, N] each
+        taken = (op * slots + slot) * blueprints + blueprint  # [T, N]: index into the flattened mask
+        if not bool(rollout.legal.flatten(2).gather(2, taken[..., None]).all()):
+            return "actions that their legal masks forbid"
         if steps != trainer.env_cfg.max_epochs or not bool(rollout.terminated[-1].all()):
             return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps)"
         versions = set(rollout.policy_version.unique().tolist())
         unknown = versions - set(self.obs_stats)
         if unknown:
-            return f"policy versions {sorted(unknown)} are unknown or more than {self.max_policy_lag} updates old"
+            return (f"policy versions {reprlib.repr(sorted(unknown))} are unknown or more than {self.max_policy_lag} "
+                    "updates old")
         return None
 
     def add(self, rollout: Rollout) -> str | None:

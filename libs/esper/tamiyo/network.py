@@ -19,6 +19,8 @@ operation uses (a one-sample estimate of the joint entropy, as in factored-actio
 
 from __future__ import annotations
 
+import reprlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -182,6 +184,20 @@ class NeuralPolicy:
         self.version = version
         self.greedy = greedy
         self.generator = torch.Generator().manual_seed(seed)
+
+    def problems(self, observation: Observation) -> list[str]:
+        """What this network cannot decide on though `observation_problems` passes it: slots and blueprints
+        outside its FeatureSpec, which the action heads have no index for (distinct names within the spec
+        also bound the slot count)."""
+        problems = []
+        slots = [state.slot for state in observation.slots if state.slot not in self.spec.slots]
+        if slots:
+            problems.append(f"slots {reprlib.repr(slots)} are not among this policy's {list(self.spec.slots)}")
+        blueprints = [short_name(Blueprint, b) for b in observation.blueprints if b not in self.codec.blueprints]
+        if blueprints:
+            problems.append(f"blueprints {reprlib.repr(blueprints)} are not among this policy's "
+                            f"{list(self.spec.blueprints)}")
+        return problems
 
     @torch.no_grad()
     def decide(self, observation: Observation) -> Decision:

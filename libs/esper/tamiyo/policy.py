@@ -8,6 +8,9 @@ from esper.leyline import Action, Decision, Observation, Operation
 
 
 class Policy(Protocol):
+    """A policy that cannot decide on some observations `tamiyo.validate` accepts (NeuralPolicy: slots
+    outside its network) also has `problems(observation) -> list[str]`, which tamiyo_server asks first."""
+
     name: str
     version: str
 

@@ -1,12 +1,23 @@
 """Is an Observation one a policy can decide on? Observations from another process (the Tamiyo
 gRPC service, `esper policy query`) are checked here before any policy sees them, so that a bad
-request is refused with a message naming the field instead of failing somewhere inside a policy."""
+request is refused with a message naming the field instead of failing somewhere inside a policy.
+
+Messages echo what was sent only through `reprlib.repr` (a few dozen characters), and `reason` caps the
+whole: gRPC carries it as metadata, and a status over its 16 KiB metadata limit reaches the client as
+RESOURCE_EXHAUSTED, without the reason."""
 
 from __future__ import annotations
 
 import math
+import reprlib
 
 from esper.leyline import Blueprint, Observation, SeedStage
+
+MAX_REASON_BYTES = 1024
+"""A refusal's reason at most, UTF-8 (gRPC percent-encodes it: at most 3 KiB on the wire)."""
+SLOT_FLOATS = ("alpha", "contribution", "contribution_se", "loss_contribution")
+"""SlotState floats that must be finite. Not seed_grad_norm: a non-finite gradient norm is news about the
+seed (it diverged), which the features encode as such (tamiyo.features)."""
 
 
 def observation_problems(obs: Observation) -> list[str]:
@@ -22,14 +33,20 @@ def observation_problems(obs: Observation) -> list[str]:
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "best_val_accuracy"):
         if not math.isfinite(getattr(s, name)):
             problems.append(f"signals.{name} is not finite")
+    for name in ("val_accuracy_history", "val_loss_history"):
+        if not all(map(math.isfinite, getattr(s, name))):
+            problems.append(f"signals.{name} has a value that is not finite")
     if not obs.slots:
         problems.append("observation.slots is empty")
     names = [slot.slot for slot in obs.slots]
     if any(not n for n in names) or len(set(names)) != len(names):
-        problems.append(f"slot names must be non-empty and distinct, got {names}")
+        problems.append(f"slot names must be non-empty and distinct, got {reprlib.repr(names)}")
     for slot in obs.slots:
         if slot.stage not in SeedStage.values() or slot.stage == SeedStage.SEED_STAGE_UNSPECIFIED:
-            problems.append(f"slot {slot.slot!r}: invalid stage {slot.stage}")
+            problems.append(f"slot {reprlib.repr(slot.slot)}: invalid stage {slot.stage}")
+        for name in SLOT_FLOATS:
+            if not math.isfinite(getattr(slot, name)):
+                problems.append(f"slot {reprlib.repr(slot.slot)}: {name} is not finite")
     if not obs.blueprints:
         problems.append("observation.blueprints is empty")
     for bp in [*obs.blueprints, *obs.recently_culled]:
@@ -38,3 +55,11 @@ def observation_problems(obs: Observation) -> list[str]:
     if obs.max_seeds < 0 or obs.seeds_germinated < 0:
         problems.append("max_seeds and seeds_germinated must be >= 0")
     return problems
+
+
+def reason(problems: list[str], where: str = "") -> str:
+    """`problems` as one message, cut to MAX_REASON_BYTES."""
+    text = (where + "; ".join(problems)).encode()
+    if len(text) <= MAX_REASON_BYTES:
+        return text.decode()
+    return text[:MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."

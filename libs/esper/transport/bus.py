@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from esper.leyline import SnapshotReply, SnapshotRequest, TelemetryEvent
 from esper.transport.auth import zmq_context
 from esper.transport.limits import (
+    MAX_RETAINED_BYTES,
     MAX_SNAPSHOT_REPLY_BYTES,
     MAX_SNAPSHOT_REQUEST_BYTES,
     MAX_SUBSCRIPTION_BYTES,
@@ -115,20 +116,31 @@ class PublisherSink:
 
 class RetainedEvents:
     """The hub's memory for late joiners: every event of the last `max_runs` runs (at most
-    `max_events` each, oldest dropped first). A 75-epoch run is about 400 events."""
+    `max_events` each, oldest dropped first), at most `max_bytes` in all (the oldest run's oldest events
+    dropped first), so one snapshot reply holds them all. A 75-epoch run is about 400 events."""
 
-    def __init__(self, max_runs: int = 32, max_events: int = 10_000):
+    def __init__(self, max_runs: int = 32, max_events: int = 10_000, max_bytes: int = MAX_RETAINED_BYTES):
         self.max_runs = max_runs
         self.max_events = max_events
+        self.max_bytes = max_bytes
         self.runs: OrderedDict[str, deque[TelemetryEvent]] = OrderedDict()
+        self.bytes = 0
 
     def add(self, event: TelemetryEvent) -> None:
         events = self.runs.get(event.run_id)
         if events is None:
-            events = self.runs[event.run_id] = deque(maxlen=self.max_events)
+            events = self.runs[event.run_id] = deque()
             while len(self.runs) > self.max_runs:
-                self.runs.popitem(last=False)
+                self.bytes -= sum(e.ByteSize() for e in self.runs.popitem(last=False)[1])
+        if len(events) == self.max_events:
+            self.bytes -= events.popleft().ByteSize()
         events.append(event)
+        self.bytes += event.ByteSize()
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self.runs.values()))
+            self.bytes -= oldest.popleft().ByteSize()
+            if not oldest:
+                self.runs.popitem(last=False)
 
     def snapshot(self, request: SnapshotRequest) -> SnapshotReply:
         runs = [request.run_id] if request.run_id else list(self.runs)
@@ -151,6 +163,11 @@ class Hub:
         self.xsub.maxmsgsize = MAX_TELEMETRY_BYTES
         self.xpub.maxmsgsize = MAX_SUBSCRIPTION_BYTES
         self.router.maxmsgsize = MAX_SNAPSHOT_REQUEST_BYTES
+        # Each reply is a full copy of the retained events: queued up to the default HWM of 1,000 per peer, 300
+        # requests from a peer that never read took the hub to 1.4 GiB. A Subscriber waits for its one reply, so
+        # one queued per peer is enough; ROUTER_MANDATORY turns the silent drop of the rest into a counted EAGAIN.
+        self.router.sndhwm = 1
+        self.router.router_mandatory = 1
         self.endpoints = {
             "publish": bind_endpoint(self.xsub, host, pub_port),
             "subscribe": bind_endpoint(self.xpub, host, sub_port),
@@ -158,7 +175,7 @@ class Hub:
         }
         self.xsub.send(b"\x01")  # subscribe to everything: the hub sees (and retains) every event
         self.forwarded = 0
-        self.dropped = dict.fromkeys((*FRAME_PROBLEMS, "snapshot_request"), 0)  # zeros: every series exists
+        self.dropped = dict.fromkeys((*FRAME_PROBLEMS, "snapshot_request", "snapshot_reply"), 0)  # zeros: all exist
         self.subscriptions = 0
         self.snapshots = 0
 
@@ -208,7 +225,14 @@ class Hub:
         except DecodeError:
             self.dropped["snapshot_request"] += 1
             return
-        self.router.send_multipart([frames[0], self.retained.snapshot(request).SerializeToString()])
+        reply = self.retained.snapshot(request).SerializeToString()
+        try:
+            self.router.send_multipart([frames[0], reply], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                raise
+            self.dropped["snapshot_reply"] += 1  # the peer is not reading its replies (EAGAIN), or is gone
+            return
         self.snapshots += 1
 
     def close(self) -> None:
@@ -236,10 +260,9 @@ class Subscriber:
         self.socket.subscribe(TELEMETRY_PREFIX + run_id.encode())
         self.socket.subscribe(self.hello)
         self.socket.connect(sub_endpoint)
-        self.dealer = ctx.socket(zmq.DEALER)
-        self.dealer.linger = LINGER_MS
-        self.dealer.maxmsgsize = MAX_SNAPSHOT_REPLY_BYTES
-        self.dealer.connect(snapshot_endpoint)
+        self.ctx = ctx
+        self.snapshot_endpoint = snapshot_endpoint
+        self.dealer = self._connect_dealer()
         self.run_id = run_id
         self.snapshot_timeout_ms = int(snapshot_timeout_s * 1000)
         self.malformed = dict.fromkeys((*FRAME_PROBLEMS, "snapshot"), 0)
@@ -262,10 +285,21 @@ class Subscriber:
                 self.malformed[exc.reason] += 1
         return events
 
+    def _connect_dealer(self) -> zmq.Socket:
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.linger = LINGER_MS
+        dealer.maxmsgsize = MAX_SNAPSHOT_REPLY_BYTES
+        dealer.connect(self.snapshot_endpoint)
+        return dealer
+
     def _snapshot(self) -> list[TelemetryEvent]:
         self.dealer.send(SnapshotRequest(run_id=self.run_id).SerializeToString())
         if not self.dealer.poll(self.snapshot_timeout_ms):
             log.warning("no snapshot from the hub in %d ms: starting from live events", self.snapshot_timeout_ms)
+            # A new socket (a new identity): the late reply would have been taken for the next request's answer,
+            # and every later one would have been one behind.
+            self.dealer.close()
+            self.dealer = self._connect_dealer()
             self.synced = True
             return []
         reply = SnapshotReply()

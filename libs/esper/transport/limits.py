@@ -16,6 +16,10 @@ MAX_SNAPSHOT_REQUEST_BYTES = 4096
 """A SnapshotRequest (hub ROUTER) holds one run id."""
 MAX_SNAPSHOT_REPLY_BYTES = 256 * MiB
 """A SnapshotReply (subscribers' DEALER): every retained event, up to 32 runs of a few hundred KiB."""
+MAX_RETAINED_BYTES = 64 * MiB
+"""The events the hub retains for snapshots, all runs together (oldest dropped first), so that a full SnapshotReply
+(these plus a few bytes per event) always fits MAX_SNAPSHOT_REPLY_BYTES: by count alone, 32 runs x 10,000 events
+of up to 1 MiB did not."""
 MAX_GRPC_REQUEST_BYTES = 4 * MiB
 """A Decide request (~1 KiB) or a DecideBatch of at most 1,024 observations; gRPC's own default."""
 MAX_HTTP_BODY_BYTES = 0

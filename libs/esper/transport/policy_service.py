@@ -30,7 +30,7 @@ from esper.leyline import (
 )
 from esper.leyline import tamiyo_pb2_grpc
 from esper.tamiyo import Policy
-from esper.tamiyo.validate import observation_problems
+from esper.tamiyo.validate import observation_problems, reason
 from esper.transport.auth import call_metadata
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ class Unparsable:
 
 
 class MalformedRequestCounter(grpc.ServerInterceptor):
-    """Counts request messages that do not parse and refuses them with INVALID_ARGUMENT. Left alone,
-    gRPC answers them INTERNAL ("Exception deserializing request!") and logs a traceback for each: a
-    hostile client's garbage would read as the server's fault."""
+    """Counts request messages that do not parse and refuses them with INVALID_ARGUMENT, for every kind of
+    method (unary or streaming requests and responses: Health.Watch is unary-stream). Left alone, gRPC
+    answers them INTERNAL ("Exception deserializing request!") and logs a traceback for each: a hostile
+    client's garbage would read as the server's fault."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -105,15 +106,18 @@ class MalformedRequestCounter(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request does not parse ({request.why})")
             return request
 
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-            return handler._replace(request_deserializer=counted,
-                                    unary_unary=lambda request, context: unary(refuse(request, context), context))
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-            return handler._replace(request_deserializer=counted, stream_stream=lambda requests, context: stream(
-                (refuse(r, context) for r in requests), context))
-        return handler._replace(request_deserializer=counted)
+        def wrap(behaviour, streaming: bool):
+            def call(request, context, *respond):  # respond: what gRPC passes an experimental_non_blocking method
+                request = (refuse(r, context) for r in request) if streaming else refuse(request, context)
+                return behaviour(request, context, *respond)
+            # Keep a method non-blocking (Health.Watch is): a blocking Watch holds a worker thread while it lasts.
+            call.experimental_non_blocking = getattr(behaviour, "experimental_non_blocking", False)
+            return call
+
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(request_deserializer=counted, **{
+            kind: wrap(getattr(handler, kind), kind.startswith("stream")) for kind in kinds
+            if getattr(handler, kind) is not None})
 
 
 class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
@@ -124,14 +128,17 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
         self._lock = threading.Lock()  # the server has worker threads; policies need not be thread-safe
 
     def _decide(self, obs: Observation, context: grpc.ServicerContext, where: str = "") -> Decision:
+        policy = self.policy  # checks and decides with one policy, though tamiyo_server swaps in new weights
         problems = observation_problems(obs)
+        if not problems and hasattr(policy, "problems"):
+            problems = policy.problems(obs)
         if problems:
             INVALID.inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, where + "; ".join(problems))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason(problems, where))
         start = time.perf_counter()
         with self._lock:
             try:
-                decision = self.policy.decide(obs)
+                decision = policy.decide(obs)
             except PolicyNotReady as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         DECIDE_SECONDS.observe(time.perf_counter() - start)

@@ -35,7 +35,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
-from esper.transport.tensors import pack, unpack
+from esper.transport.limits import MAX_SUBSCRIPTION_BYTES
+from esper.transport.tensors import pack, short, unpack
 
 POLICY_TOPIC = b"esper.policy"
 ROLLOUT_FIELDS = frozenset(f.name for f in fields(Rollout))
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int, int]
 """(worker_id, incarnation, sequence): what the learner decides once."""
+DECISIONS = frozenset((AckStatus.ACK_STATUS_ACCEPTED, AckStatus.ACK_STATUS_DUPLICATE, AckStatus.ACK_STATUS_REJECTED))
+"""The ack statuses that settle a trajectory; any other (a newer learner's, a hostile one's) leaves it unacked."""
 
 
 class TrajectoryInbox:
@@ -104,7 +107,7 @@ class TrajectoryInbox:
         try:
             tensors = unpack(frames[1])
             if set(tensors) != ROLLOUT_FIELDS:
-                raise ValueError(f"tensors {sorted(tensors)} are not the Rollout fields")
+                raise ValueError(f"tensors {short(sorted(tensors))} are not the Rollout fields")
             problem = self.apply(Rollout(**tensors))
         except ValueError as exc:
             problem = str(exc)
@@ -132,9 +135,9 @@ class Spool:
 
     A worker killed with trajectories unacked loses nothing: the next process with the same directory
     resends them byte for byte, under their old (worker_id, incarnation, sequence) keys, so the learner
-    recognizes one it had already accepted as DUPLICATE. Each entry is written atomically (temp file,
-    fsync, os.replace): a kill leaves it whole or absent. Each carries the producer's `progress` when it
-    was spooled (a worker: the episodes it has played); `progress` is the largest ever spooled, kept in
+    recognizes one it had already accepted as DUPLICATE. Each entry is written atomically and durably
+    (`_replace`): a kill or a power cut leaves it whole or absent. Each carries the producer's `progress` when
+    it was spooled (a worker: the episodes it has played); `progress` is the largest ever spooled, kept in
     `progress.json` before an acked entry is deleted, so a restarted worker neither replays nor skips a
     round. A lock file (flock) keeps a second live process off the directory.
     """
@@ -151,9 +154,23 @@ class Spool:
                             f"--worker-id or --spool-dir)") from None
         for torn in directory.glob("*.tmp"):  # a write that a kill interrupted: never an entry
             torn.unlink()
-        state = directory / "progress.json"
-        self.progress = json.loads(state.read_text())["progress"] if state.is_file() else 0
+        self.progress = self._read_progress(directory / "progress.json")
         self.entries: dict[Key, tuple[int, int]] = {}  # key -> (bytes on disk, progress)
+
+    @staticmethod
+    def _read_progress(path: Path) -> int:
+        """progress.json's value; 0 if there is none, or none readable (torn by a crash: `load` then raises it to
+        the largest progress of the entries still spooled)."""
+        try:
+            progress = json.loads(path.read_text())["progress"]
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError):
+            progress = None
+        if type(progress) is not int:
+            log.warning("%s is unreadable: progress from the spooled entries only", path)
+            return 0
+        return progress
 
     def load(self) -> dict[Key, list[bytes]]:
         """Every spooled trajectory's frames, by key (oldest first); raises ValueError on a foreign file."""
@@ -173,23 +190,31 @@ class Spool:
 
     def put(self, key: Key, frames: list[bytes], progress: int) -> None:
         blob = SPOOL_HEAD.pack(SPOOL_MAGIC, progress, len(frames[0])) + frames[0] + frames[1]
-        path = self._path(key)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        self._replace(self._path(key), blob)
         self.entries[key] = (len(blob), progress)
         self.progress = max(self.progress, progress)
 
     def remove(self, key: Key) -> None:
         _, progress = self.entries.pop(key)
         if progress >= self.progress:  # the newest entry: its progress must outlive it
-            tmp = self.directory / "progress.json.tmp"
-            tmp.write_text(json.dumps({"progress": self.progress}))
-            os.replace(tmp, self.directory / "progress.json")
-        self._path(key).unlink()
+            self._replace(self.directory / "progress.json", json.dumps({"progress": self.progress}).encode())
+        self._path(key).unlink()  # not synced: a power cut can bring it back, resent and acked DUPLICATE
+
+    def _replace(self, path: Path, data: bytes) -> None:
+        """Write `path` atomically (a temp file renamed over it) and durably: the data is fsynced before the
+        rename, which is itself durable only once the directory is fsynced too (else a power cut may leave an
+        empty file, or none, while the trajectory was already sent or its entry unlinked)."""
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def bytes(self) -> int:
@@ -314,6 +339,9 @@ class TrajectorySender:
         key = (ack.worker_id, ack.incarnation, ack.sequence)
         if key not in self.unacked:
             return  # an ack for a resend already acked
+        if ack.status not in DECISIONS:  # checked before anything is forgotten: the trajectory is resent later
+            log.warning("trajectory %s/%d/%d: ack with unknown status %d kept unacked", *key, ack.status)
+            return
         del self.unacked[key]
         if self.spool is not None:
             self.spool.remove(key)
@@ -385,12 +413,16 @@ def decode_weights(frames: list[bytes]) -> tuple[int, dict]:
     except DecodeError as exc:
         raise ValueError(f"malformed PolicyWeights: {exc}") from None
     tensors = unpack(frames[2])
-    state = {"feature_spec": json.loads(header.feature_spec_json), "hidden_size": header.hidden_size,
+    try:
+        feature_spec = json.loads(header.feature_spec_json)
+    except RecursionError:  # "[[[[..." nested deeper than the interpreter's stack; other bad JSON is a ValueError
+        raise ValueError("feature_spec_json nested too deep") from None
+    state = {"feature_spec": feature_spec, "hidden_size": header.hidden_size,
              "clip_obs": header.clip_obs, "network": {}, "obs_rms": {}}
     for name, tensor in tensors.items():
         part, _, key = name.partition(".")
         if part not in ("network", "obs_rms"):
-            raise ValueError(f"unexpected tensor {name!r}")
+            raise ValueError(f"unexpected tensor {short(name)}")
         state[part][key] = tensor
     return header.version, state
 
@@ -401,6 +433,7 @@ class WeightsPublisher:
     def __init__(self, ctx: zmq.Context, host: str, port: int, republish_s: float = 2.0):
         self.socket = ctx.socket(zmq.PUB)
         self.socket.linger = LINGER_MS
+        self.socket.maxmsgsize = MAX_SUBSCRIPTION_BYTES  # else the context's 64 MiB: one 20 MB topic cost ~900 MiB
         self.endpoint = bind_endpoint(self.socket, host, port)
         self.republish_s = republish_s
         self.frames: list[bytes] = []

@@ -1,0 +1,76 @@
+"""A trajectory the learner accepts is committed and learned from, so Learner.problem must refuse every
+one that would make an update fail: before it checked shapes and dtypes only, and one NaN observation
+(or an action outside a head, or one its mask forbids) crashed every later update, across restarts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esper.nissa import Telemetry
+from esper.simic.env import EnvConfig
+from esper.simic.learner import Learner
+from esper.simic.rewards import COMPONENTS
+from esper.simic.rollout import Rollout
+from esper.simic.trainer import TrainerConfig
+
+TOY = EnvConfig(task="synthetic", max_epochs=4, slots=("mid",))
+
+
+def rollout(learner: Learner) -> Rollout:
+    """One whole episode that WAITs throughout, every action legal."""
+    t, n, trainer = TOY.max_epochs, 1, learner.trainer
+    return Rollout(obs=torch.zeros(t, n, trainer.spec.dim),
+                   legal=torch.ones(t, n, *trainer.codec.shape, dtype=torch.bool),
+                   actions=torch.zeros(t, n, 3, dtype=torch.int64), logprobs=torch.zeros(t, n),
+                   values=torch.zeros(t, n), next_values=torch.zeros(t, n), rewards=torch.zeros(t, n),
+                   reward_parts=torch.zeros(t, n, len(COMPONENTS)),
+                   terminated=torch.ones(t, n, dtype=torch.bool), truncated=torch.zeros(t, n, dtype=torch.bool),
+                   policy_version=torch.zeros(t, n, dtype=torch.int64))
+
+
+def nan_obs(r: Rollout) -> None:
+    r.obs[1, 0, 3] = float("nan")
+
+
+def inf_value(r: Rollout) -> None:
+    r.values[0, 0] = float("inf")
+
+
+def huge_action(r: Rollout) -> None:
+    r.actions[2, 0, 0] = 10**6
+
+
+def negative_action(r: Rollout) -> None:
+    r.actions[2, 0, 1] = -1
+
+
+def illegal_action(r: Rollout) -> None:
+    r.legal[0, 0, 1:] = False  # only WAIT is legal at the first step ...
+    r.actions[0, 0, 0] = 1  # ... and it GERMINATEs
+
+
+def nothing_legal(r: Rollout) -> None:
+    r.legal[3] = False
+
+
+BAD = {"NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
+       "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
+       "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid")}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_refused_trajectory_leaves_the_learner_able_to_update(case):
+    spoil, reason = BAD[case]
+    learner = Learner(TrainerConfig(env=TOY, n_envs=1, update_every=1, episodes=10, seed=0), Telemetry("l"))
+    bad = rollout(learner)
+    spoil(bad)
+    refused = learner.add(bad)
+    assert refused is not None and reason in refused and len(refused) < 100, refused
+    assert learner.pending_episodes == 0 and learner.trainer.global_step == 0
+
+    assert learner.add(rollout(learner)) is None and learner.ready()
+    stats = learner.update()
+    assert learner.version == 1 and torch.isfinite(torch.tensor(stats.policy_loss))
+    assert all(bool(p.isfinite().all()) for p in learner.trainer.agent.parameters())
+    assert all(bool(v.isfinite().all()) for v in learner.trainer.obs_rms.state().values())

@@ -1,7 +1,10 @@
 """Constants and helpers the tests share, importable as `support` (pytest puts tests/ on sys.path; a module named
 `conftest` is not importable unambiguously once tests/integration/ has its own)."""
 
+import contextlib
+import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -56,3 +59,15 @@ class StopsAt:
         if obs.signals.epoch == self.epoch:
             raise Interrupted
         return self.policy.decide(obs)
+
+
+@contextlib.contextmanager
+def recorded_syncs():
+    """The fsyncs (of the path each file descriptor names), os.replaces and unlinks done inside, in order, as
+    ("fsync" | "replace" | "unlink", path): what makes a write durable is their order."""
+    calls = []
+    fsync, replace, unlink = os.fsync, os.replace, Path.unlink
+    with (mock.patch("os.fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd)),
+          mock.patch("os.replace", lambda a, b: calls.append(("replace", str(b))) or replace(a, b)),
+          mock.patch.object(Path, "unlink", lambda p: calls.append(("unlink", str(p))) or unlink(p))):
+        yield calls

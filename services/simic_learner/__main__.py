@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
     except UsageError as exc:
-        print(f"simic_learner: error: {exc}")
+        print(f"simic_learner: error: {exc}", file=sys.stderr)
         return 2
     if refuse_bind("simic_learner", cfg.host, cfg.token):
         return 2

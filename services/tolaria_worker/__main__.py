@@ -53,6 +53,7 @@ from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
 from esper.transport.config import StackEndpoints
 from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, setup_logging, start_metrics
+from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
 from esper.transport.trajectories import LiveMetrics, Spool, SpoolBusy, TrajectorySender
 
@@ -131,6 +132,8 @@ def parse(argv: list[str] | None) -> Config:
     shipping = None
     if args.ppo:
         base = ppo_config(args, base)
+        if not 0 < len(args.worker_id) <= MAX_WORKER_ID_CHARS:  # the learner refuses the trajectories of any other
+            raise UsageError(f"--worker-id must be 1 to {MAX_WORKER_ID_CHARS} characters, got {len(args.worker_id)}")
         spool_dir = args.spool_dir or os.path.join(args.runs_dir, "spool", args.worker_id)
         shipping = Shipping(learner=args.learner, worker_id=args.worker_id, resend_s=args.resend_s, spool_dir=spool_dir,
                             window=args.window)
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
     except UsageError as exc:
-        print(f"tolaria_worker: error: {exc}")
+        print(f"tolaria_worker: error: {exc}", file=sys.stderr)
         return 2
     if refuse_bind("tolaria_worker", cfg.host, cfg.token):
         return 2

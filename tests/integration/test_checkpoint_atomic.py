@@ -12,6 +12,7 @@ import time
 
 import torch
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
+from support import recorded_syncs
 
 FORMAT = "esper.test.atomic/1"
 KILLS = 20
@@ -61,3 +62,14 @@ def test_sigkill_during_saves_leaves_the_previous_or_the_new_checkpoint(tmp_path
           f"0 partial; {confirmed} checkpoints written in all")
     assert outcomes["previous"] + outcomes["new"] == KILLS
     assert outcomes["mid_write"] > 0, "no kill landed during a write: the test proved nothing"
+
+
+def test_a_saved_checkpoint_is_on_disk_before_save_returns(tmp_path):
+    """The learner acks trajectories once its checkpoint is saved, and workers then delete them: the file is
+    fsynced before its rename and the directory after it, so a power cut cannot undo a save that was acked."""
+    tmp_path = tmp_path.resolve()  # as /proc/self/fd names it
+    path = tmp_path / "checkpoint.pt"
+    with recorded_syncs() as calls:
+        save_checkpoint({"i": 1}, path, FORMAT)
+    assert calls == [("fsync", f"{path}.tmp"), ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert load_checkpoint(path, FORMAT)["i"] == 1

@@ -6,6 +6,8 @@ hub's memory (found by a review; the decoders alone are in tests/unit/test_wire_
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from procs import wait_until
+from procs import REPO, wait_until
 
 from esper.leyline import (
     AckStatus,
@@ -27,7 +29,7 @@ from esper.leyline import (
 )
 from esper.simic.rollout import Rollout
 from esper.transport.bus import Hub, RetainedEvents, Subscriber, bind_endpoint, make_context
-from esper.transport.limits import MAX_SUBSCRIPTION_BYTES
+from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
 from esper.transport.trajectories import (
     POLICY_TOPIC,
     Spool,
@@ -175,3 +177,13 @@ def test_the_hub_drops_snapshot_replies_a_peer_does_not_read_and_serves_the_othe
     reader.connect(hub.endpoints["snapshot"])
     reader.send(SnapshotRequest().SerializeToString())
     assert reader.poll(5000) and [e.sequence for e in SnapshotReply.FromString(reader.recv()).events] == [1]
+
+
+def test_a_worker_refuses_a_worker_id_the_learner_would_refuse():
+    """The learner refuses a worker_id over MAX_WORKER_ID_CHARS (it keeps every key it decides): a worker
+    started with one would play episodes whose trajectories are all refused, so it exits 2 at once instead."""
+    too_long = "w" * (MAX_WORKER_ID_CHARS + 1)
+    out = subprocess.run([sys.executable, "-m", "services.tolaria_worker", "--ppo", "--task", "synthetic",
+                          "--worker-id", too_long], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"--worker-id must be 1 to {MAX_WORKER_ID_CHARS} characters, got {MAX_WORKER_ID_CHARS + 1}" in out.stderr

@@ -6,9 +6,6 @@ tests/integration/test_transport_hostile.py)."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
-from unittest import mock
 
 import msgpack
 import pytest
@@ -28,6 +25,7 @@ from esper.transport import limits
 from esper.transport.bus import RetainedEvents
 from esper.transport.tensors import pack, unpack
 from esper.transport.trajectories import POLICY_TOPIC, Spool, TrajectoryInbox, decode_weights
+from support import recorded_syncs
 
 FLOAT = {"dtype": "float32", "shape": [1], "data": bytes(4)}
 
@@ -55,6 +53,16 @@ def test_the_inbox_rejects_a_bool_dimension_instead_of_raising():
     inbox = TrajectoryInbox(lambda rollout: pytest.fail("applied"), version=lambda: 0)
     ack = inbox.handle(trajectory(msgpack.packb({"obs": FLOAT | {"shape": [True]}})))
     assert ack.status == AckStatus.ACK_STATUS_REJECTED and inbox.rejected == 1
+
+
+def test_the_inbox_keeps_no_key_of_a_worker_id_no_worker_has():
+    """The learner keeps every key it decides for its lifetime (a resend gets the same answer): a worker_id of
+    up to 64 MiB per message was memory a sender could make it hold forever."""
+    inbox = TrajectoryInbox(lambda rollout: pytest.fail("applied"), version=lambda: 0)
+    header = TrajectoryHeader(worker_id="w" * (limits.MAX_WORKER_ID_CHARS + 1), incarnation=1, sequence=0)
+    ack = inbox.handle([header.SerializeToString(), pack({})])
+    assert ack.status == AckStatus.ACK_STATUS_REJECTED and "worker_id of 256 characters" in ack.reason
+    assert inbox.decided == {} and inbox.rejected == 1 and ack.worker_id == ""
 
 
 @pytest.mark.parametrize("frames", [
@@ -105,12 +113,7 @@ def test_the_spool_syncs_each_rename_before_anything_depends_on_it(tmp_path):
     once its directory is)."""
     tmp_path = tmp_path.resolve()  # as /proc/self/fd names it
     spool = Spool(tmp_path)
-    calls = []
-    real_fsync, real_replace, real_unlink = os.fsync, os.replace, Path.unlink
-    with (mock.patch("os.fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-                     or real_fsync(fd)),
-          mock.patch("os.replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b)),
-          mock.patch.object(Path, "unlink", lambda p: calls.append(("unlink", str(p))) or real_unlink(p))):
+    with recorded_syncs() as calls:
         spool.put(("w", 9, 0), trajectory(b"x"), progress=4)
         entry = str(spool._path(("w", 9, 0)))
         assert calls == [("fsync", entry + ".tmp"), ("replace", entry), ("fsync", str(tmp_path))]

@@ -4,8 +4,8 @@
 A PPO checkpoint is a dict of tensors and plain Python values (no pickled objects): the network and Adam
 state dicts, the normalizers' statistics as tensors, the RNG states as uint8 tensors, the counters, the
 resolved config as JSON and the run's history so far. It is written to `<path>.tmp`, flushed to disk
-and moved over `<path>` with os.replace, so a crash leaves either the old checkpoint or the new one,
-never half of one. Episode checkpoints (`GrowthEnv.state_dict`) go through the same two functions
+and moved over `<path>` with os.replace (`write_durably`), so a crash leaves either the old checkpoint or
+the new one, never half of one. Episode checkpoints (`GrowthEnv.state_dict`) go through the same two functions
 under their own format name, with `rng_state()` for every random generator a run draws from.
 """
 
@@ -15,7 +15,9 @@ import dataclasses
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -47,14 +49,27 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` to `path` atomically (a temp file renamed over it) and durably: the data is fsynced
+    before the rename, and the directory after it (a rename is on disk only once its directory is). What a
+    process acks after writing (the learner's checkpoint, a worker's spooled trajectory) then survives a
+    power cut too, not only a kill."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        torch.save({"format": fmt, **state}, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_durably(path, lambda f: torch.save({"format": fmt, **state}, f))
 
 
 def load_checkpoint(path: Path, fmt: str = FORMAT) -> dict:

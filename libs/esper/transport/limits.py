@@ -20,6 +20,9 @@ MAX_RETAINED_BYTES = 64 * MiB
 """The events the hub retains for snapshots, all runs together (oldest dropped first), so that a full SnapshotReply
 (these plus a few bytes per event) always fits MAX_SNAPSHOT_REPLY_BYTES: by count alone, 32 runs x 10,000 events
 of up to 1 MiB did not."""
+MAX_WORKER_ID_CHARS = 255
+"""A trajectory's worker_id (a host name by default, and a spool directory's name): the learner keeps every
+key it decides for its lifetime, so a longer one is refused as malformed and not kept."""
 MAX_GRPC_REQUEST_BYTES = 4 * MiB
 """A Decide request (~1 KiB) or a DecideBatch of at most 1,024 observations; gRPC's own default."""
 MAX_HTTP_BODY_BYTES = 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import secrets
 import struct
 import time
@@ -33,9 +32,10 @@ from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
+from esper.simic.checkpoint import write_durably
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
-from esper.transport.limits import MAX_SUBSCRIPTION_BYTES
+from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
 from esper.transport.tensors import pack, short, unpack
 
 POLICY_TOPIC = b"esper.policy"
@@ -94,6 +94,8 @@ class TrajectoryInbox:
             if len(frames) != 2:
                 raise DecodeError(f"{len(frames)} frames")
             header.ParseFromString(frames[0])
+            if len(header.worker_id) > MAX_WORKER_ID_CHARS:
+                raise DecodeError(f"a worker_id of {len(header.worker_id)} characters (at most {MAX_WORKER_ID_CHARS})")
         except DecodeError as exc:
             self.rejected += 1
             return TrajectoryAck(status=AckStatus.ACK_STATUS_REJECTED, reason=f"malformed message: {exc}")
@@ -136,7 +138,7 @@ class Spool:
     A worker killed with trajectories unacked loses nothing: the next process with the same directory
     resends them byte for byte, under their old (worker_id, incarnation, sequence) keys, so the learner
     recognizes one it had already accepted as DUPLICATE. Each entry is written atomically and durably
-    (`_replace`): a kill or a power cut leaves it whole or absent. Each carries the producer's `progress` when
+    (`write_durably`): a kill or a power cut leaves it whole or absent. Each carries the producer's `progress` when
     it was spooled (a worker: the episodes it has played); `progress` is the largest ever spooled, kept in
     `progress.json` before an acked entry is deleted, so a restarted worker neither replays nor skips a
     round. A lock file (flock) keeps a second live process off the directory.
@@ -190,31 +192,16 @@ class Spool:
 
     def put(self, key: Key, frames: list[bytes], progress: int) -> None:
         blob = SPOOL_HEAD.pack(SPOOL_MAGIC, progress, len(frames[0])) + frames[0] + frames[1]
-        self._replace(self._path(key), blob)
+        write_durably(self._path(key), lambda f: f.write(blob))
         self.entries[key] = (len(blob), progress)
         self.progress = max(self.progress, progress)
 
     def remove(self, key: Key) -> None:
         _, progress = self.entries.pop(key)
         if progress >= self.progress:  # the newest entry: its progress must outlive it
-            self._replace(self.directory / "progress.json", json.dumps({"progress": self.progress}).encode())
+            progress_json = json.dumps({"progress": self.progress}).encode()
+            write_durably(self.directory / "progress.json", lambda f: f.write(progress_json))
         self._path(key).unlink()  # not synced: a power cut can bring it back, resent and acked DUPLICATE
-
-    def _replace(self, path: Path, data: bytes) -> None:
-        """Write `path` atomically (a temp file renamed over it) and durably: the data is fsynced before the
-        rename, which is itself durable only once the directory is fsynced too (else a power cut may leave an
-        empty file, or none, while the trajectory was already sent or its entry unlinked)."""
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     @property
     def bytes(self) -> int:

@@ -17,16 +17,6 @@ import torch
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "bool": torch.bool,
           "uint8": torch.uint8}
 
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 200
-_repr.maxlist = 8
-
-
-def short(value: object) -> str:
-    """repr() cut to a few hundred characters, for refusals that echo what a sender chose: the learner keeps each
-    refusal's reason in its checkpoint (60 trajectories with 1 MiB tensor names made 60 MiB of reasons)."""
-    return _repr.repr(value)
-
 
 def pack(tensors: dict[str, torch.Tensor]) -> bytes:
     return msgpack.packb({
@@ -37,7 +27,9 @@ def pack(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def unpack(payload: bytes) -> dict[str, torch.Tensor]:
     """The inverse of pack; ValueError on anything else, the only error its callers catch (a TypeError killed
-    simic_learner). Hence exact types: msgpack's true is a bool, which isinstance(d, int) accepts."""
+    simic_learner). Hence exact types: msgpack's true is a bool, which isinstance(d, int) accepts. Messages
+    echo what the sender chose through reprlib.repr only: the learner keeps each refusal's reason in its
+    checkpoint (60 trajectories with 1 MiB tensor names had made 60 MiB of reasons)."""
     try:
         items = msgpack.unpackb(payload, raw=False)
     except (msgpack.UnpackException, ValueError) as exc:
@@ -49,10 +41,12 @@ def unpack(payload: bytes) -> dict[str, torch.Tensor]:
         if not (isinstance(name, str) and isinstance(item, dict) and isinstance(item.get("dtype"), str)
                 and item["dtype"] in DTYPES and isinstance(item.get("data"), bytes)
                 and isinstance(item.get("shape"), list) and all(type(d) is int and d >= 0 for d in item["shape"])):
-            raise ValueError(f"tensor {short(name)}: needs a str name, dtype in {sorted(DTYPES)}, shape and data")
+            raise ValueError(f"tensor {reprlib.repr(name)}: needs a str name, dtype in {sorted(DTYPES)}, shape and "
+                             "data")
         dtype = np.dtype(item["dtype"]).newbyteorder("<")
         if len(item["data"]) != math.prod(item["shape"]) * dtype.itemsize:
-            raise ValueError(f"tensor {short(name)}: {len(item['data'])} bytes for shape {short(item['shape'])}")
+            raise ValueError(f"tensor {reprlib.repr(name)}: {len(item['data'])} bytes for shape "
+                             f"{reprlib.repr(item['shape'])}")
         array = np.frombuffer(item["data"], dtype=dtype).reshape(item["shape"])
         tensors[name] = torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
     return tensors

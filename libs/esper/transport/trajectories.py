@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import reprlib
 import secrets
 import struct
 import time
@@ -36,7 +37,7 @@ from esper.simic.checkpoint import write_durably
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
 from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
-from esper.transport.tensors import pack, short, unpack
+from esper.transport.tensors import pack, unpack
 
 POLICY_TOPIC = b"esper.policy"
 ROLLOUT_FIELDS = frozenset(f.name for f in fields(Rollout))
@@ -108,8 +109,10 @@ class TrajectoryInbox:
             return TrajectoryAck(**ids, status=status, reason=before.reason, policy_version=self.version())
         try:
             tensors = unpack(frames[1])
-            if set(tensors) != ROLLOUT_FIELDS:
-                raise ValueError(f"tensors {short(sorted(tensors))} are not the Rollout fields")
+            missing, unexpected = ROLLOUT_FIELDS - set(tensors), set(tensors) - ROLLOUT_FIELDS
+            if missing or unexpected:
+                raise ValueError(f"not the Rollout fields: missing {reprlib.repr(sorted(missing))}, unexpected "
+                                 f"{reprlib.repr(sorted(unexpected))}")
             problem = self.apply(Rollout(**tensors))
         except ValueError as exc:
             problem = str(exc)
@@ -409,7 +412,7 @@ def decode_weights(frames: list[bytes]) -> tuple[int, dict]:
     for name, tensor in tensors.items():
         part, _, key = name.partition(".")
         if part not in ("network", "obs_rms"):
-            raise ValueError(f"unexpected tensor {short(name)}")
+            raise ValueError(f"unexpected tensor {reprlib.repr(name)}")
         state[part][key] = tensor
     return header.version, state
 

@@ -59,7 +59,8 @@ def main() -> None:
           f"{args.max_batches} batches per episode; environment steps (epochs) per second, ratio to one process")
     print(f"{'n_envs':>6}" + "".join(f"{way:>22}" for way in ("one process", *args.ways)))
     for n in args.n_envs:
-        env = EnvConfig(task=args.task, max_epochs=args.max_epochs, train=TrainConfig(max_batches=args.max_batches))
+        env = EnvConfig(task=args.task, max_epochs=args.max_epochs,
+                        train=TrainConfig.for_task(args.task, max_batches=args.max_batches))
         cfg = TrainerConfig(env=env, n_envs=n, episodes=n, update_every=1, device=str(device))
 
         def trainer(cfg: TrainerConfig = cfg) -> PPOTrainer:

@@ -66,7 +66,8 @@ def main() -> int:
         assert publisher.wait_attached(30)
         device = torch.device(args.device)
         data = load_task_data(args.task, None).to(device)
-        cfg = EnvConfig(task=args.task, max_epochs=args.epochs, train=TrainConfig(max_batches=args.max_batches))
+        cfg = EnvConfig(task=args.task, max_epochs=args.epochs,
+                        train=TrainConfig.for_task(args.task, max_batches=args.max_batches))
         times: dict[str, list[float]] = {level: [] for level in levels}
         events: dict[str, int] = dict.fromkeys(levels, 0)
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,19 +26,6 @@ from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
 
-TASK_HOSTS = {"cifar10": "cifar10", "cifar10_deep": "cifar10_deep", "synthetic": "synthetic",
-              "tinystories": "tinystories"}
-# Training settings that differ from TrainConfig's (the CNN recipe), per task. The transformer trains
-# with AdamW (SGD leaves it far behind at these budgets) on 16 windows of 128 tokens a step (about
-# 0.2 s on one CPU core) and evaluates 64 windows at a time ([64, 128, 2048] logits: 67 MB). lr 1e-3:
-# after 10 epochs of 50 batches, validation loss 3.79 against 4.02 at 5e-4 and 4.40 at 2e-3 (no
-# warmup, so a larger step overshoots early).
-TASK_TRAIN: dict[str, dict] = {
-    "tinystories": dict(batch_size=16, optimizer="adamw", lr=1e-3, seed_lr=1e-3, weight_decay=0.01,
-                        augment=False, eval_batch_size=64),
-}
-
-
 class UsageError(Exception):
     """A bad flag or combination: reported in one line, exit status 2."""
 
@@ -52,7 +39,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, default=1, help="independent runs; episode i uses seed+i")
     p.add_argument("--max-epochs", type=int, default=75, help="epochs per episode")
     p.add_argument("--max-batches", type=int, default=50, help="training batches per epoch (0 = all)")
-    p.add_argument("--task", choices=sorted(TASK_HOSTS), default="cifar10")
+    p.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
     p.add_argument("--device", default=None, help="torch device (default: cuda:0 when present, else cpu)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--slots", nargs="+", default=["mid"], help="enabled slots: early mid late")
@@ -87,7 +74,7 @@ def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=sorted(TASK_HOSTS), default="cifar10")
+    p.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
     p.add_argument("--max-epochs", type=int, default=40, help="epochs per run, the same for every arm")
     p.add_argument("--max-batches", type=int, default=0, help="training batches per epoch (0 = all)")
     p.add_argument("--seeds", type=int, default=5, help="runs per arm, seeds seed .. seed+N-1")
@@ -152,7 +139,7 @@ def build_parser() -> Parser:
         karn_cli.add_db_flag(mode_parser)
     add_compare_flags(commands.add_parser("compare", help="static vs growth vs from-scratch at the same budget"))
     bp = commands.add_parser("blueprints", help="list seed blueprints with their parameter counts")
-    bp.add_argument("--task", choices=sorted(TASK_HOSTS), default="cifar10")
+    bp.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
     sample = commands.add_parser("sample", help="generate text from a language-model run's final model")
     sample.add_argument("run_dir", help="a run directory of --task tinystories")
     sample.add_argument("--num-samples", type=int, default=3)
@@ -211,8 +198,8 @@ def train_config(args: argparse.Namespace):
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
                     seed_grad_norms=policy is not None and policy_spec(policy, args.task).telemetry,
-                    train=TrainConfig(max_batches=args.max_batches, precision=args.precision, compile=args.compile,
-                                      memory_format=args.memory_format, **TASK_TRAIN.get(args.task, {})))
+                    train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
+                                               compile=args.compile, memory_format=args.memory_format))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
@@ -222,7 +209,7 @@ def train_config(args: argparse.Namespace):
 
 def checked_host(task: str, slots: list[str]):
     """The task's host, once `slots` (--slots) are slots of it, each named once."""
-    host = build_host(TASK_HOSTS[task])
+    host = build_host(task)
     slots_known = host.slot_positions()
     bad = [s for s in slots if s not in slots_known]
     if bad:
@@ -236,7 +223,7 @@ def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
     """Refuses the flags of `esper train` or `esper compare` that grouped runs (esper.tolaria.grouped) cannot
     take, and `also` (the command's own): they train CNN hosts in fp32, eagerly, with no gradient health (it
     reads a run's own backward)."""
-    refused = [("--task " + args.task, HOSTS[TASK_HOSTS[args.task]].kind != "cnn"),
+    refused = [("--task " + args.task, HOSTS[args.task].kind != "cnn"),
                ("--precision bf16", args.precision != "fp32"), ("--compile", args.compile),
                ("--telemetry-level debug", args.telemetry_level == "debug")]
     if bad := [flag for flag, given in refused if given] + list(also):
@@ -325,7 +312,7 @@ def compare_config(args: argparse.Namespace):
 
 
 def cmd_blueprints(args: argparse.Namespace) -> int:
-    host = build_host(TASK_HOSTS[args.task])
+    host = build_host(args.task)
     channels = host.slot_channels()
     print(f"host {host.spec.name}: {sum(p.numel() for p in host.parameters()):,} parameters")
     print(f"{'blueprint':<12}" + "".join(f"{s + f' ({c}ch)':>16}" for s, c in channels.items()))

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esper.cli import TASK_TRAIN
 from esper.experiment import write_atomic
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import changed_settings
@@ -395,7 +394,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    batch_size = TrainConfig(**TASK_TRAIN.get(cfg.task, {})).batch_size  # as `esper train` trains the task
+    batch_size = TrainConfig.for_task(cfg.task).batch_size  # as `esper train` trains the task
     spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
     fates: dict[str, dict[str, int]] = {}  # growing arm -> fate -> seeds over all runs
     for arm in ("heuristic", "ppo"):

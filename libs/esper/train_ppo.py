@@ -78,7 +78,7 @@ def add_ppo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-envs", type=int, default=TrainerConfig.n_envs,
                    help="environments stepped in lockstep with batched policy inference")
     p.add_argument("--update-every", type=int, default=TrainerConfig.update_every,
-                   help="epochs per environment between PPO updates (and at every episode's end)")
+                   help="episodes per environment between PPO updates (and one after the last)")
     p.add_argument("--lr", type=float, default=ppo.lr, help="Adam learning rate")
     p.add_argument("--clip-ratio", type=float, default=ppo.clip_coef, help="PPO clip coefficient")
     p.add_argument("--gamma", type=float, default=ppo.gamma, help="discount per epoch")

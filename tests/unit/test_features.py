@@ -62,3 +62,18 @@ def test_encode_batch_shape(synthetic_data):
     batch = WITHOUT.encode_batch(obs)
     assert batch.shape == (4, 93) and batch.dtype == torch.float32 and torch.isfinite(batch).all()
     assert FeatureSpec.from_dict(WITHOUT.to_dict()) == WITHOUT
+
+
+def test_an_emptied_slot_names_no_blueprint(synthetic_data):
+    """A culled seed leaves its slot empty: the slot's blueprint one-hot goes to 0 with it (the culled
+    blueprint is in recently_culled_<bp>), as it is before any seed."""
+    env = GrowthEnv(EnvConfig(task="synthetic", max_epochs=4, slots=("mid",)), synthetic_data, torch.device("cpu"),
+                    Telemetry("features"), trainer_factory=SimulatedTrainer)
+    env.reset(0)
+    env.step(Decision(action=Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                                    blueprint=Blueprint.BLUEPRINT_NORM)))
+    after_cull, _ = env.step(Decision(action=Action(operation=Operation.OPERATION_CULL, slot="mid")))
+    x = dict(zip(WITHOUT.names(), WITHOUT.encode(after_cull)))
+    assert x["mid.stage_embargoed"] == 1 and x["mid.seed_params"] == 0
+    assert [n for n, v in x.items() if n.startswith("mid.blueprint_") and v] == []
+    assert x["recently_culled_norm"] > 0

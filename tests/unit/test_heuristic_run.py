@@ -1,8 +1,9 @@
 """A whole heuristic episode on the synthetic task exercises every lifecycle path, with reasons."""
 
-from esper.leyline import SeedStage, short_name
+from esper.leyline import Blueprint, Observation, Operation, SeedStage, SlotState, TrainingSignals, short_name
 from esper.nissa import ListSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
+from esper.simic.env import HISTORY
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, WaitPolicy
 
 import torch
@@ -67,3 +68,19 @@ def test_same_seed_same_episode(synthetic_data):
         results.append((list(obs.signals.val_accuracy_history), [e.decision.action for e in sink.events
                                                                    if e.HasField("decision")]))
     assert results[0] == results[1]
+
+
+def test_a_blend_that_costs_accuracy_is_culled_however_long_it_has_run():
+    """The regression cull compares the blend so far with the epochs before it at every blend length up to
+    max_stage_epochs: an observation's history (HISTORY epochs) holds both (10 had hidden a 10-point drop
+    from the 10th blending epoch on)."""
+    cfg = HeuristicConfig()
+    for k in range(1, cfg.max_stage_epochs):
+        history = ([70.0] * 20 + [60.0] * k)[-HISTORY:]  # 10 points lost since blending began k epochs ago
+        blending = SlotState(slot="mid", stage=SeedStage.SEED_STAGE_BLENDING, blueprint=Blueprint.BLUEPRINT_CONV_HEAVY,
+                             epochs_in_stage=k, alpha=min(1.0, k / 5))
+        obs = Observation(signals=TrainingSignals(epoch=20 + k, max_epochs=75, val_accuracy_history=history),
+                          slots=[blending], blueprints=[Blueprint.BLUEPRINT_CONV_HEAVY])
+        decision = HeuristicPolicy(cfg).decide(obs)
+        assert decision.action.operation == Operation.OPERATION_CULL, (k, decision.reason)
+        assert decision.reason == "validation accuracy 10.00 points below its level before blending", k

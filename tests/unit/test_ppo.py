@@ -59,6 +59,8 @@ def test_entropy_schedule_anneals_to_its_floor():
     assert ent_coef_at(constant, 0, 100) == ent_coef_at(constant, 99, 100) == 0.05
     whole_run = PPOConfig(ent_coef_start=0.1, ent_coef_end=0.02)  # 0 anneal episodes: over the whole run
     assert ent_coef_at(whole_run, 50, 100) == pytest.approx(0.06)
+    to_zero = PPOConfig(ent_coef_start=0.1, ent_coef_end=0.0)  # no floor unless one is asked for
+    assert ent_coef_at(to_zero, 100, 100) == 0.0 and ent_coef_at(PPOConfig(ent_coef=0.0), 0, 100) == 0.0
 
 
 def test_entropy_floor_may_not_exceed_the_coefficient():

@@ -42,7 +42,10 @@ from esper.tolaria.governor import Governor, GovernorConfig
 from esper.tolaria.grouped import GroupMember, TrainerGroup
 from esper.tolaria.trainer import EvalResult, TrainConfig, Trainer
 
-HISTORY = 10  # epochs of accuracy/loss history in an observation
+# Epochs of accuracy/loss history in an observation: enough for the heuristic to compare a seed's whole
+# blend (up to max_stage_epochs, 12) with the regression_window (3) before it; 10 had hidden a drop
+# from the 10th blending epoch on.
+HISTORY = 16
 
 
 @dataclass(frozen=True)
@@ -195,21 +198,23 @@ class GrowthEnv:
         with self.own_rng():
             model, tel, monitor = self.model, self.telemetry, self.monitor
             epoch = self.epoch + 1
-            self.train_loss, self.train_accuracy = self.trainer.train_epoch()
+            train_loss, train_accuracy = self.trainer.train_epoch()
             if self.cfg.seed_grad_norms or tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG):
                 self.grad_norms = self.trainer.seed_grad_norms()
             sharpness = 0.0
             if (tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG) and self.cfg.sharpness_every
                     and epoch % self.cfg.sharpness_every == 0):
                 sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, list(model.parameters()))
-            cause = self.governor.verdict(self.train_loss)
-            if cause:
+            cause = self.governor.verdict(train_loss)
+            if cause:  # the observation keeps the restored epoch's training loss: a policy never sees a NaN
                 culled = model.cull_live(epoch, f"governor: {cause}")
                 restored = self.governor.restore(model)
                 self.trainer.reset_momentum()
-                tel.emit(governor=GovernorEvent(epoch=epoch, cause=cause, train_loss=self.train_loss,
+                tel.emit(governor=GovernorEvent(epoch=epoch, cause=cause, train_loss=train_loss,
                                                 restored_epoch=restored, culled_slots=[t.slot for t in culled]))
                 self._record(culled)
+            else:
+                self.train_loss, self.train_accuracy = train_loss, train_accuracy
             self.val = self.trainer.evaluate("val")
             for name, contribution in self.val.contributions.items():
                 model.slots[name].contribution = contribution

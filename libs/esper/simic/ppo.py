@@ -40,9 +40,10 @@ class PPOConfig:
     """Coefficient at episode 0 (--entropy-coef-start); None: ent_coef."""
     ent_coef_end: float | None = None
     """Coefficient once the anneal is over (--entropy-coef-end); None: ent_coef."""
-    ent_coef_min: float = 0.01
-    """Floor under the annealed coefficient (--entropy-coef-min). The original tool's floor (0.1)
-    exceeded its coefficient (0.05) and silently replaced it; here a floor above the start is an error."""
+    ent_coef_min: float = 0.0
+    """Floor under the annealed coefficient (--entropy-coef-min); 0: none, so an anneal ends where it
+    was asked to. The original tool's floor (0.1) exceeded its coefficient (0.05) and silently
+    replaced it; here a floor above the start is an error."""
     ent_anneal_episodes: int = 0
     """Episodes over which the coefficient moves linearly from start to end; 0: the whole run."""
     vf_coef: float = 0.5

@@ -64,7 +64,7 @@ import torch
 
 from esper.kasmina import build_host
 from esper.kasmina.blueprints import blueprints_for
-from esper.kasmina.lifecycle import budget_left
+from esper.kasmina.lifecycle import LIVE_STAGES, budget_left
 from esper.leyline import Blueprint, Observation, SeedStage, SlotState, from_short_name, short_name
 
 HISTORY_LAGS = 5
@@ -166,8 +166,9 @@ class FeatureSpec:
         measured = state.has_contribution
         contribution = state.contribution if measured else 0.0
         se = state.contribution_se if measured else 0.0
+        holds_seed = state.stage in LIVE_STAGES or state.stage == SeedStage.SEED_STAGE_FOSSILIZED
         x = [1.0, *(float(state.stage == stage) for stage in STAGES), state.alpha,
-             min(state.epochs_in_stage, 20) / 20, *(float(state.blueprint == b) for b in blueprints),
+             min(state.epochs_in_stage, 20) / 20, *(float(holds_seed and state.blueprint == b) for b in blueprints),
              _clip(state.seed_params / host_params, 0, 4), float(measured), _clip(contribution / 10, -3, 3),
              _clip(se / 10, 0, 3), _clip(contribution / max(se, 0.1) / 10, -1, 1) if measured else 0.0,
              float(state.advance_ready), _clip(state.embargo_epochs_left / 5, 0, 1)]

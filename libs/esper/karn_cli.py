@@ -100,7 +100,7 @@ def cmd_index(db, args: argparse.Namespace) -> int:
     for path in args.paths:
         try:
             run_ids = db.index_path(path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:  # no telemetry there, or a line that is not an event
             print(f"esper: error: {exc}", file=sys.stderr)
             return 2
         print(f"{path}: {len(run_ids)} run{'s' if len(run_ids) != 1 else ''} recorded in {args.db}")
@@ -156,7 +156,11 @@ def cmd_report(db, args: argparse.Namespace) -> int:
     run_ids: list[str] = []
     for run in args.runs:
         if Path(run).exists():
-            run_ids += db.index_path(Path(run))
+            try:
+                run_ids += db.index_path(Path(run))
+            except (FileNotFoundError, ValueError) as exc:
+                print(f"esper: error: {exc}", file=sys.stderr)
+                return 2
         elif db.runs([run]):
             run_ids.append(run)
         else:

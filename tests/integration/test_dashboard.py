@@ -138,6 +138,37 @@ def test_page_shows_a_live_run_and_reconnects_after_a_restart(tmp_path):
                 replay.stop()
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
+def test_a_statistic_that_is_not_finite_shows_as_a_dash_and_stops_no_panel():
+    """Explained variance is NaN when a rollout's returns have no variance: it reaches the page as null,
+    whose gauge had thrown and left every later panel (the alerts among them) unrendered."""
+    from playwright.sync_api import sync_playwright
+
+    events = [
+        event("ppo", 1, run_started=RunStarted(mode="ppo", task="synthetic")),
+        epoch_event("ppo_ep0000", 1, 1),
+        event("ppo", 2, ppo_update=PPOUpdate(update=1, entropy=1.0, approx_kl=0.01, clipfrac=0.1,
+                                             explained_variance=float("nan"))),
+        event("ppo_ep0000", 2, governor=GovernorEvent(epoch=2, cause="divergence", train_loss=9.0, restored_epoch=1)),
+    ]
+    server = DashboardThread(Dashboard(DashboardConfig(port=0), title="replay"), events)
+    link = server.start()[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(link)
+            page.wait_for_selector("#alerts :text('divergence')", timeout=30_000)
+            gauges = page.text_content("#gauges")
+        finally:
+            browser.close()
+            server.stop()
+    print(f"gauges: {gauges!r}; page errors: {errors}")
+    assert "explained variance-" in gauges and "clip fraction0.100" in gauges and errors == []
+
+
 def event(run: str, sequence: int, **payload) -> TelemetryEvent:
     return TelemetryEvent(run_id=run, sequence=sequence, wall_time=time.time(), **payload)
 

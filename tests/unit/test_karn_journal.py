@@ -1,5 +1,5 @@
 """karn's event journal: the run store survives a restart, a torn last record is cut off, and the
-file keeps only the runs the store keeps."""
+file keeps only the runs the store keeps, which are the runs that reported last."""
 
 from esper.karn.store import EventJournal, RunStore
 from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
@@ -43,3 +43,16 @@ def test_the_journal_keeps_only_the_runs_the_store_keeps(tmp_path):
     assert EventJournal(path).replay(store) == 3
     assert list(store.runs) == ["run1", "run2"]
     assert EventJournal(path).replay(RunStore()) == 2  # compacted on the previous start
+
+
+def test_a_run_that_keeps_reporting_is_kept_past_max_runs():
+    """A PPO run starts before its episodes and reports (updates) after each round of them: past max_runs the
+    store forgets the run that reported least recently, not the one created first, which had made the live
+    PPO run a new, empty record with every earlier event counted lost."""
+    store = RunStore(max_runs=3)
+    store.apply(epoch_event("ppo", 1))
+    for episode in range(6):
+        store.apply(epoch_event(f"ppo_ep{episode}", 1))
+        store.apply(epoch_event("ppo", episode + 2))
+    assert list(store.runs) == ["ppo_ep4", "ppo_ep5", "ppo"]
+    assert store.runs["ppo"].lost == 0 and sorted(store.runs["ppo"].epochs) == list(range(1, 8))

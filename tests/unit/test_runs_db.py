@@ -95,6 +95,31 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_torn_last_line_is_left_out_and_a_corrupt_one_named(runs_dir, tmp_path, capsys):
+    """A run killed mid-line (or still writing) leaves its last line cut short: its runs index without it,
+    as JsonlSink promises. A line that is not an event elsewhere is one error naming the file and line, for
+    `esper runs index` and `esper report` alike, and so is a folder with no telemetry."""
+    source = next(runs_dir.glob("*_static_*/telemetry.jsonl"))
+    lines = source.read_text().splitlines(keepends=True)
+    torn = tmp_path / "torn" / "run" / "telemetry.jsonl"
+    torn.parent.mkdir(parents=True)
+    torn.write_text("".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # and a blank line
+    db = str(tmp_path / "karn.db")
+    assert main(["runs", "index", str(torn.parent.parent), "--db", db]) == 0
+    assert "1 run recorded" in capsys.readouterr().out
+
+    corrupt = tmp_path / "corrupt" / "telemetry.jsonl"
+    corrupt.parent.mkdir()
+    corrupt.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    (tmp_path / "empty").mkdir()
+    for argv, needle in ((["runs", "index", str(corrupt.parent)], f"{corrupt}:2: not a telemetry event"),
+                         (["report", str(corrupt.parent)], f"{corrupt}:2: not a telemetry event"),
+                         (["report", str(tmp_path / "empty")], "no telemetry.jsonl in it")):
+        assert main([*argv, "--db", db]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+
+
 def test_esper_train_records_its_runs_in_the_store(tmp_path, capsys):
     """Heuristic, static and PPO runs show in `esper runs list` (the store beside them, <runs-dir>/karn.db)
     without `esper runs index`; a run at --telemetry-level off has no telemetry to record and still ends well."""

@@ -278,6 +278,43 @@ def test_train_ppo_tui_shows_envs_rewards_and_policy_health(monkeypatch, tmp_pat
         assert f"{name} {total / last.rollout_steps:+.4f}" in seen["text"]
 
 
+def test_a_diverged_epoch_is_shown_not_drawn():
+    """A NaN or inf loss (a diverged epoch, as a file or an older build reports it) is left out of the
+    curve and shown as the latest value: the sparkline had crashed the app on it."""
+    def epoch(sequence: int, n: int, loss: float) -> TelemetryEvent:
+        return TelemetryEvent(run_id="r", sequence=sequence, epoch=EpochReport(
+            signals=TrainingSignals(epoch=n, max_epochs=5, val_accuracy=40.0 + n, train_loss=loss, val_loss=loss)))
+
+    async def check(app, pilot):
+        assert app.query_one("#train_loss", Sparkline).data == [2.0]
+        assert "train loss inf  (best 2.0000)" in screen_text(app)
+
+    asyncio.run(replay([epoch(1, 1, 2.0), epoch(2, 2, float("nan")), epoch(3, 3, float("inf"))], check))
+
+
+def test_each_ppo_run_is_judged_against_its_own_first_update():
+    """A second PPO run's entropy is a fraction of its own first, not the first run's, and its rewards
+    are drawn on their own, as the dashboard keeps them."""
+    def update(run_id: str, entropy: float, reward: float) -> TelemetryEvent:
+        return TelemetryEvent(run_id=run_id, sequence=1, ppo_update=PPOUpdate(
+            update=1, entropy=entropy, rollout_steps=10, reward_components={"terminal": 10 * reward}))
+
+    async def check(app, pilot):
+        assert app.query_one(PolicyHealth).colours["entropy"] == "green" and "(100% of first)" in screen_text(app)
+        assert app.query_one(Rewards).per_step == [-0.25]
+
+    asyncio.run(replay([update("ppo_a", 2.0, 0.5), update("ppo_b", 0.5, -0.25)], check))
+
+
+def test_a_closed_app_keeps_none_of_the_events_it_will_not_read():
+    """`esper train --tui`: the run goes on after the app closes; what it emits then is not queued up."""
+    source = QueueSource()
+    source.stop()
+    for sequence in range(1, 101):
+        source.emit(TelemetryEvent(run_id="r", sequence=sequence))
+    assert source._queue.qsize() == 0
+
+
 def test_tui_file_must_exist(tmp_path, capsys):
     from esper.cli import main
 

@@ -58,7 +58,7 @@ class RunRecord:
 
 
 class RunStore:
-    """Runs by id, at most `max_runs` (the oldest is forgotten first), safe to read from another
+    """Runs by id, at most `max_runs` (the least recently reporting is forgotten first), safe to read from another
     thread (the /metrics server) while the subscriber applies events."""
 
     def __init__(self, max_runs: int = 64):
@@ -95,11 +95,15 @@ class RunStore:
             return True
 
     def _run(self, run_id: str) -> RunRecord:
+        """The run's record; past max_runs the run that reported least recently is forgotten (not the one
+        created first: a PPO run outlives every one of its episodes, and reports after them all)."""
         run = self.runs.get(run_id)
         if run is None:
             run = self.runs[run_id] = RunRecord(run_id)
             while len(self.runs) > self.max_runs:
                 self.runs.popitem(last=False)
+        else:
+            self.runs.move_to_end(run_id)
         return run
 
 

@@ -73,9 +73,20 @@ class JsonlSink:
 
 
 def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
+    """The events of a JsonlSink's file. A last line cut short (its writer killed mid-line, or still
+    writing) ends them, as JsonlSink's "a crash loses at most one line" promises; blank lines are
+    skipped; any other line that is not an event is a ValueError naming the file and line."""
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            yield json_format.Parse(line, TelemetryEvent())
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json_format.Parse(line, TelemetryEvent())
+            except json_format.ParseError as exc:
+                if not line.endswith("\n"):
+                    return
+                raise ValueError(f"{path}:{number}: not a telemetry event ({exc})") from None
+            yield event
 
 
 class Telemetry:

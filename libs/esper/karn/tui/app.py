@@ -119,7 +119,7 @@ class TelemetryApp(App):
         if kind == "ppo_update":
             for panel in (self.query_one(PolicyHealth), self.query_one(Rewards)):
                 panel.add_class("-active")
-                panel.update_ppo(event.ppo_update)
+                panel.update_ppo(event.run_id, event.ppo_update)
             return
         if kind == "epoch":
             self.watched = event.run_id

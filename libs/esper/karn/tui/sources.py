@@ -26,7 +26,8 @@ class QueueSource:
         self.poll_s = poll_s
 
     def emit(self, event: TelemetryEvent) -> None:
-        self._queue.put(event)
+        if not self._stopped.is_set():  # once the app has closed, nobody reads: keeping events would only grow
+            self._queue.put(event)
 
     def close(self) -> None:
         pass

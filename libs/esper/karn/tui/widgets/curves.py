@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Sparkline
@@ -15,6 +17,17 @@ SERIES = (
     ("val_loss", "val loss", lambda r: r.signals.val_loss, "{:.4f}"),
     ("train_loss", "train loss", lambda r: r.signals.train_loss, "{:.4f}"),
 )
+
+
+def finite(values: list[float]) -> list[float]:
+    """What a Sparkline can draw (it takes int() of every value) and a best can be taken over: a diverged
+    epoch's NaN or inf loss is left out of the line, and shown in the label as the latest value."""
+    return [v for v in values if math.isfinite(v)]
+
+
+def latest_and_best(title: str, fmt: str, values: list[float], best) -> str:
+    drawn = finite(values)
+    return f"{title} {fmt.format(values[-1])}  (best {fmt.format(best(drawn)) if drawn else 'n/a'})"
 
 
 class Curves(Vertical):
@@ -38,6 +51,6 @@ class Curves(Vertical):
         reports = [self.history[e] for e in sorted(self.history)]
         for key, title, value, fmt in SERIES:
             values = [value(r) for r in reports]
-            self.query_one(f"#{key}", Sparkline).data = values
+            self.query_one(f"#{key}", Sparkline).data = finite(values)
             self.query_one(f"#{key}-label", Label).update(
-                f"{title} {fmt.format(values[-1])}  (best {fmt.format(max(values) if 'accuracy' in key else min(values))})")
+                latest_and_best(title, fmt, values, max if "accuracy" in key else min))

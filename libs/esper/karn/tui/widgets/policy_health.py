@@ -40,11 +40,15 @@ class PolicyHealth(Static):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.run_id = ""
         self.first_entropy: float | None = None
+        """The first entropy of the run that updated last (entropy is judged against its own run's)."""
         self.colours: dict[str, str] = {}
         """Gauge -> its colour at the last update: what the panel shows, kept for tests and alerts."""
 
-    def update_ppo(self, u: PPOUpdate) -> None:
+    def update_ppo(self, run_id: str, u: PPOUpdate) -> None:
+        if run_id != self.run_id:
+            self.run_id, self.first_entropy = run_id, None
         if self.first_entropy is None:
             self.first_entropy = u.entropy
         entropy_fraction = u.entropy / self.first_entropy if self.first_entropy > 0 else 1.0

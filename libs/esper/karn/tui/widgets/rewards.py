@@ -13,28 +13,32 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Sparkline
 
+from esper.karn.tui.widgets.curves import finite, latest_and_best
 from esper.leyline import PPOUpdate
 
 
 class Rewards(Vertical):
-    """Shown once the first PPO update arrives (the app reveals it)."""
+    """Shown once the first PPO update arrives (the app reveals it); like Curves, it follows the run that
+    updated last and restarts when another does."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.run_id = ""
         self.per_step: list[float] = []
-        """Reward per step of each update's rollout, in the order the updates arrived."""
+        """Reward per step of each of the run's updates' rollouts, in the order the updates arrived."""
 
     def compose(self) -> ComposeResult:
         yield Label("per step", id="reward-label")
         yield Sparkline([], id="reward-curve", summary_function=max)
         yield Label("", id="reward-components")
 
-    def update_ppo(self, u: PPOUpdate) -> None:
+    def update_ppo(self, run_id: str, u: PPOUpdate) -> None:
+        if run_id != self.run_id:
+            self.run_id, self.per_step = run_id, []
         steps = max(u.rollout_steps, 1)
         components = {name: total / steps for name, total in sorted(u.reward_components.items())}
         self.per_step.append(sum(components.values()))
-        self.query_one("#reward-curve", Sparkline).data = self.per_step
-        self.query_one("#reward-label", Label).update(
-            f"per step {self.per_step[-1]:+.4f}  (best {max(self.per_step):+.4f})")
+        self.query_one("#reward-curve", Sparkline).data = finite(self.per_step)
+        self.query_one("#reward-label", Label).update(latest_and_best("per step", "{:+.4f}", self.per_step, max))
         self.query_one("#reward-components", Label).update(
             "\n".join(f"{name} {value:+.4f}" for name, value in components.items()))

@@ -153,6 +153,30 @@ def test_training_seed_leaves_host_forward_and_gradients_bit_identical(kind, blu
     assert torch.equal(grown(x), twin(x))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_diverged_training_seed_leaves_the_host_bit_identical(kind):
+    """A TRAINING seed whose output is not finite (weights gone to inf: inf - inf is NaN) changes nothing of
+    the host either: its outputs and gradients equal the DORMANT twin's, bit for bit. x + (f - f.detach())
+    had been NaN there, and the governor had rolled the whole run back for a seed's fault."""
+    base = base_model(kind)
+    grown, twin = copy.deepcopy(base), copy.deepcopy(base)
+    drive(grown, "mid", HEAVY[kind], S.SEED_STAGE_TRAINING)
+    seed = grown.slots["mid"].seed
+    with torch.no_grad():
+        for p in seed.parameters():
+            p.fill_(float("inf"))
+    seen = capture(grown.slots["mid"])
+    x, y = batch(kind)
+    out_grown, out_twin = grown(x), twin(x)
+    with torch.no_grad():
+        assert not torch.isfinite(seed(seen["x"])).all()
+    assert torch.equal(out_grown, out_twin)
+    cross_entropy(out_grown, y).backward()
+    cross_entropy(out_twin, y).backward()
+    for g_grown, g_twin in zip(host_grads(grown), host_grads(twin), strict=True):
+        assert torch.equal(g_grown, g_twin)
+
+
 @pytest.mark.parametrize("kind, blueprint", CASES, ids=CASE_IDS)
 def test_fresh_training_seed_gets_nonzero_gradient_despite_zero_init(kind, blueprint):
     """Every blueprint's last layer starts at zero, yet the fresh seed must learn: at least one of its

@@ -2,9 +2,10 @@
 
 Forward by stage (x: the host's activations at this boundary, f: the seed's residual delta):
 - DORMANT, GERMINATED, CULLED, EMBARGOED: x. The seed is not run.
-- TRAINING: x + (f(x.detach()) - f(x.detach()).detach()). The value is exactly x, so the host's
-  outputs are bit-identical to a run without the seed; the backward pass hands the host's error
-  signal dL/dx to f (straight-through), and x.detach() stops any gradient from f reaching the host.
+- TRAINING: straight_through(x, f(x.detach())). The value is exactly x, whatever f computes (even inf or
+  NaN: x + (f - f.detach()) would be NaN there), so the host's outputs are bit-identical to a run
+  without the seed; the backward pass hands the host's error signal dL/dx to f as well, and x.detach()
+  stops any gradient from f reaching the host.
 - BLENDING: x + alpha * f(x.detach()) = lerp(host, host + f, alpha) with the host keeping its full
   identity-path gradient and none through the seed path.
 - FOSSILIZED: x + f(x). Ordinary host structure from now on.
@@ -72,6 +73,23 @@ class SeedSlot(nn.Module):
         return 0 if self.seed is None else sum(p.numel() for p in self.seed.parameters())
 
 
+class StraightThrough(torch.autograd.Function):
+    """Value x; gradient dL/dx to x and to delta (times `mask`, where only some channels are TRAINING)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        ctx.mask = mask
+        return x.clone()  # a tensor of its own, as x + ... was: later in-place operations must not reach x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad if ctx.mask is None else grad * ctx.mask, None
+
+
+def straight_through(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return StraightThrough.apply(x, delta, mask)
+
+
 def through_seed(x: torch.Tensor, seed: nn.Module, stage: int, alpha: float | torch.Tensor) -> torch.Tensor:
     """x through a seed in TRAINING, BLENDING or FOSSILIZED, routed as the module docstring says. `alpha`
     (BLENDING) may be a tensor broadcasting over x: the grouped runs of tolaria.grouped blend at one
@@ -80,5 +98,5 @@ def through_seed(x: torch.Tensor, seed: nn.Module, stage: int, alpha: float | to
         return x + seed(x)
     delta = seed(x.detach())
     if stage == S.SEED_STAGE_TRAINING:
-        return x + (delta - delta.detach())
+        return straight_through(x, delta)
     return x + alpha * delta

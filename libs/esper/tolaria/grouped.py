@@ -46,7 +46,7 @@ from torch import nn
 from esper.kasmina.blueprints import SqueezeExcite
 from esper.kasmina.hosts import CNNHost, HostSpec
 from esper.kasmina.lifecycle import LIVE_STAGES
-from esper.kasmina.slot import SeedSlot, through_seed
+from esper.kasmina.slot import SeedSlot, straight_through, through_seed
 from esper.leyline import SeedStage
 from esper.tolaria.augment import eval_batches, stacked_train_batches
 from esper.tolaria.data import Dataset
@@ -257,13 +257,15 @@ class SeedGroup:
         if self.stage is not None:
             return through_seed(x, self.module, self.stage, self.alpha)
         # Stages together, each member's channels routed as through_seed routes its stage, in value and in
-        # gradient: a TRAINING member (alpha 0, straight 1) is x + (delta - delta.detach()), value x and the
-        # seed's full gradient; a BLENDING one (straight 0) x + alpha delta; a FOSSILIZED one (alpha 1,
-        # through 1) x + seed(x), its input not detached. One grouped seed, at a few operators per mask.
+        # gradient: a TRAINING member (alpha 0, straight 1) is straight_through(x, delta), value x whatever
+        # its seed computes (a masked fill: 0 * inf is NaN) and the seed's full gradient; a BLENDING one
+        # (straight 0) x + alpha delta; a FOSSILIZED one (alpha 1, through 1) x + seed(x), its input not
+        # detached. One grouped seed, at a few operators per mask.
         seed_input = x.detach() if self.through is None else x.detach() + self.through * (x - x.detach())
         delta = self.module(seed_input)
-        out = x + self.alpha * delta
-        return out if self.straight is None else out + self.straight * (delta - delta.detach())
+        if self.straight is None:
+            return x + self.alpha * delta
+        return straight_through(x + (self.alpha * delta).masked_fill(self.straight.bool(), 0.0), delta, self.straight)
 
     @torch.no_grad()
     def store(self) -> None:

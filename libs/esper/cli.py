@@ -25,6 +25,7 @@ from esper.simic import EnvConfig
 from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
+from esper.transport.config import ConfigError
 
 class UsageError(Exception):
     """A bad flag or combination: reported in one line, exit status 2."""
@@ -242,8 +243,6 @@ def policy_spec(path: str, task: str):
         spec = FeatureSpec.from_dict(load_checkpoint(Path(path))["feature_spec"])
     except ResumeError as exc:
         raise UsageError(f"--policy {exc}") from None
-    except Exception as exc:  # whatever torch.load makes of a file that is not a checkpoint at all
-        raise UsageError(f"--policy {path}: not a policy checkpoint ({type(exc).__name__})") from None
     host = FeatureSpec.for_host(task, spec.param_budget, spec.telemetry)
     if (spec.slots, spec.blueprints) != (host.slots, host.blueprints):
         raise UsageError(f"--policy {path}: trained for a host with slots {spec.slots}, not --task {task}")
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(exc)) from None
         if args.mode != "ppo" and args.resume:
             check_resume(cfg, args.resume)
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:  # ConfigError: a malformed ESPER_* variable
         print(f"esper: error: {exc}", file=sys.stderr)
         return 2
     if args.mode == "ppo":
@@ -421,5 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m esper.cli` (how compare starts its runs): through the module
+    # esper.cli itself, so that the UsageError train_ppo raises is the class main() catches, not a copy of it
+    from esper.cli import main as esper_main
+
+    raise SystemExit(esper_main())

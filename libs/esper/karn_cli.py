@@ -54,6 +54,11 @@ def run_command(args: argparse.Namespace) -> int:
         return cmd_dashboard(args)
     from esper.karn.runs_db import RunsDB
 
+    reads_only = args.command == "runs" and args.runs_command != "index"
+    if reads_only and not Path(args.db).is_file():  # a mistyped --db would be a new, empty store
+        print(f"esper: error: --db {args.db}: no such store (esper runs index RUN_DIR records runs in one)",
+              file=sys.stderr)
+        return 2
     db = RunsDB(args.db)
     try:
         return cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)

@@ -71,8 +71,9 @@ class PPORunConfig:
         return self.trainer.env
 
 
-def add_ppo_flags(p: argparse.ArgumentParser) -> None:
-    """The PPO flags, on top of the shared training flags (cli.add_train_flags)."""
+def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/checkpoint.pt") -> None:
+    """The PPO flags, on top of the shared training flags (cli.add_train_flags); `save_default` is what
+    --save's help names (simic_learner keeps its checkpoint elsewhere)."""
     ppo, reward = PPOConfig(), RewardConfig()
     p.set_defaults(episodes=TrainerConfig.episodes)
     p.add_argument("--n-envs", type=int, default=TrainerConfig.n_envs,
@@ -104,7 +105,7 @@ def add_ppo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grouped", action="store_true",
                    help="train the environments' epochs together, their hosts as the groups of one network and "
                         "each one's seeds on its group (CNN hosts, fp32; see README)")
-    p.add_argument("--save", default=None, help="checkpoint path (default: <run dir>/checkpoint.pt)")
+    p.add_argument("--save", default=None, help=f"checkpoint path (default: {save_default})")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",
                    help="drop the seed gradient features from the observation (events: --telemetry-level)")

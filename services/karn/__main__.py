@@ -19,8 +19,8 @@ from esper.karn import RunStore, RunStoreCollector
 from esper.karn.store import EventJournal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
-from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.config import StackEndpoints, metrics_port
+from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="hub subscribe endpoint")
     p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
-    p.add_argument("--metrics-port", type=int, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT")
+    p.add_argument("--metrics-port", type=metrics_port, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT")
     p.add_argument("--max-runs", type=int, default=64, help="runs kept in the store")
     p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
     add_token_flag(p)
@@ -90,4 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service("karn", main))

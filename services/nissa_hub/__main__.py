@@ -16,8 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
-from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,11 @@ def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = argparse.ArgumentParser(prog="python -m services.nissa_hub", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
-    p.add_argument("--pub-port", type=int, default=env.hub_pub, help="$ESPER_HUB_PUB_PORT")
-    p.add_argument("--sub-port", type=int, default=env.hub_sub, help="$ESPER_HUB_SUB_PORT")
-    p.add_argument("--snapshot-port", type=int, default=env.hub_snapshot, help="$ESPER_HUB_SNAPSHOT_PORT")
-    p.add_argument("--metrics-port", type=int, default=env.hub_metrics, help="$ESPER_HUB_METRICS_PORT (-1 = off)")
+    p.add_argument("--pub-port", type=port, default=env.hub_pub, help="$ESPER_HUB_PUB_PORT")
+    p.add_argument("--sub-port", type=port, default=env.hub_sub, help="$ESPER_HUB_SUB_PORT")
+    p.add_argument("--snapshot-port", type=port, default=env.hub_snapshot, help="$ESPER_HUB_SNAPSHOT_PORT")
+    p.add_argument("--metrics-port", type=metrics_port, default=env.hub_metrics,
+                   help="$ESPER_HUB_METRICS_PORT (-1 = off)")
     p.add_argument("--retain-runs", type=int, default=32, help="runs kept for late-join snapshots")
     add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service("nissa_hub", main))

@@ -40,11 +40,13 @@ from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
-from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_TRAJECTORY_BYTES
 from esper.transport.trajectories import LiveMetrics, TrajectoryInbox, WeightsPublisher
 
+CHECKPOINT_NAME = "simic_learner.pt"
+"""The learner's checkpoint under --runs-dir unless --save names another."""
 MAX_BATCH = 64
 """Trajectories applied per commit at most: one fsync for a burst, without delaying its acks long."""
 
@@ -77,23 +79,23 @@ def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = Parser(prog="python -m services.simic_learner", description=__doc__.splitlines()[0])
     add_train_flags(p)
-    add_ppo_flags(p)
+    add_ppo_flags(p, save_default=f"<runs-dir>/{CHECKPOINT_NAME}")
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
-    p.add_argument("--port", type=int, default=env.learner, help="trajectories ($ESPER_LEARNER_PORT; 0 = any)")
-    p.add_argument("--weights-port", type=int, default=env.learner_weights,
+    p.add_argument("--port", type=port, default=env.learner, help="trajectories ($ESPER_LEARNER_PORT; 0 = any)")
+    p.add_argument("--weights-port", type=port, default=env.learner_weights,
                    help="policy weights PUB ($ESPER_LEARNER_WEIGHTS_PORT; 0 = any)")
     p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint; '' = no telemetry")
     p.add_argument("--republish-s", type=float, default=2.0, help="republish the weights this often")
     p.add_argument("--max-policy-lag", type=int, default=4, help="oldest policy version learned from, in updates")
     p.add_argument("--summary", default=None, help="JSON file with the learner's state, rewritten per update")
-    p.add_argument("--metrics-port", type=int, default=env.learner_metrics,
+    p.add_argument("--metrics-port", type=metrics_port, default=env.learner_metrics,
                    help="Prometheus /metrics ($ESPER_LEARNER_METRICS_PORT; 0 = any, -1 = off)")
     add_token_flag(p)
     args = p.parse_args(argv)
     args.mode = "ppo"
     run = ppo_config(args, train_config(args))
     if run.save is None:
-        run = replace(run, save=str(Path(run.runs_dir) / "simic_learner.pt"))
+        run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
     return Config(run=run, host=args.host, port=args.port, weights_port=args.weights_port, hub_pub=args.hub_pub,
                   republish_s=args.republish_s, max_policy_lag=args.max_policy_lag, summary=args.summary,
                   metrics_port=args.metrics_port,
@@ -235,4 +237,4 @@ def receive_batch(router: zmq.Socket, inbox: TrajectoryInbox, learner: Learner,
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service("simic_learner", main))

@@ -29,8 +29,8 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, log_endpoint, setup_logging, start_metrics
+from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
 from esper.transport.policy_service import (
     SERVER_OPTIONS,
@@ -69,8 +69,8 @@ def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = argparse.ArgumentParser(prog="python -m services.tamiyo_server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
-    p.add_argument("--port", type=int, default=env.tamiyo, help="gRPC port ($ESPER_TAMIYO_PORT; 0 = any)")
-    p.add_argument("--metrics-port", type=int, default=env.tamiyo_metrics,
+    p.add_argument("--port", type=port, default=env.tamiyo, help="gRPC port ($ESPER_TAMIYO_PORT; 0 = any)")
+    p.add_argument("--metrics-port", type=metrics_port, default=env.tamiyo_metrics,
                    help="/metrics port ($ESPER_TAMIYO_METRICS_PORT; 0 = any, -1 = off)")
     p.add_argument("--policy", choices=sorted(POLICIES), default="heuristic")
     p.add_argument("--learner-weights", default=env.tcp(env.learner_weights),
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     names = (tamiyo_pb2.DESCRIPTOR.services_by_name["Tamiyo"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     server.start()
     if cfg.metrics_port >= 0:
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ready = not (neural and service == SERVICE_NAME)
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING if ready
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
-    log_endpoint(log, "grpc", f"{cfg.host}:{port}")
+    log_endpoint(log, "grpc", f"{cfg.host}:{grpc_port}")
     if neural:
         def load(version: int, state: dict) -> None:
             try:
@@ -146,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service("tamiyo_server", main))

@@ -1,5 +1,4 @@
-"""tolaria_worker: runs growth episodes on one device, asks tamiyo_server for every decision and
-publishes every telemetry event to the hub.
+"""tolaria_worker: growth episodes on one device, every decision from tamiyo_server, telemetry to the hub.
 
     python -m services.tolaria_worker --task synthetic --max-epochs 20 [esper train flags]
 
@@ -51,8 +50,8 @@ from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
-from esper.transport.config import StackEndpoints
-from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, setup_logging, start_metrics
+from esper.transport.config import StackEndpoints, metrics_port
+from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
 from esper.transport.trajectories import LiveMetrics, Spool, SpoolBusy, TrajectorySender
@@ -102,7 +101,8 @@ class Config:
 
 def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
-    p = Parser(prog="python -m services.tolaria_worker", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m services.tolaria_worker", description=__doc__.splitlines()[0],
+               epilog="--ppo --help lists a PPO actor's flags as well (esper train ppo's, --learner, --worker-id, ...)")
     add_train_flags(p)
     p.add_argument("--ppo", action="store_true", help="a PPO actor: ship trajectories to simic_learner")
     if "--ppo" in (sys.argv[1:] if argv is None else argv):
@@ -119,7 +119,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
     p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
-    p.add_argument("--metrics-port", type=int, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
+    p.add_argument("--metrics-port", type=metrics_port, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
     p.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,
                    help="deadline of each Decide call (a frozen tamiyo_server is noticed within it)")
     p.add_argument("--patience-s", type=float, default=120.0, help="wait this long for tamiyo_server")
@@ -240,4 +240,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_service("tolaria_worker", main))

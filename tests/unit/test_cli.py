@@ -38,6 +38,20 @@ def test_bad_flags_fail_in_one_line(argv, needle, capsys):
     assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "ppo", "--resume", __file__], "is not a checkpoint (torch.load: UnpicklingError)"),
+    (["train", "learned", "--policy", __file__], "is not a checkpoint (torch.load: UnpicklingError)"),
+    (["train", "ppo", "--n-envs", "0"], "--n-envs must be >= 1"),
+])
+def test_python_m_esper_cli_fails_in_one_line_too(argv, needle):
+    """`python -m esper.cli` (how compare starts its runs) is `esper`: a file that is not a checkpoint, or a
+    PPO flag train_ppo refuses, is one line and exit 2 (a traceback and exit 1 before)."""
+    done = subprocess.run([sys.executable, "-m", "esper.cli", *argv, "--task", "synthetic"], capture_output=True,
+                          text=True, timeout=120)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_fails_in_one_line(capsys):
     assert main(["train", "heuristic", "--device", "cuda:0"]) == 2

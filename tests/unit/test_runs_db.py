@@ -87,6 +87,9 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
     assert main(["runs", "compare", *heuristic, "--db", db]) == 0
     assert "mean contribution" in capsys.readouterr().out
     assert main(["runs", "show", "nope", "--db", db]) == 1
+    typo = tmp_path / "no" / "such.db"  # a mistyped store is an error, not a new empty one
+    assert main(["runs", "list", "--db", str(typo)]) == 2 and not typo.parent.exists()
+    assert f"--db {typo}: no such store" in capsys.readouterr().err
     out = tmp_path / "report"
     assert main(["report", *heuristic, "--db", db, "--out", str(out)]) == 0
     text = (out / "report.md").read_text()

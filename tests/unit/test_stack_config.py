@@ -1,9 +1,16 @@
 """The stack's ports are defined once (esper.transport.config.PORTS); `.env`, `ops/prometheus.yml`
 and the Procfile must agree with that table."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from esper.cli import main
 from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,3 +49,41 @@ def test_procfile_runs_every_service_and_ports_are_distinct():
 def test_environment_overrides_a_port(monkeypatch):
     monkeypatch.setenv("ESPER_TAMIYO_PORT", "6000")
     assert StackEndpoints.from_env().tamiyo_target == "127.0.0.1:6000"
+
+
+@pytest.mark.parametrize("name, value", [("ESPER_TAMIYO_PORT", "abc"), ("ESPER_HUB_SUB_PORT", "70000"),
+                                         ("ESPER_KARN_METRICS_PORT", "-2")])
+def test_a_malformed_port_variable_is_one_line(monkeypatch, capsys, name, value):
+    """For `esper` (its stack and bus commands read the ports) and for every service alike."""
+    monkeypatch.setenv(name, value)
+    assert main(["stack", "status"]) == 2
+    assert capsys.readouterr().err.strip() == f"esper: error: ${name} must be a port number, " \
+        f"{-1 if 'METRICS' in name else 0} to 65535, not {value!r}"
+
+
+def service(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env=env)
+
+
+def test_a_service_refuses_a_port_it_cannot_take_in_one_line():
+    """A port past 65535 (which gRPC had taken modulo 65536, listening elsewhere without a word), a malformed
+    ESPER_* variable, and a port another process holds (a second stack): one line each, no traceback."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = str(held.getsockname()[1])
+        cases = [
+            (service("services.tamiyo_server", "--port", "99999", "--metrics-port", "-1"), 2,
+             "argument --port: must be a port number, 0 to 65535, not '99999'"),
+            (service("services.nissa_hub", env={**os.environ, "ESPER_HUB_PUB_PORT": "abc"}), 2,
+             "nissa_hub: error: $ESPER_HUB_PUB_PORT must be a port number"),
+            (service("services.nissa_hub", "--pub-port", taken, "--metrics-port", "-1"), 1,
+             "nissa_hub: error: cannot listen: Address already in use"),
+            (service("services.tamiyo_server", "--port", taken, "--metrics-port", "-1"), 1,
+             "tamiyo_server: error: cannot listen: Failed to bind"),
+            (service("services.karn", "--metrics-port", taken), 1, "karn: error: cannot listen: [Errno 98]"),
+        ]
+    for done, status, needle in cases:
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == status and needle in last and "Traceback" not in done.stderr, done.stderr

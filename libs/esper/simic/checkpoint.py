@@ -73,9 +73,16 @@ def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:
 
 
 def load_checkpoint(path: Path, fmt: str = FORMAT) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != fmt:
-        raise ResumeError(f"{path} is not an {fmt} checkpoint (format {state.get('format')!r})")
+    """The state save_checkpoint wrote; ResumeError for any file that is not one (a missing file aside)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # whatever torch.load makes of a file that is not a checkpoint at all
+        raise ResumeError(f"{path} is not a checkpoint (torch.load: {type(exc).__name__})") from None
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found != fmt:
+        raise ResumeError(f"{path} is not an {fmt} checkpoint (format {found!r})")
     return state
 
 

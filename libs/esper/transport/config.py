@@ -36,8 +36,43 @@ def add_token_flag(parser: argparse.ArgumentParser) -> None:
                              "visible to every user in ps); a service needs one to listen off loopback")
 
 
+class ConfigError(ValueError):
+    """An ESPER_* variable that does not hold what it names: one line for the user, not a traceback."""
+
+
+def port_number(text: str, lowest: int = 0) -> int:
+    """`text` as a TCP port (0: any free one; -1, where `lowest` admits it: off), else ValueError."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not lowest <= port <= 65535:
+        raise ValueError(f"must be a port number, {lowest} to 65535, not {text!r}")
+    return port
+
+
+def port(text: str) -> int:
+    """argparse type of a listening port's flag (a port past 65535 had been taken modulo 65536 by gRPC)."""
+    try:
+        return port_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def metrics_port(text: str) -> int:
+    """argparse type of a /metrics port's flag: a port, or -1 for none."""
+    try:
+        return port_number(text, lowest=-1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _port(name: str) -> int:
-    return int(os.environ.get(name, PORTS[name][0]))
+    try:
+        off_allowed = name.endswith("_METRICS_PORT")  # -1: no /metrics
+        return port_number(os.environ.get(name, str(PORTS[name][0])), lowest=-1 if off_allowed else 0)
+    except ValueError as exc:
+        raise ConfigError(f"${name} {exc}") from None
 
 
 @dataclass(frozen=True)

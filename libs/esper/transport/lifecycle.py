@@ -8,6 +8,7 @@ writes a byte to that socket when a signal arrives, so the poll wakes without a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import select
@@ -17,9 +18,32 @@ import sys
 import threading
 import time
 
+from collections.abc import Callable
+
+import zmq
+
+from esper.transport.config import ConfigError
 from esper.transport.metrics_http import start_metrics
 
-__all__ = ["StopSignal", "log_endpoint", "setup_logging", "start_metrics"]  # start_metrics: every main serves /metrics
+__all__ = ["StopSignal", "log_endpoint", "run_service", "setup_logging", "start_metrics"]  # every main serves /metrics
+CANNOT_BIND = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def run_service(name: str, main: Callable[[], int]) -> int:
+    """A service's `python -m` entry: main()'s exit status, with what the user must fix outside the
+    service as one line on stderr instead of a traceback: a malformed ESPER_* variable (status 2), an
+    address it cannot listen on, such as a port another stack holds (status 1)."""
+    try:
+        return main()
+    except ConfigError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, zmq.ZMQError) as exc:  # a socket's, gRPC's and ZeroMQ's bind failures
+        grpc_bind = isinstance(exc, RuntimeError) and str(exc).startswith("Failed to bind")
+        if getattr(exc, "errno", None) not in CANNOT_BIND and not grpc_bind:
+            raise
+        print(f"{name}: error: cannot listen: {exc}", file=sys.stderr)
+        return 1
 
 
 def setup_logging(name: str) -> logging.Logger:

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from esper.transport.config import TOKEN_VAR  # a name only: no wire library
+from esper.transport.config import TOKEN_VAR, port  # names only: no wire library
 
 
 def add_dashboard_flags(p: argparse.ArgumentParser, switch: bool = True) -> None:
@@ -26,7 +26,7 @@ def add_dashboard_flags(p: argparse.ArgumentParser, switch: bool = True) -> None
         p.add_argument("--dashboard", action="store_true", help="serve a live web dashboard of the run")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="interface to listen on; anything but loopback (e.g. 0.0.0.0) needs a token")
-    p.add_argument("--dashboard-port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--dashboard-port", type=port, default=8000, help="0: any free port")
     p.add_argument("--dashboard-token", default=None,
                    help=f"token every request must carry (default: the stack's --token, ${TOKEN_VAR}); "
                         "required off loopback")

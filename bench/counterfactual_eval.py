@@ -44,7 +44,8 @@ def separate_s(trainer: Trainer) -> float:
     with torch.no_grad():
         for net in (trainer.model.eval(), variant.eval()):
             for xb, yb in eval_batches(trainer.data.val_x, trainer.data.val_y, batch_size=1000,
-                                       device=trainer.device, mean=trainer.mean, std=trainer.std):
+                                       device=trainer.device, mean=trainer.mean, std=trainer.std,
+                                       memory_format=trainer.layout):  # as Trainer.evaluate lays them out
                 hits.append((net(xb).argmax(-1) == yb).sum())
     torch.stack(hits).tolist()
     return time.perf_counter() - start

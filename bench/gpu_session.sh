@@ -46,7 +46,7 @@ python3 -c "from esper.tolaria.data import load_cifar10; d = load_cifar10(None);
 for part in ${PART/speed/growth concurrency counterfactual fastpath}; do
 case $part in
 growth)
-  timeout $(limit 90) python3 bench/growth_overhead.py --device cuda --steps 300 --repeats 9
+  timeout $(limit 120) python3 bench/growth_overhead.py --device cuda --steps 300 --repeats 9  # ~70 s on an H100
   ;;
 concurrency)
   for mechanism in ${MECHANISMS:-processes grouped vmap threads}; do

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import math
 import signal
 import sys
 from pathlib import Path
@@ -202,6 +204,7 @@ def train_config(args: argparse.Namespace):
                     train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
                                                compile=args.compile, memory_format=args.memory_format))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
+                     policy_sha256=hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else "",
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
@@ -328,8 +331,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     for flag, value in (("--num-samples", args.num_samples), ("--max-tokens", args.max_tokens),
                         ("--temperature", args.temperature), ("--top-k", args.top_k)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be > 0, got {value}")
+        if not value > 0 or value == math.inf:  # a NaN temperature passes `<= 0`
+            raise UsageError(f"{flag} must be a number > 0, got {value}")
     model_dir = Path(args.run_dir) / "model"
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"{args.run_dir}: no model/tokenizer.json (not a language-model run directory)")

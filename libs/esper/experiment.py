@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class RunConfig:
     learned (grow under a saved PPO policy, `policy`)."""
     policy: str | None = None
     """learned: a checkpoint of `esper train ppo --save`; its greedy policy makes every decision."""
+    policy_sha256: str = ""
+    """learned: the policy file's digest, so that resuming with the file since rewritten (PPO rewrites its
+    checkpoint as it trains) is refused, not an episode decided by two policies."""
     env: EnvConfig = field(default_factory=EnvConfig)
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
     episodes: int = 1
@@ -110,6 +114,9 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     console = console or Console(stderr=True)
     resumed = None if resume is None else episode_of(cfg, resume)
     continue_runs = continue_runs or (cfg.grouped and resume is not None)
+    # A grouped experiment's episodes share an id, so that a resume continues its own siblings, not those
+    # of a later experiment with the same flags (None: resuming one from before groups had ids).
+    group = config_differences(cfg, resume)[2] if cfg.grouped and resume is not None else None
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
@@ -117,32 +124,39 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     summaries: dict[int, dict] = {}
     todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
     for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
-        run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode) if continue_runs else None
+        run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode, group) if continue_runs else None
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
             summaries[episode] = json.loads((run_dir / "summary.json").read_text())
         else:
             todo.append((episode, run_dir))
     if cfg.grouped:
-        summaries |= run_grouped(cfg, data, device, console, todo, policy, sinks)
+        summaries |= run_grouped(cfg, data, device, console, todo, policy, sinks, group or uuid.uuid4().hex[:12])
     else:
         for episode, run_dir in todo:
             summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir)
     return [summaries[episode] for episode in sorted(summaries)]
 
 
-def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int]:
+def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int, str | None]:
     """The RunConfig fields (but RESUMABLE_CHANGES) in which `cfg` differs from the run directory's
-    config.json, and the run's episode seed."""
-    saved = json.loads((run_dir / "config.json").read_text())
-    return changed_settings(cfg, saved, (*RESUMABLE_CHANGES, "episode_seed")), saved["episode_seed"]
+    config.json, the run's episode seed and its group (a grouped experiment's id; None before groups had
+    one); ResumeError when that is not an episode's config (a PPO run's, or no JSON at all)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        differ = changed_settings(cfg, saved, (*RESUMABLE_CHANGES, "episode_seed", "group"))
+        return differ, int(saved["episode_seed"]), saved.get("group")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ResumeError(f"{run_dir} is not a run directory of esper train heuristic|static|learned "
+                          f"(config.json: {type(exc).__name__})") from None
 
 
 def episode_of(cfg: RunConfig, run_dir: Path) -> int:
     """The episode index of `run_dir` in the experiment `cfg` describes; ResumeError if it is not one of its."""
     if not (run_dir / "config.json").is_file():
         raise ResumeError(f"{run_dir} is not a run directory (no config.json)")
-    differ, seed = config_differences(cfg, run_dir)
+    differ, seed, _ = config_differences(cfg, run_dir)
     if differ:
         raise ResumeError(f"{run_dir} was run with other settings: {', '.join(differ)} differ")
     if not 0 <= seed - cfg.seed < cfg.episodes:
@@ -150,15 +164,16 @@ def episode_of(cfg: RunConfig, run_dir: Path) -> int:
     return seed - cfg.seed
 
 
-def find_run(cfg: RunConfig, seed: int) -> Path | None:
-    """The newest run directory under `cfg.runs_dir` of this config and episode seed, if any."""
+def find_run(cfg: RunConfig, seed: int, group: str | None = None) -> Path | None:
+    """The newest run directory under `cfg.runs_dir` of this config and episode seed (and of `group`, when
+    one is given), if any."""
     # Newest first: a run directory's name starts with its time.
     for config in sorted(run_parent(cfg.runs_dir, seed).glob("*/config.json"), reverse=True):
         try:
-            differ, saved_seed = config_differences(cfg, config.parent)
-        except (ValueError, KeyError):  # another kind of run directory (PPO), or not one at all
+            differ, saved_seed, saved_group = config_differences(cfg, config.parent)
+        except ResumeError:  # another kind of run directory (PPO), or not one at all
             continue
-        if not differ and saved_seed == seed:
+        if not differ and saved_seed == seed and group in (None, saved_group):
             return config.parent
     return None
 
@@ -198,15 +213,16 @@ class Episode:
     writes the summary (run_one steps one episode; run_grouped steps a group in lockstep)."""
 
     def __init__(self, cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-                 extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer):
-        """A new run directory, or `run_dir` continued from its checkpoint (from the start, under the same
-        run id, when it has none yet)."""
+                 extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer,
+                 group: str | None = None):
+        """A new run directory (in `group`, a grouped experiment's id), or `run_dir` continued from its
+        checkpoint (from the start, under the same run id, when it has none yet)."""
         self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
         self.state = None
         if run_dir is None:
             run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
             run_dir.mkdir(parents=True, exist_ok=False)
-            config = dataclasses.asdict(cfg) | {"episode_seed": seed}
+            config = dataclasses.asdict(cfg) | {"episode_seed": seed} | ({"group": group} if group else {})
             write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         elif (run_dir / CHECKPOINT).is_file():
             self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
@@ -307,7 +323,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
 
 
 def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, todo: list[tuple[int, Path | None]],
-                policy: Policy | None = None, sinks: tuple[Sink, ...] = ()) -> dict[int, dict]:
+                policy: Policy | None = None, sinks: tuple[Sink, ...] = (), group: str = "") -> dict[int, dict]:
     """The episodes `todo` at once (RunConfig.grouped), each in a new run directory or continued in its own;
     returns their summaries by episode. Each is the episode `run_one` would train: its own GrowthEnv, seed,
     data order, decisions, seeds, run directory, telemetry and checkpoints; only the training steps are
@@ -316,9 +332,9 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     episodes step together (simic.step_together): every run's operation, the group's epoch, then every
     run's evaluation, governor and telemetry; continued ones may be at different epochs, and each stops
     stepping at its last. `sinks` get every run's events (the TUI's, the dashboard's), as run_one's extra
-    sinks do."""
+    sinks do; new run directories are marked as the experiment `group`'s."""
     policy = policy or make_policy(cfg)
-    episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember)
+    episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember, group)
                 for episode, run_dir in todo}
     last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])
             for episode, e in episodes.items()}

@@ -7,6 +7,7 @@ only when one of these commands runs.
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 import urllib.request
 from pathlib import Path
@@ -67,7 +68,7 @@ def cmd_policy_query(args: argparse.Namespace) -> int:
     else:
         try:
             obs = json_format.Parse(args.observation.read_text(), Observation())
-        except (OSError, json_format.ParseError) as exc:
+        except (OSError, ValueError, json_format.ParseError) as exc:  # ValueError: not UTF-8 text
             print(f"esper: error: {args.observation}: {exc}", file=sys.stderr)
             return 2
     policy = RemotePolicy(args.tamiyo, deadline_s=args.deadline_s, patience_s=args.deadline_s, token=args.token)
@@ -126,7 +127,7 @@ def cmd_stack_status(args: argparse.Namespace) -> int:
     checks = {f"{name} metrics": f"http://{env.host}:{port}/metrics" for name, port in (
         ("nissa_hub", env.hub_metrics), ("tamiyo_server", env.tamiyo_metrics),
         ("tolaria_worker", env.worker_metrics), ("karn", env.karn_metrics),
-        ("simic_learner", env.learner_metrics))}
+        ("simic_learner", env.learner_metrics)) if port >= 0}  # -1: /metrics switched off, nothing to ask
     results: dict[str, str] = {}
     with grpc.insecure_channel(env.tamiyo_target) as channel:
         try:
@@ -143,6 +144,8 @@ def cmd_stack_status(args: argparse.Namespace) -> int:
                 results[f"{name} {url}"] = "SERVING" if reply.status == 200 else f"HTTP {reply.status}"
         except OSError as exc:
             results[f"{name} {url}"] = f"DOWN ({getattr(exc, 'reason', exc)})"
+        except http.client.HTTPException as exc:  # something answers there, but not HTTP
+            results[f"{name} {url}"] = f"DOWN (not HTTP: {type(exc).__name__})"
     width = max(map(len, results))
     for what, state in results.items():
         print(f"{what:<{width}}  {state}")

@@ -31,6 +31,7 @@ from esper.nissa import read_jsonl
      "leave out --precision bf16, --env-processes"),
     (["train", "ppo", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
     (["train"], "required"),
+    (["sample", "runs/x", "--temperature", "nan"], "--temperature must be a number > 0, got nan"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

@@ -4,6 +4,7 @@ bit for bit on the CPU (issue 4: a worker killed and restarted loses nothing of 
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,32 @@ def saved_policy(tmp_path_factory) -> str:
     return str(checkpoint)
 
 
+def test_resume_refuses_what_it_cannot_continue_in_one_line(tmp_path, capsys, saved_policy):
+    """A learned run whose policy file was rewritten since (PPO rewrites its checkpoint as it trains) is refused:
+    the episode would have been decided by two policies. So are a PPO run directory and a config.json that is
+    not JSON, in one line each (tracebacks before)."""
+    policy = tmp_path / "policy.pt"
+    state = load_checkpoint(saved_policy)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, policy)
+    flags = ["train", "learned", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "2", "--slots", "early",
+             "mid", "--policy", str(policy), "--telemetry-level", "minimal", "--runs-dir", str(tmp_path / "runs")]
+    cfg = train_config(build_parser().parse_args(flags))
+    with pytest.raises(Interrupted):
+        run(cfg, policy=StopsAt(2, make_policy(cfg)))
+    run_dir, = (p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    save_checkpoint({k: v for k, v in state.items() if k != "format"} | {"rewritten": True}, policy)
+    not_json = tmp_path / "not_json"
+    not_json.mkdir()
+    (not_json / "config.json").write_text("not json")
+    capsys.readouterr()
+    for resume, needle in ((run_dir, "other settings: policy_sha256 differ"),
+                           (Path(saved_policy).parent, "is not a run directory of esper train"),
+                           (not_json, "is not a run directory of esper train")):
+        assert main([*flags, "--resume", str(resume)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
 @pytest.mark.parametrize("mode", ["heuristic", "learned"])
 def test_esper_train_resume_continues_an_interrupted_run(mode, tmp_path, capsys, request):
     """`esper train heuristic|learned --resume RUN_DIR` finishes a run cut off after epoch 3 exactly as a run
@@ -155,8 +182,10 @@ def test_continue_runs_resumes_an_unfinished_run_and_skips_a_finished_one(tmp_pa
     first = run_dirs()
     assert run(cfg, continue_runs=True)[0]["epochs"] == 3
     assert "resuming after epoch 2" in capsys.readouterr().err
+    stale = tmp_path / first[0] / "checkpoint.pt"
+    stale.write_bytes(b"left by a kill between summary.json and the checkpoint's removal")
     assert run(cfg, continue_runs=True)[0]["run_id"] == first[0]
-    assert "finished already" in capsys.readouterr().err
+    assert "finished already" in capsys.readouterr().err and not stale.exists()
     assert run_dirs() == first
     run(dataclasses.replace(cfg, seed=7), continue_runs=True)  # another seed: another run id, whatever the second
     assert len(run_dirs()) == 2

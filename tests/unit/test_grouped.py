@@ -427,3 +427,19 @@ def test_a_grouped_experiment_resumes_where_it_was_cut(tmp_path, capsys):
         # measured: seeds 42 and 43 exact, 44 (its seeds now in other SeedGroups) 0.3% off in val loss
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.0)
+
+
+def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path, capsys):
+    """Experiment A cut off, then B with the same flags run to its end, then `--resume` of one of A's run
+    directories: A's other episodes continue in A's own directories (B's, the newest, had been taken as
+    "finished already", leaving A's unfinished and mixing the two experiments' results)."""
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--episodes", "2",
+             "--grouped", "--device", "cpu", "--telemetry-level", "minimal", "--runs-dir", str(tmp_path / "seed{seed}")]
+    assert main(flags) == 0 and main(flags) == 0  # A, then B
+    a = [sorted(p for p in (tmp_path / f"seed{seed}").iterdir() if p.is_dir())[0] for seed in (42, 43)]
+    for run_dir in a:  # A never finished
+        (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*flags, "--resume", str(a[0])]) == 0
+    assert "finished already" not in capsys.readouterr().err
+    assert all((run_dir / "summary.json").is_file() for run_dir in a)

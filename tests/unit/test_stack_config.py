@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,38 @@ def test_a_service_refuses_a_port_it_cannot_take_in_one_line():
     for done, status, needle in cases:
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == status and needle in last and "Traceback" not in done.stderr, done.stderr
+
+
+def test_stack_status_reads_what_answers_and_skips_what_is_off(monkeypatch, capsys):
+    """A /metrics port that answers with something other than HTTP is DOWN, not a traceback (BadStatusLine
+    is no OSError); a switched-off one (-1) is not asked, so a stack without /metrics can be healthy."""
+    with socket.socket() as garbage:
+        garbage.bind(("127.0.0.1", 0))
+        garbage.listen()
+
+        def answer() -> None:
+            connection, _ = garbage.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"garbage\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        for name in PORTS:
+            if name.endswith("_METRICS_PORT"):
+                monkeypatch.setenv(name, "-1")
+        monkeypatch.setenv("ESPER_HUB_METRICS_PORT", str(garbage.getsockname()[1]))
+        with socket.socket() as closed:  # a port nothing listens on: tamiyo_server is down
+            closed.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("ESPER_TAMIYO_PORT", str(closed.getsockname()[1]))
+        assert main(["stack", "status", "--timeout-s", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "tamiyo_server grpc" in lines[0] and "UNAVAILABLE" in lines[0]
+    assert "nissa_hub metrics" in lines[1] and lines[1].endswith("DOWN (not HTTP: BadStatusLine)"), lines
+
+
+def test_policy_query_of_a_file_that_is_not_text_is_one_line(tmp_path, capsys):
+    observation = tmp_path / "obs.json"
+    observation.write_bytes(b"\xff\xfe{}")
+    assert main(["policy", "query", str(observation)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"esper: error: {observation}: 'utf-8' codec can't decode"), err

@@ -180,6 +180,8 @@ def test_continue_runs_resumes_an_unfinished_run_and_skips_a_finished_one(tmp_pa
     with pytest.raises(Interrupted):
         run(cfg, policy=StopsAt(2, EAGER), continue_runs=True)
     first = run_dirs()
+    config = tmp_path / first[0] / "config.json"  # a run directory from before policies were digested
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "policy_sha256"}))
     assert run(cfg, continue_runs=True)[0]["epochs"] == 3
     assert "resuming after epoch 2" in capsys.readouterr().err
     stale = tmp_path / first[0] / "checkpoint.pt"

@@ -204,11 +204,17 @@ def train_config(args: argparse.Namespace):
                     train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
                                                compile=args.compile, memory_format=args.memory_format))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
-                     policy_sha256=hashlib.sha256(Path(policy).read_bytes()).hexdigest() if policy else "",
+                     policy_sha256=file_sha256(policy),
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
                      checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
+
+
+def file_sha256(path: str | None) -> str:
+    """A policy file's digest ("" for none): a resume refuses a policy rewritten since (PPO rewrites its
+    checkpoint as it trains), which would decide one experiment's episodes with two policies."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
 def checked_host(task: str, slots: list[str]):
@@ -309,8 +315,8 @@ def compare_config(args: argparse.Namespace):
                          precision=args.precision, compile=args.compile, memory_format=args.memory_format,
                          workers=args.workers, grouped=args.grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
-                         progress_every=args.progress_every,
-                         policy=args.policy and str(Path(args.policy).resolve()), db=str(Path(args.db).resolve()))
+                         progress_every=args.progress_every, policy=args.policy and str(Path(args.policy).resolve()),
+                         policy_sha256=file_sha256(args.policy), db=str(Path(args.db).resolve()))
 
 
 def cmd_blueprints(args: argparse.Namespace) -> int:
@@ -338,9 +344,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run_dir}: no model/tokenizer.json (not a language-model run directory)")
     tokenizer = BPETokenizer.load(model_dir / "tokenizer.json")
     net = load_exported(model_dir)
-    prompt = torch.tensor([[tokenizer.eot, *tokenizer.encode(args.prompt)]] * args.num_samples)  # [S, T0]
+    try:
+        prompt = torch.tensor([[tokenizer.eot, *tokenizer.encode(args.prompt)]] * args.num_samples)  # [S, T0]
+    except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 arrive as lone surrogates
+        raise UsageError("--prompt is not UTF-8 text") from None
     ids = generate(net, prompt, args.max_tokens, net[0].context, temperature=args.temperature,  # net[0]: the stem
-                   top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+                   top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed), vocab=tokenizer.vocab_size)
     for i, row in enumerate(ids[:, 1:].tolist()):
         print(f"--- sample {i + 1}\n{tokenizer.decode(row).split(EOT_TEXT)[0].strip()}")
     return 0

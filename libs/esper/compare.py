@@ -94,6 +94,8 @@ class CompareConfig:
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
     policy: str | None = None
     """The checkpoint the `ppo` arm's runs are driven by."""
+    policy_sha256: str = ""
+    """Its digest: `--resume` refuses the file rewritten since, as `esper train --resume` does."""
     db: str = "runs/karn.db"
     """The run store (SQLite) every run records itself in as it ends: `esper runs list` shows them."""
     telemetry_level: str = "normal"
@@ -110,7 +112,9 @@ RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "p
 
 def differences(cfg: CompareConfig, out: Path) -> list[str]:
     """The fields (but RESUMABLE) in which `cfg` differs from the comparison saved in `out`."""
-    return changed_settings(cfg, json.loads((out / "compare.json").read_text()), RESUMABLE)
+    saved = json.loads((out / "compare.json").read_text())
+    saved.setdefault("policy_sha256", "")  # a comparison from before policies were digested
+    return changed_settings(cfg, saved, RESUMABLE)
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:

@@ -47,7 +47,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="hub subscribe endpoint")
     p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
-    p.add_argument("--metrics-port", type=metrics_port, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT")
+    p.add_argument("--metrics-port", type=metrics_port, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT (-1 = off)")
     p.add_argument("--max-runs", type=int, default=64, help="runs kept in the store")
     p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
     add_token_flag(p)
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(cfg.token)
     subscriber = Subscriber(ctx, cfg.hub_sub, cfg.hub_snapshot)
     REGISTRY.register(RunStoreCollector(store, subscriber.malformed))
-    metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-    log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+    if cfg.metrics_port >= 0:
+        metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
+        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
 
     poller = zmq.Poller()
     poller.register(subscriber.socket, zmq.POLLIN)
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 journal.append(applied)
 
     log.info("stopping: %d runs, %s events", len(store.runs), dict(store.received))
-    metrics_server.shutdown()
+    if cfg.metrics_port >= 0:
+        metrics_server.shutdown()
     if journal is not None:
         journal.close()
     subscriber.close()

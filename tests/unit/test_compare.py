@@ -280,6 +280,13 @@ def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):
     assert main(["compare", "--task", "synthetic", "--seeds", "2", "--max-epochs", "5", "--resume", str(tmp_path)]) == 2
     assert "other settings: max_epochs, seeds differ" in capsys.readouterr().err
     assert differences(dataclasses.replace(saved, workers=1, device="cuda:1", progress_every=5.0), tmp_path) == []
+    # The ppo arm's policy file rewritten since (PPO rewrites its checkpoint as it trains) is another setting;
+    # a comparison saved before policies were digested, without one, is not.
+    with_policy = dataclasses.replace(saved, policy="/p.pt", policy_sha256="0" * 64)
+    (tmp_path / "compare.json").write_text(json.dumps(asdict(with_policy)))
+    assert differences(dataclasses.replace(with_policy, policy_sha256="1" * 64), tmp_path) == ["policy_sha256"]
+    (tmp_path / "compare.json").write_text(json.dumps({k: v for k, v in asdict(saved).items() if k != "policy_sha256"}))
+    assert differences(saved, tmp_path) == []
 
 
 @pytest.mark.slow

@@ -136,6 +136,18 @@ def test_corrupt_cache_is_rebuilt(tiny_dir, tmp_path):
     assert set(rebuilt) == {"train_x", "train_y", "test_x", "test_y"}
 
 
+def test_a_cache_that_cannot_be_written_costs_only_the_next_decode(tiny_dir, tmp_path, monkeypatch, caplog):
+    """A full disk makes torch.save's zip writer raise RuntimeError, not OSError: the data still loads (it
+    had ended the run after the data was decoded), with a warning, and no partial cache is left."""
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cache = tmp_path / "cache"
+    assert len(load_cifar10(tiny_dir, cache_dir=cache, val_size=8).train_x) > 0
+    assert "could not write cache" in caplog.text and list(cache.iterdir()) == []
+
+
 def test_batches_folder_is_read_through_torchvision_and_preferred(tiny_dir, tmp_path, monkeypatch):
     (tiny_dir / "cifar-10-batches-py").mkdir()
     calls = []

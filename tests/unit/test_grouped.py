@@ -314,20 +314,24 @@ def test_a_seed_group_routes_each_stage_as_the_runs_slot_does(synthetic_data):
     torch.testing.assert_close(x.grad[:, :2 * c], upstream[:, :2 * c], rtol=0, atol=0)
 
 
-def test_a_diverged_training_seed_in_a_seed_group_adds_nothing(synthetic_data):
+@pytest.mark.parametrize("beside", ["BLENDING", "FOSSILIZED"])
+def test_a_diverged_training_seed_in_a_seed_group_adds_nothing(synthetic_data, beside):
     """A TRAINING member whose seed's output is not finite adds nothing to its channels (alpha 0 times inf
-    would be NaN), and the BLENDING member beside it is untouched."""
+    would be NaN) and sends its slot's input the upstream gradient alone, as its slot alone does (its inf
+    gradient times a FOSSILIZED neighbour's mask of 0 had been NaN); the member beside it is untouched."""
     runs = members(synthetic_data, (1, 2))
-    for run, stage in zip(runs, ("TRAINING", "BLENDING")):
+    for run, stage in zip(runs, ("TRAINING", beside)):
         seeded(run, stage)
     with torch.no_grad():
         for p in runs[0].model.slots["mid"].seed.parameters():
             p.fill_(float("inf"))
     group = SeedGroup([0, 1], runs, "mid", torch.contiguous_format)
     c = runs[0].model.slots["mid"].channels
-    x = torch.randn(4, 2 * c, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 2 * c, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     out = group.forward(x)
-    assert torch.equal(out[:, :c], x[:, :c])
+    (out * upstream).sum().backward()
+    assert torch.equal(out[:, :c], x[:, :c]) and torch.equal(x.grad[:, :c], upstream[:, :c])
     slot = runs[1].model.slots["mid"]
     torch.testing.assert_close(out[:, c:], through_seed(x[:, c:], slot.seed.train(), slot.stage, slot.alpha))
 

@@ -56,3 +56,19 @@ def test_a_run_that_keeps_reporting_is_kept_past_max_runs():
         store.apply(epoch_event("ppo", episode + 2))
     assert list(store.runs) == ["ppo_ep4", "ppo_ep5", "ppo"]
     assert store.runs["ppo"].lost == 0 and sorted(store.runs["ppo"].epochs) == list(range(1, 8))
+
+
+def test_a_duplicate_does_not_make_a_run_recent(tmp_path):
+    """Only applied events (the journaled ones) order the runs: a snapshot's duplicate moving its run up had
+    made the store after a restart (replaying the journal) keep other runs than the live one, and compaction
+    then delete the events of the run it should have kept."""
+    journal = EventJournal(tmp_path / "events.binpb")
+    live = RunStore(max_runs=2)
+    journal.replay(live)
+    for event in (epoch_event("A", 1), epoch_event("B", 1), epoch_event("A", 1), epoch_event("C", 1)):
+        if live.apply(event):
+            journal.append([event])
+    journal.close()
+    restarted = RunStore(max_runs=2)
+    EventJournal(tmp_path / "events.binpb").replay(restarted)
+    assert list(live.runs) == list(restarted.runs) == ["B", "C"]

@@ -18,6 +18,8 @@ def test_generated_code_is_fresh(tmp_path):
         assert target.exists(), f"{path.name} is generated but not committed: run python -m esper.leyline.codegen"
         assert filecmp.cmp(path, target, shallow=False), (
             f"{path.name} is stale: run python -m esper.leyline.codegen")
+    orphans = {p.name for p in committed.glob("*_pb2*.py*")} - {p.name for p in fresh}
+    assert not orphans, f"committed but no longer generated (its .proto is gone?): {sorted(orphans)}"
 
 
 def test_short_names_round_trip():

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,15 @@ def test_policy_query_of_a_file_that_is_not_text_is_one_line(tmp_path, capsys):
     assert main(["policy", "query", str(observation)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"esper: error: {observation}: 'utf-8' codec can't decode"), err
+
+
+def test_karn_runs_with_its_metrics_switched_off():
+    """-1 is "no /metrics" for every service, karn too (it had taken -1 and died on it in a traceback)."""
+    karn = subprocess.Popen([sys.executable, "-m", "services.karn", "--metrics-port", "-1"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.0)
+        assert karn.poll() is None, karn.stderr.read()
+    finally:
+        karn.terminate()
+        assert karn.wait(30) == 0 and "Traceback" not in karn.stderr.read()

@@ -234,6 +234,8 @@ def test_train_then_sample_on_the_shared_sample(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and out.count("Once upon") == 2
     assert main(["sample", str(tmp_path)]) == 2  # not a language-model run
+    assert main(["sample", str(run_dir), "--prompt", "a\udcff"]) == 2  # a command line's bytes that are not UTF-8
+    assert "--prompt is not UTF-8 text" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not any(TINYSTORIES_DIR.glob("*.txt.gz")), reason="no shared data")

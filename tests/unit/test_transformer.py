@@ -208,6 +208,18 @@ def test_generate_keeps_the_prompt_crops_to_the_context_and_is_seeded():
         assert torch.equal(greedy[:, -1], model(prompt[:, -4:])[:, -1].argmax(-1))
 
 
+def test_generate_never_draws_an_id_the_tokenizer_lacks():
+    """A tokenizer trained on little text has fewer ids than the model's head; `esper sample` passes its
+    size and no id from it up is drawn (one had ended in an IndexError as the sample was decoded)."""
+    model = MorphogeneticModel(TransformerHost(TINY_LM), ["mid"]).eval()
+    prompt = tokens(4)[:, :3] % 5
+    drawn = generate(model, prompt, 30, TINY_LM.context, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert drawn[:, 3:].max() >= 5  # a hot sample of the whole head draws ids past 5
+    kept = generate(model, prompt, 30, TINY_LM.context, temperature=5.0, vocab=5,
+                    generator=torch.Generator().manual_seed(0))
+    assert kept[:, 3:].max() < 5
+
+
 # ----------------------------------------------------------------------------- an episode
 def test_heuristic_episode_grows_transformer_blueprints(tiny_lm_registered):
     """A short heuristic episode on random tokens: the environment trains the transformer through the

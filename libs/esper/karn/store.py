@@ -76,6 +76,7 @@ class RunStore:
             if event.sequence <= run.last_sequence:
                 self.duplicates += 1
                 return False
+            self.runs.move_to_end(event.run_id)  # applied (and journaled): the run reported last
             run.lost += event.sequence - run.last_sequence - 1
             run.last_sequence = event.sequence
             kind = event.WhichOneof("payload")
@@ -102,8 +103,6 @@ class RunStore:
             run = self.runs[run_id] = RunRecord(run_id)
             while len(self.runs) > self.max_runs:
                 self.runs.popitem(last=False)
-        else:
-            self.runs.move_to_end(run_id)
         return run
 
 

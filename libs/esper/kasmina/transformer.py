@@ -114,16 +114,20 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """Sample `max_new_tokens` tokens after `prompt` [B, T0] int64; returns [B, T0 + max_new_tokens].
 
     `model` is anything that maps [B, T] ids to [B, T, vocab] logits (a MorphogeneticModel or
     an export), in eval mode; it sees at most the last `context` tokens. top_k keeps the k likeliest
-    tokens before sampling (nanoGPT's sample.py).
+    tokens before sampling (nanoGPT's sample.py). Ids from `vocab` up are never sampled: a tokenizer
+    trained on little text has fewer ids than the model's head, and the rest decode to nothing.
     """
     idx = prompt
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context:])[:, -1, :] / temperature  # [B, vocab]
+        if vocab is not None:
+            logits[:, vocab:] = float("-inf")
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # [B, 1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

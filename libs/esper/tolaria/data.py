@@ -229,8 +229,8 @@ def write_cache(path: Path, save: Callable[[IO[bytes]], None]) -> None:
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-    except OSError as e:  # a read-only cache only costs the next run another decode
-        log.warning("could not write cache %s (%s)", path, e)
+    except (OSError, RuntimeError) as e:  # a read-only or full disk only costs the next run another decode
+        log.warning("could not write cache %s (%s)", path, e)  # (torch.save's zip writer raises RuntimeError)
 
 
 def _decode_cifar10_jpeg(tarball: Path) -> tuple[torch.Tensor, ...]:

@@ -261,7 +261,8 @@ class SeedGroup:
         # its seed computes (a masked fill: 0 * inf is NaN) and the seed's full gradient; a BLENDING one
         # (straight 0) x + alpha delta; a FOSSILIZED one (alpha 1, through 1) x + seed(x), its input not
         # detached. One grouped seed, at a few operators per mask.
-        seed_input = x.detach() if self.through is None else x.detach() + self.through * (x - x.detach())
+        # where, not a product: a diverged live seed's inf gradient times 0 would be NaN in the host's
+        seed_input = x.detach() if self.through is None else torch.where(self.through.bool(), x, x.detach())
         delta = self.module(seed_input)
         if self.straight is None:
             return x + self.alpha * delta

@@ -3,8 +3,8 @@
 Text is first cut into pre-tokens by GPT-2's pattern (written for Python's `re`): a word with its
 leading space, a number, a run of punctuation, a run of whitespace. Each pre-token's UTF-8 bytes are
 ids 0-255, and the learned merges join adjacent pairs, most frequent pair first, never across
-pre-tokens. Every byte has an id and the pattern matches every character, so any string round-trips:
-decode(encode(s)) == s. The id after the merges is the end-of-text token that separates stories;
+pre-tokens. Every byte has an id and the pattern matches every character, so any string of Unicode
+characters (not lone surrogates, which have no UTF-8) round-trips: decode(encode(s)) == s. The id after the merges is the end-of-text token that separates stories;
 `encode` never produces it.
 
 Saved as JSON (merges as pairs of ids), never pickled: a reader can inspect it and load it safely.

@@ -294,7 +294,7 @@ def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped
     """The comparison and its runs SIGKILLed at once (a power cut) once a run has finished and another
     has started; `--resume` keeps the finished run, starts the cut-off one again, and every arm's
     results equal those of the same comparison run straight through."""
-    flags = ["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "1", "--workers", "2",
              "--db", str(tmp_path / "karn.db"), "--progress-every", "0"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert main([*flags, "--out", str(straight)]) == 0
@@ -310,7 +310,7 @@ def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept, cut_off = finished(), run_dirs() - finished()
-    assert len(kept) < 6  # of 6 runs: 2 seeds of static, heuristic and from-scratch
+    assert len(kept) < 3  # of 3 runs: a seed of static, heuristic and from-scratch
 
     capsys.readouterr()
     assert main([*flags, "--resume", str(cut)]) == 0

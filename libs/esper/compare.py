@@ -112,9 +112,7 @@ RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "p
 
 def differences(cfg: CompareConfig, out: Path) -> list[str]:
     """The fields (but RESUMABLE) in which `cfg` differs from the comparison saved in `out`."""
-    saved = json.loads((out / "compare.json").read_text())
-    saved.setdefault("policy_sha256", "")  # a comparison from before policies were digested
-    return changed_settings(cfg, saved, RESUMABLE)
+    return changed_settings(cfg, json.loads((out / "compare.json").read_text()), RESUMABLE)
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:

@@ -145,7 +145,6 @@ def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int, s
     one); ResumeError when that is not an episode's config (a PPO run's, or no JSON at all)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        saved.setdefault("policy_sha256", "")  # a run from before policies were digested: heuristic ones resume
         differ = changed_settings(cfg, saved, (*RESUMABLE_CHANGES, "episode_seed", "group"))
         return differ, int(saved["episode_seed"]), saved.get("group")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

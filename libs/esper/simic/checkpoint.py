@@ -35,9 +35,13 @@ class ResumeError(ValueError):
 def changed_settings(cfg, saved: dict, may_change: tuple[str, ...]) -> list[str]:
     """The settings in which the config dataclass `cfg` differs from `saved` (the JSON of the config a
     run started with), but those in `may_change`: what resuming with `cfg` would silently change.
-    Nested fields are named down to the field ("env.max_epochs")."""
-    current = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))  # tuples -> lists, as saved
-    saved = _flat(saved)
+    Nested fields are named down to the field ("env.max_epochs"). A setting added since the run was
+    saved is no change while `cfg` holds its default (policy_sha256: "" for a run without a policy)."""
+    def flat(config) -> dict:
+        return _flat(json.loads(json.dumps(dataclasses.asdict(config))))  # tuples -> lists, as saved
+
+    current = flat(cfg)
+    saved = flat(type(cfg)()) | _flat(saved)
     return sorted(k for k in current.keys() | saved.keys() if k not in may_change and current.get(k) != saved.get(k))
 
 

@@ -237,10 +237,10 @@ class SeedGroup:
         added = [slot.alpha if slot.stage == S.SEED_STAGE_BLENDING else float(slot.stage == S.SEED_STAGE_FOSSILIZED)
                  for slot in self.slots]
         self.alpha = per_channel(added) if mixed or self.stage == S.SEED_STAGE_BLENDING else None
-        self.straight = per_channel(of_stage(S.SEED_STAGE_TRAINING)) \
+        self.straight = per_channel(of_stage(S.SEED_STAGE_TRAINING)).bool() \
             if mixed and S.SEED_STAGE_TRAINING in stages else None
         """Members whose seed's gradient passes straight through (TRAINING)."""
-        self.through = per_channel(of_stage(S.SEED_STAGE_FOSSILIZED)) \
+        self.through = per_channel(of_stage(S.SEED_STAGE_FOSSILIZED)).bool() \
             if mixed and S.SEED_STAGE_FOSSILIZED in stages else None
         """Members whose seed's input keeps its gradient (FOSSILIZED: part of the host; live seeds' is detached)."""
         trainer = trainers[members[0]]
@@ -262,11 +262,11 @@ class SeedGroup:
         # (straight 0) x + alpha delta; a FOSSILIZED one (alpha 1, through 1) x + seed(x), its input not
         # detached. One grouped seed, at a few operators per mask.
         # where, not a product: a diverged live seed's inf gradient times 0 would be NaN in the host's
-        seed_input = x.detach() if self.through is None else torch.where(self.through.bool(), x, x.detach())
+        seed_input = x.detach() if self.through is None else torch.where(self.through, x, x.detach())
         delta = self.module(seed_input)
         if self.straight is None:
             return x + self.alpha * delta
-        return straight_through(x + (self.alpha * delta).masked_fill(self.straight.bool(), 0.0), delta, self.straight)
+        return straight_through(x + (self.alpha * delta).masked_fill(self.straight, 0.0), delta, self.straight)
 
     @torch.no_grad()
     def store(self) -> None:

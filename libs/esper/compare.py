@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esper.experiment import write_atomic
+from esper.simic.checkpoint import write_atomic
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import changed_settings
 from esper.tolaria.trainer import TrainConfig

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, Telem
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.env import step_together
-from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint, write_atomic
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.grouped import GroupMember
@@ -70,10 +69,6 @@ class RunConfig:
     grouped: bool = False
     """CNN hosts: train the episodes at once, their hosts as the groups of one network and each one's
     seeds on its group (run_grouped)."""
-
-
-def default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -182,12 +177,6 @@ def run_parent(runs_dir: str, seed: int) -> Path:
     """The folder episode `seed`'s run directory goes in: `runs_dir` with "{seed}" in it replaced (esper
     compare keeps each seed's run in <out>/runs/<arm>/seed<seed>, whether one process trains it or a group)."""
     return Path(runs_dir.replace("{seed}", str(seed)))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def trim_jsonl(path: Path, last_sequence: int) -> None:

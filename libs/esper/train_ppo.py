@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,13 @@ from rich.console import Console
 from esper.cli import UsageError, check_grouped, resolve_device
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
-from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint, write_atomic
 from esper.simic.env import GrowthEnv
-from esper.simic.env_process import close_all, start_env_processes
+from esper.simic.env_process import EnvProcess, close_all, start_env_processes
 from esper.simic.ppo import PPOConfig
 from esper.simic.rewards import MODES, RewardConfig
 from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_resumable
-from esper.tolaria.data import load_task_data
+from esper.tolaria.data import Dataset, load_task_data
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,18 @@ class PPORunConfig:
     def env(self):
         """The environments' EnvConfig: with `mode`, what `esper train --tui` reads of any run config."""
         return self.trainer.env
+
+    def data_by_device(self, data: Dataset) -> dict[str, Dataset]:
+        """The dataset for each environment device: moved there with --gpu-preload, unless environment
+        processes load their own."""
+        preload = self.gpu_preload and not self.env_processes
+        return {d: data.to(d) if preload else data for d in self.trainer.env_devices}
+
+    def start_env_processes(self) -> list[EnvProcess]:
+        """With --env-processes, n_envs environment processes on the environment devices; else none."""
+        t = self.trainer
+        return (start_env_processes(t.n_envs, t.env_config, t.env_devices, self.data_dir, self.gpu_preload,
+                                    self.num_workers) if self.env_processes else [])
 
 
 def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/checkpoint.pt") -> None:
@@ -166,7 +177,6 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
         torch.set_num_threads(cfg.num_workers)
     resume_state = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
     data = load_task_data(tcfg.env.task, cfg.data_dir)  # loaded here even for --env-processes: a clear error
-    data_by_device = {d: data.to(d) if cfg.gpu_preload and not cfg.env_processes else data for d in tcfg.env_devices}
 
     run_id = new_run_id(f"ppo_{tcfg.env.task}_s{tcfg.seed}")
     run_dir = Path(cfg.runs_dir) / run_id
@@ -184,7 +194,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     telemetry = Telemetry(run_id, level, sinks)
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device,
                                           config_json=config_json))
-    trainer = PPOTrainer(tcfg, data_by_device, telemetry,
+    trainer = PPOTrainer(tcfg, cfg.data_by_device(data), telemetry,
                          env_telemetry=lambda episode: Telemetry(f"{run_id}_ep{episode:04d}", level, sinks),
                          env_factory=env_factory)
     if resume_state is not None:
@@ -192,8 +202,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     if cfg.env_processes:
         if env_factory is not GrowthEnv:
             raise ValueError("--env-processes runs GrowthEnv only")
-        trainer.env_processes = start_env_processes(tcfg.n_envs, trainer.env_cfg, tcfg.env_devices, cfg.data_dir,
-                                                    cfg.gpu_preload, cfg.num_workers)
+        trainer.env_processes = cfg.start_env_processes()
     if cfg.grouped and env_factory is not GrowthEnv:
         raise ValueError("--grouped runs GrowthEnv only")
     trainer.grouped = cfg.grouped
@@ -208,9 +217,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
 
     def on_round(trainer: PPOTrainer, results: list[dict]) -> None:
         save_checkpoint(trainer.state_dict(), checkpoint)
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary(), indent=2))
-        os.replace(tmp, run_dir / "summary.json")
+        write_atomic(run_dir / "summary.json", json.dumps(summary(), indent=2))
         console.print(round_line(trainer, results))
 
     console.print(f"{run_id}: {tcfg.episodes} episodes, {tcfg.n_envs} envs on {', '.join(tcfg.env_devices)}"

@@ -34,7 +34,7 @@ class Config:
     metrics_port: int
     """Prometheus /metrics; 0 = any free port (logged)."""
     max_runs: int
-    """Runs kept in the store (and exported); the oldest is forgotten first."""
+    """Runs kept in the store (and exported); the one that reported least recently is forgotten first."""
     journal: str
     """File of the store's events, replayed on start and appended to; empty: none (memory only)."""
     token: str

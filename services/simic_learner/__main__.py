@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from prometheus_client import REGISTRY
 from esper.cli import Parser, UsageError, add_train_flags, train_config
 from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
-from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint, write_atomic
 from esper.simic.learner import Learner
 from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             state = {"run_id": run_id, "version": learner.version, "episodes": learner.trainer.episodes_done,
                      "accepted": inbox.accepted, "duplicates": inbox.duplicates, "rejected": inbox.rejected,
                      "update_stats": learner.trainer.update_log}
-            tmp = Path(cfg.summary + ".tmp")
-            tmp.write_text(json.dumps(state, indent=2))
-            os.replace(tmp, cfg.summary)
+            write_atomic(Path(cfg.summary), json.dumps(state, indent=2))
 
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)

@@ -27,7 +27,6 @@ waiting for it (a stalled learner) and the bytes spooled.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -41,10 +40,9 @@ from esper.cli import Parser, UsageError, add_checkpoint_flag, add_train_flags, 
 from esper.experiment import RunConfig, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
-from esper.simic.actor import make_envs, play_round, remote_act
-from esper.simic.env_process import EnvProcessError, close_all, start_env_processes
-from esper.simic.rewards import Rewarder
-from esper.tamiyo.features import FeatureSpec
+from esper.simic.actor import remote_act
+from esper.simic.env_process import EnvProcessError, close_all
+from esper.simic.trainer import play_episodes
 from esper.tamiyo.network import ActionCodec
 from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
@@ -147,19 +145,15 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                   log: logging.Logger) -> None:
     """--ppo: rounds of n_envs episodes (episode i uses seed + i), each shipped as one trajectory."""
     tcfg, ship = cfg.run.trainer, cfg.shipping
-    data = load_task_data(tcfg.env.task, cfg.run.data_dir)
-    preload = cfg.run.gpu_preload and not cfg.run.env_processes  # processes load their own
-    data_by_device = {d: data.to(d) if preload else data for d in tcfg.env_devices}
-    env_cfg = dataclasses.replace(tcfg.env, seed_grad_norms=tcfg.telemetry_features)  # as PPOTrainer's
-    spec = FeatureSpec.for_host(env_cfg.task, tcfg.reward.param_budget, tcfg.telemetry_features)
+    data = cfg.run.data_by_device(load_task_data(tcfg.env.task, cfg.run.data_dir))
+    spec = tcfg.feature_spec
     level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
     ctx = make_context(cfg.token)
     sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window,
                               Spool(Path(ship.spool_dir)))
     REGISTRY.register(LiveMetrics(sender.metrics()))
     act = remote_act(policy, spec)
-    processes = (start_env_processes(tcfg.n_envs, env_cfg, tcfg.env_devices, cfg.run.data_dir, cfg.run.gpu_preload,
-                                     cfg.run.num_workers) if cfg.run.env_processes else [])
+    processes = cfg.run.start_env_processes()
     # A run id per process: the worker id is stable across restarts, and an episode a kill interrupted is
     # played again from its start, a new run for karn rather than a second copy of the old one.
     run_id = new_run_id(ship.worker_id)
@@ -168,13 +162,10 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
             if stop.is_set():
                 break
             episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
-            envs = make_envs(env_cfg, data_by_device, tcfg.env_devices,
-                             lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]), episodes,
-                             processes=processes, grouped=cfg.run.grouped)
-            rewarders = [Rewarder(tcfg.reward, tcfg.ppo.gamma) for _ in envs]
-            rollout, _ = play_round(envs, [tcfg.seed + e for e in episodes], rewarders, ActionCodec(spec), act,
-                                    env_cfg.max_epochs)
-            sequence = sender.send(rollout, env_cfg.task, stop.is_set, progress=episodes[-1] + 1)
+            rollout, _, _ = play_episodes(tcfg, data, episodes,
+                                          lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]),
+                                          ActionCodec(spec), act, processes=processes, grouped=cfg.run.grouped)
+            sequence = sender.send(rollout, tcfg.env.task, stop.is_set, progress=episodes[-1] + 1)
             sender.poll(0)
             versions = sorted(set(rollout.policy_version.flatten().tolist()))
             log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],

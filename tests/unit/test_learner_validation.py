@@ -25,7 +25,7 @@ def rollout(learner: Learner) -> Rollout:
                    actions=torch.zeros(t, n, 3, dtype=torch.int64), logprobs=torch.zeros(t, n),
                    values=torch.zeros(t, n), next_values=torch.zeros(t, n), rewards=torch.zeros(t, n),
                    reward_parts=torch.zeros(t, n, len(COMPONENTS)),
-                   terminated=torch.ones(t, n, dtype=torch.bool), truncated=torch.zeros(t, n, dtype=torch.bool),
+                   terminated=torch.ones(t, n, dtype=torch.bool),
                    policy_version=torch.zeros(t, n, dtype=torch.int64))
 
 

@@ -1,4 +1,4 @@
-"""PPO pieces against hand-computed values: GAE (termination and truncation), the entropy schedule, the
+"""PPO pieces against hand-computed values: GAE (termination), the entropy schedule, the
 normalizers, and a KL early stop that really stops."""
 
 import dataclasses
@@ -21,22 +21,22 @@ def column(*values, dtype=torch.float32):
 def test_gae_terminated_episode_by_hand():
     """r = 1, 2, 3; V = .5, 1, 1.5; the last step terminates (its next value, 9.9, must be ignored)."""
     adv, ret = compute_gae(column(1, 2, 3), column(0.5, 1.0, 1.5), column(1.0, 1.5, 9.9),
-                           column(0, 0, 1, dtype=torch.bool), column(0, 0, 0, dtype=torch.bool), GAMMA, LAMBDA)
+                           column(0, 0, 1, dtype=torch.bool), GAMMA, LAMBDA)
     # delta2 = 3 - 1.5 = 1.5;  delta1 = 2 + .9 * 1.5 - 1 = 2.35;  delta0 = 1 + .9 * 1 - .5 = 1.4
     # A2 = 1.5;  A1 = 2.35 + .72 * 1.5 = 3.43;  A0 = 1.4 + .72 * 3.43 = 3.8696
     torch.testing.assert_close(adv[:, 0], torch.tensor([3.8696, 3.43, 1.5]))
     torch.testing.assert_close(ret[:, 0], torch.tensor([4.3696, 4.43, 3.0]))
 
 
-def test_gae_truncation_bootstraps_from_the_observation_that_followed():
-    """Episode A is cut after step 1 (truncated: its final observation has V = 2.0) and episode B starts
-    at step 2 with V = 7.0 in the buffer; the rollout itself ends after step 3 (truncated, V = 0.5)."""
-    adv, _ = compute_gae(column(1, 1, 0, 2), column(1.0, 1.5, 7.0, 0.25), column(1.5, 2.0, 0.25, 0.5),
-                         column(0, 0, 0, 0, dtype=torch.bool), column(0, 1, 0, 1, dtype=torch.bool), GAMMA, LAMBDA)
-    # delta3 = 2 + .9 * .5 - .25 = 2.2;  delta2 = .9 * .25 - 7 = -6.775;  A2 = -6.775 + .72 * 2.2 = -5.191
-    # delta1 = 1 + .9 * 2 - 1.5 = 1.3 (bootstrapping from episode B's 7.0 would give 5.8); A1 = 1.3 (cut)
-    # delta0 = 1 + .9 * 1.5 - 1 = 1.35;  A0 = 1.35 + .72 * 1.3 = 2.286
-    torch.testing.assert_close(adv[:, 0], torch.tensor([2.286, 1.3, -5.191, 2.2]))
+def test_gae_stops_at_a_termination_inside_the_buffer():
+    """Episode A ends at step 1 and episode B fills steps 2 and 3 of the same column: A's advantages take
+    nothing of B's, neither its value (7.0) as a bootstrap nor its advantages."""
+    adv, _ = compute_gae(column(1, 1, 0, 2), column(1.0, 1.5, 7.0, 0.25), column(1.5, 7.0, 0.25, 0.0),
+                         column(0, 1, 0, 1, dtype=torch.bool), GAMMA, LAMBDA)
+    # delta3 = 2 - .25 = 1.75 = A3;  delta2 = .9 * .25 - 7 = -6.775;  A2 = -6.775 + .72 * 1.75 = -5.515
+    # delta1 = 1 - 1.5 = -.5 = A1 (bootstrapping from episode B's 7.0 would give 5.8);
+    # delta0 = 1 + .9 * 1.5 - 1 = 1.35;  A0 = 1.35 + .72 * -.5 = .99
+    torch.testing.assert_close(adv[:, 0], torch.tensor([0.99, -0.5, -5.515, 1.75]))
 
 
 def test_gae_at_lambda_one_is_the_monte_carlo_return_minus_value():
@@ -44,7 +44,7 @@ def test_gae_at_lambda_one_is_the_monte_carlo_return_minus_value():
     values = torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.9, 0.6]])
     next_values = torch.cat([values[1:], torch.zeros(1, 2)])
     terminated = torch.tensor([[False, False], [False, False], [True, True]])
-    adv, ret = compute_gae(rewards, values, next_values, terminated, torch.zeros_like(terminated), 0.5, 1.0)
+    adv, ret = compute_gae(rewards, values, next_values, terminated, 0.5, 1.0)
     torch.testing.assert_close(ret[:, 0], torch.tensor([1 + 0.25 * 5, 0.5 * 5, 5.0]))
     torch.testing.assert_close(ret[:, 1], torch.tensor([0.5 * 2 + 0.25 * 1, 2 + 0.5 * 1, 1.0]))
     torch.testing.assert_close(adv, ret - values)
@@ -102,8 +102,7 @@ def tiny_rollout(agent: ActorCritic, logprob_shift: float = 0.0) -> Rollout:
     return Rollout(
         obs=shape(obs), legal=shape(legal), actions=shape(action), logprobs=shape(logprob + logprob_shift),
         values=shape(value), next_values=shape(value), rewards=torch.randn(t, n, generator=g),
-        reward_parts=torch.zeros(t, n, 4), terminated=torch.zeros(t, n, dtype=torch.bool),
-        truncated=torch.zeros(t, n, dtype=torch.bool), policy_version=torch.zeros(t, n, dtype=torch.long))
+        reward_parts=torch.zeros(t, n, 4), terminated=torch.zeros(t, n, dtype=torch.bool), policy_version=torch.zeros(t, n, dtype=torch.long))
 
 
 def test_kl_early_stop_really_stops():

@@ -2,7 +2,8 @@
 
 import pytest
 
-from esper.transport.auth import bind_refusal, call_metadata, is_loopback, token_matches, wsgi_guard
+from esper.transport.auth import call_metadata, token_matches, wsgi_guard
+from esper.transport.config import bind_refusal, is_loopback
 
 TOKEN = "0123456789abcdef"
 

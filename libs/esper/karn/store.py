@@ -40,9 +40,6 @@ class RunRecord:
     """Epoch number -> its report; a governor rollback re-reports an epoch, the last one wins."""
     decisions: Counter = field(default_factory=Counter)
     """Operation short name -> decisions taken."""
-    transitions: Counter = field(default_factory=Counter)
-    """Destination stage short name -> lifecycle transitions."""
-    governor_rollbacks: int = 0
     finished: RunFinished | None = None
     last_sequence: int = 0
     lost: int = 0
@@ -87,10 +84,6 @@ class RunStore:
                 run.epochs[event.epoch.signals.epoch] = event.epoch
             elif kind == "decision":
                 run.decisions[_name(Operation, event.decision.action.operation)] += 1
-            elif kind == "transition":
-                run.transitions[_name(SeedStage, event.transition.to_stage)] += 1
-            elif kind == "governor":
-                run.governor_rollbacks += 1
             elif kind == "run_finished":
                 run.finished = event.run_finished
             return True

@@ -73,7 +73,6 @@ def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: 
         steps.append(row | {
             "legal": legal.to(device), "rewards": parts.sum(1).to(device), "reward_parts": parts.to(device),
             "terminated": torch.full((n,), terminal, device=device),
-            "truncated": torch.zeros(n, dtype=torch.bool, device=device),
         })
         obs = next_obs
     # V(s_t+1) is the next row's value; after the last epoch nothing follows (terminated: unused).

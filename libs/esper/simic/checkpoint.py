@@ -71,6 +71,11 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.close(directory)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """`text` to `path` as write_durably writes: a reader (or a resume after a kill) never sees half a file."""
+    write_durably(path, lambda f: f.write(text.encode()))
+
+
 def save_checkpoint(state: dict, path: Path, fmt: str = FORMAT) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_durably(path, lambda f: torch.save({"format": fmt, **state}, f))

@@ -4,7 +4,7 @@
     while not done:
         obs, done = env.step(policy.decide(obs))
 
-The heuristic, the static baseline and (later) PPO all drive this same step; there is no second code
+The heuristic, the static baseline and PPO (simic.actor) all drive this same step; there is no second code
 path. Illegal operations raise before anything changes; `legal_actions()` lists what is allowed.
 """
 

@@ -100,7 +100,6 @@ def compute_gae(
     values: torch.Tensor,
     next_values: torch.Tensor,
     terminated: torch.Tensor,
-    truncated: torch.Tensor,
     gamma: float,
     gae_lambda: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,22 +107,19 @@ def compute_gae(
     (advantages, returns) [T, N].
 
         delta_t = r_t + gamma * V(s_t+1) * (1 - terminated_t) - V(s_t)
-        A_t     = delta_t + gamma * lambda * (1 - (terminated_t or truncated_t)) * A_t+1
+        A_t     = delta_t + gamma * lambda * (1 - terminated_t) * A_t+1
 
-    Termination and truncation differ (Pardo et al. 2018, "Time Limits in RL"): a terminated step has
-    no future, so nothing is bootstrapped; a truncated step (the trajectory was cut, the episode goes on)
-    bootstraps from the value of the observation that really followed it, `next_values[t]`, never from
-    whatever came next in the buffer. Both stop the advantage recursion. An episode's last epoch is a
-    termination: the observation carries epoch / max_epochs and the objective is the network at the end
-    of the budget, so there is no value beyond it to bootstrap.
+    An episode's last epoch is a termination, not a truncation (Pardo et al. 2018, "Time Limits in RL"):
+    the observation carries epoch / max_epochs and the objective is the network at the end of the budget,
+    so there is no value beyond it to bootstrap. Episodes are never cut short (simic.rollout), so no step
+    is a truncation.
     """
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
         alive = 1.0 - terminated[t].float()
-        continues = 1.0 - (terminated[t] | truncated[t]).float()
         delta = rewards[t] + gamma * next_values[t] * alive - values[t]
-        next_advantage = delta + gamma * gae_lambda * continues * next_advantage
+        next_advantage = delta + gamma * gae_lambda * alive * next_advantage
         advantages[t] = next_advantage
     return advantages, advantages + values
 
@@ -200,7 +196,7 @@ def ppo_update(
     epochs, gradient clipping, KL early stop); minibatch order comes from `generator`."""
     start = time.perf_counter()
     advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.next_values,
-                                      rollout.terminated, rollout.truncated, cfg.gamma, cfg.gae_lambda)
+                                      rollout.terminated, cfg.gamma, cfg.gae_lambda)
     # Flatten [T, N, ...] -> [T * N, ...].
     b_obs = rollout.obs.flatten(0, 1)
     b_legal = rollout.legal.flatten(0, 1)

@@ -6,9 +6,9 @@ msgpack map of raw buffers (dtype, shape, bytes) behind a leyline header, as DES
 bulk tensors: `tensors()` and `Rollout(**tensors)` are the whole (de)serialization surface
 (esper.transport.trajectories; `obs` and `rewards` then travel raw, see simic.learner).
 
-Each row records the value of the observation that *followed* the step (`next_values`), so a rollout
-is self-contained for GAE wherever it was cut: a worker can end a segment mid-episode (the last row is
-`truncated`, and its next value is the bootstrap) without the learner seeing the next segment.
+Episodes are never cut (a worker restarts one from its checkpoint instead): each column holds whole
+episodes, and `terminated` marks their last epochs. Each row also records the value of the observation
+that *followed* the step (`next_values`, 0 after a last epoch), so GAE needs nothing beyond the rollout.
 """
 
 from __future__ import annotations
@@ -26,18 +26,16 @@ class Rollout:
     actions: torch.Tensor  # int64 [T, N, 3]: (operation, slot, blueprint) head indices
     logprobs: torch.Tensor  # float32 [T, N]: log-probability of the action under the acting policy
     values: torch.Tensor  # float32 [T, N]: V(s_t) under the acting policy
-    next_values: torch.Tensor  # float32 [T, N]: V(s_t+1), the bootstrap where a segment was cut
+    next_values: torch.Tensor  # float32 [T, N]: V(s_t+1)
     rewards: torch.Tensor  # float32 [T, N]: the reward PPO learns from (raw from a worker: the learner normalizes)
     reward_parts: torch.Tensor  # float32 [T, N, components]: raw reward components (rewards.COMPONENTS)
     terminated: torch.Tensor  # bool [T, N]: the episode ended here (its last epoch)
-    truncated: torch.Tensor  # bool [T, N]: the trajectory was cut here while the episode goes on
     policy_version: torch.Tensor  # int64 [T, N]: the update count of the policy that acted
 
     DTYPES: ClassVar[dict[str, torch.dtype]] = {
         "obs": torch.float32, "legal": torch.bool, "actions": torch.int64, "logprobs": torch.float32,
         "values": torch.float32, "next_values": torch.float32, "rewards": torch.float32,
-        "reward_parts": torch.float32, "terminated": torch.bool, "truncated": torch.bool,
-        "policy_version": torch.int64}
+        "reward_parts": torch.float32, "terminated": torch.bool, "policy_version": torch.int64}
     """Each field's dtype: what a learner checks a rollout from the wire against."""
 
     @classmethod

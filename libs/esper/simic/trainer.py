@@ -29,7 +29,7 @@ import torch
 
 from esper.leyline import Decision, Observation, Operation, PPOUpdate, short_name
 from esper.nissa import Telemetry
-from esper.simic.actor import EnvFactory, make_envs, play_round
+from esper.simic.actor import Act, EnvFactory, make_envs, play_round
 from esper.simic.checkpoint import ResumeError, build_network, changed_settings
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.env_process import EnvProcess
@@ -72,6 +72,29 @@ class TrainerConfig:
     def env_devices(self) -> tuple[str, ...]:
         return self.devices or (self.device,)
 
+    @property
+    def env_config(self) -> EnvConfig:
+        """The environments' config: they measure seed gradient norms when the policy observes them."""
+        return dataclasses.replace(self.env, seed_grad_norms=self.telemetry_features)
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec.for_host(self.env.task, self.reward.param_budget, self.telemetry_features)
+
+
+def play_episodes(cfg: TrainerConfig, data: dict[str, Dataset], episodes: range,
+                  env_telemetry: Callable[[int], Telemetry], codec: ActionCodec, act: Act,
+                  env_factory: EnvFactory = GrowthEnv, processes: list[EnvProcess] = (),
+                  grouped: bool = False) -> tuple[Rollout, list, list[Observation]]:
+    """One round: episode e of `episodes` in an environment of its own (make_envs), reset with seed + e,
+    all stepped together under `act`. The rollout with raw rewards, the environments, their final
+    observations. The trainer (in-process PPO) and a stack's tolaria_worker (PPO over the wire) both play
+    rounds with it, so their environments are alike."""
+    envs = make_envs(cfg.env_config, data, cfg.env_devices, env_telemetry, episodes, env_factory, processes, grouped)
+    rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
+    rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, codec, act, cfg.env.max_epochs)
+    return rollout, envs, obs
+
 
 # Fields a resumed run may change: how long it runs and where; everything else must match the checkpoint.
 RESUMABLE_CHANGES = ("episodes", "device", "devices")
@@ -88,9 +111,8 @@ class PPOTrainer:
         self.env_telemetry = env_telemetry
         self.env_factory = env_factory
         self.device = torch.device(cfg.device)
-        env = dataclasses.replace(cfg.env, seed_grad_norms=cfg.telemetry_features)
-        self.env_cfg = env
-        self.spec = FeatureSpec.for_host(env.task, cfg.reward.param_budget, cfg.telemetry_features)
+        self.env_cfg = cfg.env_config
+        self.spec = cfg.feature_spec
         self.codec = ActionCodec(self.spec)
         torch.manual_seed(cfg.seed)
         self.agent = ActorCritic(self.spec.dim, len(self.spec.slots), len(self.spec.blueprints),
@@ -156,11 +178,8 @@ class PPOTrainer:
         started = time.perf_counter()
         n = min(cfg.n_envs, cfg.episodes - self.episodes_done)
         episodes = range(self.episodes_done, self.episodes_done + n)
-        envs = make_envs(self.env_cfg, self.data, cfg.env_devices, self.env_telemetry, episodes, self.env_factory,
-                         self.env_processes, self.grouped)
-        rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
-        rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, self.codec, self.act,
-                                  self.env_cfg.max_epochs)
+        rollout, envs, obs = play_episodes(cfg, self.data, episodes, self.env_telemetry, self.codec, self.act,
+                                           self.env_factory, self.env_processes, self.grouped)
         if cfg.ppo.norm_reward:
             rollout.rewards = self.reward_norm.episodes(rollout.rewards)
         self.global_step += rollout.num_steps

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from esper.kasmina.lifecycle import budget_left
 from esper.leyline import (
     Action,
     Blueprint,
@@ -108,11 +109,10 @@ class HeuristicPolicy:
             limit = cfg.max_training_epochs if slot.stage == S.SEED_STAGE_TRAINING else cfg.max_stage_epochs
             if slot.epochs_in_stage >= limit:
                 return _cull(slot), f"{slot.epochs_in_stage} epochs in {short_name(SeedStage, slot.stage)}"
-        budget_left = obs.max_seeds == 0 or obs.seeds_germinated < obs.max_seeds
         dormant = [s for s in obs.slots if s.stage == S.SEED_STAGE_DORMANT]
         plateau = signals.plateau_epochs >= cfg.plateau_patience
         due = signals.epoch >= cfg.germinate_by * signals.max_epochs
-        if budget_left and dormant and signals.epoch >= cfg.min_epoch_to_germinate and (plateau or due):
+        if budget_left(obs.seeds_germinated, obs.max_seeds) and dormant and signals.epoch >= cfg.min_epoch_to_germinate and (plateau or due):
             blueprint = self._next_blueprint(obs)
             reason = (f"plateau: {signals.plateau_epochs} epochs without a new best ({signals.best_val_accuracy:.2f}%)"
                       if plateau else f"{cfg.germinate_by:.0%} of the budget passed ({signals.epoch} epochs)")

@@ -142,13 +142,6 @@ class GroupedCNN(nn.Module):
         features = self.pool(x).flatten(2)  # [B, K C, 1]
         return self.head(features).view(len(x), self.k, self.spec.num_classes)
 
-    @classmethod
-    def from_hosts(cls, hosts: list[CNNHost]) -> GroupedCNN:
-        """The K hosts' weights and BatchNorm statistics, each as its group (each run keeps its own init)."""
-        grouped = unfilled(lambda: cls(hosts[0].spec, len(hosts)), next(hosts[0].parameters()).device)
-        grouped.load_hosts(hosts)
-        return grouped
-
     def load_hosts(self, hosts: list[CNNHost]) -> None:
         """Host k's weights and BatchNorm statistics into group k, in place."""
         load_groups(self, lambda j, name: host_tensor(hosts[j], name), self.k)
@@ -156,12 +149,6 @@ class GroupedCNN(nn.Module):
     def store_host(self, k: int, host: CNNHost) -> None:
         """Group k's weights and BatchNorm statistics into `host`, in place."""
         store_group(self, k, lambda name: host_tensor(host, name), self.k)
-
-    def host(self, k: int) -> CNNHost:
-        """Run k as a plain CNNHost (to evaluate or export it like any other run)."""
-        host = CNNHost(self.spec)
-        self.store_host(k, host)
-        return host
 
 
 def host_tensor(host: CNNHost, grouped_name: str) -> torch.Tensor:

@@ -21,8 +21,6 @@ network; across an untrusted one, run the stack inside a tunnel (WireGuard, ssh 
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import socket
 import sys
 from collections.abc import Callable, Iterable
 
@@ -30,33 +28,13 @@ import grpc
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from esper.transport.config import TOKEN_VAR, add_token_flag
+from esper.transport.config import TOKEN_VAR, add_token_flag, bind_refusal
 
 __all__ = ["TOKEN_VAR", "TokenContext", "TokenInterceptor", "add_token_flag", "bind_refusal", "call_metadata",
-           "is_loopback", "refuse_bind", "server_interceptors", "token_matches", "wsgi_guard", "zmq_context"]
+           "refuse_bind", "server_interceptors", "token_matches", "wsgi_guard", "zmq_context"]
 
-MIN_TOKEN_CHARS = 16
-"""A shorter token is refused: `python -c 'import secrets; print(secrets.token_hex(16))'` makes one."""
 METADATA_KEY = "authorization"
 ZAP_USER = "esper"
-
-
-def is_loopback(host: str) -> bool:
-    """True when every address `host` names is a loopback address ("localhost", 127.0.0.1, ::1)."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-def bind_refusal(host: str, token: str) -> str | None:
-    """Why a service must not start listening on `host` with this token, or None when it may."""
-    if token and len(token) < MIN_TOKEN_CHARS:
-        return f"the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}"
-    if not token and not is_loopback(host):
-        return f"refusing to listen on {host!r} without a token: set ${TOKEN_VAR} or pass --token"
-    return None
 
 
 def refuse_bind(prog: str, host: str, token: str) -> bool:

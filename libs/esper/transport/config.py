@@ -8,7 +8,9 @@ defaults here. Every endpoint is on `ESPER_HOST` (127.0.0.1) unless a service is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, fields
 
 # name -> (default, what listens there)
@@ -34,6 +36,30 @@ def add_token_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get(TOKEN_VAR, ""),
                         help=f"shared secret of the stack (${TOKEN_VAR}, which is better: a command line is "
                              "visible to every user in ps); a service needs one to listen off loopback")
+
+
+MIN_TOKEN_CHARS = 16
+"""A shorter token is refused: `python -c 'import secrets; print(secrets.token_hex(16))'` makes one."""
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address ("localhost", 127.0.0.1, ::1)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def bind_refusal(host: str, token: str) -> str | None:
+    """Why a server must not start listening on `host` with this token, or None when it may: off loopback
+    a token is required, and a token has at least MIN_TOKEN_CHARS characters. The services and the
+    dashboard refuse alike."""
+    if token and len(token) < MIN_TOKEN_CHARS:
+        return f"the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}"
+    if not token and not is_loopback(host):
+        return f"refusing to listen on {host!r} without a token: set ${TOKEN_VAR} or pass --token"
+    return None
 
 
 class ConfigError(ValueError):

@@ -259,7 +259,6 @@ class TrajectorySender:
         self.acked = self.resends = self.rejected = self.connects = 0
         self.waited_s = 0.0
         self.waiting_since: float | None = None
-        self.learner_version = 0
 
     def send(self, rollout: Rollout, task: str, stop: Callable[[], bool], progress: int = 0) -> int:
         """Ship one rollout (waiting while `window` are unacked; spooled first, with `progress`); returns
@@ -335,7 +334,6 @@ class TrajectorySender:
         del self.unacked[key]
         if self.spool is not None:
             self.spool.remove(key)
-        self.learner_version = ack.policy_version
         status = AckStatus.Name(ack.status)
         log.info("trajectory %s/%d/%d acked %s", *key, status)
         if ack.status == AckStatus.ACK_STATUS_REJECTED:

@@ -13,21 +13,13 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from esper.transport.config import is_loopback  # the services' rule; config imports no wire library
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def interface_addresses(host: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Starting the dashboard from the command line: its flags, `esper dashboard` in the foreground, and
 `esper train ... --dashboard` beside an in-process run.
 
-The token rule is the stack's (`esper.transport.auth.bind_refusal`: off loopback a token is required,
-and a token has at least 16 characters), so the dashboard and the services refuse alike. After an
+The token rule is the stack's (`esper.transport.config.bind_refusal`, which DashboardConfig applies: off
+loopback a token is required, and a token has at least 16 characters), so the dashboard and the services
+refuse alike. After an
 in-process run ends the dashboard stays up, showing the final state, until ctrl-c (or SIGTERM): a run
 that ended while nobody looked should still be there to look at. The server (aiohttp) is imported
 only when a dashboard is asked for.
@@ -40,12 +41,8 @@ def dashboard_config(args: argparse.Namespace):
     if getattr(args, "tui", False):
         raise ValueError("--tui and --dashboard: choose one")
     from esper.karn.dashboard.server import DashboardConfig
-    from esper.transport.auth import bind_refusal
 
     token = args.dashboard_token or getattr(args, "token", "") or os.environ.get(TOKEN_VAR, "")
-    refusal = bind_refusal(args.dashboard_host, token)
-    if refusal:
-        raise ValueError(f"--dashboard-host: {refusal.replace('--token', '--dashboard-token')}")
     return DashboardConfig(host=args.dashboard_host, port=args.dashboard_port, token=token or None)
 
 

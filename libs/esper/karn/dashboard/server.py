@@ -21,9 +21,10 @@ from urllib.parse import quote
 
 from aiohttp import WSCloseCode, web
 
-from esper.karn.dashboard.guard import Guard, is_loopback, link_hosts, served_names
+from esper.karn.dashboard.guard import Guard, link_hosts, served_names
 from esper.karn.dashboard.state import DashboardState
 from esper.leyline import TelemetryEvent
+from esper.transport.config import bind_refusal
 
 INDEX = Path(__file__).with_name("index.html")
 PAGE_HEADERS = {
@@ -50,9 +51,9 @@ class DashboardConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--dashboard-port must be in 0..65535, got {self.port}")
-        if not self.token and not is_loopback(self.host):
-            raise ValueError(f"--dashboard-host {self.host or '(all)'} is not loopback: it needs a token "
-                             f"(--dashboard-token or $ESPER_TOKEN)")
+        refusal = bind_refusal(self.host, self.token or "")
+        if refusal:
+            raise ValueError(f"--dashboard-host: {refusal.replace('--token', '--dashboard-token')}")
 
 
 class Dashboard:

@@ -75,7 +75,7 @@ def finish(args, data) -> None:
     obs = run_episode(env, HeuristicPolicy(), 0, state=state)
     fates = ", ".join(f"{r.blueprint} {r.fate} (germinated {r.history[0]['epoch']})" for r in env.model.records)
     print(f"{Path(args.resume).name} threshold {args.threshold}: val {obs.signals.val_accuracy:.2f}, "
-          f"test {env.test_accuracy():.2f}; seeds: {fates}", flush=True)
+          f"test {env.evaluate_test().accuracy:.2f}; seeds: {fates}", flush=True)
 
 
 def main() -> None:

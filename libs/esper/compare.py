@@ -3,12 +3,13 @@
 Arms (all with the same epochs x batches, data, optimizer settings and seeds):
 - static: the host alone;
 - heuristic: growth under the rule-based controller;
-- from-scratch: each heuristic run's final architecture (same seed), built in before epoch 1 and
-  trained for the whole budget: what growth must match to be worth anything;
+- from-scratch: each heuristic run's final architecture (same seed; a seed still blending at the end is
+  built in whole, at alpha 1), built in before epoch 1 and trained for the whole budget: what growth must
+  match to be worth anything;
 - ppo (with --policy): growth under a saved PPO policy (`esper train learned`). Evaluate it on seeds
   it was not trained on: `esper train ppo` uses seed, seed+1, ...; give compare another --seed.
 `--budget original` adds the original project's unmatched baseline (the static host at 10 epochs
-against 40 epochs of growth) beside the compute-matched arms at 40 epochs.
+against 40 epochs of growth) beside the arms at the same budget, 40 epochs.
 
 Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
 once on the device (one process per run: see bench/concurrency.py for the measurement behind it). With
@@ -53,7 +54,7 @@ class Arm:
     mode: str  # the `esper train` mode: static | heuristic | learned
     max_epochs: int
     graft_from: str | None = None  # take the final architecture of this arm's run with the same seed
-    compute_matched: bool = True
+    same_budget: bool = True  # the same epochs of the same batches as the other arms (static@10: fewer)
 
 
 def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
@@ -65,8 +66,21 @@ def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
     }
     chosen = [arms[n] for n in names]
     if budget == "original":
-        chosen.insert(0, Arm("static@10", "static", 10, compute_matched=False))
+        chosen.insert(0, Arm("static@10", "static", 10, same_budget=False))
     return chosen
+
+
+def phases(arms: list[Arm]) -> tuple[list[Arm], list[Arm]]:
+    """The arms in the order they can run: an arm that grafts another's architecture waits for that arm."""
+    return [a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]
+
+
+def sharing(cfg: CompareConfig, phase: list[Arm]) -> tuple[int, int]:
+    """(runs at once, CPU threads each) in a phase: all workers, or fewer when the phase has fewer runs (a
+    grouped arm is one run of all its seeds), the cores shared out among them. Counted from the phase's
+    runs, not those a resume has left: a CPU run's numbers depend on its threads."""
+    at_once = max(1, min(cfg.workers, len(phase) * (1 if cfg.grouped else cfg.seeds)))
+    return at_once, max(1, (os.cpu_count() or 1) // at_once)
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ def progress_of(run_parent: Path, task: str) -> str | None:
                 continue
             if isinstance(report, dict):  # an EpochReport (a transition's "epoch" is its number)
                 s = report["signals"]
-                shown = (f"val loss {s.get('valLoss', 0.0):.3f}" if headline(task)[0] == "val_loss"
+                shown = (f"val loss {s.get('valLoss', 0.0):.3f}" if headline(task)[0] == "test_loss"
                          else f"val accuracy {s.get('valAccuracy', 0.0):.1f}")
                 return f"epoch {s.get('epoch', 0)}/{s.get('maxEpochs', 0)}, {shown}"
     return None
@@ -197,13 +211,16 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         """The arm's blocks of seeds still to train, their folders cleared: one seed each, or all its seeds in
         one under `cfg.grouped`. Loads the runs of the blocks the comparison this one resumes finished. A block
         with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level, on
-        the runs in its group."""
+        the runs in its group. A summary without the headline figure (a language model's run from before
+        summaries held the test loss) trains again too."""
         todo = []
+        key, _ = headline(cfg.task)
         for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
-            done = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
-            if all(done):
+            found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
+            done = [json.loads(path.read_text()) if path else {} for path in found]
+            if all(key in summary for summary in done):
                 for seed, summary in zip(block, done):
-                    results[arm.name][seed] = json.loads(summary.read_text())
+                    results[arm.name][seed] = summary
                     log(f"{arm.name:>13} seed {seed}: finished already")
             else:
                 for seed in block:
@@ -265,17 +282,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     if cfg.progress_every > 0:
         threading.Thread(target=say_progress, args=(stop,), daemon=True).start()
     try:
-        # Arms that graft another arm's architecture wait for that arm.
-        for phase in ([a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]):
+        for phase in phases(arms):
             jobs = []
             for arm in phase:
                 jobs += [(arm, block) for block in to_train(arm)]
             with ThreadPoolExecutor(cfg.workers) as pool:
-                # The cores shared out among the runs at once: all workers, or fewer jobs (a grouped phase). Counted
-                # from the phase's blocks, not those left: a CPU run's numbers depend on its threads (a resumed
-                # grouped heuristic run with more ended at another loss), so a resumed run gets the same.
-                blocks = len(phase) * (1 if cfg.grouped else len(seeds))
-                threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.workers, blocks)))
+                _, threads = sharing(cfg, phase)  # a resumed run gets the threads it had: its numbers depend on them
                 futures = [pool.submit(run, arm, block, threads) for arm, block in jobs]
                 try:
                     for future in futures:
@@ -305,10 +317,10 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 
 
 def headline(task: str) -> tuple[str, str]:
-    """(summary key, label): test accuracy for classifiers; for a language model the final
-    validation loss (its perplexity is exp of it)."""
+    """(summary key, label): test accuracy for classifiers, test loss for a language model (its perplexity
+    is exp of it). Never a validation figure: the growing arms' decisions were made on that split."""
     if HOSTS[task].kind == "transformer":
-        return "val_loss", "validation loss"
+        return "test_loss", "test loss"
     return "test_accuracy", "test accuracy"
 
 
@@ -322,24 +334,27 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     arms = {a.name: a for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))}
     key, label = headline(cfg.task)
     baseline = [r[key] for r in results["static"]] if "static" in results else None
+    static_flops = np.mean([r["train_flops"] for r in results["static"]]) if "static" in results else None
     lines = [
-        f"| arm | epochs | compute-matched | {label} (95% CI) | vs static, paired (95% CI) | final params "
-        "| training FLOPs | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| arm | epochs | same budget | {label} (95% CI) | vs static, paired (95% CI) | final params "
+        "| training FLOPs | FLOPs vs static | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         value = mean_ci([r[key] for r in runs])
         if baseline and name != "static":
             diff = mean_ci([r[key] - b for r, b in zip(runs, baseline)])
-            vs = shown_ci(diff, "+.3f" if key == "val_loss" else "+.2f")
+            vs = shown_ci(diff, "+.3f" if key == "test_loss" else "+.2f")
         else:
             vs = "-"
-        shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "val_loss"
+        flops = np.mean([r["train_flops"] for r in runs])
+        shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "test_loss"
                  else shown_ci(value, ".2f"))
         lines.append(
-            f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].compute_matched else 'no'} "
+            f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].same_budget else 'no'} "
             f"| {shown} | {vs} | {np.mean([final_params(r) for r in runs]):,.0f} "
-            f"| {np.mean([r['train_flops'] for r in runs]):.3g} | {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
+            f"| {flops:.3g} | {f'{flops / static_flops:.2f}x' if static_flops else '-'} "
+            f"| {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
         )
     return "\n".join(lines)
 
@@ -356,7 +371,7 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    curve_key, curve_label = (("val_loss", "validation loss") if headline(task)[0] == "val_loss"
+    curve_key, curve_label = (("val_loss", "validation loss") if headline(task)[0] == "test_loss"
                               else ("val_accuracy", "validation accuracy (%)"))
     fig, (ax_acc, ax_par) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, runs in results.items():
@@ -392,6 +407,18 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
     return ["curves.png", "timeline.png"]
 
 
+def walls_shared(cfg: CompareConfig) -> str:
+    """How the runs of each phase shared the machine, in words."""
+    cpu = not cfg.device.startswith("cuda")
+    said = []
+    for phase in phases(arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))):
+        if phase:
+            at_once, threads = sharing(cfg, phase)
+            said.append(f"{', '.join(a.name for a in phase)} ran {at_once} at once"
+                        + (f" with {threads} CPU threads each" if cpu else ""))
+    return "; then ".join(said)
+
+
 def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: float, invocations: int = 1) -> Path:
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
@@ -409,12 +436,18 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of {batch_size}; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
-        f"memory format {cfg.memory_format}; {cfg.workers} concurrent runs"
+        f"memory format {cfg.memory_format}; up to {cfg.workers} runs at once"
         f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",
         results_table(cfg, results),
+        "",
+        "Same budget: the same epochs of the same batches (data, order and optimizer settings alike) as the "
+        "other arms. What a step costs depends on the architecture, hence the FLOPs columns: the forward and "
+        "backward convolutions and matrix products of every training step (torch's FlopCounterMode); the "
+        "evaluation passes (validation with its counterfactual copies, and test) are not counted.",
+        f"wall s: the mean of the runs' own wall times. They compare within a phase only: {walls_shared(cfg)}.",
         "",
         *[f"Seeds of the {arm} arm over all runs: {fates.get(arm) or 'none germinated'}." for arm in ("heuristic", "ppo")
           if arm in results],

@@ -29,7 +29,7 @@ from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoin
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.grouped import GroupMember
-from esper.tolaria.trainer import Trainer
+from esper.tolaria.trainer import EvalResult, Trainer
 
 MODES = ("heuristic", "static", "learned")
 
@@ -261,7 +261,7 @@ class Episode:
             "val_loss": obs.signals.val_loss,
             "train_loss": obs.signals.train_loss, "total_params": obs.signals.total_params,
             "train_flops": env.trainer.train_flops,
-            "stages": {s.slot: short_name(SeedStage, s.stage) for s in obs.slots},
+            "stages": {slot: short_name(SeedStage, stage) for slot, stage in env.epoch_stages.items()},
         })
         every, epoch = cfg.checkpoint_every, obs.signals.epoch
         if every and (epoch % every == 0 or epoch == cfg.env.max_epochs):
@@ -271,7 +271,8 @@ class Episode:
     def finish(self, obs: Observation) -> dict:
         """The test accuracy, the final telemetry, the exported model and summary.json; returns the summary."""
         env, run_dir, cfg = self.env, self.run_dir, self.cfg
-        test_accuracy = env.test_accuracy()
+        test = env.evaluate_test()
+        test_accuracy = test.accuracy
         wall = time.perf_counter() - self.start
         self.telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
                                                      total_params=obs.signals.total_params, wall_seconds=wall,
@@ -280,7 +281,7 @@ class Episode:
         save_exported(env.model, run_dir / "model")
         if self.data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
             self.data.tokenizer.save(run_dir / "model" / "tokenizer.json")
-        summary = summarize(env, obs, run_dir.name, cfg, self.seed, str(self.device), test_accuracy, wall)
+        summary = summarize(env, obs, run_dir.name, cfg, self.seed, str(self.device), test, wall)
         summary |= {"curve": self.curve}
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
@@ -340,7 +341,7 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,
-              test_accuracy: float, wall: float) -> dict:
+              test: EvalResult, wall: float) -> dict:
     return {
         "run_id": run_id,
         "mode": cfg.mode,
@@ -352,7 +353,8 @@ def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, see
         "val_accuracy": obs.signals.val_accuracy,
         "val_loss": obs.signals.val_loss,
         "best_val_accuracy": obs.signals.best_val_accuracy,
-        "test_accuracy": test_accuracy,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
         "host_params": obs.signals.host_params,
         "total_params": obs.signals.total_params,
         "train_flops": env.trainer.train_flops,

@@ -17,7 +17,7 @@ from scipy import stats
 
 from esper.cli import build_parser, main, train_config
 from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
-                           progress_of, results_table, train_command, write_report)
+                           progress_of, results_table, train_command, walls_shared, write_report)
 
 
 def test_mean_ci_is_the_t_interval():
@@ -42,12 +42,13 @@ def test_final_architecture_keeps_only_what_shapes_the_network():
 
 def test_original_budget_adds_the_unmatched_baseline():
     arms = arms_for("original", 40, ["static", "heuristic", "from-scratch"])
-    assert arms[0] == Arm("static@10", "static", 10, compute_matched=False)
+    assert arms[0] == Arm("static@10", "static", 10, same_budget=False)
     assert [a.max_epochs for a in arms[1:]] == [40, 40, 40]
 
 
-def test_language_models_are_compared_on_validation_loss():
-    assert headline("tinystories") == ("val_loss", "validation loss")
+def test_language_models_are_compared_on_test_loss():
+    """Not on validation loss: the growing arms' decisions were made on that split."""
+    assert headline("tinystories") == ("test_loss", "test loss")
     assert headline("cifar10") == ("test_accuracy", "test accuracy")
 
 
@@ -127,7 +128,7 @@ def test_a_failed_run_ends_the_comparison_in_one_line_that_says_how_to_resume(tm
 
 def summary(seed: int, accuracy: float, seeds: list[dict]) -> dict:
     """A run's summary.json as far as the report reads it, on the synthetic host (6,220 parameters)."""
-    return {"seed": seed, "test_accuracy": accuracy, "val_loss": 1.0, "host_params": 6220,
+    return {"seed": seed, "test_accuracy": accuracy, "test_loss": 1.0, "val_loss": 1.0, "host_params": 6220,
             "total_params": 6220 + sum(s["params"] for s in seeds), "seeds": seeds, "seed_counts": {},
             "train_flops": 1e9, "wall_seconds": 2.0,
             "curve": [{"epoch": 1, "val_accuracy": accuracy, "val_loss": 1.0, "total_params": 6220,
@@ -142,10 +143,12 @@ def test_the_report_counts_the_final_architectures_parameters_and_gives_one_seed
     norm = {"slot": "late", "blueprint": "norm", "fate": "training", "params": 300}
     results = {"static": [summary(42, 60.0, [])], "heuristic": [summary(42, 65.5, [conv_heavy, norm])],
                "from-scratch": [summary(42, 64.0, [conv_heavy])]}
+    results["heuristic"][0]["train_flops"] = 1.25e9  # static's: 1e9
     table = results_table(CompareConfig(task="synthetic", seeds=1), results)
-    rows = {cells[0].removeprefix("| "): cells[3:6] for cells in (line.split(" | ") for line in table.splitlines()[2:])}
-    assert rows == {"static": ["60.00 ± n/a", "-", "6,220"], "heuristic": ["65.50 ± n/a", "+5.50 ± n/a", "10,892"],
-                    "from-scratch": ["64.00 ± n/a", "+4.00 ± n/a", "10,892"]}
+    rows = {cells[0].removeprefix("| "): cells[2:8] for cells in (line.split(" | ") for line in table.splitlines()[2:])}
+    assert rows == {"static": ["yes", "60.00 ± n/a", "-", "6,220", "1e+09", "1.00x"],
+                    "heuristic": ["yes", "65.50 ± n/a", "+5.50 ± n/a", "10,892", "1.25e+09", "1.25x"],
+                    "from-scratch": ["yes", "64.00 ± n/a", "+4.00 ± n/a", "10,892", "1e+09", "1.00x"]}
 
 
 @pytest.mark.parametrize("task, batch", [("cifar10", 128), ("tinystories", 16)])
@@ -154,6 +157,17 @@ def test_the_report_names_the_batch_its_task_trains_with(task, batch, tmp_path):
     report = write_report(CompareConfig(task=task, seeds=2, max_batches=50, arms=("static",), out_dir=str(tmp_path)),
                           results, seconds=1.0)
     assert f"40 epochs x 50 batches of {batch};" in report.read_text()
+
+
+def test_the_report_says_how_the_runs_of_each_phase_shared_the_machine(monkeypatch):
+    """Wall times compare within a phase only: 4 workers on 8 cores run static and heuristic (2 seeds each)
+    4 at once with 2 threads, then from-scratch 2 at once with 4; grouped, each arm is one run."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = CompareConfig(task="synthetic", seeds=2, workers=4, device="cpu")
+    assert walls_shared(cfg) == ("static, heuristic ran 4 at once with 2 CPU threads each; "
+                                 "then from-scratch ran 2 at once with 4 CPU threads each")
+    grouped = dataclasses.replace(cfg, grouped=True, device="cuda:0")
+    assert walls_shared(grouped) == "static, heuristic ran 2 at once; then from-scratch ran 1 at once"
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 bit for bit on the CPU (issue 4: a worker killed and restarted loses nothing of its episode)."""
 
 import dataclasses
+import io
 import json
 import random
 from pathlib import Path
@@ -9,8 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
+
+from esper import experiment
 from esper.cli import build_parser, main, train_config
-from esper.experiment import make_policy, run
+from esper.experiment import RunConfig, make_policy, run
+from esper.leyline import Action, Blueprint, Decision, Operation
 from esper.nissa import ListSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
@@ -66,7 +71,7 @@ def assert_identical(a, b):
     weights_a, weights_b = env_a.model.state_dict(), env_b.model.state_dict()
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert env_a.test_accuracy() == env_b.test_accuracy()
+    assert env_a.evaluate_test() == env_b.evaluate_test()
 
 
 def test_saved_and_loaded_at_every_epoch_equals_straight_run(synthetic_data, tmp_path):
@@ -191,3 +196,28 @@ def test_continue_runs_resumes_an_unfinished_run_and_skips_a_finished_one(tmp_pa
     assert run_dirs() == first
     run(dataclasses.replace(cfg, seed=7), continue_runs=True)  # another seed: another run id, whatever the second
     assert len(run_dirs()) == 2
+
+
+class Script:
+    """These actions, one per epoch, then WAIT."""
+
+    def __init__(self, *actions: Action):
+        self.actions = list(actions)
+
+    def decide(self, obs):
+        action = self.actions.pop(0) if self.actions else Action(operation=Operation.OPERATION_WAIT)
+        return Decision(action=action, reason="scripted")
+
+
+def test_the_curve_shows_the_stage_each_epoch_trained_in(synthetic_data, tmp_path):
+    """A seed culled at epoch 3 is CULLED in epoch 3 (the end of that epoch moves it on to EMBARGOED),
+    and DORMANT again once the embargo is over: the stages the lifecycle timeline draws."""
+    env = EnvConfig(task="synthetic", max_epochs=8, slots=("mid",), train=TrainConfig(max_batches=2))
+    cfg = RunConfig(mode="heuristic", env=env, runs_dir=str(tmp_path))
+    script = Script(Action(operation=Operation.OPERATION_GERMINATE, slot="mid", blueprint=Blueprint.BLUEPRINT_CONV_LIGHT),
+                    Action(operation=Operation.OPERATION_ADVANCE, slot="mid"),
+                    Action(operation=Operation.OPERATION_CULL, slot="mid"))
+    summary = experiment.run_one(cfg, synthetic_data, torch.device("cpu"), 0, Console(file=io.StringIO()), script)
+    stages = [point["stages"]["mid"] for point in summary["curve"]]
+    print(stages)
+    assert stages == ["GERMINATED", "TRAINING", "CULLED", "EMBARGOED", "EMBARGOED", "EMBARGOED", "DORMANT", "DORMANT"]

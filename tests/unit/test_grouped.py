@@ -175,6 +175,13 @@ def test_only_runs_with_one_set_of_slots_group(synthetic_data):
         TrainerGroup(runs)
 
 
+def test_only_runs_with_one_train_config_group(synthetic_data):
+    """The group trains every run with one learning rate, momentum and batch size: the first run's."""
+    runs = members(synthetic_data, (1,)) + members(synthetic_data, (2,), TrainConfig(max_batches=3, lr=0.5))
+    with pytest.raises(ValueError, match="one TrainConfig"):
+        TrainerGroup(runs)
+
+
 OP = Operation
 CONV_LIGHT, CONV_HEAVY = Blueprint.BLUEPRINT_CONV_LIGHT, Blueprint.BLUEPRINT_CONV_HEAVY
 # What each of five growing runs does at the start of each epoch (when legal; WAIT otherwise): run 0
@@ -461,3 +468,28 @@ def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path,
     assert main([*flags, "--resume", str(a[0])]) == 0
     assert "finished already" not in capsys.readouterr().err
     assert all((run_dir / "summary.json").is_file() for run_dir in a)
+
+
+def test_a_seed_grafted_after_its_trainer_is_built_trains_with_the_host(synthetic_data):
+    """A graft made after the Trainer exists joins the host's optimizer at the next sync: the run then
+    trains as one grafted before its Trainer was built (bit for bit), and a grouped run of it
+    checkpoints. Before, the seed's weights never moved, and a grouped run's state_dict raised KeyError."""
+    def grafted(run):
+        torch.manual_seed(0)  # the same seed weights in every run
+        run.model.graft("mid", CONV_LIGHT)
+        return run
+
+    first = grafted(members(synthetic_data, (7,), factory=Trainer)[0])
+    before = Trainer(first.model, synthetic_data, first.cfg, first.device, torch.Generator().manual_seed(7))
+    after, grouped = (grafted(members(synthetic_data, (7,), factory=f)[0]) for f in (Trainer, GroupMember))
+    initial = {k: v.clone() for k, v in after.model.slots["mid"].seed.state_dict().items()}
+    for run in (after, grouped):
+        run.sync_optimizers()
+    before.train_epoch()
+    after.train_epoch()
+    TrainerGroup([grouped]).train_epoch()
+    expected = before.model.slots["mid"].seed.state_dict()
+    torch.testing.assert_close(after.model.slots["mid"].seed.state_dict(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(grouped.model.slots["mid"].seed.state_dict(), expected, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(initial[k], v) for k, v in expected.items())  # the seed trained
+    assert len(grouped.state_dict()["host_opt"]["param_groups"]) == 2

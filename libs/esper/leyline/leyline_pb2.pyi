@@ -556,7 +556,8 @@ class EpochReport(_message.Message):
     epoch_seconds: _builtins.float
     sharpness: _builtins.float
     """DEBUG level only, every EnvConfig.sharpness_every epochs (0 otherwise): the top eigenvalue of the
-    training loss Hessian on a fixed training batch (nissa.diagnostics.top_hessian_eigenvalue).
+    training loss Hessian in the host's parameters (fossilized seeds included) on a fixed training batch
+    (nissa.diagnostics.top_hessian_eigenvalue).
     """
     @_builtins.property
     def signals(self) -> Global___TrainingSignals: ...

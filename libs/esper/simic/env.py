@@ -64,8 +64,8 @@ class EnvConfig:
     """Measure each live seed's gradient norm every epoch whatever the telemetry level (the PPO
     policy's gradient-health features); without it they are measured at DEBUG level only."""
     sharpness_every: int = 5
-    """At DEBUG telemetry, measure the loss Hessian's top eigenvalue (EpochReport.sharpness) every this
-    many epochs: 20 double-backward passes on one batch, about an epoch of 20 batches; 0 = never."""
+    """At DEBUG telemetry, measure the top eigenvalue of the loss Hessian in the host's parameters (fossilized
+    seeds included; EpochReport.sharpness) every this many epochs: 20 double-backward passes on one batch, about an epoch of 20 batches; 0 = never."""
     train: TrainConfig = field(default_factory=TrainConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
@@ -186,6 +186,9 @@ class GrowthEnv:
             for check in outcome.gates:
                 tel.emit(gate=check)
             self._record(outcome.transitions)
+            self.epoch_stages = {name: slot.stage for name, slot in model.slots.items()}
+            """Slot -> the stage it spends this epoch in: a cull's epoch is CULLED, although the end of the
+            epoch moves the slot on to EMBARGOED (what a lifecycle timeline draws)."""
 
             self.step_started = time.perf_counter()
             model.begin_epoch()
@@ -204,7 +207,9 @@ class GrowthEnv:
             sharpness = 0.0
             if (tel.wants(TelemetryLevel.TELEMETRY_LEVEL_DEBUG) and self.cfg.sharpness_every
                     and epoch % self.cfg.sharpness_every == 0):
-                sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, list(model.parameters()))
+                # In what the host optimizer trains: the loss does not depend on a TRAINING seed, and the
+                # straight-through gradient it gets is no derivative of the loss to differentiate again.
+                sharpness = top_hessian_eigenvalue(self.trainer.fixed_batch_loss, model.host_parameters())
             cause = self.governor.verdict(train_loss)
             if cause:  # the observation keeps the restored epoch's training loss: a policy never sees a NaN
                 culled = model.cull_live(epoch, f"governor: {cause}")
@@ -235,9 +240,9 @@ class GrowthEnv:
         """How many of the episode's seeds met each fate so far (fossilized, culled, blending, ...)."""
         return dict(Counter(record.fate for record in self.model.records))
 
-    def test_accuracy(self) -> float:
+    def evaluate_test(self) -> EvalResult:
         """Only for final reports: the test set never informs a decision."""
-        return self.trainer.evaluate("test", counterfactual=False).accuracy
+        return self.trainer.evaluate("test", counterfactual=False)
 
     # ------------------------------------------------------------------ views
     def observation(self) -> Observation:

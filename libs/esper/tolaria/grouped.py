@@ -358,6 +358,8 @@ class TrainerGroup:
             raise ValueError("grouped runs train with the plain recipe only: SGD, augmentation, fp32, no compile")
         if any(m.model.slot_after != first.model.slot_after or m.device != first.device for m in members):
             raise ValueError("grouped runs have the same slots on the same device")
+        if any(m.cfg != cfg for m in members):  # the group steps every run with the first one's settings
+            raise ValueError("grouped runs train with one TrainConfig")
         self.members = members
         self.hosts = [m.model.host for m in members]
         # filled from the runs' hosts by every train_epoch

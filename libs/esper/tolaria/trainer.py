@@ -63,7 +63,8 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32 | bf16: bf16 runs the forward passes (training and evaluation) under autocast, matmuls and
     convolutions in bfloat16; weights, gradients, optimizer state and the losses stay fp32. Isolation
-    is exact in both (a TRAINING seed adds delta - delta.detach(), zero in any precision)."""
+    is exact in both (a TRAINING seed's output passes through kasmina.slot.straight_through, whose value is
+    the host's own in any precision)."""
     compile: bool = False
     """torch.compile the host's stem, blocks and head: the parts that never change shape. The slots
     and seeds between them stay eager, because a compiled whole model would recompile at every
@@ -165,8 +166,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def sync_optimizers(self) -> None:
-        """Give new live seeds an optimizer (and the model's layout); hand fossilized seeds (with momentum)
-        to the host's; drop culled."""
+        """Give new live seeds an optimizer (and the model's layout); hand fossilized seeds to the host's,
+        with their momentum; drop culled. A seed fossilized without training live (grafted after this
+        Trainer was built) joins the host's optimizer too."""
         self.model.to(memory_format=self.layout)  # new seeds' weights; a no-op for the rest
         slots_by_id = {s.seed_id: s for s in self.model.slots.values() if s.seed is not None}
         for seed_id, opt in list(self.seed_opts.items()):
@@ -174,15 +176,16 @@ class Trainer:
             if slot is not None and slot.stage in LIVE_STAGES:
                 continue
             if slot is not None and slot.stage == S.SEED_STAGE_FOSSILIZED:
-                params = list(slot.seed.parameters())
-                self.host_opt.add_param_group({"params": params})
-                for p in params:
+                for p in slot.seed.parameters():
                     if p in opt.state:
                         self.host_opt.state[p] = opt.state[p]
             del self.seed_opts[seed_id]
+        in_host_opt = {id(p) for group in self.host_opt.param_groups for p in group["params"]}
         for seed_id, slot in slots_by_id.items():
             if slot.stage in LIVE_STAGES and seed_id not in self.seed_opts:
                 self.seed_opts[seed_id] = make_optimizer(slot.seed.parameters(), self.cfg, self.cfg.seed_lr)
+            elif slot.stage == S.SEED_STAGE_FOSSILIZED and id(next(slot.seed.parameters())) not in in_host_opt:
+                self.host_opt.add_param_group({"params": list(slot.seed.parameters())})
 
     def state_dict(self) -> dict:
         """Optimizers, the data-order and augmentation generator and the FLOP counts, as tensors and plain

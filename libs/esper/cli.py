@@ -27,6 +27,7 @@ from esper.simic import EnvConfig
 from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
+from esper.karn.runs_db import StoreError
 from esper.transport.config import ConfigError
 
 class UsageError(Exception):
@@ -355,10 +356,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_outputs(cfg) -> None:
+    """UsageError for an output folder that cannot be one (a file in its place or on the way to it), found
+    before anything trains."""
+    telemetry_file = Path(cfg.telemetry_file) if cfg.telemetry_file else None
+    for flag, folder in (("--runs-dir", karn_cli.store_path(None, cfg.runs_dir).parent),
+                         ("--telemetry-dir", cfg.telemetry_dir and Path(cfg.telemetry_dir)),
+                         ("--telemetry-file", telemetry_file and telemetry_file.parent)):
+        if folder and (why := karn_cli.folder_refusal(folder, flag)):
+            raise UsageError(why)
+    if telemetry_file and telemetry_file.is_dir():
+        raise UsageError(f"--telemetry-file {telemetry_file} is a folder")
+
+
 def cmd_compare(cfg, resume: bool) -> int:
     from esper.compare import RunFailed, compare, differences
 
     out = Path(cfg.out_dir)
+    if why := karn_cli.folder_refusal(out, "--out"):
+        raise UsageError(why)
+    try:
+        karn_cli.check_store(Path(cfg.db))  # every run records itself there when it ends: a bad store fails now
+    except StoreError as exc:
+        raise UsageError(f"--db {exc}") from None
     if resume:
         if not (out / "compare.json").is_file():
             raise UsageError(f"--resume {out}: no compare.json there (not a comparison's folder)")
@@ -406,18 +426,21 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(exc)) from None
         if args.mode != "ppo" and args.resume:
             check_resume(cfg, args.resume)
+        check_outputs(cfg)
+        if args.mode == "ppo":
+            from esper.train_ppo import run_ppo as run
+        else:
+            from esper.experiment import run
+
+            if args.resume:
+                run = functools.partial(run, resume=Path(args.resume))
+        run = karn_cli.recording(run, karn_cli.store_path(args.db, cfg.runs_dir))
     except (UsageError, ConfigError) as exc:  # ConfigError: a malformed ESPER_* variable
         print(f"esper: error: {exc}", file=sys.stderr)
         return 2
-    if args.mode == "ppo":
-        from esper.train_ppo import run_ppo as run
-    else:
-        from esper.experiment import run
-
-        if args.mode != "ppo" and args.resume:
-            run = functools.partial(run, resume=Path(args.resume))
-
-    run = karn_cli.recording(run, args.db)
+    except StoreError as exc:
+        print(f"esper: error: --db {exc}", file=sys.stderr)
+        return 2
     print(f"device: {cfg.device}", file=sys.stderr)
     try:
         if getattr(args, "tui", False):

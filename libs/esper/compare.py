@@ -271,10 +271,12 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         return {name: [by_seed[s] for s in seeds] for name, by_seed in results.items() if len(by_seed) == len(seeds)}
 
     def say_progress(stop: threading.Event) -> None:
+        no_epoch = ("starting" if cfg.telemetry_level in ("normal", "debug")
+                    else f"running (--telemetry-level {cfg.telemetry_level} records no epochs)")
         while not stop.wait(cfg.progress_every):
             with lock:
                 folders = {label: folder for label, (folder, _) in running.items()}
-            now = [f"{label}: {progress_of(folder, cfg.task) or 'starting'}" for label, folder in folders.items()]
+            now = [f"{label}: {progress_of(folder, cfg.task) or no_epoch}" for label, folder in folders.items()]
             if now:
                 log("  running: " + "; ".join(now))
 
@@ -370,6 +372,7 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     curve_key, curve_label = (("val_loss", "validation loss") if headline(task)[0] == "test_loss"
                               else ("val_accuracy", "validation accuracy (%)"))
@@ -384,6 +387,8 @@ def plot(results: dict[str, list[dict]], out: Path, task: str) -> list[str]:
         ax_par.plot(epochs, params.mean(0), label=name)
     ax_acc.set(xlabel="epoch", ylabel=curve_label, title="Validation (mean, 95% CI)")
     ax_par.set(xlabel="epoch", ylabel="parameters", title="Parameters (mean over seeds)")
+    for ax in (ax_acc, ax_par):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(), ax_par.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)

@@ -278,7 +278,7 @@ class Episode:
                                                      total_params=obs.signals.total_params, wall_seconds=wall,
                                                      epochs=obs.signals.epoch))
         self.telemetry.close()
-        save_exported(env.model, run_dir / "model")
+        save_exported(env.model, run_dir / "model", self.data.mean, self.data.std)
         if self.data.tokenizer is not None:  # a language model: `esper sample` needs ids -> text
             self.data.tokenizer.save(run_dir / "model" / "tokenizer.json")
         summary = summarize(env, obs, run_dir.name, cfg, self.seed, str(self.device), test, wall)
@@ -296,7 +296,7 @@ class Episode:
 def progress_bars(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("val {task.fields[acc]}  loss {task.fields[loss]}  {task.fields[slots]}"),
+        TextColumn("val {task.fields[acc]}  train loss {task.fields[loss]}  {task.fields[slots]}"),
         TimeElapsedColumn(), console=console, transient=False,
     )
 

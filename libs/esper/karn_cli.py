@@ -52,14 +52,21 @@ def run_command(args: argparse.Namespace) -> int:
         return cmd_tui(args)
     if args.command == "dashboard":
         return cmd_dashboard(args)
-    from esper.karn.runs_db import RunsDB
+    from esper.karn.runs_db import RunsDB, StoreError
 
     reads_only = args.command == "runs" and args.runs_command != "index"
     if reads_only and not Path(args.db).is_file():  # a mistyped --db would be a new, empty store
         print(f"esper: error: --db {args.db}: no such store (esper runs index RUN_DIR records runs in one)",
               file=sys.stderr)
         return 2
-    db = RunsDB(args.db)
+    why = folder_refusal(args.out, "--out") if args.command == "report" and args.out else None
+    try:
+        db = RunsDB(args.db)
+    except StoreError as exc:
+        why = f"--db {exc}"
+    if why:
+        print(f"esper: error: {why}", file=sys.stderr)
+        return 2
     try:
         return cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)
     finally:
@@ -174,6 +181,7 @@ def cmd_report(db, args: argparse.Namespace) -> int:
     if not run_ids:
         print("esper: error: the paths hold no telemetry events", file=sys.stderr)
         return 1
+    run_ids = list(dict.fromkeys(run_ids))  # a run named twice is one run
     out = args.out or Path("report") / run_ids[0]
     print(write_report(db, run_ids, out))
     return 0
@@ -184,16 +192,48 @@ RUNS = {"index": cmd_index, "list": cmd_list, "show": cmd_show, "compare": cmd_c
 
 def add_db_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None,
-                   help="record the runs in this SQLite store when they end (default: <runs-dir>/karn.db)")
+                   help="record the runs in this SQLite store when they end (default: karn.db in --runs-dir, "
+                        "above any {seed} folder)")
 
 
-def recording(run, db: str | None):
-    """`run(cfg, ...)` that records the run directories it made in the store when it returns (the runs
-    it summarizes: a list of episode summaries, or one PPO summary), so `esper runs list` shows them."""
+def folder_refusal(path: Path, flag: str) -> str | None:
+    """Why `path` cannot be an output folder (it, or a folder on the way to it, is a file), else None:
+    checked before anything runs, so a mistyped path costs no training."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else f"{flag} {path}: {p} is a file, not a folder"
+    return None
+
+
+def check_store(db: Path) -> None:
+    """StoreError now, before a run trains, for a store its end could not record in: a file that is not
+    one, or a file where its folder goes. Nothing is created here."""
+    from esper.karn.runs_db import RunsDB, StoreError
+
+    if db.exists():
+        RunsDB(db).close()
+    elif why := folder_refusal(db.parent, "its folder"):
+        raise StoreError(f"{db} cannot be a run store: {why}")
+
+
+def store_path(db: str | None, runs_dir: str) -> Path:
+    """The store a run records itself in: --db, else karn.db in --runs-dir above its first {seed} folder
+    (the episodes of every seed in one store)."""
+    parts = Path(runs_dir).parts
+    return Path(db) if db else Path(*parts[:next((i for i, p in enumerate(parts) if "{seed}" in p), len(parts))],
+                                     "karn.db")
+
+
+def recording(run, db: Path):
+    """`run(cfg, ...)` that records the run directories it made in the store `db` when it returns (the runs
+    it summarizes: a list of episode summaries, or one PPO summary), so `esper runs list` shows them. The
+    store is checked here, before anything trains (check_store)."""
     import functools
 
     from esper.experiment import run_parent
     from esper.karn.runs_db import RunsDB
+
+    check_store(db)
 
     @functools.wraps(run)
     def recorded(cfg, *args, **kwargs):
@@ -203,7 +243,7 @@ def recording(run, db: str | None):
         run_dirs = [run_parent(cfg.runs_dir, s.get("seed", 0)) / s["run_id"] for s in summaries]
         run_dirs = [d for d in run_dirs if (d / "telemetry.jsonl").is_file()]  # none at --telemetry-level off
         if run_dirs:
-            store = RunsDB(db or run_dirs[0].parent / "karn.db")
+            store = RunsDB(db)
             try:
                 for run_dir in run_dirs:
                     store.index_path(run_dir)

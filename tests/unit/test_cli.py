@@ -10,6 +10,7 @@ import torch
 from esper.cli import main
 from esper.kasmina import load_exported
 from esper.nissa import read_jsonl
+from esper.tolaria.data import load_task_data
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -83,7 +84,15 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert len(list(read_jsonl(tel_file))) == len(events)
     assert len(list(read_jsonl(tmp_path / "tel" / f"{run_dir.name}.jsonl"))) == len(events)
     kept = sum(s["params"] for s in summary["seeds"] if s["fate"] in ("fossilized", "blending"))
-    assert sum(p.numel() for p in load_exported(run_dir / "model").parameters()) == summary["host_params"] + kept
+    net = load_exported(run_dir / "model")
+    assert sum(p.numel() for p in net.parameters()) == summary["host_params"] + kept
+    # The export scores the run's test accuracy on images standardized as architecture.json says.
+    arch = json.loads((run_dir / "model" / "architecture.json").read_text())
+    mean, std = (torch.tensor(arch[k]).view(1, -1, 1, 1) for k in ("input_mean", "input_std"))
+    data = load_task_data("synthetic", None)
+    with torch.no_grad():
+        predicted = net((data.test_x / 255 - mean) / std).argmax(1)
+    assert float((predicted == data.test_y).float().mean()) * 100 == pytest.approx(summary["test_accuracy"], abs=1e-4)
 
 
 def test_speed_flags_reach_the_trainer_and_the_run_config(tmp_path):
@@ -118,13 +127,58 @@ def test_blueprints_lists_computed_counts(capsys):
     assert "73,984" in out  # conv_heavy at mid (64 channels): 2 * 64*64*9 + 4*64
 
 
-def test_graft_trains_a_grown_architecture_from_scratch(tmp_path):
+def test_graft_trains_a_grown_architecture_from_scratch(tmp_path, capsys):
     assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--runs-dir", str(tmp_path),
                  "--graft", "mid:conv_heavy"]) == 0
     (summary,) = tmp_path.glob("*/summary.json")
     summary = json.loads(summary.read_text())
     assert summary["total_params"] == 6220 + 4672
     assert summary["seeds"][0]["fate"] == "fossilized" and summary["seeds"][0]["history"][0]["epoch"] == 0
+    # The graft is a lifecycle move like any other: in the telemetry, and so in the run store.
+    (run_dir,) = tmp_path.glob("*/")
+    (graft,) = [e.transition for e in read_jsonl(run_dir / "telemetry.jsonl") if e.HasField("transition")]
+    assert (graft.slot, graft.epoch, graft.reason) == ("mid", 0, "grafted: trained from scratch")
+    assert main(["runs", "show", run_dir.name, "--db", str(tmp_path / "karn.db")]) == 0
+    shown = capsys.readouterr().out
+    assert "conv_heavy" in shown and "fossilized" in shown, shown
+
+
+def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trains(tmp_path, capsys):
+    """A file where an output folder goes, or a --db that is not a run store, is one line and exit 2 before
+    any training; it used to be a traceback, for --db after the whole run had trained. The files are left
+    as they were."""
+    afile, notdb = tmp_path / "afile", tmp_path / "notdb.txt"
+    afile.write_text("x")
+    notdb.write_text("hello")
+    train = ["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--runs-dir"]
+    runs = str(tmp_path / "runs")
+    compare = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1"]
+    for argv, needle in (([*train, str(afile)], f"--runs-dir {afile}: {afile} is a file, not a folder"),
+                         ([*train, str(afile / "seed{seed}")], f"{afile} is a file, not a folder"),
+                         ([*train, runs, "--telemetry-dir", str(afile / "t")], f"{afile} is a file"),
+                         ([*train, runs, "--telemetry-file", str(afile / "t.jsonl")], f"{afile} is a file"),
+                         ([*train, runs, "--telemetry-file", str(tmp_path)], "is a folder"),
+                         ([*train, runs, "--db", str(notdb)], f"--db {notdb} cannot be a run store"),
+                         ([*train, runs, "--db", str(afile / "k.db")], f"{afile} is a file, not a folder"),
+                         ([*compare, "--out", str(afile)], f"--out {afile}: {afile} is a file"),
+                         ([*compare, "--out", str(tmp_path / "c"), "--db", str(notdb)], "cannot be a run store"),
+                         (["runs", "index", runs, "--db", str(notdb)], "cannot be a run store"),
+                         (["report", runs, "--out", str(afile / "r"), "--db", str(tmp_path / "k.db")], "is a file")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("esper: error: ") and needle in err[0], (argv, err)
+    assert not list(tmp_path.rglob("summary.json"))
+    assert afile.read_text() == "x" and notdb.read_text() == "hello"
+
+
+def test_episodes_in_seed_folders_share_one_store(tmp_path, capsys):
+    """With {seed} in --runs-dir the store is karn.db above the seed folders, every episode in it (it was
+    in the first seed's folder, and another --seed started a second store)."""
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--episodes",
+                 "2", "--runs-dir", str(tmp_path / "r" / "seed{seed}")]) == 0
+    assert main(["runs", "list", "--db", str(tmp_path / "r" / "karn.db")]) == 0
+    listed = capsys.readouterr().out
+    assert "_s42" in listed and "_s43" in listed and not list(tmp_path.rglob("seed*/karn.db"))
 
 
 @pytest.mark.parametrize("grafts, seed", [(["mid:norm", "mid:conv_heavy"], 42), (["43=mid:norm", "mid:norm"], 43)])

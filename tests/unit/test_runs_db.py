@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from collections import Counter
 
@@ -96,6 +97,20 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
     assert heuristic[1] in text and "## Seeds by blueprint and slot" in text
     for png in ("val_accuracy.png", "accuracy_vs_params.png", "seed_fates.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_comparisons_folder_indexes_its_runs_at_any_depth(runs_dir, tmp_path, capsys):
+    """`esper compare` keeps runs at <out>/runs/<arm>/seed<N>/<run>/: its folder indexes whole, and a run
+    named twice in `esper report` is one run."""
+    for run_dir in runs_dir.glob("*/"):
+        arm = "static" if "_static_" in run_dir.name else "heuristic"
+        shutil.copytree(run_dir, tmp_path / "cmp" / "runs" / arm / "seed2" / run_dir.name)
+    db = str(tmp_path / "karn.db")
+    assert main(["runs", "index", str(tmp_path / "cmp"), "--db", db]) == 0
+    assert "3 runs recorded" in capsys.readouterr().out
+    (static,) = [r for r in summaries(runs_dir) if "_static_" in r]
+    assert main(["report", static, static, "--db", db, "--out", str(tmp_path / "report")]) == 0
+    assert "# Esper report: 1 run\n" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_a_torn_last_line_is_left_out_and_a_corrupt_one_named(runs_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from esper.karn.runs_db import RunsDB  # noqa: E402
 
@@ -67,28 +68,30 @@ def write_report(db: RunsDB, run_ids: list[str], out_dir: Path) -> Path:
 
 
 @contextmanager
-def _figure(path: Path, width: float = 7):
-    """An Axes to draw on; the figure gets a legend and is written to `path` (and freed) afterwards."""
+def _figure(path: Path, width: float):
+    """An Axes to draw on; the figure gets a legend (beside the plot, so it covers nothing: `width` leaves
+    it room) and is written to `path` (and freed) afterwards."""
     fig, ax = plt.subplots(figsize=(width, 4))
     yield ax
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def _plot_curves(db: RunsDB, run_ids: list[str], path: Path) -> None:
-    with _figure(path) as ax:
+    with _figure(path, width=11) as ax:  # the legend names runs: room for their ids
         for run_id in run_ids:
             curve = db.curve(run_id)
             ax.plot([c["epoch"] for c in curve], [c["val_accuracy"] for c in curve], label=run_id)
         ax.set(xlabel="epoch", ylabel="validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
 
 
 def _plot_accuracy_vs_params(db: RunsDB, run_ids: list[str], path: Path) -> None:
     runs = db.accuracy_vs_params(run_ids)
-    with _figure(path) as ax:
+    with _figure(path, width=8) as ax:
         for mode in sorted({r["mode"] or "-" for r in runs}):
             points = [r for r in runs if (r["mode"] or "-") == mode]
             ax.scatter([r["total_params"] or 0 for r in points], [r["val_accuracy"] or 0 for r in points],
@@ -100,10 +103,11 @@ def _plot_accuracy_vs_params(db: RunsDB, run_ids: list[str], path: Path) -> None
 def _plot_fates(db: RunsDB, run_ids: list[str], path: Path) -> None:
     stats = db.blueprint_stats(run_ids)
     labels = [f"{b['blueprint']}\n{b['slot']}" for b in stats]
-    with _figure(path, width=max(4, len(stats) * 1.1)) as ax:
+    with _figure(path, width=max(4, len(stats) * 1.1) + 1.5) as ax:
         bottom = [0] * len(stats)
         for fate, colour in (("fossilized", "tab:green"), ("culled", "tab:red"), ("live", "tab:gray")):
             heights = [b[fate] for b in stats]
             ax.bar(labels, heights, bottom=bottom, label=fate, color=colour)
             bottom = [a + h for a, h in zip(bottom, heights)]
         ax.set(ylabel="seeds")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -96,7 +96,7 @@ class _Run:
                     seed.contribution, seed.contribution_se = slot.contribution, slot.contribution_se
         elif kind == "transition":
             t = event.transition
-            if t.to_stage == S.SEED_STAGE_GERMINATED:
+            if t.from_stage == S.SEED_STAGE_DORMANT and t.seed_id:  # germinated, or grafted (to FOSSILIZED)
                 self.seeds[t.seed_id] = _Seed(t.slot, short_name(Blueprint, t.blueprint), t.epoch)
             seed = self.seeds.get(t.seed_id)
             if seed is not None:  # None: the file starts mid-run, after this seed germinated
@@ -111,18 +111,26 @@ class _Run:
             self.row["finished"] = 1
 
 
+class StoreError(ValueError):
+    """A path that cannot hold the store (a file that is not SQLite, a folder, a file on the way to it):
+    one line for the user, found before a run trains, not after."""
+
+
 class RunsDB:
     """The store over one SQLite file (":memory:" works too)."""
 
     def __init__(self, path: str | Path):
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Runs of `esper compare` record themselves from parallel processes: a writer waits its turn
-        # (each write is one short transaction) rather than failing on "database is locked".
-        self.conn = sqlite3.connect(str(path), timeout=60)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        self.conn.executescript(SCHEMA)
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Runs of `esper compare` record themselves from parallel processes: a writer waits its turn
+            # (each write is one short transaction) rather than failing on "database is locked".
+            self.conn = sqlite3.connect(str(path), timeout=60)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            self.conn.executescript(SCHEMA)
+        except (OSError, sqlite3.DatabaseError) as exc:  # OperationalError (a folder) is a DatabaseError
+            raise StoreError(f"{path} cannot be a run store: {exc}") from None
 
     def close(self) -> None:
         self.conn.close()
@@ -144,10 +152,11 @@ class RunsDB:
         return list(runs)
 
     def index_path(self, path: Path) -> list[str]:
-        """A run directory (its telemetry.jsonl), a folder of run directories, or a JSONL file."""
+        """A JSONL file, or a folder: every run directory's telemetry.jsonl at any depth under it (a run
+        directory itself, a --runs-dir with {seed} folders, a comparison's folder)."""
         if path.is_file():
             return self.index_events(read_jsonl(path), str(path))
-        files = sorted(path.glob("telemetry.jsonl")) or sorted(path.glob("*/telemetry.jsonl"))
+        files = sorted(path.rglob("telemetry.jsonl"))
         if not files:
             raise FileNotFoundError(f"{path}: no telemetry.jsonl in it or in the folders under it")
         return [run_id for f in files for run_id in self.index_events(read_jsonl(f), str(f))]

@@ -1,7 +1,9 @@
 """Export a grown network as a plain nn.Sequential: no slots, no stages, identical outputs.
 
 On disk an export is `architecture.json` (host name and the seeds it kept, in order) plus
-`weights.pt` (a state_dict, loaded with weights_only=True), so a reader needs no pickled classes.
+`weights.pt` (a state_dict, loaded with weights_only=True), so a reader needs no pickled classes. An
+image network takes images as training gave them: x / 255 standardized per channel with the training
+set's statistics, which architecture.json keeps as `input_mean` and `input_std`.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ def export_model(model) -> nn.Sequential:
     return copy.deepcopy(_assemble(model.host, arch, seeds))
 
 
-def save_exported(model, directory: Path) -> None:
+def save_exported(model, directory: Path, input_mean: tuple[float, ...] = (), input_std: tuple[float, ...] = ()) -> None:
+    """`input_mean`, `input_std`: the per-channel statistics images were standardized with (none for tokens)."""
     directory.mkdir(parents=True, exist_ok=True)
     net = export_model(model)
-    (directory / "architecture.json").write_text(json.dumps(architecture(model), indent=2))
+    arch = architecture(model) | ({"input_mean": list(input_mean), "input_std": list(input_std)} if input_mean else {})
+    (directory / "architecture.json").write_text(json.dumps(arch, indent=2))
     tmp = directory / "weights.pt.tmp"
     torch.save(net.state_dict(), tmp)
     os.replace(tmp, directory / "weights.pt")

@@ -204,14 +204,15 @@ class MorphogeneticModel(nn.Module):
         out.transitions.append(self._move(slot, next_stage(slot.stage, action.operation), epoch, reason))
         return out
 
-    def graft(self, slot_name: str, blueprint: int, epoch: int = 0) -> None:
+    def graft(self, slot_name: str, blueprint: int, epoch: int = 0) -> LifecycleTransition:
         """Build a seed into the architecture as host structure from the start, outside the lifecycle:
-        how the from-scratch arm trains a grown run's final architecture for the whole budget."""
+        how the from-scratch arm trains a grown run's final architecture for the whole budget. Returns
+        the move (DORMANT -> FOSSILIZED), for the telemetry to record it as every other."""
         slot = self.slots[slot_name]
         if slot.stage != S.SEED_STAGE_DORMANT:
             raise IllegalAction(f"cannot graft into {slot_name}: it is {SeedStage.Name(slot.stage)}")
         self._germinate(slot, blueprint)
-        self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, "grafted: trained from scratch")
+        return self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, "grafted: trained from scratch")
 
     def _germinate(self, slot: SeedSlot, blueprint: int) -> None:
         ref = next(self.host.parameters())

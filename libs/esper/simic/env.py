@@ -87,9 +87,10 @@ class GrowthEnv:
         cfg = self.cfg
         self.rng = torch.Generator().manual_seed(seed).get_state()
 
+        grafted = []
+
         def graft(model: MorphogeneticModel) -> None:
-            for slot, blueprint in cfg.grafts:
-                model.graft(slot, from_short_name(Blueprint, blueprint))
+            grafted.extend(model.graft(slot, from_short_name(Blueprint, blueprint)) for slot, blueprint in cfg.grafts)
 
         with self.own_rng():
             self._build(seed, graft)
@@ -103,6 +104,7 @@ class GrowthEnv:
         self.val_loss_history: list[float] = []
         self.recently_culled: list[int] = []
         self.grad_norms: dict[str, float] = {}
+        self._record(grafted)  # at epoch 0, before the first decision
         return self.observation()
 
     @contextmanager

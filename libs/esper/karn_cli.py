@@ -206,12 +206,21 @@ def folder_refusal(path: Path, flag: str) -> str | None:
 
 
 def check_store(db: Path) -> None:
-    """StoreError now, before a run trains, for a store its end could not record in: a file that is not
-    one, or a file where its folder goes. Nothing is created here."""
-    from esper.karn.runs_db import RunsDB, StoreError
+    """StoreError now, before a run trains, for a store its end could not record in: a file that SQLite
+    cannot read (opened read-only: nothing is written to it), or a file where its folder goes. Nothing is
+    created here; whatever is only found when the store is written (a folder that cannot be made) is a
+    warning then (`recording`)."""
+    import contextlib
+    import sqlite3
+
+    from esper.karn.runs_db import StoreError
 
     if db.exists():
-        RunsDB(db).close()
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{db} cannot be a run store: {exc}") from None
     elif why := folder_refusal(db.parent, "its folder"):
         raise StoreError(f"{db} cannot be a run store: {why}")
 
@@ -231,7 +240,7 @@ def recording(run, db: Path):
     import functools
 
     from esper.experiment import run_parent
-    from esper.karn.runs_db import RunsDB
+    from esper.karn.runs_db import RunsDB, StoreError
 
     check_store(db)
 
@@ -243,7 +252,12 @@ def recording(run, db: Path):
         run_dirs = [run_parent(cfg.runs_dir, s.get("seed", 0)) / s["run_id"] for s in summaries]
         run_dirs = [d for d in run_dirs if (d / "telemetry.jsonl").is_file()]  # none at --telemetry-level off
         if run_dirs:
-            store = RunsDB(db)
+            try:
+                store = RunsDB(db)
+            except StoreError as exc:  # the runs are whole on disk: say how to record them, and go on
+                print(f"esper: warning: --db {exc}; `esper runs index DIR --db STORE` records the runs later",
+                      file=sys.stderr)
+                return result
             try:
                 for run_dir in run_dirs:
                     store.index_path(run_dir)

@@ -171,6 +171,16 @@ def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trai
     assert afile.read_text() == "x" and notdb.read_text() == "hello"
 
 
+def test_a_store_that_cannot_be_made_is_a_warning_after_a_run_that_stays_whole(tmp_path, capsys):
+    """A --db whose folder cannot be made is found only when the store is written: the run ends well and
+    says how to record it later."""
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--runs-dir",
+                 str(tmp_path), "--db", "/proc/esper/karn.db"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("esper: warning: --db /proc/esper/karn.db cannot be a run store") and "runs index" in err[-1]
+    assert len(list(tmp_path.glob("*/summary.json"))) == 1
+
+
 def test_episodes_in_seed_folders_share_one_store(tmp_path, capsys):
     """With {seed} in --runs-dir the store is karn.db above the seed folders, every episode in it (it was
     in the first seed's folder, and another --seed started a second store)."""

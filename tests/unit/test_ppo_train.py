@@ -141,6 +141,15 @@ def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, syntheti
     assert straight.updates == resumed.updates == 2
     assert_same_training(straight.state_dict(), resumed.state_dict())
 
+    # A checkpoint from before `truncated` was dropped (it held zeros there) resumes the same.
+    old = load_checkpoint(saved)
+    old["pending"]["truncated"] = torch.zeros_like(old["pending"]["terminated"])
+    save_checkpoint(old, saved)
+    from_old = trainer()
+    from_old.load_state_dict(load_checkpoint(saved))
+    from_old.train()
+    assert_same_training(straight.state_dict(), from_old.state_dict())
+
 
 @pytest.mark.parametrize("argv, needle", [
     (["--entropy-coef-min", "0.1"], "exceeds the entropy coefficient 0.05"),

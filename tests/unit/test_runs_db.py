@@ -100,14 +100,19 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
 
 
 def test_a_comparisons_folder_indexes_its_runs_at_any_depth(runs_dir, tmp_path, capsys):
-    """`esper compare` keeps runs at <out>/runs/<arm>/seed<N>/<run>/: its folder indexes whole, and a run
-    named twice in `esper report` is one run."""
+    """`esper compare` keeps runs at <out>/runs/<arm>/seed<N>/<run>/: its folder indexes whole, symlinked
+    folders too (a loop of links ends), and a run named twice in `esper report` is one run."""
     for run_dir in runs_dir.glob("*/"):
         arm = "static" if "_static_" in run_dir.name else "heuristic"
         shutil.copytree(run_dir, tmp_path / "cmp" / "runs" / arm / "seed2" / run_dir.name)
+    (tmp_path / "cmp" / "loop").symlink_to(tmp_path / "cmp")
     db = str(tmp_path / "karn.db")
     assert main(["runs", "index", str(tmp_path / "cmp"), "--db", db]) == 0
     assert "3 runs recorded" in capsys.readouterr().out
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "static").symlink_to(tmp_path / "cmp" / "runs" / "static", target_is_directory=True)
+    assert main(["runs", "index", str(tmp_path / "links"), "--db", str(tmp_path / "links.db")]) == 0
+    assert "1 run recorded" in capsys.readouterr().out
     (static,) = [r for r in summaries(runs_dir) if "_static_" in r]
     assert main(["report", static, static, "--db", db, "--out", str(tmp_path / "report")]) == 0
     assert "# Esper report: 1 run\n" in (tmp_path / "report" / "report.md").read_text()

@@ -48,6 +48,21 @@ def test_a_resent_trajectory_is_acked_again_but_applied_once():
     assert inbox.accepted == [("w", 1, 0), ("w", 2, 0), ("w", 1, 1)] and inbox.duplicates == 2
 
 
+def test_a_trajectory_from_before_truncation_was_dropped_is_learned_from():
+    """Rollouts once carried `truncated`, never set (episodes are never cut): one spooled by a worker of that
+    version is accepted after the upgrade, not refused and deleted; one with a step truncated is refused."""
+    applied = []
+    inbox = TrajectoryInbox(lambda rollout: applied.append(rollout.num_steps), version=lambda: 0)
+    legacy = tiny_rollout().tensors() | {"truncated": torch.zeros((2, 1), dtype=torch.bool)}
+    assert inbox.handle(frames("w", 1, 0, pack(legacy))).status == AckStatus.ACK_STATUS_ACCEPTED
+    cut = legacy | {"truncated": torch.ones((2, 1), dtype=torch.bool)}
+    refused = inbox.handle(frames("w", 1, 1, pack(cut)))
+    assert refused.status == AckStatus.ACK_STATUS_REJECTED and "truncated is set" in refused.reason
+    other = inbox.handle(frames("w", 1, 2, pack(tiny_rollout().tensors() | {"extra": torch.zeros(1)})))
+    assert other.status == AckStatus.ACK_STATUS_REJECTED and "unexpected ['extra']" in other.reason
+    assert applied == [2]
+
+
 def test_a_refused_trajectory_is_never_applied_and_stays_refused():
     applied = []
     inbox = TrajectoryInbox(lambda rollout: applied.append(1) or "too old", version=lambda: 0)

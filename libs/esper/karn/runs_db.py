@@ -12,6 +12,7 @@ saw); "mean contribution" per blueprint and slot is the mean of those over the s
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,21 @@ class _Run:
             self.row["finished"] = 1
 
 
+def telemetry_files(folder: Path) -> list[Path]:
+    """Every telemetry.jsonl under `folder`, at any depth, through symlinked folders too (each real folder
+    once: a link loop ends)."""
+    seen, found = set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        if "telemetry.jsonl" in names:
+            found.append(Path(root) / "telemetry.jsonl")
+    return sorted(found)
+
+
 class StoreError(ValueError):
     """A path that cannot hold the store (a file that is not SQLite, a folder, a file on the way to it):
     one line for the user, found before a run trains, not after."""
@@ -156,7 +172,7 @@ class RunsDB:
         directory itself, a --runs-dir with {seed} folders, a comparison's folder)."""
         if path.is_file():
             return self.index_events(read_jsonl(path), str(path))
-        files = sorted(path.rglob("telemetry.jsonl"))
+        files = telemetry_files(path)
         if not files:
             raise FileNotFoundError(f"{path}: no telemetry.jsonl in it or in the folders under it")
         return [run_id for f in files for run_id in self.index_events(read_jsonl(f), str(f))]

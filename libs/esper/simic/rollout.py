@@ -3,7 +3,7 @@
 Every field is a tensor whose first two dimensions are [T steps, N environments]; nothing else (no
 protobuf, no Python objects). That is what lets a worker ship a rollout to a learner as a
 msgpack map of raw buffers (dtype, shape, bytes) behind a leyline header, as DESIGN.md prescribes for
-bulk tensors: `tensors()` and `Rollout(**tensors)` are the whole (de)serialization surface
+bulk tensors: `tensors()` and `Rollout.from_tensors` are the whole (de)serialization surface
 (esper.transport.trajectories; `obs` and `rewards` then travel raw, see simic.learner).
 
 Episodes are never cut (a worker restarts one from its checkpoint instead): each column holds whole
@@ -13,6 +13,7 @@ that *followed* the step (`next_values`, 0 after a last epoch), so GAE needs not
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -37,6 +38,25 @@ class Rollout:
         "values": torch.float32, "next_values": torch.float32, "rewards": torch.float32,
         "reward_parts": torch.float32, "terminated": torch.bool, "policy_version": torch.int64}
     """Each field's dtype: what a learner checks a rollout from the wire against."""
+    LEGACY: ClassVar[tuple[str, ...]] = ("truncated",)
+    """Fields older versions wrote and this one drops. `truncated` was False in every rollout ever made
+    (episodes are never cut), so a checkpoint's pending rollout or a trajectory spooled before still loads."""
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Rollout:
+        """The inverse of `tensors()`, also of what older versions wrote (LEGACY fields, dropped while they
+        hold nothing); ValueError for any other set of names."""
+        tensors = dict(tensors)
+        for name in cls.LEGACY:
+            legacy = tensors.pop(name, None)
+            if legacy is not None and bool(legacy.any()):
+                raise ValueError(f"{name} is set: a rollout cut mid-episode, which this version does not learn from")
+        names = {f.name for f in fields(cls)}
+        missing, unexpected = names - set(tensors), set(tensors) - names
+        if missing or unexpected:
+            raise ValueError(f"not the Rollout fields: missing {reprlib.repr(sorted(missing))}, unexpected "
+                             f"{reprlib.repr(sorted(unexpected))}")
+        return cls(**tensors)
 
     @classmethod
     def from_steps(cls, steps: list[dict[str, torch.Tensor]]) -> Rollout:

@@ -258,7 +258,7 @@ class PPOTrainer:
             counters["episodes"], counters["updates"], counters["global_step"])
         self.pending_rounds, self.collect_seconds = counters["pending_rounds"], counters["collect_seconds"]
         pending = state["pending"]
-        self.pending = None if pending is None else Rollout(**{k: v.to(self.device) for k, v in pending.items()})
+        self.pending = None if pending is None else Rollout.from_tensors({k: v.to(self.device) for k, v in pending.items()})
         self.episode_log = json.loads(state["episode_log_json"])
         self.update_log = json.loads(state["update_log_json"])
 

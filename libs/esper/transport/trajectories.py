@@ -25,7 +25,6 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 import zmq
@@ -40,7 +39,6 @@ from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
 from esper.transport.tensors import pack, unpack
 
 POLICY_TOPIC = b"esper.policy"
-ROLLOUT_FIELDS = frozenset(f.name for f in fields(Rollout))
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +106,7 @@ class TrajectoryInbox:
             status = AckStatus.ACK_STATUS_DUPLICATE if before.status == AckStatus.ACK_STATUS_ACCEPTED else before.status
             return TrajectoryAck(**ids, status=status, reason=before.reason, policy_version=self.version())
         try:
-            tensors = unpack(frames[1])
-            missing, unexpected = ROLLOUT_FIELDS - set(tensors), set(tensors) - ROLLOUT_FIELDS
-            if missing or unexpected:
-                raise ValueError(f"not the Rollout fields: missing {reprlib.repr(sorted(missing))}, unexpected "
-                                 f"{reprlib.repr(sorted(unexpected))}")
-            problem = self.apply(Rollout(**tensors))
+            problem = self.apply(Rollout.from_tensors(unpack(frames[1])))
         except ValueError as exc:
             problem = str(exc)
         if problem is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import math
 import signal
 import sys
@@ -95,7 +96,8 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
     p.add_argument("--policy", default=None, metavar="CHECKPOINT",
-                   help="a saved PPO policy (esper train ppo --save): adds the arm `ppo`, growth under it")
+                   help="a saved PPO policy (esper train ppo --save): adds the arm `ppo`, growth under it, on "
+                        "seeds it did not train on (its training episodes' seeds are refused)")
     p.add_argument("--budget", choices=["matched", "original"], default="matched",
                    help="original: also the unmatched static@10 baseline of the original table, at 40 epochs")
     p.add_argument("--out", default=None, help="output folder (default: compare/<time>_<task>)")
@@ -259,6 +261,21 @@ def policy_spec(path: str, task: str):
     return spec
 
 
+def check_held_out(policy: str, first_seed: int, seeds: int) -> None:
+    """UsageError when a comparison's seeds include episodes the policy trained on: a PPO run's episode i
+    is the run of seed + i (the same host initialization and data order `esper train --seed` gives), so the
+    learned arm is measured against the heuristic on held-out seeds only."""
+    from esper.simic.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(policy))
+    start = json.loads(state["config_json"])["seed"]
+    trained = range(start, start + state["counters"]["episodes"])
+    if overlap := sorted(set(trained) & set(range(first_seed, first_seed + seeds))):
+        raise UsageError(f"--seed {first_seed}: the policy trained on the episodes of seeds {trained.start} to "
+                         f"{trained.stop - 1}, {overlap[0]} among them: compare it on held-out seeds "
+                         f"(--seed {trained.stop} or later)")
+
+
 def check_resume(cfg, run_dir: str) -> None:
     """--resume names a run directory of this experiment (its config.json matches the flags)."""
     from esper.experiment import episode_of
@@ -304,6 +321,7 @@ def compare_config(args: argparse.Namespace):
     arms = list(args.arms)
     if args.policy:
         policy_spec(args.policy, args.task)
+        check_held_out(args.policy, args.seed, args.seeds)
         arms += [] if "ppo" in arms else ["ppo"]
     elif "ppo" in arms:
         raise UsageError("--arms ppo needs --policy CHECKPOINT")

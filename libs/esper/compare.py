@@ -6,8 +6,8 @@ Arms (all with the same epochs x batches, data, optimizer settings and seeds):
 - from-scratch: each heuristic run's final architecture (same seed; a seed still blending at the end is
   built in whole, at alpha 1), built in before epoch 1 and trained for the whole budget: what growth must
   match to be worth anything;
-- ppo (with --policy): growth under a saved PPO policy (`esper train learned`). Evaluate it on seeds
-  it was not trained on: `esper train ppo` uses seed, seed+1, ...; give compare another --seed.
+- ppo (with --policy): growth under a saved PPO policy (`esper train learned`), on held-out seeds only:
+  `esper train ppo` trains episode i on seed + i, and compare refuses a --seed range that meets those.
 `--budget original` adds the original project's unmatched baseline (the static host at 10 epochs
 against 40 epochs of growth) beside the arms at the same budget, 40 epochs.
 

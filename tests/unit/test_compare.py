@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from esper.cli import build_parser, main, train_config
+from esper.cli import build_parser, compare_config, main, train_config
 from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
                            progress_of, results_table, train_command, walls_shared, write_report)
 
@@ -149,6 +149,26 @@ def test_the_report_counts_the_final_architectures_parameters_and_gives_one_seed
     assert rows == {"static": ["yes", "60.00 ± n/a", "-", "6,220", "1e+09", "1.00x"],
                     "heuristic": ["yes", "65.50 ± n/a", "+5.50 ± n/a", "10,892", "1.25e+09", "1.25x"],
                     "from-scratch": ["yes", "64.00 ± n/a", "+4.00 ± n/a", "10,892", "1e+09", "1.00x"]}
+
+
+def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):
+    """A PPO run of 2 episodes from seed 42 trained on the runs of seeds 42 and 43: a comparison whose seeds
+    meet them is refused in one line, one from seed 44 goes ahead."""
+    assert main(["train", "ppo", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "1", "--slots", "mid",
+                 "--n-envs", "2", "--episodes", "2", "--update-every", "1", "--num-workers", "1", "--seed", "42",
+                 "--runs-dir", str(tmp_path), "--telemetry-level", "off"]) == 0
+    (policy,) = tmp_path.glob("*/checkpoint.pt")
+    capsys.readouterr()
+    for seed in ("40", "43"):  # seeds 40-42 and 43-45 meet 42-43
+        assert main(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seeds", "3",
+                     "--seed", seed, "--out", str(tmp_path / "c"), "--max-epochs", "1", "--max-batches", "1",
+                     "--arms", "static", "--workers", "1", "--progress-every", "0"]) == 2  # a regression: seconds
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "trained on the episodes of seeds 42 to 43" in err[0] and "--seed 44" in err[0], err
+    args = build_parser().parse_args(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy),
+                                      "--seeds", "3", "--seed", "44"])
+    assert compare_config(args).arms[-1] == "ppo"
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("task, batch", [("cifar10", 128), ("tinystories", 16)])

@@ -332,10 +332,21 @@ def shown_ci(value: tuple[float, float], spec: str) -> str:
     return f"{mean:{spec}} ± " + ("n/a" if math.isnan(half) else f"{half:{spec.lstrip('+')}}")
 
 
+def paired(runs: list[dict], against: list[dict], key: str) -> str:
+    """The mean difference of `runs` minus `against` in `key`, seed by seed, with its 95% CI."""
+    diff = mean_ci([r[key] - b[key] for r, b in zip(runs, against, strict=True)])
+    return shown_ci(diff, "+.3f" if key == "test_loss" else "+.2f")
+
+
+def ppo_against_heuristic(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
+    """The learned controller against the rule-based one, paired by seed (all held out from its training)."""
+    key, label = headline(cfg.task)
+    return f"ppo against heuristic, {label} paired by seed (95% CI): {paired(results['ppo'], results['heuristic'], key)}."
+
+
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     arms = {a.name: a for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))}
     key, label = headline(cfg.task)
-    baseline = [r[key] for r in results["static"]] if "static" in results else None
     static_flops = np.mean([r["train_flops"] for r in results["static"]]) if "static" in results else None
     lines = [
         f"| arm | epochs | same budget | {label} (95% CI) | vs static, paired (95% CI) | final params "
@@ -344,11 +355,7 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     ]
     for name, runs in results.items():
         value = mean_ci([r[key] for r in runs])
-        if baseline and name != "static":
-            diff = mean_ci([r[key] - b for r, b in zip(runs, baseline)])
-            vs = shown_ci(diff, "+.3f" if key == "test_loss" else "+.2f")
-        else:
-            vs = "-"
+        vs = paired(runs, results["static"], key) if "static" in results and name != "static" else "-"
         flops = np.mean([r["train_flops"] for r in runs])
         shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "test_loss"
                  else shown_ci(value, ".2f"))
@@ -457,6 +464,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         *[f"Seeds of the {arm} arm over all runs: {fates.get(arm) or 'none germinated'}." for arm in ("heuristic", "ppo")
           if arm in results],
         *([f"The ppo arm's policy: `{cfg.policy}`."] if "ppo" in results else []),
+        *([ppo_against_heuristic(cfg, results)] if {"ppo", "heuristic"} <= results.keys() else []),
         "",
         *[f"![{name}]({name})" for name in images],
         "",

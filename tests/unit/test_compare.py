@@ -151,6 +151,17 @@ def test_the_report_counts_the_final_architectures_parameters_and_gives_one_seed
                     "from-scratch": ["yes", "64.00 ± n/a", "+4.00 ± n/a", "10,892", "1e+09", "1.00x"]}
 
 
+def test_the_report_pairs_the_learned_controller_with_the_heuristic(tmp_path):
+    """Seed by seed: ppo 63 and 64 against heuristic 60 and 62 is +2.50, t-interval 12.706 * 0.7071 / sqrt 2."""
+    results = {"static": [summary(42, 55.0, []), summary(43, 56.0, [])],
+               "heuristic": [summary(42, 60.0, []), summary(43, 62.0, [])],
+               "ppo": [summary(42, 63.0, []), summary(43, 64.0, [])]}
+    cfg = CompareConfig(task="synthetic", seeds=2, arms=("static", "heuristic", "ppo"), policy="/p.pt",
+                        out_dir=str(tmp_path))
+    text = write_report(cfg, results, seconds=1.0).read_text()
+    assert "ppo against heuristic, test accuracy paired by seed (95% CI): +2.50 ± 6.35." in text
+
+
 def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):
     """A PPO run of 2 episodes from seed 42 trained on the runs of seeds 42 and 43: a comparison whose seeds
     meet them is refused in one line, one from seed 44 goes ahead."""

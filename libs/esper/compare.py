@@ -427,7 +427,7 @@ def walls_shared(cfg: CompareConfig) -> str:
         if phase:
             at_once, threads = sharing(cfg, phase)
             said.append(f"{', '.join(a.name for a in phase)} ran {at_once} at once"
-                        + (f" with {threads} CPU threads each" if cpu else ""))
+                        + (f" with {threads} CPU thread{'s' if threads > 1 else ''} each" if cpu else ""))
     return "; then ".join(said)
 
 

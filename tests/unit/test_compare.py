@@ -192,13 +192,16 @@ def test_the_report_names_the_batch_its_task_trains_with(task, batch, tmp_path):
 
 def test_the_report_says_how_the_runs_of_each_phase_shared_the_machine(monkeypatch):
     """Wall times compare within a phase only: 4 workers on 8 cores run static and heuristic (2 seeds each)
-    4 at once with 2 threads, then from-scratch 2 at once with 4; grouped, each arm is one run."""
+    4 at once with 2 threads, then from-scratch 2 at once with 4; grouped, each arm is one run; on 2 cores,
+    one thread each."""
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     cfg = CompareConfig(task="synthetic", seeds=2, workers=4, device="cpu")
     assert walls_shared(cfg) == ("static, heuristic ran 4 at once with 2 CPU threads each; "
                                  "then from-scratch ran 2 at once with 4 CPU threads each")
     grouped = dataclasses.replace(cfg, grouped=True, device="cuda:0")
     assert walls_shared(grouped) == "static, heuristic ran 2 at once; then from-scratch ran 1 at once"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert walls_shared(dataclasses.replace(cfg, workers=2)).endswith("from-scratch ran 2 at once with 1 CPU thread each")
 
 
 @pytest.mark.slow

@@ -83,13 +83,15 @@ def learning_curve(args, data) -> None:
                         episodes=args.rounds * args.n_envs,
                         n_envs=args.n_envs, update_every=args.update_every, seed=args.seed)
     trainer = PPOTrainer(cfg, {"cpu": data}, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
-    print(report("PPO, 0 episodes", evaluate(trainer.policy(), env_cfg, data, seeds), wait), flush=True)
+    assert not set(seeds) & set(range(args.seed, args.seed + cfg.episodes)), "the held-out seeds are training seeds"
+    policy_env = cfg.env_config  # as the policy trained: its environments measure the seed gradient features
+    print(report("PPO, 0 episodes", evaluate(trainer.policy(), policy_env, data, seeds), wait), flush=True)
 
     def on_round(t: PPOTrainer, results) -> None:
         rounds = t.episodes_done // args.n_envs
         if rounds % args.eval_every == 0:
             u = t.update_log[-1] if t.update_log else {}
-            print(report(f"PPO, {t.episodes_done} episodes", evaluate(t.policy(), env_cfg, data, seeds), wait)
+            print(report(f"PPO, {t.episodes_done} episodes", evaluate(t.policy(), policy_env, data, seeds), wait)
                   + f"   [update {t.updates}: entropy {u.get('entropy', float('nan')):.2f}]", flush=True)
 
     trainer.train(on_round)

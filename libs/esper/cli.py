@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import signal
@@ -25,6 +24,7 @@ from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, t
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
+from esper.simic.checkpoint import file_sha256
 from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
@@ -214,12 +214,6 @@ def train_config(args: argparse.Namespace):
                      checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
 
 
-def file_sha256(path: str | None) -> str:
-    """A policy file's digest ("" for none): a resume refuses a policy rewritten since (PPO rewrites its
-    checkpoint as it trains), which would decide one experiment's episodes with two policies."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
-
-
 def checked_host(task: str, slots: list[str]):
     """The task's host, once `slots` (--slots) are slots of it, each named once."""
     host = build_host(task)
@@ -388,7 +382,7 @@ def check_outputs(cfg) -> None:
 
 
 def cmd_compare(cfg, resume: bool) -> int:
-    from esper.compare import RunFailed, compare, differences
+    from esper.compare import PolicyChanged, RunFailed, compare, differences
 
     out = Path(cfg.out_dir)
     if why := karn_cli.folder_refusal(out, "--out"):
@@ -414,6 +408,9 @@ def cmd_compare(cfg, resume: bool) -> int:
     except RunFailed as exc:  # its other runs were stopped, as at Ctrl-C
         print(f"esper: error: {exc}; finish the comparison with the same flags and --resume {out}", file=sys.stderr)
         return 1
+    except PolicyChanged as exc:
+        print(f"esper: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     print(report.read_text())

@@ -42,9 +42,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esper.simic.checkpoint import write_atomic
 from esper.kasmina import HOSTS
-from esper.simic.checkpoint import changed_settings
+from esper.simic.checkpoint import changed_settings, file_sha256, write_atomic
 from esper.tolaria.trainer import TrainConfig
 
 
@@ -154,7 +153,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
         for graft in seed_grafts:
             cmd.append(f"--graft={seed}={graft}")  # one item: argparse takes a separate "-1=..." for a flag
     if arm.mode == "learned":
-        cmd += ["--policy", cfg.policy]
+        cmd += ["--policy", str(Path(cfg.out_dir) / POLICY_COPY)]
     if cfg.grouped:
         cmd.append("--grouped")
     # A comparison's runs are never resumed (a cut-off run starts again): spare each epoch its checkpoint
@@ -163,8 +162,8 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
 
 
 def final_seeds(summary: dict) -> list[dict]:
-    """The seeds that shape the final network (fossilized, or still blending)."""
-    return [s for s in summary["seeds"] if s["fate"] in ("fossilized", "blending")]
+    """The seeds that shape the final network (fossilized, still blending, or grafted)."""
+    return [s for s in summary["seeds"] if s["fate"] in ("fossilized", "blending", "grafted")]
 
 
 def final_architecture(summary: dict) -> list[str]:
@@ -341,7 +340,8 @@ def paired(runs: list[dict], against: list[dict], key: str) -> str:
 def ppo_against_heuristic(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     """The learned controller against the rule-based one, paired by seed (all held out from its training)."""
     key, label = headline(cfg.task)
-    return f"ppo against heuristic, {label} paired by seed (95% CI): {paired(results['ppo'], results['heuristic'], key)}."
+    diff = paired(results["ppo"], results["heuristic"], key)
+    return f"ppo against heuristic, {label} paired by seed (95% CI): {diff}."
 
 
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
@@ -474,6 +474,29 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     return out / "results.md"
 
 
+class PolicyChanged(ValueError):
+    """The policy file is not the one checked when the comparison began."""
+
+
+POLICY_COPY = "policy.pt"
+"""The ppo arm's policy, copied into the comparison's folder before any run: every run is decided by the
+policy that was checked (its digest, its held-out seeds), even if the file is rewritten meanwhile (a PPO
+run or a learner saving as it trains)."""
+
+
+def copy_policy(cfg: CompareConfig, out: Path) -> None:
+    """POLICY_COPY from cfg.policy, unless a resumed comparison has it; PolicyChanged if it is not the policy
+    whose digest the comparison recorded (rewritten since it was checked)."""
+    copy = out / POLICY_COPY
+    if not copy.is_file():
+        tmp = copy.with_name(copy.name + ".tmp")
+        shutil.copyfile(cfg.policy, tmp)
+        os.replace(tmp, copy)
+    if file_sha256(copy) != cfg.policy_sha256:
+        copy.unlink()
+        raise PolicyChanged(f"--policy {cfg.policy} changed since it was checked: start the comparison again")
+
+
 def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     """Run the comparison into cfg.out_dir, or with `resume` finish the one there (same settings but
     RESUMABLE: the caller checks with `differences`). Its wall time adds up over the invocations in
@@ -481,6 +504,8 @@ def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
+    if cfg.policy:
+        copy_policy(cfg, out)
     wall_file = out / "wall.json"
     before = json.loads(wall_file.read_text()) if resume and wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
     started = time.perf_counter()

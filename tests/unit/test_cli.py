@@ -133,14 +133,26 @@ def test_graft_trains_a_grown_architecture_from_scratch(tmp_path, capsys):
     (summary,) = tmp_path.glob("*/summary.json")
     summary = json.loads(summary.read_text())
     assert summary["total_params"] == 6220 + 4672
-    assert summary["seeds"][0]["fate"] == "fossilized" and summary["seeds"][0]["history"][0]["epoch"] == 0
-    # The graft is a lifecycle move like any other: in the telemetry, and so in the run store.
+    assert summary["seeds"][0]["fate"] == "grafted" and summary["seeds"][0]["history"][0]["epoch"] == 0
+    # The graft is a lifecycle move like any other: in the telemetry, and so in the run store, where it is
+    # host structure of a from-scratch run, not growth (no germination, no fossilization).
     (run_dir,) = tmp_path.glob("*/")
     (graft,) = [e.transition for e in read_jsonl(run_dir / "telemetry.jsonl") if e.HasField("transition")]
     assert (graft.slot, graft.epoch, graft.reason) == ("mid", 0, "grafted: trained from scratch")
     assert main(["runs", "show", run_dir.name, "--db", str(tmp_path / "karn.db")]) == 0
     shown = capsys.readouterr().out
-    assert "conv_heavy" in shown and "fossilized" in shown, shown
+    assert "0 (0/0), 1 grafted" in shown and "conv_heavy" in shown and "grafted" in shown, shown
+
+
+def test_a_graft_is_no_germination(tmp_path):
+    """--max-seeds limits the seeds grown: a graft leaves the budget whole (it had used it up, and the
+    heuristic then never germinated)."""
+    assert main(["train", "heuristic", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "2", "--slots",
+                 "early", "mid", "--max-seeds", "1", "--graft", "mid:conv_heavy", "--runs-dir", str(tmp_path),
+                 "--telemetry-level", "minimal"]) == 0
+    (summary,) = tmp_path.glob("*/summary.json")
+    fates = [s["fate"] for s in json.loads(summary.read_text())["seeds"]]
+    assert fates[0] == "grafted" and len(fates) == 2, fates
 
 
 def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trains(tmp_path, capsys):

@@ -16,8 +16,9 @@ import pytest
 from scipy import stats
 
 from esper.cli import build_parser, compare_config, main, train_config
-from esper.compare import (Arm, CompareConfig, arms_for, differences, final_architecture, headline, mean_ci,
-                           progress_of, results_table, train_command, walls_shared, write_report)
+from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
+                           headline, mean_ci, progress_of, results_table, train_command, walls_shared, write_report)
+from esper.simic.checkpoint import file_sha256
 
 
 def test_mean_ci_is_the_t_interval():
@@ -160,6 +161,29 @@ def test_the_report_pairs_the_learned_controller_with_the_heuristic(tmp_path):
                         out_dir=str(tmp_path))
     text = write_report(cfg, results, seconds=1.0).read_text()
     assert "ppo against heuristic, test accuracy paired by seed (95% CI): +2.50 ± 6.35." in text
+
+
+def test_the_ppo_arm_runs_the_policy_that_was_checked(tmp_path):
+    """The policy is copied into the comparison before any run, and every ppo run reads the copy: a PPO run or
+    learner rewriting the file meanwhile cannot give one comparison two policies (or a policy trained on
+    the seeds it is measured on). A copy that is not the checked policy is refused."""
+    policy = tmp_path / "live.pt"
+    policy.write_bytes(b"version 1")
+    cfg = CompareConfig(task="synthetic", arms=("static", "ppo"), policy=str(policy),
+                        policy_sha256=file_sha256(policy), out_dir=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    copy_policy(cfg, tmp_path / "out")
+    policy.write_bytes(b"version 2")  # rewritten by its trainer while the comparison runs
+    (ppo,) = [a for a in arms_for("matched", 40, ["ppo"])]
+    cmd = train_command(cfg, ppo, [42], {})
+    used = Path(cmd[cmd.index("--policy") + 1])
+    assert used == tmp_path / "out" / "policy.pt" and used.read_bytes() == b"version 1"
+    copy_policy(cfg, tmp_path / "out")  # a resume keeps the copy
+    assert used.read_bytes() == b"version 1"
+    used.unlink()
+    with pytest.raises(PolicyChanged, match="changed since it was checked"):
+        copy_policy(cfg, tmp_path / "out")  # the file is no longer the checked policy
+    assert not used.exists()
 
 
 def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):

@@ -16,6 +16,7 @@ from rich.console import Console
 from esper.cli import main
 from esper.experiment import RunConfig, run
 from esper.karn.runs_db import RunsDB
+from esper.leyline import Blueprint, LifecycleTransition, SeedStage, TelemetryEvent, from_short_name
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tamiyo import HeuristicConfig
@@ -65,6 +66,23 @@ def test_store_matches_what_the_runs_recorded(runs_dir):
     # Accuracy against parameters: the static run has the fewest (the host alone).
     points = db.accuracy_vs_params()
     assert points[0]["mode"] == "static" and points[0]["total_params"] == points[0]["host_params"]
+
+
+def test_a_seed_is_culled_at_its_cull_and_a_graft_is_no_growth():
+    """Seed 1 is culled at epoch 5; its embargo's end (epoch 8) is not its fate's epoch. Seed 2 is grafted
+    (DORMANT -> FOSSILIZED before epoch 1): host structure of a from-scratch run, counted in no fate of growth."""
+    moves = [(1, "DORMANT", "GERMINATED", 1), (1, "GERMINATED", "TRAINING", 2), (1, "TRAINING", "CULLED", 5),
+             (1, "CULLED", "EMBARGOED", 5), (1, "EMBARGOED", "DORMANT", 8), (2, "DORMANT", "FOSSILIZED", 0)]
+    events = [TelemetryEvent(run_id="r", sequence=i + 1, transition=LifecycleTransition(
+        slot="mid" if seed == 1 else "early", seed_id=seed, blueprint=Blueprint.BLUEPRINT_NORM,
+        from_stage=from_short_name(SeedStage, a), to_stage=from_short_name(SeedStage, b), epoch=epoch))
+        for i, (seed, a, b, epoch) in enumerate(moves)]
+    db = RunsDB(":memory:")
+    db.index_events(events, "test")
+    seeds = {s["seed_id"]: (s["fate"], s["germinated_epoch"], s["end_epoch"]) for s in db.seeds("r")}
+    assert seeds == {1: ("culled", 1, 5), 2: ("grafted", None, 0)}
+    stats = {b["slot"]: (b["germinated"], b["fossilized"], b["culled"], b["grafted"]) for b in db.blueprint_stats()}
+    assert stats == {"mid": (1, 0, 1, 0), "early": (0, 0, 0, 1)}
 
 
 def test_reindexing_replaces_rather_than_duplicates(runs_dir):

@@ -6,6 +6,7 @@ relative path, so the folder can be moved or attached as a whole.
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,17 +34,19 @@ def runs_table(db: RunsDB, run_ids: list[str]) -> tuple[list[str], list[list[str
     rows = []
     for r in db.runs(run_ids):
         seeds = db.seeds(r["run_id"])
-        fates = f"{len(seeds)} ({sum(s['fate'] == 'fossilized' for s in seeds)}/{sum(s['fate'] == 'culled' for s in seeds)})"
+        fates = Counter(s["fate"] for s in seeds)
+        grown = f"{len(seeds) - fates['grafted']} ({fates['fossilized']}/{fates['culled']})"
+        grown += f", {fates['grafted']} grafted" if fates["grafted"] else ""
         rows.append([r["run_id"], r["mode"] or "-", r["task"] or "-", _fmt(r["epochs"], "d"),
                      _fmt(r["val_accuracy"], ".2f"), _fmt(r["best_val_accuracy"], ".2f"),
-                     _fmt(r["test_accuracy"], ".2f") if r["finished"] else "-", _fmt(r["total_params"], ",d"), fates])
+                     _fmt(r["test_accuracy"], ".2f") if r["finished"] else "-", _fmt(r["total_params"], ",d"), grown])
     return header, rows
 
 
 def blueprint_table(db: RunsDB, run_ids: list[str] | None) -> tuple[list[str], list[list[str]]]:
-    header = ["blueprint", "slot", "germinated", "fossilized", "culled", "live", "mean contribution (pts)"]
+    header = ["blueprint", "slot", "germinated", "fossilized", "culled", "live", "grafted", "mean contribution (pts)"]
     rows = [[b["blueprint"], b["slot"], str(b["germinated"]), str(b["fossilized"]), str(b["culled"]), str(b["live"]),
-             _fmt(b["mean_contribution"], "+.2f")] for b in db.blueprint_stats(run_ids)]
+             str(b["grafted"]), _fmt(b["mean_contribution"], "+.2f")] for b in db.blueprint_stats(run_ids)]
     return header, rows
 
 
@@ -83,6 +86,8 @@ def _plot_curves(db: RunsDB, run_ids: list[str], path: Path) -> None:
     with _figure(path, width=11) as ax:  # the legend names runs: room for their ids
         for run_id in run_ids:
             curve = db.curve(run_id)
+            if not curve:  # a PPO learner's own run: its episodes are the runs with epochs
+                continue
             ax.plot([c["epoch"] for c in curve], [c["val_accuracy"] for c in curve], label=run_id)
         ax.set(xlabel="epoch", ylabel="validation accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,12 +95,11 @@ def _plot_curves(db: RunsDB, run_ids: list[str], path: Path) -> None:
 
 
 def _plot_accuracy_vs_params(db: RunsDB, run_ids: list[str], path: Path) -> None:
-    runs = db.accuracy_vs_params(run_ids)
+    runs = [r for r in db.accuracy_vs_params(run_ids) if r["total_params"] is not None]  # a run with no epoch: no point
     with _figure(path, width=8) as ax:
         for mode in sorted({r["mode"] or "-" for r in runs}):
             points = [r for r in runs if (r["mode"] or "-") == mode]
-            ax.scatter([r["total_params"] or 0 for r in points], [r["val_accuracy"] or 0 for r in points],
-                       label=mode)
+            ax.scatter([r["total_params"] for r in points], [r["val_accuracy"] for r in points], label=mode)
         ax.set(xlabel="parameters (host + seeds)", ylabel="final validation accuracy (%)")
         ax.grid(alpha=0.3)
 
@@ -105,7 +109,8 @@ def _plot_fates(db: RunsDB, run_ids: list[str], path: Path) -> None:
     labels = [f"{b['blueprint']}\n{b['slot']}" for b in stats]
     with _figure(path, width=max(4, len(stats) * 1.1) + 1.5) as ax:
         bottom = [0] * len(stats)
-        for fate, colour in (("fossilized", "tab:green"), ("culled", "tab:red"), ("live", "tab:gray")):
+        for fate, colour in (("fossilized", "tab:green"), ("culled", "tab:red"), ("live", "tab:gray"),
+                             ("grafted", "tab:blue")):
             heights = [b[fate] for b in stats]
             ax.bar(labels, heights, bottom=bottom, label=fate, color=colour)
             bottom = [a + h for a, h in zip(bottom, heights)]

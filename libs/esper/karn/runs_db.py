@@ -46,8 +46,8 @@ CREATE TABLE IF NOT EXISTS seeds (
     slot TEXT NOT NULL,
     blueprint TEXT NOT NULL,
     germinated_epoch INTEGER,
-    fate TEXT NOT NULL,              -- fossilized | culled | live (still growing when the run ended)
-    end_epoch INTEGER,               -- epoch of its last lifecycle transition
+    fate TEXT NOT NULL,              -- fossilized | culled | live (still growing when the run ended) | grafted
+    end_epoch INTEGER,               -- epoch its fate was decided (its last move while live)
     contribution REAL,               -- last measured, percentage points; NULL when never measured
     contribution_se REAL,
     PRIMARY KEY (run_id, seed_id)
@@ -61,7 +61,7 @@ FATES = {S.SEED_STAGE_FOSSILIZED: "fossilized", S.SEED_STAGE_CULLED: "culled", S
 class _Seed:
     slot: str
     blueprint: str
-    germinated_epoch: int
+    germinated_epoch: int | None
     fate: str = "live"
     end_epoch: int = 0
     contribution: float | None = None
@@ -97,11 +97,14 @@ class _Run:
                     seed.contribution, seed.contribution_se = slot.contribution, slot.contribution_se
         elif kind == "transition":
             t = event.transition
-            if t.from_stage == S.SEED_STAGE_DORMANT and t.seed_id:  # germinated, or grafted (to FOSSILIZED)
-                self.seeds[t.seed_id] = _Seed(t.slot, short_name(Blueprint, t.blueprint), t.epoch)
+            if t.from_stage == S.SEED_STAGE_DORMANT and t.seed_id:
+                # Germinated, or grafted (straight to FOSSILIZED before epoch 1: host structure, not growth).
+                grafted = t.to_stage == S.SEED_STAGE_FOSSILIZED
+                self.seeds[t.seed_id] = _Seed(t.slot, short_name(Blueprint, t.blueprint),
+                                              None if grafted else t.epoch, "grafted" if grafted else "live", t.epoch)
             seed = self.seeds.get(t.seed_id)
-            if seed is not None:  # None: the file starts mid-run, after this seed germinated
-                seed.fate = FATES.get(t.to_stage, "live")
+            if seed is not None and seed.fate == "live":  # None: the file starts mid-run, after it germinated
+                seed.fate = FATES.get(t.to_stage, "live")  # decided once: a cull's embargo moves change nothing
                 seed.end_epoch = t.epoch
         elif kind == "governor":
             self.rollbacks += 1
@@ -203,12 +206,14 @@ class RunsDB:
 
     def blueprint_stats(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
         """Per blueprint and slot: seeds germinated, fossilized, culled, still live, and the mean of
-        their last measured contributions (NULL when none was measured)."""
+        their last measured contributions (NULL when none was measured); grafted seeds (from-scratch
+        runs' built-in architecture) apart, counted in no fate of growth."""
         where, args = _among(run_ids)
         return self.conn.execute(f"""
-            SELECT blueprint, slot, COUNT(*) AS germinated,
+            SELECT blueprint, slot, SUM(fate != 'grafted') AS germinated,
                    SUM(fate = 'fossilized') AS fossilized, SUM(fate = 'culled') AS culled,
-                   SUM(fate = 'live') AS live, AVG(contribution) AS mean_contribution
+                   SUM(fate = 'live') AS live, SUM(fate = 'grafted') AS grafted,
+                   AVG(contribution) AS mean_contribution
             FROM seeds {where} GROUP BY blueprint, slot ORDER BY blueprint, slot""", args).fetchall()
 
     def accuracy_vs_params(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:

@@ -46,10 +46,14 @@ class SeedRecord:
     blueprint: str
     params: int
     history: list[dict] = field(default_factory=list)  # {"stage", "epoch", "reason"}
+    grafted: bool = False
+    """Built in before epoch 1 (graft: a from-scratch run's architecture), not grown: no germination."""
 
     @property
     def fate(self) -> str:
-        """fossilized | culled | the live stage it ended the run in."""
+        """grafted | fossilized | culled | the live stage it ended the run in."""
+        if self.grafted:
+            return "grafted"
         stages = [h["stage"] for h in self.history]
         return "culled" if "CULLED" in stages else stages[-1].lower()
 
@@ -132,7 +136,8 @@ class MorphogeneticModel(nn.Module):
     # ---------------------------------------------------------------- legality
     @property
     def seeds_germinated(self) -> int:
-        return len(self.records)
+        """Seeds grown this episode: what --max-seeds limits (grafts are host structure, not growth)."""
+        return sum(not r.grafted for r in self.records)
 
     def budget_left(self) -> bool:
         return budget_left(self.seeds_germinated, self.max_seeds)
@@ -212,6 +217,7 @@ class MorphogeneticModel(nn.Module):
         if slot.stage != S.SEED_STAGE_DORMANT:
             raise IllegalAction(f"cannot graft into {slot_name}: it is {SeedStage.Name(slot.stage)}")
         self._germinate(slot, blueprint)
+        self.records[-1].grafted = True
         return self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, "grafted: trained from scratch")
 
     def _germinate(self, slot: SeedSlot, blueprint: int) -> None:

@@ -12,6 +12,7 @@ under their own format name, with `rng_state()` for every random generator a run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -69,6 +70,12 @@ def write_durably(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def file_sha256(path: str | Path | None) -> str:
+    """A policy file's digest ("" for none): a resume refuses a policy rewritten since (PPO rewrites its
+    checkpoint as it trains), which would decide one experiment's episodes with two policies."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
 def write_atomic(path: Path, text: str) -> None:

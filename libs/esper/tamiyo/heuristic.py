@@ -112,7 +112,8 @@ class HeuristicPolicy:
         dormant = [s for s in obs.slots if s.stage == S.SEED_STAGE_DORMANT]
         plateau = signals.plateau_epochs >= cfg.plateau_patience
         due = signals.epoch >= cfg.germinate_by * signals.max_epochs
-        if budget_left(obs.seeds_germinated, obs.max_seeds) and dormant and signals.epoch >= cfg.min_epoch_to_germinate and (plateau or due):
+        ready = signals.epoch >= cfg.min_epoch_to_germinate and (plateau or due)
+        if budget_left(obs.seeds_germinated, obs.max_seeds) and dormant and ready:
             blueprint = self._next_blueprint(obs)
             reason = (f"plateau: {signals.plateau_epochs} epochs without a new best ({signals.best_val_accuracy:.2f}%)"
                       if plateau else f"{cfg.germinate_by:.0%} of the budget passed ({signals.epoch} epochs)")

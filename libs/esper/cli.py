@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import reprlib
 import math
 import signal
 import sys
@@ -256,18 +256,20 @@ def policy_spec(path: str, task: str):
 
 
 def check_held_out(policy: str, first_seed: int, seeds: int) -> None:
-    """UsageError when a comparison's seeds include episodes the policy trained on: a PPO run's episode i
-    is the run of seed + i (the same host initialization and data order `esper train --seed` gives), so the
+    """UsageError when a comparison's seeds include episodes the policy learned from (a PPO episode of seed
+    s is the run `esper train --seed s` makes: the same host initialization and data order), so the
     learned arm is measured against the heuristic on held-out seeds only."""
     from esper.simic.checkpoint import load_checkpoint
+    from esper.simic.trainer import trained_seeds
 
-    state = load_checkpoint(Path(policy))
-    start = json.loads(state["config_json"])["seed"]
-    trained = range(start, start + state["counters"]["episodes"])
-    if overlap := sorted(set(trained) & set(range(first_seed, first_seed + seeds))):
-        raise UsageError(f"--seed {first_seed}: the policy trained on the episodes of seeds {trained.start} to "
-                         f"{trained.stop - 1}, {overlap[0]} among them: compare it on held-out seeds "
-                         f"(--seed {trained.stop} or later)")
+    trained = trained_seeds(load_checkpoint(Path(policy)))
+    if -1 in trained:
+        raise UsageError(f"--policy {policy}: the seeds of the episodes it learned from were not recorded (a "
+                         "simic_learner checkpoint from before they were), so no seed can be shown held out")
+    if overlap := sorted(trained & set(range(first_seed, first_seed + seeds))):
+        raise UsageError(f"--seed {first_seed}: the policy learned from the episodes of seeds "
+                         f"{reprlib.repr(overlap)} (of {len(trained)}): compare it on held-out seeds "
+                         f"(--seed {max(trained) + 1} or later)")
 
 
 def check_resume(cfg, run_dir: str) -> None:

@@ -145,7 +145,8 @@ def synthetic_rollouts(n: int, steps: int, envs: int) -> list[Rollout]:
         rollouts.append(Rollout(
             obs=obs, legal=legal, actions=actions.view(*shape, 3), logprobs=logprobs.view(shape), values=values,
             next_values=torch.cat([values[1:], torch.zeros(1, envs)]), rewards=parts.sum(-1), reward_parts=parts,
-            terminated=terminated, policy_version=torch.zeros(shape, dtype=torch.int64)))
+            terminated=terminated, policy_version=torch.zeros(shape, dtype=torch.int64),
+            seeds=torch.zeros(shape, dtype=torch.int64)))
     return rollouts
 
 def learn(tmp: Path, rollouts: list[Rollout], kill_from: int | None) -> tuple[dict, dict]:

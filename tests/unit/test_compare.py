@@ -18,7 +18,7 @@ from scipy import stats
 from esper.cli import build_parser, compare_config, main, train_config
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
                            headline, mean_ci, progress_of, results_table, train_command, walls_shared, write_report)
-from esper.simic.checkpoint import file_sha256
+from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
 def test_mean_ci_is_the_t_interval():
@@ -193,17 +193,26 @@ def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):
                  "--n-envs", "2", "--episodes", "2", "--update-every", "1", "--num-workers", "1", "--seed", "42",
                  "--runs-dir", str(tmp_path), "--telemetry-level", "off"]) == 0
     (policy,) = tmp_path.glob("*/checkpoint.pt")
+    assert load_checkpoint(policy)["trained_seeds"] == [42, 43]
     capsys.readouterr()
     for seed in ("40", "43"):  # seeds 40-42 and 43-45 meet 42-43
         assert main(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seeds", "3",
                      "--seed", seed, "--out", str(tmp_path / "c"), "--max-epochs", "1", "--max-batches", "1",
                      "--arms", "static", "--workers", "1", "--progress-every", "0"]) == 2  # a regression: seconds
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "trained on the episodes of seeds 42 to 43" in err[0] and "--seed 44" in err[0], err
+        assert len(err) == 1 and "learned from the episodes of seeds [" in err[0] and "--seed 44" in err[0], err
     args = build_parser().parse_args(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy),
                                       "--seeds", "3", "--seed", "44"])
     assert compare_config(args).arms[-1] == "ppo"
     assert not (tmp_path / "c").exists()
+    # A checkpoint from before the seeds were recorded: an `esper train ppo` one's are its config's seed
+    # onwards; a simic_learner's (its workers chose them) cannot be told, and it is refused.
+    old = {k: v for k, v in load_checkpoint(policy).items() if k != "trained_seeds"}
+    save_checkpoint(old, policy)
+    assert compare_config(args).arms[-1] == "ppo"
+    save_checkpoint(old | {"inbox_json": "{}"}, policy)
+    assert main(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seed", "44"]) == 2
+    assert "were not recorded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task, batch", [("cifar10", 128), ("tinystories", 16)])

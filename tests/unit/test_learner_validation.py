@@ -26,7 +26,7 @@ def rollout(learner: Learner) -> Rollout:
                    values=torch.zeros(t, n), next_values=torch.zeros(t, n), rewards=torch.zeros(t, n),
                    reward_parts=torch.zeros(t, n, len(COMPONENTS)),
                    terminated=torch.ones(t, n, dtype=torch.bool),
-                   policy_version=torch.zeros(t, n, dtype=torch.int64))
+                   policy_version=torch.zeros(t, n, dtype=torch.int64), seeds=torch.zeros(t, n, dtype=torch.int64))
 
 
 def nan_obs(r: Rollout) -> None:

@@ -102,7 +102,8 @@ def tiny_rollout(agent: ActorCritic, logprob_shift: float = 0.0) -> Rollout:
     return Rollout(
         obs=shape(obs), legal=shape(legal), actions=shape(action), logprobs=shape(logprob + logprob_shift),
         values=shape(value), next_values=shape(value), rewards=torch.randn(t, n, generator=g),
-        reward_parts=torch.zeros(t, n, 4), terminated=torch.zeros(t, n, dtype=torch.bool), policy_version=torch.zeros(t, n, dtype=torch.long))
+        reward_parts=torch.zeros(t, n, 4), terminated=torch.zeros(t, n, dtype=torch.bool),
+        policy_version=torch.zeros(t, n, dtype=torch.long), seeds=torch.zeros(t, n, dtype=torch.long))
 
 
 def test_kl_early_stop_really_stops():

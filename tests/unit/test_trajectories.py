@@ -163,6 +163,9 @@ def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data
     restored = Learner(cfg, Telemetry("restarted"), max_policy_lag=1)
     restored.load_state_dict(learner.state_dict())
     assert restored.version == 2 and sorted(restored.obs_stats) == sorted(learner.obs_stats) == [1, 2]
+    # The seeds it learned from are the workers' (episodes 2-9 here), whatever the learner's own --seed (0):
+    # what a comparison must hold out.
+    assert learner.trainer.trained_seeds == restored.trainer.trained_seeds == set(range(2, 10))
     assert restored.add(fresh) is None  # version 1's statistics came back with it
     from_train_ppo = Learner(cfg, Telemetry("from esper train ppo"), max_policy_lag=1)
     from_train_ppo.load_state_dict(learner.trainer.state_dict())  # no per-version statistics: the current only

@@ -73,6 +73,7 @@ def play_round(envs: list[GrowthEnv | EnvProcess], seeds: list[int], rewarders: 
         steps.append(row | {
             "legal": legal.to(device), "rewards": parts.sum(1).to(device), "reward_parts": parts.to(device),
             "terminated": torch.full((n,), terminal, device=device),
+            "seeds": torch.tensor(seeds, device=device),
         })
         obs = next_obs
     # V(s_t+1) is the next row's value; after the last epoch nothing follows (terminated: unused).

@@ -32,11 +32,12 @@ class Rollout:
     reward_parts: torch.Tensor  # float32 [T, N, components]: raw reward components (rewards.COMPONENTS)
     terminated: torch.Tensor  # bool [T, N]: the episode ended here (its last epoch)
     policy_version: torch.Tensor  # int64 [T, N]: the update count of the policy that acted
+    seeds: torch.Tensor  # int64 [T, N]: the episode's seed (as `esper train --seed`: host init, data order); -1 unknown
 
     DTYPES: ClassVar[dict[str, torch.dtype]] = {
         "obs": torch.float32, "legal": torch.bool, "actions": torch.int64, "logprobs": torch.float32,
         "values": torch.float32, "next_values": torch.float32, "rewards": torch.float32,
-        "reward_parts": torch.float32, "terminated": torch.bool, "policy_version": torch.int64}
+        "reward_parts": torch.float32, "terminated": torch.bool, "policy_version": torch.int64, "seeds": torch.int64}
     """Each field's dtype: what a learner checks a rollout from the wire against."""
     LEGACY: ClassVar[tuple[str, ...]] = ("truncated",)
     """Fields older versions wrote and this one drops. `truncated` was False in every rollout ever made
@@ -45,8 +46,11 @@ class Rollout:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Rollout:
         """The inverse of `tensors()`, also of what older versions wrote (LEGACY fields, dropped while they
-        hold nothing); ValueError for any other set of names."""
+        hold nothing; no `seeds`: -1, unknown); ValueError for any other set of names."""
         tensors = dict(tensors)
+        if "seeds" not in tensors and "terminated" in tensors:
+            tensors["seeds"] = torch.full(tensors["terminated"].shape, -1, dtype=torch.int64,
+                                          device=tensors["terminated"].device)
         for name in cls.LEGACY:
             legacy = tensors.pop(name, None)
             if legacy is not None and bool(legacy.any()):

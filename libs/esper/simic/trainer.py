@@ -127,6 +127,9 @@ class PPOTrainer:
         self.collect_seconds = 0.0
         self.episode_log: list[dict] = []
         self.update_log: list[dict] = []
+        self.trained_seeds: set[int] = set()
+        """The seeds of the episodes the policy has learned from (an update's rollout, from here or from
+        workers): a comparison measures it on others only (cli.check_held_out). -1: not recorded."""
         self.env_processes: list[EnvProcess] = []
         """Set by the caller to play rounds in these (simic.env_process, --env-processes) instead of in
         environments of this process; at least n_envs of them, on the devices make_envs would use."""
@@ -195,6 +198,7 @@ class PPOTrainer:
         rollout = self.pending
         ent_coef = ent_coef_at(self.cfg.ppo, self.episodes_done, self.cfg.episodes)
         stats = ppo_update(self.agent, self.optimizer, rollout, self.cfg.ppo, ent_coef, self.generator)
+        self.trained_seeds.update(rollout.seeds[0].tolist())
         self.updates += 1
         stats.reward_components = dict(zip(COMPONENTS, rollout.reward_parts.sum((0, 1)).tolist()))
         stats.steps_per_second = rollout.num_steps / self.collect_seconds
@@ -241,6 +245,7 @@ class PPOTrainer:
             "pending": None if self.pending is None else {k: v.cpu() for k, v in self.pending.tensors().items()},
             "episode_log_json": json.dumps(self.episode_log),
             "update_log_json": json.dumps(self.update_log),
+            "trained_seeds": sorted(self.trained_seeds),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -261,6 +266,20 @@ class PPOTrainer:
         self.pending = None if pending is None else Rollout.from_tensors({k: v.to(self.device) for k, v in pending.items()})
         self.episode_log = json.loads(state["episode_log_json"])
         self.update_log = json.loads(state["update_log_json"])
+        self.trained_seeds = trained_seeds(state)
+
+
+def trained_seeds(state: dict) -> set[int]:
+    """The seeds of the episodes a checkpoint's policy learned from. A checkpoint from before they were
+    recorded: for `esper train ppo` its episode i was seed + i (those still pending left out); for a
+    simic_learner, whose workers choose their own seeds, unknown ({-1})."""
+    if "trained_seeds" in state:
+        return set(state["trained_seeds"])
+    if "inbox_json" in state:
+        return {-1}
+    pending = 0 if state["pending"] is None else state["pending"]["terminated"].shape[1]
+    start = json.loads(state["config_json"])["seed"]
+    return set(range(start, start + state["counters"]["episodes"] - pending))
 
 
 def check_resumable(cfg: TrainerConfig, state: dict) -> None:

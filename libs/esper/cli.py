@@ -443,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(exc)) from None
         if args.mode != "ppo" and args.resume:
             check_resume(cfg, args.resume)
+        if args.mode == "learned":  # a look at a training episode is allowed; as a measurement it is said
+            try:
+                check_held_out(args.policy, cfg.seed, cfg.episodes)
+            except UsageError as exc:
+                print(f"esper: warning: {exc}", file=sys.stderr)
         check_outputs(cfg)
         if args.mode == "ppo":
             from esper.train_ppo import run_ppo as run

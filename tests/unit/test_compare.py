@@ -205,6 +205,10 @@ def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):
                                       "--seeds", "3", "--seed", "44"])
     assert compare_config(args).arms[-1] == "ppo"
     assert not (tmp_path / "c").exists()
+    # `esper train learned` on a training seed runs, and says it is no held-out measurement.
+    assert main(["train", "learned", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seed", "43",
+                 "--max-epochs", "1", "--max-batches", "1", "--runs-dir", str(tmp_path / "l")]) == 0
+    assert "esper: warning: --seed 43: the policy learned from the episodes of seeds [43]" in capsys.readouterr().err
     # A checkpoint from before the seeds were recorded: an `esper train ppo` one's are its config's seed
     # onwards; a simic_learner's (its workers chose them) cannot be told, and it is refused.
     old = {k: v for k, v in load_checkpoint(policy).items() if k != "trained_seeds"}

@@ -6,6 +6,7 @@ no token off loopback: refuses to start)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -117,6 +118,10 @@ def test_page_shows_a_live_run_and_reconnects_after_a_restart(tmp_path):
 
             train.wait_for("the run is over")  # ctrl-c before it would interrupt the run's last writes
             assert train.stop() == 0, "".join(train.lines[-20:])
+            # The timeline draws the stage each epoch trained in, as the run's own curve records it.
+            drawn = page.eval_on_selector_all("#timeline rect", "cells => cells.map(c => c.dataset.stage)")
+            curve = json.loads(next(tmp_path.glob("*/summary.json")).read_text())["curve"]
+            assert drawn == [point["stages"][slot] for point in curve for slot in ("early", "mid")]
             page.wait_for_selector("#status[data-state=closed]", timeout=10_000)
             time.sleep(3.0)  # nothing listens: the page's retries fail and its backoff grows to the cap
             assert page.get_attribute("#status", "data-state") == "closed"

@@ -16,7 +16,8 @@ from esper import experiment
 from esper.cli import build_parser, main, train_config
 from esper.experiment import RunConfig, make_policy, run
 from esper.leyline import Action, Blueprint, Decision, Operation
-from esper.nissa import ListSink, Telemetry
+from esper.karn.dashboard.state import DashboardState
+from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy
@@ -221,3 +222,9 @@ def test_the_curve_shows_the_stage_each_epoch_trained_in(synthetic_data, tmp_pat
     stages = [point["stages"]["mid"] for point in summary["curve"]]
     print(stages)
     assert stages == ["GERMINATED", "TRAINING", "CULLED", "EMBARGOED", "EMBARGOED", "EMBARGOED", "DORMANT", "DORMANT"]
+    # The epoch reports carry them too, for the dashboard's timeline (their slots hold the stages at the end).
+    (run_dir,) = tmp_path.glob("*/")
+    state = DashboardState()
+    shown = [m["slots"][0]["trained_stage"] for e in read_jsonl(run_dir / "telemetry.jsonl")
+             for m in state.apply(e) if m["type"] == "epoch"]
+    assert shown == stages

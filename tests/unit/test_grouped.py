@@ -408,7 +408,7 @@ def test_each_episode_builds_in_its_own_grafts(tmp_path, synthetic_data):
                     seed_grafts=((42, "mid", "conv_heavy"),))
     summaries = experiment.run(cfg, console=Console(file=io.StringIO()))
     assert [sorted((s["slot"], s["blueprint"], s["fate"]) for s in summary["seeds"]) for summary in summaries] == [
-        [("late", "norm", "fossilized"), ("mid", "conv_heavy", "fossilized")], [("late", "norm", "fossilized")]]
+        [("late", "norm", "grafted"), ("mid", "conv_heavy", "grafted")], [("late", "norm", "grafted")]]
 
 
 def test_a_grouped_experiment_resumes_where_it_was_cut(tmp_path, capsys):

@@ -548,11 +548,32 @@ Global___LifecycleTransition: _TypeAlias = LifecycleTransition  # noqa: Y015
 class EpochReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TrainedStagesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: Global___SeedStage.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___SeedStage.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SIGNALS_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     EPOCH_SECONDS_FIELD_NUMBER: _builtins.int
     SHARPNESS_FIELD_NUMBER: _builtins.int
     GRADIENTS_FIELD_NUMBER: _builtins.int
+    TRAINED_STAGES_FIELD_NUMBER: _builtins.int
     epoch_seconds: _builtins.float
     sharpness: _builtins.float
     """DEBUG level only, every EnvConfig.sharpness_every epochs (0 otherwise): the top eigenvalue of the
@@ -567,6 +588,12 @@ class EpochReport(_message.Message):
     def gradients(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerGradient]:
         """DEBUG level only: gradient health of every host layer and seed over the epoch (nissa.diagnostics)."""
 
+    @_builtins.property
+    def trained_stages(self) -> _containers.ScalarMap[_builtins.str, Global___SeedStage.ValueType]:
+        """Slot -> the stage it spent this epoch in; `slots` hold the stages it ends in. They differ where the
+        epoch's end moves a slot on: a cull's epoch is CULLED and ends EMBARGOED. What a timeline draws.
+        """
+
     def __init__(
         self,
         *,
@@ -575,10 +602,11 @@ class EpochReport(_message.Message):
         epoch_seconds: _builtins.float = ...,
         sharpness: _builtins.float = ...,
         gradients: _abc.Iterable[Global___LayerGradient] | None = ...,
+        trained_stages: _abc.Mapping[_builtins.str, Global___SeedStage.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signals", b"signals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "gradients", b"gradients", "sharpness", b"sharpness", "signals", b"signals", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch_seconds", b"epoch_seconds", "gradients", b"gradients", "sharpness", b"sharpness", "signals", b"signals", "slots", b"slots", "trained_stages", b"trained_stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -233,7 +233,7 @@ class GrowthEnv:
             self._update_signals()
 
             obs = self.observation()
-            tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots,
+            tel.emit(epoch=EpochReport(signals=obs.signals, slots=obs.slots, trained_stages=self.epoch_stages,
                                        epoch_seconds=time.perf_counter() - self.step_started, sharpness=sharpness,
                                        gradients=monitor.read() if monitor else []))
             return obs, self.epoch >= self.cfg.max_epochs

@@ -9,8 +9,9 @@ page that missed messages (a restart, a slow connection dropped) is made whole b
 Messages (`type` first):
 - `run`: run, mode, task, seed, device, lost (events missed: sequence gaps), finished (null, or
   val_accuracy, test_accuracy, total_params, wall_seconds, epochs)
-- `epoch`: run, epoch, max_epochs, val/train accuracy and loss, total_params, and slots: slot, stage,
-  alpha, blueprint, seed_id, epochs_in_stage, contribution and contribution_se (null until measured)
+- `epoch`: run, epoch, max_epochs, val/train accuracy and loss, total_params, and slots: slot, stage (at
+  the epoch's end), trained_stage (during it: what the timeline draws), alpha, blueprint, seed_id,
+  epochs_in_stage, contribution and contribution_se (null until measured)
 - `ppo`: run, update, episodes, global_step, entropy (and entropy_fraction of the run's first
   update), approx_kl, clipfrac, explained_variance, losses, and health: gauge -> green|yellow|red by
   the TUI's thresholds (`esper.karn.tui.widgets.policy_health.HEALTH`)
@@ -110,6 +111,7 @@ def epoch_message(run_id: str, report: EpochReport) -> dict:
             "val_accuracy": s.val_accuracy, "train_accuracy": s.train_accuracy, "val_loss": s.val_loss,
             "train_loss": s.train_loss, "total_params": s.total_params,
             "slots": [{"slot": slot.slot, "stage": short_name(SeedStage, slot.stage), "alpha": slot.alpha,
+                       "trained_stage": short_name(SeedStage, report.trained_stages.get(slot.slot, slot.stage)),
                        "blueprint": short_name(Blueprint, slot.blueprint) if slot.blueprint else None,
                        "seed_id": slot.seed_id, "epochs_in_stage": slot.epochs_in_stage,
                        "contribution": slot.contribution if slot.has_contribution else None,

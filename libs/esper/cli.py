@@ -264,8 +264,9 @@ def check_held_out(policy: str, first_seed: int, seeds: int) -> None:
 
     trained = trained_seeds(load_checkpoint(Path(policy)))
     if -1 in trained:
-        raise UsageError(f"--policy {policy}: the seeds of the episodes it learned from were not recorded (a "
-                         "simic_learner checkpoint from before they were), so no seed can be shown held out")
+        raise UsageError(f"--policy {policy}: it learned from episodes whose seeds were not recorded (a learner "
+                         "checkpoint from before they were, or trajectories of an older worker), so no seed can be "
+                         "shown held out")
     if overlap := sorted(trained & set(range(first_seed, first_seed + seeds))):
         raise UsageError(f"--seed {first_seed}: the policy learned from the episodes of seeds "
                          f"{reprlib.repr(overlap)} (of {len(trained)}): compare it on held-out seeds "
@@ -315,9 +316,12 @@ def compare_config(args: argparse.Namespace):
     if "from-scratch" in args.arms and "heuristic" not in args.arms:
         raise UsageError("--arms from-scratch needs heuristic (it trains the heuristic runs' final architectures)")
     arms = list(args.arms)
+    policy_sha256 = file_sha256(args.policy)
     if args.policy:
         policy_spec(args.policy, args.task)
         check_held_out(args.policy, args.seed, args.seeds)
+        if file_sha256(args.policy) != policy_sha256:  # rewritten while checked: the copy's digest would differ
+            raise UsageError(f"--policy {args.policy} changed while it was checked (a run saving it?): try again")
         arms += [] if "ppo" in arms else ["ppo"]
     elif "ppo" in arms:
         raise UsageError("--arms ppo needs --policy CHECKPOINT")
@@ -331,7 +335,7 @@ def compare_config(args: argparse.Namespace):
                          workers=args.workers, grouped=args.grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every, policy=args.policy and str(Path(args.policy).resolve()),
-                         policy_sha256=file_sha256(args.policy), db=str(Path(args.db).resolve()))
+                         policy_sha256=policy_sha256, db=str(Path(args.db).resolve()))
 
 
 def cmd_blueprints(args: argparse.Namespace) -> int:

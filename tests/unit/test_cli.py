@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from esper.cli import main
-from esper.kasmina import load_exported
+from esper.kasmina import MorphogeneticModel, build_host, load_exported
+from esper.leyline import Blueprint
 from esper.nissa import read_jsonl
 from esper.tolaria.data import load_task_data
 
@@ -142,6 +143,18 @@ def test_graft_trains_a_grown_architecture_from_scratch(tmp_path, capsys):
     assert main(["runs", "show", run_dir.name, "--db", str(tmp_path / "karn.db")]) == 0
     shown = capsys.readouterr().out
     assert "0 (0/0), 1 grafted" in shown and "conv_heavy" in shown and "grafted" in shown, shown
+
+
+def test_a_graft_saved_before_grafts_were_marked_is_still_one():
+    """An episode checkpoint from before SeedRecord.grafted: restored, its graft is no germination still."""
+    model = MorphogeneticModel(build_host("synthetic"), ["early", "mid"])
+    model.graft("mid", Blueprint.BLUEPRINT_CONV_HEAVY)
+    state = model.lifecycle_state()
+    for record in state["records"]:
+        del record["grafted"]
+    restored = MorphogeneticModel(build_host("synthetic"), ["early", "mid"])
+    restored.restore_lifecycle(state)
+    assert [r.fate for r in restored.records] == ["grafted"] and restored.seeds_germinated == 0
 
 
 def test_a_graft_is_no_germination(tmp_path):

@@ -214,6 +214,9 @@ def test_a_policy_is_compared_on_held_out_seeds_only(tmp_path, capsys):
     old = {k: v for k, v in load_checkpoint(policy).items() if k != "trained_seeds"}
     save_checkpoint(old, policy)
     assert compare_config(args).arms[-1] == "ppo"
+    assert main(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seed", "43",
+                 "--max-epochs", "1", "--max-batches", "1", "--arms", "static", "--out", str(tmp_path / "c")]) == 2
+    assert "learned from the episodes of seeds [43]" in capsys.readouterr().err
     save_checkpoint(old | {"inbox_json": "{}"}, policy)
     assert main(["compare", "--task", "synthetic", "--slots", "mid", "--policy", str(policy), "--seed", "44"]) == 2
     assert "were not recorded" in capsys.readouterr().err

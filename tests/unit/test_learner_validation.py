@@ -54,9 +54,19 @@ def nothing_legal(r: Rollout) -> None:
     r.legal[3] = False
 
 
+def negative_seed(r: Rollout) -> None:
+    r.seeds[:] = -5  # -1 is "unknown" (an older worker); nothing else below 0 is a seed
+
+
+def seed_changing_mid_episode(r: Rollout) -> None:
+    r.seeds[2:] = 7  # only row 0 would be recorded as learned from
+
+
 BAD = {"NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
        "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
-       "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid")}
+       "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid"),
+       "seed -5": (negative_seed, "seeds that are not one per episode"),
+       "seed changing": (seed_changing_mid_episode, "seeds that are not one per episode")}
 
 
 @pytest.mark.parametrize("case", list(BAD))

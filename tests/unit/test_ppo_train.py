@@ -141,14 +141,19 @@ def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, syntheti
     assert straight.updates == resumed.updates == 2
     assert_same_training(straight.state_dict(), resumed.state_dict())
 
-    # A checkpoint from before `truncated` was dropped (it held zeros there) resumes the same.
+    assert straight.trained_seeds == resumed.trained_seeds == set(range(3, 11))  # episodes 0-7 of seed 3
+
+    # A checkpoint from before rollouts dropped `truncated` (zeros there) and carried their seeds resumes
+    # the same, and its policy's seeds are known: the pending round's are the last ones played.
     old = load_checkpoint(saved)
     old["pending"]["truncated"] = torch.zeros_like(old["pending"]["terminated"])
+    del old["pending"]["seeds"], old["trained_seeds"]
     save_checkpoint(old, saved)
     from_old = trainer()
     from_old.load_state_dict(load_checkpoint(saved))
     from_old.train()
     assert_same_training(straight.state_dict(), from_old.state_dict())
+    assert from_old.trained_seeds == set(range(3, 11))
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -37,6 +37,9 @@ S = SeedStage
 OP = Operation
 
 
+GRAFT_REASON = "grafted: trained from scratch"
+
+
 @dataclass
 class SeedRecord:
     """The life of one seed, for summaries and analytics."""
@@ -48,6 +51,13 @@ class SeedRecord:
     history: list[dict] = field(default_factory=list)  # {"stage", "epoch", "reason"}
     grafted: bool = False
     """Built in before epoch 1 (graft: a from-scratch run's architecture), not grown: no germination."""
+
+    @classmethod
+    def from_state(cls, record: dict) -> SeedRecord:
+        """A record of lifecycle_state(). One saved before `grafted` existed is a graft when its first move
+        was one (GRAFT_REASON)."""
+        first = record["history"][0]["reason"] if record["history"] else ""
+        return cls(**({"grafted": first == GRAFT_REASON} | record))
 
     @property
     def fate(self) -> str:
@@ -218,7 +228,7 @@ class MorphogeneticModel(nn.Module):
             raise IllegalAction(f"cannot graft into {slot_name}: it is {SeedStage.Name(slot.stage)}")
         self._germinate(slot, blueprint)
         self.records[-1].grafted = True
-        return self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, "grafted: trained from scratch")
+        return self._move(slot, S.SEED_STAGE_FOSSILIZED, epoch, GRAFT_REASON)
 
     def _germinate(self, slot: SeedSlot, blueprint: int) -> None:
         ref = next(self.host.parameters())
@@ -299,7 +309,7 @@ class MorphogeneticModel(nn.Module):
             for f in self.SLOT_FIELDS:
                 setattr(slot, f, fields[f])
             slot.seed = build_seed(slot.blueprint, slot.channels, slot.kind).to(ref.device) if fields["has_seed"] else None
-        self.records = [SeedRecord(**r) for r in state["records"]]
+        self.records = [SeedRecord.from_state(r) for r in state["records"]]
 
     # ---------------------------------------------------------------- views
     def slot_states(self) -> list[SlotState]:

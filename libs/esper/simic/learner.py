@@ -79,6 +79,8 @@ class Learner:
         taken = (op * slots + slot) * blueprints + blueprint  # [T, N]: index into the flattened mask
         if not bool(rollout.legal.flatten(2).gather(2, taken[..., None]).all()):
             return "actions that their legal masks forbid"
+        if bool((rollout.seeds < -1).any()) or bool((rollout.seeds != rollout.seeds[0]).any()):
+            return "seeds that are not one per episode (-1: a worker too old to send them)"
         if steps != trainer.env_cfg.max_epochs or not bool(rollout.terminated[-1].all()):
             return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps)"
         versions = set(rollout.policy_version.unique().tolist())

@@ -263,6 +263,11 @@ class PPOTrainer:
             counters["episodes"], counters["updates"], counters["global_step"])
         self.pending_rounds, self.collect_seconds = counters["pending_rounds"], counters["collect_seconds"]
         pending = state["pending"]
+        if pending is not None and "seeds" not in pending and "inbox_json" not in state:
+            # `esper train ppo` from before rollouts carried seeds: its pending episodes are the last ones played
+            steps, n = pending["terminated"].shape
+            first = self.cfg.seed + self.episodes_done - n
+            pending = pending | {"seeds": torch.arange(first, first + n).expand(steps, n)}
         self.pending = None if pending is None else Rollout.from_tensors({k: v.to(self.device) for k, v in pending.items()})
         self.episode_log = json.loads(state["episode_log_json"])
         self.update_log = json.loads(state["update_log_json"])

@@ -316,8 +316,11 @@ def compare_config(args: argparse.Namespace):
     if "from-scratch" in args.arms and "heuristic" not in args.arms:
         raise UsageError("--arms from-scratch needs heuristic (it trains the heuristic runs' final architectures)")
     arms = list(args.arms)
-    policy_sha256 = file_sha256(args.policy)
+    policy_sha256 = ""
     if args.policy:
+        if not Path(args.policy).is_file():
+            raise UsageError(f"--policy {args.policy}: no such file")
+        policy_sha256 = file_sha256(args.policy)  # before the checks: the file they check is this one
         policy_spec(args.policy, args.task)
         check_held_out(args.policy, args.seed, args.seeds)
         if file_sha256(args.policy) != policy_sha256:  # rewritten while checked: the copy's digest would differ

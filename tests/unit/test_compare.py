@@ -241,7 +241,8 @@ def test_the_report_says_how_the_runs_of_each_phase_shared_the_machine(monkeypat
     grouped = dataclasses.replace(cfg, grouped=True, device="cuda:0")
     assert walls_shared(grouped) == "static, heuristic ran 2 at once; then from-scratch ran 1 at once"
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert walls_shared(dataclasses.replace(cfg, workers=2)).endswith("from-scratch ran 2 at once with 1 CPU thread each")
+    two_cores = walls_shared(dataclasses.replace(cfg, workers=2))
+    assert two_cores.endswith("from-scratch ran 2 at once with 1 CPU thread each")
 
 
 @pytest.mark.slow

@@ -215,7 +215,8 @@ def test_the_curve_shows_the_stage_each_epoch_trained_in(synthetic_data, tmp_pat
     and DORMANT again once the embargo is over: the stages the lifecycle timeline draws."""
     env = EnvConfig(task="synthetic", max_epochs=8, slots=("mid",), train=TrainConfig(max_batches=2))
     cfg = RunConfig(mode="heuristic", env=env, runs_dir=str(tmp_path))
-    script = Script(Action(operation=Operation.OPERATION_GERMINATE, slot="mid", blueprint=Blueprint.BLUEPRINT_CONV_LIGHT),
+    script = Script(Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                           blueprint=Blueprint.BLUEPRINT_CONV_LIGHT),
                     Action(operation=Operation.OPERATION_ADVANCE, slot="mid"),
                     Action(operation=Operation.OPERATION_CULL, slot="mid"))
     summary = experiment.run_one(cfg, synthetic_data, torch.device("cpu"), 0, Console(file=io.StringIO()), script)

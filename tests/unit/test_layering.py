@@ -11,7 +11,8 @@ def test_domains_do_not_import_wire_libraries():
         "import esper.karn.tui, esper.karn.runs_db, esper.karn.report\n"
         "from argparse import Namespace\n"
         "from esper.karn.dashboard.launch import dashboard_config\n"  # `esper train --dashboard`'s setup
-        "dashboard_config(Namespace(dashboard=True, dashboard_host='localhost', dashboard_port=0, dashboard_token=None))\n"
+        "dashboard_config(Namespace(dashboard=True, dashboard_host='localhost', dashboard_port=0,\n"
+        "                           dashboard_token=None))\n"
         "bad = [m for m in ('zmq', 'grpc') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -62,7 +62,8 @@ def export_model(model) -> nn.Sequential:
     return copy.deepcopy(_assemble(model.host, arch, seeds))
 
 
-def save_exported(model, directory: Path, input_mean: tuple[float, ...] = (), input_std: tuple[float, ...] = ()) -> None:
+def save_exported(model, directory: Path, input_mean: tuple[float, ...] = (),
+                  input_std: tuple[float, ...] = ()) -> None:
     """`input_mean`, `input_std`: the per-channel statistics images were standardized with (none for tokens)."""
     directory.mkdir(parents=True, exist_ok=True)
     net = export_model(model)

@@ -65,7 +65,8 @@ class EnvConfig:
     policy's gradient-health features); without it they are measured at DEBUG level only."""
     sharpness_every: int = 5
     """At DEBUG telemetry, measure the top eigenvalue of the loss Hessian in the host's parameters (fossilized
-    seeds included; EpochReport.sharpness) every this many epochs: 20 double-backward passes on one batch, about an epoch of 20 batches; 0 = never."""
+    seeds included; EpochReport.sharpness) every this many epochs: 20 double-backward passes on one batch,
+    about an epoch of 20 batches; 0 = never."""
     train: TrainConfig = field(default_factory=TrainConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)

@@ -268,7 +268,8 @@ class PPOTrainer:
             steps, n = pending["terminated"].shape
             first = self.cfg.seed + self.episodes_done - n
             pending = pending | {"seeds": torch.arange(first, first + n).expand(steps, n)}
-        self.pending = None if pending is None else Rollout.from_tensors({k: v.to(self.device) for k, v in pending.items()})
+        self.pending = (None if pending is None
+                        else Rollout.from_tensors({k: v.to(self.device) for k, v in pending.items()}))
         self.episode_log = json.loads(state["episode_log_json"])
         self.update_log = json.loads(state["update_log_json"])
         self.trained_seeds = trained_seeds(state)

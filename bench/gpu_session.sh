@@ -8,15 +8,16 @@
 #     --python-version $v --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 pytest protobuf pyzmq; done
 # PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the whole
 # script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare took
-# 318 s and speed some 230 s (compile cut short); mps takes about as long as compare and speed's processes
-# line together. A session's 15 device minutes leave one such call after the machine's start: what issue 3
-# still needs first, `PART="cudatests grouped growth groupedcompare groupedseeds envs cudnn mps" MPS_COMPARE=0`.
+# 318 s (303 s on an H200, a process per run) and speed some 230 s (compile cut short); mps takes about as
+# long as compare and speed's processes line together. A session's 15 device minutes leave one such call
+# after the machine's start: what issue 3 still needs first, `PART="compare cudnn envs grouped" MPS_COMPARE=0`
+# (the 40-epoch comparison grouped, the default on CUDA since the seventeenth session's groupedcompare).
 #   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by each of MECHANISMS, default
 #            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
-#            flags (--grouped)
+#            flags (--no-grouped: a process per run)
 #   grouped  concurrency by grouped with static runs (the 0.7 K target)
 #   groupedseeds  concurrency by grouped with a seed in every run (one SeedGroup) and with four kinds of run
 #            (no seed, TRAINING, BLENDING, FOSSILIZED: one SeedGroup over the seeded runs' channels, gathered)

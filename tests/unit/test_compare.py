@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from esper.cli import build_parser, compare_config, main, train_config
+from esper.cli import build_parser, compare_config, compare_grouped, main, train_config
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
                            headline, mean_ci, progress_of, results_table, train_command, walls_shared, write_report)
 from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
@@ -78,6 +78,27 @@ def test_language_models_are_compared_on_test_loss():
 def test_compare_flag_errors(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, device, grouped", [
+    ([], "cuda:0", True),  # measured faster there (bench/compare_grouped.py)
+    ([], "cpu", False),  # and slower on 2 cores
+    (["--no-grouped"], "cuda:0", False),
+    (["--grouped"], "cpu", True),
+    (["--precision", "bf16"], "cuda:0", False),  # flags grouping cannot take leave the default off, unrefused
+    (["--task", "tinystories"], "cuda", False),
+    (["--telemetry-level", "debug"], "cuda:0", False),
+])
+def test_a_comparison_is_grouped_by_default_on_cuda_only(flags, device, grouped):
+    assert compare_grouped(build_parser().parse_args(["compare", *flags]), device) is grouped
+
+
+def test_a_resumed_comparison_keeps_its_grouping_unless_told(tmp_path):
+    """One started with a process per run on CUDA (before grouped was the default there) resumes so."""
+    (tmp_path / "compare.json").write_text(json.dumps(dataclasses.asdict(CompareConfig(grouped=False))))
+    resume = ["compare", "--resume", str(tmp_path)]
+    assert compare_grouped(build_parser().parse_args(resume), "cuda:0") is False
+    assert compare_grouped(build_parser().parse_args([*resume, "--grouped"]), "cuda:0") is True
 
 
 def test_every_arm_trains_with_the_comparisons_precision_and_compilation():

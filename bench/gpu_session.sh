@@ -81,7 +81,7 @@ mps)
   if [ "${MPS_COMPARE:-1}" = 1 ]; then
     start=$SECONDS
     timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 \
-      --max-batches 0 --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp_mps
+      --max-batches 0 --seeds 5 --workers 10 --gpu-preload --no-grouped --out /tmp/cmp_mps  # MPS shares among processes
     echo "compare under MPS exit $? wall $((SECONDS - start)) s"
     mkdir -p "$OUT/compare_mps" && cp /tmp/cmp_mps/results.md "$OUT/compare_mps/"
   fi

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import reprlib
 import math
 import signal
@@ -240,11 +239,23 @@ def compare_grouped(args: argparse.Namespace, device: str) -> bool:
     """Whether `esper compare` trains each arm's seeds as one grouped run: --grouped or --no-grouped as given;
     by default on CUDA, where a 5-seed comparison finished 1.46x sooner than with a process per run (H200,
     bench/compare_grouped.py), unless a flag rules grouping out; off on the CPU, where grouped convolutions
-    run slower than K plain ones (0.99x, the same bench on 2 cores). A resumed comparison keeps its own."""
-    if args.grouped is None and args.resume and (saved := Path(args.resume) / "compare.json").is_file():
-        return json.loads(saved.read_text())["grouped"]
+    run slower than K plain ones (0.99x, the same bench on 2 cores). A resumed comparison keeps its own (one
+    saved before grouping existed ran a process per run)."""
+    from esper.compare import saved_settings
+    from esper.simic.checkpoint import ResumeError
+
+    if args.grouped is None and args.resume and (Path(args.resume) / "compare.json").is_file():
+        try:
+            return bool(saved_settings(Path(args.resume)).get("grouped", False))
+        except ResumeError as exc:
+            raise UsageError(f"--resume {exc}") from None
     if args.grouped is None:
-        return torch.device(device).type == "cuda" and not grouping_refusals(args)
+        if torch.device(device).type != "cuda":
+            return False
+        if refused := grouping_refusals(args):
+            print(f"esper: a process per run, not grouped as by default on CUDA: grouped runs cannot take "
+                  f"{', '.join(refused)}", file=sys.stderr)
+        return not refused
     if args.grouped:
         check_grouped(args)
     return args.grouped
@@ -413,6 +424,7 @@ def check_outputs(cfg) -> None:
 
 def cmd_compare(cfg, resume: bool) -> int:
     from esper.compare import PolicyChanged, RunFailed, compare, differences
+    from esper.simic.checkpoint import ResumeError
 
     out = Path(cfg.out_dir)
     if why := karn_cli.folder_refusal(out, "--out"):
@@ -424,11 +436,16 @@ def cmd_compare(cfg, resume: bool) -> int:
     if resume:
         if not (out / "compare.json").is_file():
             raise UsageError(f"--resume {out}: no compare.json there (not a comparison's folder)")
-        if differ := differences(cfg, out):
+        try:
+            differ = differences(cfg, out)
+        except ResumeError as exc:
+            raise UsageError(f"--resume {exc}") from None
+        if differ:
             raise UsageError(f"--resume {out} was compared with other settings: {', '.join(differ)} differ")
     elif (out / "runs").exists():
         raise UsageError(f"--out {out} already holds a comparison: choose another folder, or --resume {out}")
-    print(f"device: {cfg.device}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
+    way = "each arm's seeds as one grouped run" if cfg.grouped else "a process per run"
+    print(f"device: {cfg.device}; {way}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: its runs end with it
     try:
         report = compare(cfg, log=lambda line: print(line, file=sys.stderr), resume=resume)

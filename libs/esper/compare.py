@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ import torch
 from scipy import stats
 
 from esper.kasmina import HOSTS
-from esper.simic.checkpoint import changed_settings, file_sha256, write_atomic
+from esper.simic.checkpoint import ResumeError, changed_settings, file_sha256, write_atomic
+from esper.simic.env import fates_in_words
 from esper.tolaria.trainer import TrainConfig
 
 
@@ -123,9 +125,21 @@ RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "p
 """CompareConfig fields a resumed comparison may change: where and how fast it runs, not what it compares."""
 
 
+def saved_settings(out: Path) -> dict:
+    """The settings the comparison in `out` was started with (its compare.json); ResumeError when that file
+    is not a comparison's settings."""
+    try:
+        saved = json.loads((out / "compare.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{out}: its compare.json cannot be read ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{out}: its compare.json is not a comparison's settings")
+    return saved
+
+
 def differences(cfg: CompareConfig, out: Path) -> list[str]:
     """The fields (but RESUMABLE) in which `cfg` differs from the comparison saved in `out`."""
-    return changed_settings(cfg, json.loads((out / "compare.json").read_text()), RESUMABLE)
+    return changed_settings(cfg, saved_settings(out), RESUMABLE)
 
 
 def runs_dir(cfg: CompareConfig, arm: Arm, seed: int | str) -> Path:
@@ -437,11 +451,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     batch_size = TrainConfig.for_task(cfg.task).batch_size  # as `esper train` trains the task
     spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
-    fates: dict[str, dict[str, int]] = {}  # growing arm -> fate -> seeds over all runs
-    for arm in ("heuristic", "ppo"):
-        for r in results.get(arm, []):
-            for fate, n in r["seed_counts"].items():
-                fates.setdefault(arm, {})[fate] = fates.get(arm, {}).get(fate, 0) + n
+    fates = {arm: fates_in_words(sum((Counter(r["seed_counts"]) for r in runs), Counter()))
+             for arm, runs in results.items() if arm in ("heuristic", "ppo")}  # seeds' fates over all runs
     text = [
         f"# esper compare: {cfg.task}",
         "",
@@ -461,8 +472,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         "evaluation passes (validation with its counterfactual copies, and test) are not counted.",
         f"wall s: the mean of the runs' own wall times. They compare within a phase only: {walls_shared(cfg)}.",
         "",
-        *[f"Seeds of the {arm} arm over all runs: {fates.get(arm) or 'none germinated'}." for arm in ("heuristic", "ppo")
-          if arm in results],
+        *[f"Seeds of the {arm} arm over all runs: {fates[arm]}." for arm in fates],
         *([f"The ppo arm's policy: `{cfg.policy}`."] if "ppo" in results else []),
         *([ppo_against_heuristic(cfg, results)] if {"ppo", "heuristic"} <= results.keys() else []),
         "",

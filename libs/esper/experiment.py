@@ -24,7 +24,7 @@ from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
-from esper.simic.env import step_together
+from esper.simic.env import fates_in_words, step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint, write_atomic
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
@@ -287,7 +287,7 @@ class Episode:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
         self.console.print(
             f"{run_dir.name}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  "
-            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  seeds {summary['seed_counts']}  "
+            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  seeds: {fates_in_words(summary['seed_counts'])}  "
             f"{wall:.1f}s  -> {run_dir}"
         )
         return summary

@@ -89,8 +89,14 @@ def test_compare_flag_errors(argv, needle, capsys):
     (["--task", "tinystories"], "cuda", False),
     (["--telemetry-level", "debug"], "cuda:0", False),
 ])
-def test_a_comparison_is_grouped_by_default_on_cuda_only(flags, device, grouped):
+def test_a_comparison_is_grouped_by_default_on_cuda_only(flags, device, grouped, capsys):
     assert compare_grouped(build_parser().parse_args(["compare", *flags]), device) is grouped
+    said = capsys.readouterr().err
+    if device.startswith("cuda") and not grouped and "--no-grouped" not in flags:  # says why not
+        assert said.startswith("esper: a process per run, not grouped as by default on CUDA: grouped runs cannot "
+                               f"take {' '.join(flags[:2])}"), said
+    else:
+        assert said == ""
 
 
 def test_a_resumed_comparison_keeps_its_grouping_unless_told(tmp_path):
@@ -99,6 +105,21 @@ def test_a_resumed_comparison_keeps_its_grouping_unless_told(tmp_path):
     resume = ["compare", "--resume", str(tmp_path)]
     assert compare_grouped(build_parser().parse_args(resume), "cuda:0") is False
     assert compare_grouped(build_parser().parse_args([*resume, "--grouped"]), "cuda:0") is True
+    (tmp_path / "compare.json").write_text(json.dumps({"task": "cifar10"}))  # saved before grouping existed
+    assert compare_grouped(build_parser().parse_args(resume), "cuda:0") is False
+
+
+@pytest.mark.parametrize("saved", ["{trunc", "[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("grouping", [[], ["--no-grouped"]])  # read to keep its way, or only to compare settings
+def test_a_resumed_comparison_whose_settings_are_unreadable_is_refused_in_one_line(tmp_path, saved, grouping,
+                                                                                   capsys):
+    folder = tmp_path / "cmp"
+    folder.mkdir()
+    (folder / "compare.json").write_bytes(saved.encode() if isinstance(saved, str) else saved)
+    assert main(["compare", "--task", "synthetic", "--resume", str(folder), "--db", str(tmp_path / "k.db"),
+                 *grouping]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"esper: error: --resume {folder}: its compare.json") and len(err.splitlines()) == 1, err
 
 
 def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
@@ -141,7 +162,7 @@ def test_a_failed_run_ends_the_comparison_in_one_line_that_says_how_to_resume(tm
                  "--max-epochs", "1", "--out", str(out), "--db", str(tmp_path / "karn.db"),
                  "--progress-every", "0"]) == 1
     said = capsys.readouterr().err.strip().splitlines()
-    assert said[0].startswith("device: ") and len(said) == 2, said
+    assert said[0].startswith("device: cpu; a process per run; writing ") and len(said) == 2, said
     stderr = out / "runs" / "static" / "seed42" / "stderr.txt"
     assert said[1].startswith(f"esper: error: static seed 42 failed (exit status 1): no *.txt or *.txt.gz in {empty}")
     assert said[1].endswith(f"(all it wrote: {stderr}); finish the comparison with the same flags and --resume {out}")
@@ -180,8 +201,12 @@ def test_the_report_pairs_the_learned_controller_with_the_heuristic(tmp_path):
                "ppo": [summary(42, 63.0, []), summary(43, 64.0, [])]}
     cfg = CompareConfig(task="synthetic", seeds=2, arms=("static", "heuristic", "ppo"), policy="/p.pt",
                         out_dir=str(tmp_path))
+    results["heuristic"][0]["seed_counts"] = {"fossilized": 1, "culled": 2}
+    results["heuristic"][1]["seed_counts"] = {"fossilized": 2}
     text = write_report(cfg, results, seconds=1.0).read_text()
     assert "ppo against heuristic, test accuracy paired by seed (95% CI): +2.50 ± 6.35." in text
+    assert "Seeds of the heuristic arm over all runs: 3 fossilized, 2 culled." in text  # in words, most first
+    assert "Seeds of the ppo arm over all runs: none germinated." in text
 
 
 def test_the_ppo_arm_runs_the_policy_that_was_checked(tmp_path):

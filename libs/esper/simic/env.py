@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -322,3 +322,9 @@ def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tupl
     for members in by_device.values():
         TrainerGroup(members).train_epoch()
     return [env.end_step() for env in envs]
+
+
+def fates_in_words(fates: Mapping[str, int]) -> str:
+    """Seeds' fates (GrowthEnv.seed_fates, or their sum over runs) as a reader wants them: '3 fossilized, 2
+    culled', most first, or 'none germinated'."""
+    return ", ".join(f"{n} {fate}" for fate, n in Counter(fates).most_common() if n) or "none germinated"

@@ -17,15 +17,15 @@ DEFAULT_DB = "runs/karn.db"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from esper.transport.config import StackEndpoints, add_token_flag  # ports only: no zmq
+    from esper.transport.config import StackEndpoints, add_token_flag, endpoint  # ports only: no zmq
 
     env = StackEndpoints.from_env()
     tui = commands.add_parser("tui", help="watch runs: replay a telemetry file, or attach to a running stack's bus")
     dashboard = commands.add_parser("dashboard", help="serve the web dashboard of a telemetry file or a running stack")
     for p in (tui, dashboard):
         p.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
-        p.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
-        p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot),
+        p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
+        p.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
                        help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
         p.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
         add_token_flag(p)

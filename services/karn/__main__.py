@@ -19,7 +19,7 @@ from esper.karn import RunStore, RunStoreCollector
 from esper.karn.store import EventJournal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
-from esper.transport.config import StackEndpoints, metrics_port
+from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -45,10 +45,10 @@ def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = argparse.ArgumentParser(prog="python -m services.karn", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
-    p.add_argument("--hub-sub", default=env.tcp(env.hub_sub), help="hub subscribe endpoint")
-    p.add_argument("--hub-snapshot", default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
+    p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="hub subscribe endpoint")
+    p.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
     p.add_argument("--metrics-port", type=metrics_port, default=env.karn_metrics, help="$ESPER_KARN_METRICS_PORT (-1 = off)")
-    p.add_argument("--max-runs", type=int, default=64, help="runs kept in the store")
+    p.add_argument("--max-runs", type=at_least(1), default=64, help="runs kept in the store")
     p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
     add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))

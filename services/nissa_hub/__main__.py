@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
-from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, metrics_port, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -47,7 +47,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--snapshot-port", type=port, default=env.hub_snapshot, help="$ESPER_HUB_SNAPSHOT_PORT")
     p.add_argument("--metrics-port", type=metrics_port, default=env.hub_metrics,
                    help="$ESPER_HUB_METRICS_PORT (-1 = off)")
-    p.add_argument("--retain-runs", type=int, default=32, help="runs kept for late-join snapshots")
+    p.add_argument("--retain-runs", type=at_least(1), default=32, help="runs kept for late-join snapshots")
     add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))
 

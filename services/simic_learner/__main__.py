@@ -39,7 +39,7 @@ from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
-from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, endpoint_or_none, metrics_port, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_TRAJECTORY_BYTES
 from esper.transport.trajectories import LiveMetrics, TrajectoryInbox, WeightsPublisher
@@ -83,9 +83,9 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--port", type=port, default=env.learner, help="trajectories ($ESPER_LEARNER_PORT; 0 = any)")
     p.add_argument("--weights-port", type=port, default=env.learner_weights,
                    help="policy weights PUB ($ESPER_LEARNER_WEIGHTS_PORT; 0 = any)")
-    p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint; '' = no telemetry")
-    p.add_argument("--republish-s", type=float, default=2.0, help="republish the weights this often")
-    p.add_argument("--max-policy-lag", type=int, default=4, help="oldest policy version learned from, in updates")
+    p.add_argument("--hub-pub", type=endpoint_or_none, default=env.tcp(env.hub_pub), help="hub publish endpoint; '' = no telemetry")
+    p.add_argument("--republish-s", type=at_least(0.1, float), default=2.0, help="republish the weights this often")
+    p.add_argument("--max-policy-lag", type=at_least(0), default=4, help="oldest policy version learned from, in updates")
     p.add_argument("--summary", default=None, help="JSON file with the learner's state, rewritten per update")
     p.add_argument("--metrics-port", type=metrics_port, default=env.learner_metrics,
                    help="Prometheus /metrics ($ESPER_LEARNER_METRICS_PORT; 0 = any, -1 = off)")

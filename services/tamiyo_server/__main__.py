@@ -29,7 +29,7 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import StackEndpoints, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
 from esper.transport.policy_service import (
@@ -73,10 +73,10 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--metrics-port", type=metrics_port, default=env.tamiyo_metrics,
                    help="/metrics port ($ESPER_TAMIYO_METRICS_PORT; 0 = any, -1 = off)")
     p.add_argument("--policy", choices=sorted(POLICIES), default="heuristic")
-    p.add_argument("--learner-weights", default=env.tcp(env.learner_weights),
+    p.add_argument("--learner-weights", type=endpoint, default=env.tcp(env.learner_weights),
                    help="simic_learner weights endpoint, for --policy neural ($ESPER_LEARNER_WEIGHTS_PORT)")
-    p.add_argument("--workers", type=int, default=4, help="gRPC server threads")
-    p.add_argument("--grace-s", type=float, default=1.0,
+    p.add_argument("--workers", type=at_least(1), default=4, help="gRPC server threads")
+    p.add_argument("--grace-s", type=at_least(0, float), default=1.0,
                    help="shutdown grace for in-flight calls (a Decide takes milliseconds; honcho kills at 5 s)")
     add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))

@@ -48,11 +48,11 @@ from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
-from esper.transport.config import StackEndpoints, metrics_port
+from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port
 from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
-from esper.transport.trajectories import LiveMetrics, Spool, SpoolBusy, TrajectorySender
+from esper.transport.trajectories import LiveMetrics, Spool, SpoolBusy, SpoolCorrupt, TrajectorySender
 
 
 @dataclass(frozen=True)
@@ -105,22 +105,22 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--ppo", action="store_true", help="a PPO actor: ship trajectories to simic_learner")
     if "--ppo" in (sys.argv[1:] if argv is None else argv):
         add_ppo_flags(p)
-        p.add_argument("--learner", default=env.tcp(env.learner), help="simic_learner ($ESPER_LEARNER_PORT)")
+        p.add_argument("--learner", type=endpoint, default=env.tcp(env.learner), help="simic_learner ($ESPER_LEARNER_PORT)")
         p.add_argument("--worker-id", default=socket.gethostname(),
                        help="name in trajectory keys; keep it across restarts (the spool is found by it)")
         p.add_argument("--spool-dir", default=None, help="unacked trajectories (default <runs-dir>/spool/<worker-id>)")
-        p.add_argument("--resend-s", type=float, default=10.0, help="resend an unacked trajectory after this long")
-        p.add_argument("--window", type=int, default=4, help="most trajectories unacked at once")
+        p.add_argument("--resend-s", type=at_least(0.1, float), default=10.0, help="resend an unacked trajectory after this long")
+        p.add_argument("--window", type=at_least(1), default=4, help="most trajectories unacked at once")
     else:
         add_checkpoint_flag(p)
         p.add_argument("--fresh", action="store_true", help="start every episode anew, continuing no run")
     p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
-    p.add_argument("--hub-pub", default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
+    p.add_argument("--hub-pub", type=endpoint, default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--metrics-port", type=metrics_port, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
-    p.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S,
+    p.add_argument("--deadline-s", type=at_least(0.01, float), default=DEFAULT_DEADLINE_S,
                    help="deadline of each Decide call (a frozen tamiyo_server is noticed within it)")
-    p.add_argument("--patience-s", type=float, default=120.0, help="wait this long for tamiyo_server")
+    p.add_argument("--patience-s", type=at_least(0, float), default=120.0, help="wait this long for tamiyo_server")
     p.add_argument("--exit-when-done", action="store_true", help="exit after the episodes")
     add_token_flag(p)
     args = p.parse_args(argv)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyUnavailable as exc:  # stopping mid-episode, or tamiyo gone for longer than patience
         status = 0 if stop.is_set() else 1
         log.log(logging.INFO if status == 0 else logging.ERROR, "episode abandoned: %s", exc)
-    except SpoolBusy as exc:
+    except (SpoolBusy, SpoolCorrupt) as exc:
         status = 2
         log.error("%s", exc)
     except EnvProcessError as exc:  # --env-processes: a child failed or died; its round was not shipped

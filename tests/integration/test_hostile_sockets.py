@@ -215,6 +215,7 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
     config = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=4, slots=("mid",)), n_envs=1, episodes=1)
     good = Learner(config, Telemetry("weights"), max_policy_lag=1).policy_state()
     bad = good | {"network": {"not.a.layer": torch.ones(2)}}
+    other_stats = good | {"obs_rms": {k: v[:3] if v.dim() else v for k, v in good["obs_rms"].items()}}  # had loaded
 
     def refused() -> float:
         return metric(scrape(tamiyo.endpoints["metrics"]), "esper_tamiyo_weights_refused_total")
@@ -227,6 +228,7 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
             time.sleep(0.2)
 
     publish_until(weights_frames(1, bad), lambda: refused() >= 1)
+    publish_until(weights_frames(2, other_stats), lambda: refused() >= 2)
     with grpc.insecure_channel(tamiyo.endpoints["grpc"]) as channel:
         stub = tamiyo_pb2_grpc.TamiyoStub(channel)
 
@@ -236,10 +238,10 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
             except grpc.RpcError:
                 return ""
 
-        publish_until(weights_frames(2, good), lambda: version() == "2")
+        publish_until(weights_frames(3, good), lambda: version() == "3")
         served = version()
     print(f"tamiyo_server SUB: bad weights refused ({refused():.0f} counted), then version {served} served")
-    assert refused() >= 1 and tamiyo.proc.poll() is None
+    assert refused() >= 2 and tamiyo.proc.poll() is None
     pub.close()
     ctx.term()
     assert tamiyo.stop() == 0, tamiyo.output()

@@ -123,16 +123,22 @@ def observation(**fields) -> Observation:
 
 
 NAN, INF = float("nan"), float("inf")
-NOT_FINITE = {  # every policy: observation_problems
+UNUSABLE = {  # every policy: observation_problems
     "NaN in the accuracy history": observation(signals=TrainingSignals(max_epochs=10, val_accuracy_history=[1, NAN])),
     "inf in the loss history": observation(signals=TrainingSignals(max_epochs=10, val_loss_history=[INF])),
     "slot alpha NaN": observation(slots=[SlotState(slot="mid", stage=1, alpha=NAN)]),
     "slot contribution inf": observation(slots=[SlotState(slot="mid", stage=1, has_contribution=True,
                                                           contribution=INF)]),
     "two 20 KB slot names": observation(slots=[SlotState(slot="z" * 20_000, stage=1)] * 2),
+    # Negative counts had failed inside the policies: the features' log1p, the heuristic's blend division.
+    "slot seed_grad_norm -1": observation(slots=[SlotState(slot="mid", stage=1, seed_grad_norm=-1.0)]),
+    "a blend -1 epochs in": observation(
+        signals=TrainingSignals(epoch=3, max_epochs=10, val_accuracy_history=[50.0, 51.0, 52.0]),
+        slots=[SlotState(slot="mid", stage=SeedStage.SEED_STAGE_BLENDING, blueprint=1, seed_id=1,
+                         epochs_in_stage=-1)]),
 }
 INVALID = {
-    **{case: DecideRequest(observation=obs) for case, obs in NOT_FINITE.items()},
+    **{case: DecideRequest(observation=obs) for case, obs in UNUSABLE.items()},
     "200 slots of no stage": DecideRequest(observation=observation(slots=[SlotState(slot=f"s{i}")
                                                                           for i in range(200)])),
     "no observation": DecideRequest(),
@@ -235,7 +241,7 @@ def test_neural_policy_refuses_what_its_network_cannot_decide(spawn):
     config = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=4, slots=("mid",)), n_envs=1, episodes=1)
     weights = weights_frames(1, Learner(config, Telemetry("weights")).policy_state())
     refused = {
-        **NOT_FINITE,
+        **UNUSABLE,
         "unknown slot": observation(slots=[SlotState(slot="bogus", stage=1)]),
         "200 slots": observation(slots=[SlotState(slot=f"s{i}" * 100, stage=1) for i in range(200)]),
         "a blueprint the host does not take": observation(blueprints=[Blueprint.BLUEPRINT_LORA]),

@@ -17,9 +17,9 @@ from esper.simic.trainer import TrainerConfig
 TOY = EnvConfig(task="synthetic", max_epochs=4, slots=("mid",))
 
 
-def rollout(learner: Learner) -> Rollout:
-    """One whole episode that WAITs throughout, every action legal."""
-    t, n, trainer = TOY.max_epochs, 1, learner.trainer
+def rollout(learner: Learner, t: int = TOY.max_epochs, n: int = 1) -> Rollout:
+    """`n` episodes (one whole one by default) that WAIT throughout, every action legal."""
+    trainer = learner.trainer
     return Rollout(obs=torch.zeros(t, n, trainer.spec.dim),
                    legal=torch.ones(t, n, *trainer.codec.shape, dtype=torch.bool),
                    actions=torch.zeros(t, n, 3, dtype=torch.int64), logprobs=torch.zeros(t, n),
@@ -84,3 +84,12 @@ def test_a_refused_trajectory_leaves_the_learner_able_to_update(case):
     assert learner.version == 1 and torch.isfinite(torch.tensor(stats.policy_loss))
     assert all(bool(p.isfinite().all()) for p in learner.trainer.agent.parameters())
     assert all(bool(v.isfinite().all()) for v in learner.trainer.obs_rms.state().values())
+
+
+@pytest.mark.parametrize("steps, episodes", [(0, 1), (TOY.max_epochs, 0), (0, 0), (2, 1)])
+def test_a_trajectory_of_no_steps_or_no_episodes_is_refused(steps, episodes):
+    """An empty one had raised IndexError, which no peer's message may do: the learner had exited."""
+    learner = Learner(TrainerConfig(env=TOY, n_envs=1, update_every=1, episodes=10, seed=0), Telemetry("l"))
+    refused = learner.add(rollout(learner, steps, episodes))
+    assert refused == f"not whole 4-epoch episodes ({steps} steps of {episodes} episodes)"
+    assert learner.pending_episodes == 0 and learner.trainer.global_step == 0

@@ -1,6 +1,7 @@
 """The stack's ports are defined once (esper.transport.config.PORTS); `.env`, `ops/prometheus.yml`
 and the Procfile must agree with that table."""
 
+import importlib
 import os
 import re
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.cli import main
+from esper.cli import UsageError, main
 from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +90,43 @@ def test_a_service_refuses_a_port_it_cannot_take_in_one_line():
     for done, status, needle in cases:
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == status and needle in last and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name, flag, value, lowest", [
+    ("nissa_hub", "--retain-runs", "-1", "1"),  # had emptied its run table and crashed at the first event
+    ("karn", "--max-runs", "0", "1"),
+    ("simic_learner", "--max-policy-lag", "-1", "0"),  # had dropped the current version's statistics
+    ("simic_learner", "--republish-s", "0", "0.1"),
+    ("tamiyo_server", "--workers", "0", "1"),
+    ("tamiyo_server", "--grace-s", "nan", "0"),
+    ("tolaria_worker", "--window", "0", "1"),
+    ("tolaria_worker", "--resend-s", "-5", "0.1"),
+    ("tolaria_worker", "--deadline-s", "inf", "0.01"),
+    ("tolaria_worker", "--patience-s", "-1", "0"),
+])
+def test_a_service_refuses_a_count_or_duration_it_cannot_use_in_one_line(name, flag, value, lowest, capsys):
+    said = refusal(name, flag, value, capsys)
+    assert said.endswith(f"argument {flag}: must be at least {lowest}, got {value}"), said
+
+
+def refusal(name: str, flag: str, value: str, capsys) -> str:
+    """What the service's flag parser says to `flag value`: argparse's exit 2, or esper's Parser's UsageError
+    (which the service's main turns into exit 2)."""
+    parse = importlib.import_module(f"services.{name}.__main__").parse
+    with pytest.raises((SystemExit, UsageError)) as refused:
+        parse([flag, value, *(["--ppo"] if name == "tolaria_worker" else [])])
+    assert refused.type is UsageError or refused.value.code == 2
+    return str(refused.value) if refused.type is UsageError else capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, flag", [("karn", "--hub-sub"), ("karn", "--hub-snapshot"),
+                                        ("tamiyo_server", "--learner-weights"), ("tolaria_worker", "--hub-pub"),
+                                        ("tolaria_worker", "--learner"), ("simic_learner", "--hub-pub")])
+@pytest.mark.parametrize("value", ["foo", "tcp://127.0.0.1:99999", "tcp://127.0.0.1"])
+def test_a_service_refuses_a_malformed_endpoint_in_one_line(name, flag, value, capsys):
+    """It had ended the service in a ZMQError traceback when it connected."""
+    said = refusal(name, flag, value, capsys)
+    assert said.endswith(f"argument {flag}: {value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT)"), said
 
 
 def test_stack_status_reads_what_answers_and_skips_what_is_off(monkeypatch, capsys):

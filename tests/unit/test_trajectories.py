@@ -18,7 +18,8 @@ from esper.simic.rollout import Rollout
 from esper.simic.toy import SimulatedTrainer
 from esper.simic.trainer import TrainerConfig
 from esper.transport.tensors import pack, unpack
-from esper.transport.trajectories import Spool, SpoolBusy, TrajectoryInbox, decode_weights, weights_frames
+from esper.transport.trajectories import (SPOOL_HEAD, Spool, SpoolBusy, SpoolCorrupt, TrajectoryInbox, decode_weights,
+                                         weights_frames)
 
 TOY = EnvConfig(task="synthetic", max_epochs=4, slots=("mid",))
 make_env = functools.partial(GrowthEnv, trainer_factory=SimulatedTrainer)
@@ -102,6 +103,20 @@ def test_the_spool_gives_a_restarted_worker_its_unacked_trajectories_and_progres
     again.remove(("w", 9, 1))
     assert again.bytes == 0 and not list(tmp_path.glob("*.traj")) and not (tmp_path / "torn.tmp").exists()
     again.close()
+
+
+@pytest.mark.parametrize("content", [b"abc", b"\0" * 40, b"cut short"])
+def test_a_spooled_file_that_is_not_a_whole_trajectory_is_named(tmp_path, content):
+    """Cut short, not the spool's own, or a header of another format: one error naming the file (the
+    worker stops on it in one line, exit 2), not a struct.error or DecodeError traceback."""
+    spool = Spool(tmp_path)
+    spool.put(("w", 9, 0), frames("w", 9, 0), progress=1)
+    path = next(tmp_path.glob("*.traj"))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:SPOOL_HEAD.size + 2] if content == b"cut short" else content)  # in its header frame
+    with pytest.raises(SpoolCorrupt, match=f"^{path} is not a whole spooled trajectory"):
+        spool.load()
+    spool.close()
 
 
 def test_tensor_frames_round_trip_and_refuse_what_is_not_a_tensor():

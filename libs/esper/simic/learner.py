@@ -70,6 +70,8 @@ class Learner:
             # later update would fail on it, across restarts.
             if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                 return f"{f.name} is not finite"
+        if steps != trainer.env_cfg.max_epochs or envs == 0 or not bool(rollout.terminated[-1].all()):
+            return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps of {envs} episodes)"
         ops, slots, blueprints = trainer.codec.shape
         if not bool(((rollout.actions >= 0) & (rollout.actions < torch.tensor([ops, slots, blueprints]))).all()):
             return f"actions outside the heads' ranges {trainer.codec.shape}"
@@ -81,8 +83,6 @@ class Learner:
             return "actions that their legal masks forbid"
         if bool((rollout.seeds < -1).any()) or bool((rollout.seeds != rollout.seeds[0]).any()):
             return "seeds that are not one per episode (-1: a worker too old to send them)"
-        if steps != trainer.env_cfg.max_epochs or not bool(rollout.terminated[-1].all()):
-            return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps)"
         versions = set(rollout.policy_version.unique().tolist())
         unknown = versions - set(self.obs_stats)
         if unknown:

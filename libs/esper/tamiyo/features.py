@@ -220,4 +220,9 @@ class RunningMeanStd:
         return {"mean": self.mean.clone(), "var": self.var.clone(), "count": self.count.clone()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """ValueError unless `state` has this one's shape: statistics of other observations (policy weights
+        from the wire) had loaded and then failed every decision."""
+        shapes = {k: tuple(state[k].shape) for k in ("mean", "var", "count")}
+        if shapes != {"mean": self.mean.shape, "var": self.mean.shape, "count": ()}:
+            raise ValueError(f"statistics of shapes {shapes} for observations of shape {tuple(self.mean.shape)}")
         self.mean, self.var, self.count = (state[k].to(torch.float64).clone() for k in ("mean", "var", "count"))

@@ -18,6 +18,11 @@ MAX_REASON_BYTES = 1024
 SLOT_FLOATS = ("alpha", "contribution", "contribution_se", "loss_contribution")
 """SlotState floats that must be finite. Not seed_grad_norm: a non-finite gradient norm is news about the
 seed (it diverged), which the features encode as such (tamiyo.features)."""
+SLOT_COUNTS = ("seed_id", "epochs_in_stage", "seed_params", "embargo_epochs_left", "contribution_se",
+               "seed_grad_norm")
+"""SlotState fields that cannot be negative: the heuristic divides by a blend's epochs and the features take
+a norm's log1p, so a negative one had failed inside a policy (UNKNOWN, not INVALID_ARGUMENT)."""
+SIGNAL_COUNTS = ("plateau_epochs", "host_params", "total_params")
 
 
 def observation_problems(obs: Observation) -> list[str]:
@@ -33,6 +38,8 @@ def observation_problems(obs: Observation) -> list[str]:
     for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "best_val_accuracy"):
         if not math.isfinite(getattr(s, name)):
             problems.append(f"signals.{name} is not finite")
+    problems += [f"signals.{name} must be >= 0, got {getattr(s, name)}" for name in SIGNAL_COUNTS
+                 if getattr(s, name) < 0]
     for name in ("val_accuracy_history", "val_loss_history"):
         if not all(map(math.isfinite, getattr(s, name))):
             problems.append(f"signals.{name} has a value that is not finite")
@@ -47,6 +54,8 @@ def observation_problems(obs: Observation) -> list[str]:
         for name in SLOT_FLOATS:
             if not math.isfinite(getattr(slot, name)):
                 problems.append(f"slot {reprlib.repr(slot.slot)}: {name} is not finite")
+        problems += [f"slot {reprlib.repr(slot.slot)}: {name} must be >= 0, got {getattr(slot, name)}"
+                     for name in SLOT_COUNTS if getattr(slot, name) < 0]
     if not obs.blueprints:
         problems.append("observation.blueprints is empty")
     for bp in [*obs.blueprints, *obs.recently_culled]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
+import re
 import socket
 from dataclasses import dataclass, fields
 
@@ -83,6 +85,38 @@ def port(text: str) -> int:
         return port_number(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def at_least(lowest: float, kind: type = int):
+    """argparse type of a service's count or duration flag: below `lowest`, or not a finite number, is refused
+    in one line at start, not when first used (a negative --retain-runs had crashed the hub at its first
+    event, a negative --max-policy-lag the learner at its first update, and its checkpoint every later start)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and value >= lowest):
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        return value
+    return parse
+
+
+ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})|ipc://\S+")
+
+
+def endpoint(text: str) -> str:
+    """argparse type of a ZeroMQ endpoint a service connects to: tcp://HOST:PORT or ipc://PATH (a malformed
+    one had ended the service in a ZMQError traceback)."""
+    match = ENDPOINT.fullmatch(text)
+    if not match or (match[2] and not 0 < int(match[2]) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT)")
+    return text
+
+
+def endpoint_or_none(text: str) -> str:
+    """endpoint, or '' for none."""
+    return text and endpoint(text)
 
 
 def metrics_port(text: str) -> int:

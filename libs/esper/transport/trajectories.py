@@ -128,6 +128,11 @@ class SpoolBusy(RuntimeError):
     """Another live worker holds this spool directory."""
 
 
+class SpoolCorrupt(ValueError):
+    """A file in the spool is not a whole spooled trajectory (cut short, or not the spool's own): what to do
+    with its episodes is the user's call, so the worker stops on it instead of dropping it."""
+
+
 class Spool:
     """A worker's trajectories on disk from before they are sent until the learner acks them.
 
@@ -171,15 +176,19 @@ class Spool:
         return progress
 
     def load(self) -> dict[Key, list[bytes]]:
-        """Every spooled trajectory's frames, by key (oldest first); raises ValueError on a foreign file."""
+        """Every spooled trajectory's frames, by key (oldest first); SpoolCorrupt names a file that is not one."""
         found = {}
         for path in sorted(self.directory.glob("*.traj"), key=lambda p: p.stat().st_mtime_ns):
             blob = path.read_bytes()
-            magic, progress, length = SPOOL_HEAD.unpack_from(blob)
-            if magic != SPOOL_MAGIC:
-                raise ValueError(f"{path} is not a spooled trajectory")
-            frames = [blob[SPOOL_HEAD.size:SPOOL_HEAD.size + length], blob[SPOOL_HEAD.size + length:]]
-            header = TrajectoryHeader.FromString(frames[0])
+            try:
+                magic, progress, length = SPOOL_HEAD.unpack_from(blob)
+                if magic != SPOOL_MAGIC or SPOOL_HEAD.size + length > len(blob):
+                    raise ValueError("another format, or cut short")
+                frames = [blob[SPOOL_HEAD.size:SPOOL_HEAD.size + length], blob[SPOOL_HEAD.size + length:]]
+                header = TrajectoryHeader.FromString(frames[0])
+            except (struct.error, ValueError, DecodeError) as exc:
+                raise SpoolCorrupt(f"{path} is not a whole spooled trajectory ({exc}): move it out of the spool "
+                                   "to start (its episodes were played but never reached the learner)") from None
             key = (header.worker_id, header.incarnation, header.sequence)
             found[key] = frames
             self.entries[key] = (len(blob), progress)

@@ -24,7 +24,7 @@ from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, t
 from esper.leyline import Blueprint, TelemetryLevel, short_name, short_names
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
-from esper.simic.checkpoint import file_sha256
+from esper.simic.checkpoint import ResumeError, file_sha256
 from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
@@ -242,7 +242,6 @@ def compare_grouped(args: argparse.Namespace, device: str) -> bool:
     run slower than K plain ones (0.99x, the same bench on 2 cores). A resumed comparison keeps its own (one
     saved before grouping existed ran a process per run)."""
     from esper.compare import saved_settings
-    from esper.simic.checkpoint import ResumeError
 
     if args.grouped is None and args.resume and (Path(args.resume) / "compare.json").is_file():
         try:
@@ -272,7 +271,7 @@ def grouping_refusals(args: argparse.Namespace) -> list[str]:
 
 def policy_spec(path: str, task: str):
     """The FeatureSpec of a saved policy, checked against the host it is to drive."""
-    from esper.simic.checkpoint import ResumeError, load_checkpoint
+    from esper.simic.checkpoint import load_checkpoint
     from esper.tamiyo.features import FeatureSpec
 
     if not Path(path).is_file():
@@ -308,7 +307,6 @@ def check_held_out(policy: str, first_seed: int, seeds: int) -> None:
 def check_resume(cfg, run_dir: str) -> None:
     """--resume names a run directory of this experiment (its config.json matches the flags)."""
     from esper.experiment import episode_of
-    from esper.simic.checkpoint import ResumeError
 
     try:
         episode_of(cfg, Path(run_dir))
@@ -424,7 +422,6 @@ def check_outputs(cfg) -> None:
 
 def cmd_compare(cfg, resume: bool) -> int:
     from esper.compare import PolicyChanged, RunFailed, compare, differences
-    from esper.simic.checkpoint import ResumeError
 
     out = Path(cfg.out_dir)
     if why := karn_cli.folder_refusal(out, "--out"):
@@ -479,9 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(compare_config(args), resume=args.resume is not None)
         cfg = train_config(args)
         if args.mode == "ppo":
-            from esper.train_ppo import ppo_config
+            from esper.train_ppo import check_save, ppo_config
 
             cfg = ppo_config(args, cfg)
+            if cfg.save:
+                check_save(Path(cfg.save), cfg.resume)
         try:
             dashboard = dashboard_config(args)
         except ValueError as exc:
@@ -519,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EnvProcessError) as exc:  # missing data; an environment process that failed or died
         print(f"esper: error: {exc}", file=sys.stderr)
         return 1
+    except ResumeError as exc:  # a checkpoint that is not one (torn, or another file): found before training
+        print(f"esper: error: --resume {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # experiment.Interrupted says how to continue
+        print(f"esper: interrupted{'; ' + exc.hint if hasattr(exc, 'hint') else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

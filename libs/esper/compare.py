@@ -517,11 +517,18 @@ def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     if cfg.policy:
         copy_policy(cfg, out)
     wall_file = out / "wall.json"
-    before = json.loads(wall_file.read_text()) if resume and wall_file.is_file() else {"seconds": 0.0, "invocations": 0}
+    before = {"seconds": 0.0, "invocations": 0}
+    if resume and wall_file.is_file():
+        try:
+            before = {k: float(json.loads(wall_file.read_text())[k]) for k in before}
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:  # the results stand
+            log(f"esper: warning: {wall_file} cannot be read ({type(exc).__name__}): the wall time counts this "
+                "invocation only")
     started = time.perf_counter()
 
     def wall() -> dict:
-        spent = {"seconds": before["seconds"] + time.perf_counter() - started, "invocations": before["invocations"] + 1}
+        spent = {"seconds": before["seconds"] + time.perf_counter() - started,
+                 "invocations": int(before["invocations"]) + 1}
         write_atomic(wall_file, json.dumps(spent))
         return spent
 

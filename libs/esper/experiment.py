@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,14 +96,25 @@ def stage_line(obs: Observation) -> str:
     return " ".join(f"{s.slot}:{short_name(SeedStage, s.stage)}" for s in obs.slots)
 
 
-def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = None,
-        sinks: tuple[Sink, ...] = (), resume: Path | None = None, continue_runs: bool = False) -> list[dict]:
-    """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory).
-    `policy` replaces the one `cfg.mode` names and `sinks` get every event too: the tolaria worker
-    service passes a remote policy and the bus publisher here.
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; `hint` says how to continue it."""
 
-    `resume`, a run directory of this config, continues that episode from its checkpoint, then runs the
-    episodes after it; a grouped experiment resumes as a whole, every episode as `continue_runs` would.
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint
+
+
+def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = None,
+        sinks: tuple[Sink, ...] = (), resume: Path | None = None, continue_runs: bool = False,
+        on_finished: Callable[[dict], None] = lambda summary: None) -> list[dict]:
+    """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory), each
+    also given to `on_finished` as its episode ends (the run store records it then). `policy` replaces the
+    one `cfg.mode` names and `sinks` get every event too: the tolaria worker service passes a remote policy
+    and the bus publisher here. Ctrl-C raises Interrupted.
+
+    `resume`, a run directory of this config, continues that episode from its checkpoint, then the
+    episodes after it that the same experiment began (newer run directories of theirs: a finished one is
+    not run again); a grouped experiment resumes as a whole, every episode as `continue_runs` would.
     `continue_runs` continues each episode in the newest run directory of this config and episode seed
     under `runs_dir`, and does not run again one that finished: how a restarted worker picks up its
     experiment. Either raises ResumeError for a run of other settings."""
@@ -119,18 +131,29 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     summaries: dict[int, dict] = {}
     todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
     for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
-        run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode, group) if continue_runs else None
+        if episode == resumed:
+            run_dir = resume
+        elif continue_runs or resume is not None:
+            run_dir = find_run(cfg, cfg.seed + episode, group)
+            if not continue_runs and run_dir is not None and run_dir.name < resume.name:
+                run_dir = None  # an earlier experiment's (run directories' names begin with their time)
+        else:
+            run_dir = None
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
             summaries[episode] = json.loads((run_dir / "summary.json").read_text())
         else:
             todo.append((episode, run_dir))
-    if cfg.grouped:
-        summaries |= run_grouped(cfg, data, device, console, todo, policy, sinks, group or uuid.uuid4().hex[:12])
-    else:
+    if cfg.grouped and todo:
+        trained = run_grouped(cfg, data, device, console, todo, policy, sinks, group or uuid.uuid4().hex[:12])
+        for episode in sorted(trained):
+            on_finished(trained[episode])
+        summaries |= trained
+    elif todo:
         for episode, run_dir in todo:
             summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir)
+            on_finished(summaries[episode])
     return [summaries[episode] for episode in sorted(summaries)]
 
 
@@ -305,10 +328,13 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
             policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None) -> dict:
     """One episode in a new run directory, or continued in `run_dir` from its checkpoint."""
     episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir)
-    with progress_bars(console) as progress:
-        episode.show_in(progress)
-        obs = run_episode(episode.env, policy or make_policy(cfg), seed, episode.epoch_done,
-                          episode.state["env"] if episode.state else None)
+    try:
+        with progress_bars(console) as progress:
+            episode.show_in(progress)
+            obs = run_episode(episode.env, policy or make_policy(cfg), seed, episode.epoch_done,
+                              episode.state["env"] if episode.state else None)
+    except KeyboardInterrupt:
+        raise Interrupted(f"continue it with the same flags and --resume {episode.run_dir}") from None
     return episode.finish(obs)
 
 
@@ -328,15 +354,19 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
                 for episode, run_dir in todo}
     last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])
             for episode, e in episodes.items()}
-    with progress_bars(console) as progress:
-        for e in episodes.values():
-            e.show_in(progress)
-        while stepping := [episode for episode, e in episodes.items() if e.env.epoch < cfg.env.max_epochs]:
-            stepped = step_together([episodes[episode].env for episode in stepping],
-                                    [policy.decide(last[episode]) for episode in stepping])
-            for episode, (obs, _) in zip(stepping, stepped):
-                last[episode] = obs
-                episodes[episode].epoch_done(obs)
+    try:
+        with progress_bars(console) as progress:
+            for e in episodes.values():
+                e.show_in(progress)
+            while stepping := [episode for episode, e in episodes.items() if e.env.epoch < cfg.env.max_epochs]:
+                stepped = step_together([episodes[episode].env for episode in stepping],
+                                        [policy.decide(last[episode]) for episode in stepping])
+                for episode, (obs, _) in zip(stepping, stepped):
+                    last[episode] = obs
+                    episodes[episode].epoch_done(obs)
+    except KeyboardInterrupt:  # any of the group's runs resumes them all
+        raise Interrupted("continue them with the same flags and --resume "
+                          f"{next(iter(episodes.values())).run_dir}") from None
     return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
 
 

@@ -196,12 +196,13 @@ def add_db_flag(p: argparse.ArgumentParser) -> None:
                         "above any {seed} folder)")
 
 
-def folder_refusal(path: Path, flag: str) -> str | None:
+def folder_refusal(path: Path, flag: str, given: Path | None = None) -> str | None:
     """Why `path` cannot be an output folder (it, or a folder on the way to it, is a file), else None:
-    checked before anything runs, so a mistyped path costs no training."""
+    checked before anything runs, so a mistyped path costs no training. `given`: the flag's value, when
+    `path` is the folder of that file."""
     for p in (path, *path.parents):
         if p.exists():
-            return None if p.is_dir() else f"{flag} {path}: {p} is a file, not a folder"
+            return None if p.is_dir() else f"{flag} {given or path}: {p} is a file, not a folder"
     return None
 
 
@@ -234,9 +235,10 @@ def store_path(db: str | None, runs_dir: str) -> Path:
 
 
 def recording(run, db: Path):
-    """`run(cfg, ...)` that records the run directories it made in the store `db` when it returns (the runs
-    it summarizes: a list of episode summaries, or one PPO summary), so `esper runs list` shows them. The
-    store is checked here, before anything trains (check_store)."""
+    """`run(cfg, ...)` that records each run directory in the store `db` as the run ends (run's
+    `on_finished`: an episode's summary, or a PPO run's), so `esper runs list` shows the episodes that
+    finished before a later one failed or was interrupted. The store is checked here, before anything
+    trains (check_store); one that fails later is a warning: the runs are whole on disk."""
     import functools
 
     from esper.experiment import run_parent
@@ -246,24 +248,23 @@ def recording(run, db: Path):
 
     @functools.wraps(run)
     def recorded(cfg, *args, **kwargs):
-        result = run(cfg, *args, **kwargs)
-        summaries = result if isinstance(result, list) else [result]
-        # An episode's folder may carry its seed (experiment.run_parent); a PPO run's is runs_dir itself.
-        run_dirs = [run_parent(cfg.runs_dir, s.get("seed", 0)) / s["run_id"] for s in summaries]
-        run_dirs = [d for d in run_dirs if (d / "telemetry.jsonl").is_file()]  # none at --telemetry-level off
-        if run_dirs:
+        def record(summary: dict) -> None:
+            # An episode's folder may carry its seed (experiment.run_parent); a PPO run's is runs_dir itself.
+            run_dir = run_parent(cfg.runs_dir, summary.get("seed", 0)) / summary["run_id"]
+            if not (run_dir / "telemetry.jsonl").is_file():  # none at --telemetry-level off
+                return
             try:
                 store = RunsDB(db)
-            except StoreError as exc:  # the runs are whole on disk: say how to record them, and go on
+            except StoreError as exc:
                 print(f"esper: warning: --db {exc}; `esper runs index DIR --db STORE` records the runs later",
                       file=sys.stderr)
-                return result
+                return
             try:
-                for run_dir in run_dirs:
-                    store.index_path(run_dir)
+                store.index_path(run_dir)
             finally:
                 store.close()
-        return result
+
+        return run(cfg, *args, on_finished=record, **kwargs)
 
     return recorded
 

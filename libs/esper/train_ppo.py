@@ -13,13 +13,16 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from esper import karn_cli
 from esper.cli import UsageError, check_grouped, resolve_device
+from esper.experiment import Interrupted
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint, write_atomic
@@ -148,6 +151,8 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
                                 devices=devices, telemetry_features=not args.no_telemetry)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.resume and Path(args.resume).is_dir() and (Path(args.resume) / "checkpoint.pt").is_file():
+        args.resume = str(Path(args.resume) / "checkpoint.pt")  # a PPO run's directory: the checkpoint in it
     if args.resume:
         if not Path(args.resume).is_file():
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
@@ -166,11 +171,25 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
                         runs_dir=base.runs_dir, save=args.save, resume=args.resume)
 
 
+def check_save(save: Path, resume: str | None) -> None:
+    """UsageError, before `esper train ppo` trains, for a --save path that cannot take the checkpoint (a
+    folder, or a file on the way to it) or that holds another one: a policy is written over only by the run
+    that continues it (--resume the same path). Not simic_learner's: it continues its --save by design."""
+    if why := karn_cli.folder_refusal(save.parent, "--save", save):
+        raise UsageError(why)
+    if save.is_dir():
+        raise UsageError(f"--save {save} is a folder: name the checkpoint file")
+    if save.exists() and not (resume and save.resolve() == Path(resume).resolve()):
+        raise UsageError(f"--save {save} holds a checkpoint already: choose another path, or continue that one "
+                         f"with --resume {save}")
+
+
 def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvFactory = GrowthEnv,
-            sinks: tuple[Sink, ...] = ()) -> dict:
-    """Train; returns the summary (also in the run directory). Raises DataError (missing data) before
-    anything is written, ResumeError for a checkpoint from other settings (ppo_config checks first).
-    `sinks` get every event too (the learner's and every episode's): `--tui` passes the app's queue."""
+            sinks: tuple[Sink, ...] = (), on_finished: Callable[[dict], None] = lambda summary: None) -> dict:
+    """Train; returns the summary (also in the run directory, and given to `on_finished`: the run store
+    records it). Raises DataError (missing data) before anything is written, ResumeError for a checkpoint
+    from other settings (ppo_config checks first), Interrupted on Ctrl-C. `sinks` get every event too (the
+    learner's and every episode's): `--tui` passes the app's queue."""
     console = console or Console(stderr=True)
     tcfg = cfg.trainer
     if cfg.num_workers is not None:
@@ -225,9 +244,13 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
                   f"policy on {tcfg.device}, {trainer.spec.dim} features -> {run_dir}")
     try:
         trainer.train(on_round)
+    except KeyboardInterrupt:
+        raise Interrupted(f"continue it with the same flags and --resume {checkpoint}" if checkpoint.is_file()
+                          else "no round had ended, so nothing was saved") from None
     finally:
         close_all(trainer.env_processes)
     telemetry.close()
+    on_finished(summary())
     return summary()
 
 

@@ -498,3 +498,18 @@ def test_a_stopped_comparison_ends_its_runs_and_says_how_to_resume_it(stop, tmp_
     assert not Path(f"/proc/{runs[0]}").exists(), "a run went on training after its comparison stopped"
     assert len(run_dirs()) == 2 and (run_dirs()[0] / "summary.json").is_file() != (run_dirs()[1] / "summary.json").is_file()
     assert json.loads((out / "wall.json").read_text())["invocations"] == 1
+
+
+def test_a_torn_wall_time_costs_only_the_wall_time(tmp_path, capsys):
+    """wall.json unreadable on --resume (it had been a JSONDecodeError traceback): the comparison finishes,
+    says so, and counts this invocation's time alone."""
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1",
+             "--arms", "static", "--db", str(tmp_path / "karn.db"), "--progress-every", "0"]
+    out = tmp_path / "cmp"
+    assert main([*flags, "--out", str(out)]) == 0
+    (out / "wall.json").write_text('{"seconds": 1')
+    capsys.readouterr()
+    assert main([*flags, "--resume", str(out)]) == 0
+    assert f"esper: warning: {out / 'wall.json'} cannot be read (JSONDecodeError): the wall time counts this " \
+           "invocation only" in capsys.readouterr().err
+    assert json.loads((out / "wall.json").read_text())["invocations"] == 1

@@ -17,6 +17,7 @@ from esper.cli import build_parser, main, train_config
 from esper.experiment import RunConfig, make_policy, run
 from esper.leyline import Action, Blueprint, Decision, Operation
 from esper.karn.dashboard.state import DashboardState
+from esper.karn.runs_db import RunsDB
 from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, save_checkpoint
@@ -229,3 +230,56 @@ def test_the_curve_shows_the_stage_each_epoch_trained_in(synthetic_data, tmp_pat
     shown = [m["slots"][0]["trained_stage"] for e in read_jsonl(run_dir / "telemetry.jsonl")
              for m in state.apply(e) if m["type"] == "epoch"]
     assert shown == stages
+
+
+class CtrlC:
+    """The eager heuristic, and Ctrl-C once, at `epoch` of the episode of `seed`."""
+
+    def __init__(self, seed: int, epoch: int):
+        self.seed, self.epoch, self.fired = seed, epoch, False
+
+    def decide(self, obs):
+        if obs.run_id.endswith(f"_s{self.seed}") and obs.signals.epoch == self.epoch and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return EAGER.decide(obs)
+
+
+def test_ctrl_c_names_the_run_to_resume_and_resuming_an_earlier_episode_finishes_the_experiment(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the third of three episodes: one line naming its run directory (had been a traceback),
+    the two finished episodes already in the run store (it had recorded only when the command returned),
+    and `--resume` of the first episode's directory, the first that `ls` shows, goes on to finish the
+    third in its own directory (it had trained the second and third again in new ones)."""
+    runs, db = tmp_path / "runs", tmp_path / "runs" / "karn.db"
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--episodes", "3", "--seed", "7", "--runs-dir", str(runs)]
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=9, epoch=2))
+    assert main(argv) == 130
+    first, second, third = sorted(runs.glob("*_s*"))
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"esper: interrupted; continue it with the same flags and --resume {third}"
+    assert (third / "checkpoint.pt").is_file() and not (third / "summary.json").exists()
+    listed = RunsDB(db).runs()
+    assert sorted(r["run_id"] for r in listed) == [first.name, second.name]
+
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: EAGER)
+    assert main([*argv, "--resume", str(first)]) == 0
+    assert sorted(runs.glob("*_s*")) == [first, second, third] and (third / "summary.json").is_file()
+    assert not (third / "checkpoint.pt").exists()
+    assert sorted(r["run_id"] for r in RunsDB(db).runs()) == [first.name, second.name, third.name]
+
+
+def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--runs-dir", str(runs)]
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
+    assert main(argv) == 130
+    (run_dir,) = runs.glob("*_s42")
+    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"esper: error: --resume {checkpoint} is not a checkpoint (torch.load: RuntimeError)"

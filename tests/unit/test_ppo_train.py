@@ -117,6 +117,37 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
     assert "other settings: ppo.lr differ" in errors and "already holds 4 episodes" in errors
 
 
+def test_save_never_writes_over_another_policy_and_is_checked_before_training(tmp_path, capsys):
+    """--save on an existing checkpoint had replaced that policy with no word; a folder, or a file on the
+    way, failed with a traceback after the first round had trained. A run continuing --resume P may save P."""
+    flags = [*TINY, "--update-every", "1", "--telemetry-level", "off", "--runs-dir", str(tmp_path / "runs")]
+    policy = tmp_path / "policy.pt"
+    assert main(["train", "ppo", *flags, "--episodes", "2", "--save", str(policy)]) == 0
+    before = policy.read_bytes()
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    for save, said in ((policy, f"--save {policy} holds a checkpoint already: choose another path, or continue "
+                                f"that one with --resume {policy}"),
+                       (tmp_path, f"--save {tmp_path} is a folder: name the checkpoint file"),
+                       (tmp_path / "afile" / "x.pt", f"--save {tmp_path / 'afile' / 'x.pt'}: {tmp_path / 'afile'} "
+                                                     "is a file, not a folder")):
+        assert main(["train", "ppo", *flags, "--episodes", "2", "--save", str(save)]) == 2
+        assert capsys.readouterr().err == f"esper: error: {said}\n"
+    assert policy.read_bytes() == before
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--resume", str(policy), "--save", str(policy)]) == 0
+    assert checkpoint(policy)["counters"]["episodes"] == 4
+
+
+def test_resume_takes_a_ppo_runs_directory(tmp_path):
+    """`--resume RUN_DIR` had said "no such checkpoint" beside RUN_DIR/checkpoint.pt."""
+    flags = [*TINY, "--update-every", "1", "--telemetry-level", "off"]
+    assert main(["train", "ppo", *flags, "--episodes", "2", "--runs-dir", str(tmp_path / "a")]) == 0
+    (run_dir,) = (tmp_path / "a").iterdir()
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--resume", str(run_dir), "--save",
+                 str(tmp_path / "more.pt"), "--runs-dir", str(tmp_path / "b")]) == 0
+    assert checkpoint(tmp_path / "more.pt")["counters"]["episodes"] == 4
+
+
 def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):
     """A crash after a round that was not followed by an update: the checkpoint carries the rollout not
     yet learned from, and the resumed run ends where the uninterrupted one does."""
@@ -172,3 +203,24 @@ def test_bad_ppo_flags_fail_in_one_line(argv, needle, capsys):
     assert main(["train", "ppo", "--task", "synthetic", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after a round: one line naming the checkpoint (had been a traceback), which continues the run."""
+    flags = [*TINY, "--update-every", "1", "--telemetry-level", "off", "--runs-dir", str(tmp_path / "runs")]
+    save = tmp_path / "policy.pt"
+    train = PPOTrainer.train
+
+    def ctrl_c_after_a_round(self, on_round):
+        def then_ctrl_c(trainer, results):
+            on_round(trainer, results)
+            raise KeyboardInterrupt
+        return train(self, then_ctrl_c)
+
+    monkeypatch.setattr(PPOTrainer, "train", ctrl_c_after_a_round)
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--save", str(save)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"esper: interrupted; continue it with the same flags and --resume {save}"
+    monkeypatch.setattr(PPOTrainer, "train", train)
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--save", str(save), "--resume", str(save)]) == 0
+    assert checkpoint(save)["counters"]["episodes"] == 4

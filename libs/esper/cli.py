@@ -408,14 +408,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def check_outputs(cfg) -> None:
-    """UsageError for an output folder that cannot be one (a file in its place or on the way to it), found
-    before anything trains."""
+    """UsageError for an output folder that cannot be one (a file in its place or on the way to it, or a
+    place no folder can be made), found before anything trains: the folders are made here."""
     telemetry_file = Path(cfg.telemetry_file) if cfg.telemetry_file else None
     for flag, folder in (("--runs-dir", karn_cli.store_path(None, cfg.runs_dir).parent),
                          ("--telemetry-dir", cfg.telemetry_dir and Path(cfg.telemetry_dir)),
                          ("--telemetry-file", telemetry_file and telemetry_file.parent)):
         if folder and (why := karn_cli.folder_refusal(folder, flag)):
             raise UsageError(why)
+        try:
+            folder and folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{flag} {folder}: no folder can be made there ({exc.strerror})") from None
     if telemetry_file and telemetry_file.is_dir():
         raise UsageError(f"--telemetry-file {telemetry_file} is a folder")
 

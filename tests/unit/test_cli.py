@@ -183,6 +183,7 @@ def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trai
                          ([*train, runs, "--telemetry-dir", str(afile / "t")], f"{afile} is a file"),
                          ([*train, runs, "--telemetry-file", str(afile / "t.jsonl")], f"{afile} is a file"),
                          ([*train, runs, "--telemetry-file", str(tmp_path)], "is a folder"),
+                         ([*train, "/proc/esper-runs"], "--runs-dir /proc/esper-runs: no folder can be made there"),
                          ([*train, runs, "--db", str(notdb)], f"--db {notdb} cannot be a run store"),
                          ([*train, runs, "--db", str(afile / "k.db")], f"{afile} is a file, not a folder"),
                          ([*compare, "--out", str(afile)], f"--out {afile}: {afile} is a file"),

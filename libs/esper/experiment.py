@@ -113,17 +113,18 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     and the bus publisher here. Ctrl-C raises Interrupted.
 
     `resume`, a run directory of this config, continues that episode from its checkpoint, then the
-    episodes after it that the same experiment began (newer run directories of theirs: a finished one is
-    not run again); a grouped experiment resumes as a whole, every episode as `continue_runs` would.
+    episodes after it, in the run directories the same experiment began for them (its id, `group` in each
+    config.json; a finished one is not run again); a grouped experiment resumes as a whole.
     `continue_runs` continues each episode in the newest run directory of this config and episode seed
     under `runs_dir`, and does not run again one that finished: how a restarted worker picks up its
     experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
     resumed = None if resume is None else episode_of(cfg, resume)
-    continue_runs = continue_runs or (cfg.grouped and resume is not None)
-    # A grouped experiment's episodes share an id, so that a resume continues its own siblings, not those
-    # of a later experiment with the same flags (None: resuming one from before groups had ids).
-    group = config_differences(cfg, resume)[2] if cfg.grouped and resume is not None else None
+    # An experiment's episodes share an id, so that a resume continues its own siblings, not those of
+    # another experiment with the same flags (None: resuming one from before experiments had ids, whose
+    # later episodes train anew, or a restarted worker's, which continues whatever it finds).
+    group = config_differences(cfg, resume)[2] if resume is not None else None
+    continue_runs = continue_runs or (resume is not None and (cfg.grouped or group is not None))
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
@@ -131,28 +132,24 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     summaries: dict[int, dict] = {}
     todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
     for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
-        if episode == resumed:
-            run_dir = resume
-        elif continue_runs or resume is not None:
-            run_dir = find_run(cfg, cfg.seed + episode, group)
-            if not continue_runs and run_dir is not None and run_dir.name < resume.name:
-                run_dir = None  # an earlier experiment's (run directories' names begin with their time)
-        else:
-            run_dir = None
+        run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode, group) if continue_runs else None
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
             summaries[episode] = json.loads((run_dir / "summary.json").read_text())
+            on_finished(summaries[episode])  # recorded again: whatever stopped its recording before
         else:
             todo.append((episode, run_dir))
+    new_id = group or uuid.uuid4().hex[:12]
     if cfg.grouped and todo:
-        trained = run_grouped(cfg, data, device, console, todo, policy, sinks, group or uuid.uuid4().hex[:12])
+        trained = run_grouped(cfg, data, device, console, todo, policy, sinks, new_id)
         for episode in sorted(trained):
             on_finished(trained[episode])
         summaries |= trained
     elif todo:
         for episode, run_dir in todo:
-            summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir)
+            summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir,
+                                         new_id)
             on_finished(summaries[episode])
     return [summaries[episode] for episode in sorted(summaries)]
 
@@ -227,7 +224,7 @@ class Episode:
     def __init__(self, cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
                  extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer,
                  group: str | None = None):
-        """A new run directory (in `group`, a grouped experiment's id), or `run_dir` continued from its
+        """A new run directory (of the experiment `group`: its id), or `run_dir` continued from its
         checkpoint (from the start, under the same run id, when it has none yet)."""
         self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
         self.state = None
@@ -310,7 +307,8 @@ class Episode:
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
         self.console.print(
             f"{run_dir.name}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  "
-            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  seeds: {fates_in_words(summary['seed_counts'])}  "
+            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  "
+            f"seeds: {fates_in_words(summary['seed_counts'])}  "
             f"{wall:.1f}s  -> {run_dir}"
         )
         return summary
@@ -325,17 +323,19 @@ def progress_bars(console: Console) -> Progress:
 
 
 def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None) -> dict:
-    """One episode in a new run directory, or continued in `run_dir` from its checkpoint."""
-    episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir)
+            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None,
+            group: str | None = None) -> dict:
+    """One episode in a new run directory (of the experiment `group`), or continued in `run_dir` from its
+    checkpoint."""
+    episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir, group=group)
     try:
         with progress_bars(console) as progress:
             episode.show_in(progress)
             obs = run_episode(episode.env, policy or make_policy(cfg), seed, episode.epoch_done,
                               episode.state["env"] if episode.state else None)
+        return episode.finish(obs)
     except KeyboardInterrupt:
         raise Interrupted(f"continue it with the same flags and --resume {episode.run_dir}") from None
-    return episode.finish(obs)
 
 
 def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, todo: list[tuple[int, Path | None]],
@@ -364,10 +364,10 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
                 for episode, (obs, _) in zip(stepping, stepped):
                     last[episode] = obs
                     episodes[episode].epoch_done(obs)
+        return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
     except KeyboardInterrupt:  # any of the group's runs resumes them all
         raise Interrupted("continue them with the same flags and --resume "
                           f"{next(iter(episodes.values())).run_dir}") from None
-    return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

@@ -24,7 +24,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dashboard = commands.add_parser("dashboard", help="serve the web dashboard of a telemetry file or a running stack")
     for p in (tui, dashboard):
         p.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
-        p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
+        p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub),
+                       help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
         p.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
                        help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
         p.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
@@ -240,6 +241,7 @@ def recording(run, db: Path):
     finished before a later one failed or was interrupted. The store is checked here, before anything
     trains (check_store); one that fails later is a warning: the runs are whole on disk."""
     import functools
+    import sqlite3
 
     from esper.experiment import run_parent
     from esper.karn.runs_db import RunsDB, StoreError
@@ -255,14 +257,14 @@ def recording(run, db: Path):
                 return
             try:
                 store = RunsDB(db)
-            except StoreError as exc:
-                print(f"esper: warning: --db {exc}; `esper runs index DIR --db STORE` records the runs later",
+                try:
+                    store.index_path(run_dir)
+                finally:
+                    store.close()
+            except (StoreError, sqlite3.Error, OSError) as exc:  # not the run's failure: the rest trains on
+                why = exc if isinstance(exc, StoreError) else f"{db} could not record {run_dir.name}: {exc}"
+                print(f"esper: warning: --db {why}; `esper runs index DIR --db STORE` records the runs later",
                       file=sys.stderr)
-                return
-            try:
-                store.index_path(run_dir)
-            finally:
-                store.close()
 
         return run(cfg, *args, on_finished=record, **kwargs)
 

@@ -28,7 +28,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="instead of a file: the newest observation a worker decided on, from the hub")
     query.add_argument("--run", default="", help="--from-bus: only this run's observations (default: any run)")
     query.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint")
-    query.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot), help="the hub's snapshot endpoint")
+    query.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
+                       help="the hub's snapshot endpoint")
     query.add_argument("--wait-s", type=float, default=10.0,
                        help="--from-bus: how long to wait for the hub, and for a decision when it holds none yet")
     query.add_argument("--tamiyo", default=env.tamiyo_target, help="host:port ($ESPER_TAMIYO_PORT)")

@@ -83,9 +83,11 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--port", type=port, default=env.learner, help="trajectories ($ESPER_LEARNER_PORT; 0 = any)")
     p.add_argument("--weights-port", type=port, default=env.learner_weights,
                    help="policy weights PUB ($ESPER_LEARNER_WEIGHTS_PORT; 0 = any)")
-    p.add_argument("--hub-pub", type=endpoint_or_none, default=env.tcp(env.hub_pub), help="hub publish endpoint; '' = no telemetry")
+    p.add_argument("--hub-pub", type=endpoint_or_none, default=env.tcp(env.hub_pub),
+                   help="hub publish endpoint; '' = no telemetry")
     p.add_argument("--republish-s", type=at_least(0.1, float), default=2.0, help="republish the weights this often")
-    p.add_argument("--max-policy-lag", type=at_least(0), default=4, help="oldest policy version learned from, in updates")
+    p.add_argument("--max-policy-lag", type=at_least(0), default=4,
+                   help="oldest policy version learned from, in updates")
     p.add_argument("--summary", default=None, help="JSON file with the learner's state, rewritten per update")
     p.add_argument("--metrics-port", type=metrics_port, default=env.learner_metrics,
                    help="Prometheus /metrics ($ESPER_LEARNER_METRICS_PORT; 0 = any, -1 = off)")

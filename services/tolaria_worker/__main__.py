@@ -105,17 +105,20 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--ppo", action="store_true", help="a PPO actor: ship trajectories to simic_learner")
     if "--ppo" in (sys.argv[1:] if argv is None else argv):
         add_ppo_flags(p)
-        p.add_argument("--learner", type=endpoint, default=env.tcp(env.learner), help="simic_learner ($ESPER_LEARNER_PORT)")
+        p.add_argument("--learner", type=endpoint, default=env.tcp(env.learner),
+                       help="simic_learner ($ESPER_LEARNER_PORT)")
         p.add_argument("--worker-id", default=socket.gethostname(),
                        help="name in trajectory keys; keep it across restarts (the spool is found by it)")
         p.add_argument("--spool-dir", default=None, help="unacked trajectories (default <runs-dir>/spool/<worker-id>)")
-        p.add_argument("--resend-s", type=at_least(0.1, float), default=10.0, help="resend an unacked trajectory after this long")
+        p.add_argument("--resend-s", type=at_least(0.1, float), default=10.0,
+                       help="resend an unacked trajectory after this long")
         p.add_argument("--window", type=at_least(1), default=4, help="most trajectories unacked at once")
     else:
         add_checkpoint_flag(p)
         p.add_argument("--fresh", action="store_true", help="start every episode anew, continuing no run")
     p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
-    p.add_argument("--hub-pub", type=endpoint, default=env.tcp(env.hub_pub), help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
+    p.add_argument("--hub-pub", type=endpoint, default=env.tcp(env.hub_pub),
+                   help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--metrics-port", type=metrics_port, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
     p.add_argument("--deadline-s", type=at_least(0.01, float), default=DEFAULT_DEADLINE_S,

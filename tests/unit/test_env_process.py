@@ -59,11 +59,12 @@ def episode_events(path: Path, run: str) -> list[dict]:
     """The episodes' events as JSON, without clock readings, run ids relative to the training run's."""
     events = []
     for event in read_jsonl(path):
-        if event.HasField("ppo_update") or event.HasField("run_started"):
+        if event.HasField("ppo_update") or event.HasField("run_started") and event.run_id == run:
             continue
         d = json.loads(json_format.MessageToJson(event).replace(run, "<run>"))
         del d["wallTime"]
         d.get("epoch", {}).pop("epochSeconds", None)
+        d.get("runFinished", {}).pop("wallSeconds", None)
         events.append(d)
     return events
 

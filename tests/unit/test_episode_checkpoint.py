@@ -1,10 +1,12 @@
 """Episode checkpoints: a growth run saved at an epoch boundary and loaded into a new GrowthEnv continues
 bit for bit on the CPU (issue 4: a worker killed and restarted loses nothing of its episode)."""
 
+import contextlib
 import dataclasses
 import io
 import json
 import random
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -264,10 +266,44 @@ def test_ctrl_c_names_the_run_to_resume_and_resuming_an_earlier_episode_finishes
     assert sorted(r["run_id"] for r in listed) == [first.name, second.name]
 
     monkeypatch.setattr(experiment, "make_policy", lambda cfg: EAGER)
+    assert main(argv) == 0  # another experiment of the same flags, after it: its episodes are its own
+    others = sorted(set(runs.glob("*_s*")) - {first, second, third})
+    assert len(others) == 3 and all((d / "summary.json").is_file() for d in others)
+    capsys.readouterr()
     assert main([*argv, "--resume", str(first)]) == 0
-    assert sorted(runs.glob("*_s*")) == [first, second, third] and (third / "summary.json").is_file()
-    assert not (third / "checkpoint.pt").exists()
-    assert sorted(r["run_id"] for r in RunsDB(db).runs()) == [first.name, second.name, third.name]
+    said = capsys.readouterr().err
+    assert f"{first.name}: finished already" in said and f"{second.name}: finished already" in said
+    assert sorted(runs.glob("*_s*")) == sorted([first, second, third, *others])
+    assert (third / "summary.json").is_file() and not (third / "checkpoint.pt").exists()
+    assert {r["run_id"] for r in RunsDB(db).runs()} == {d.name for d in [first, second, third, *others]}
+
+
+def test_a_store_that_fails_to_record_an_episode_is_a_warning_and_the_experiment_goes_on(tmp_path, capsys):
+    """An SQLite file whose `runs` table is another program's: recording the first episode fails, which had
+    stopped the experiment there with a traceback."""
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE runs (x)")
+    runs = tmp_path / "runs"
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1",
+                 "--episodes", "2", "--runs-dir", str(runs), "--db", str(db)]) == 0
+    assert len(list(runs.glob("*/summary.json"))) == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esper: warning:")]
+    assert len(warnings) == 2 and all(f"--db {db} could not record" in w and "runs index" in w for w in warnings)
+
+
+def test_ctrl_c_while_an_episode_is_tested_names_it_too(tmp_path, monkeypatch, capsys):
+    """Its test evaluation is part of the episode: the checkpoint is still there to resume."""
+    def ctrl_c(self, obs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment.Episode, "finish", ctrl_c)
+    runs = tmp_path / "runs"
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "1",
+                 "--runs-dir", str(runs)]) == 130
+    (run_dir,) = runs.glob("*_s42")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"esper: interrupted; continue it with the same flags and --resume {run_dir}"
 
 
 def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from esper.cli import main
+from esper.karn.runs_db import RunsDB
 from esper.nissa import Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, load_policy, save_checkpoint
@@ -43,6 +44,16 @@ def test_train_ppo_writes_a_run_directory_and_a_usable_policy(tmp_path, syntheti
     assert len(decisions) == 12 and all(e.decision.policy_name == "ppo" for e in decisions)
     assert {e.run_id for e in decisions} == {f"{out.name}_ep{i:04d}" for i in range(4)}
     assert len(list(read_jsonl(tmp_path / "all.jsonl"))) == len(events)
+    # Each episode is a run of its own, started and finished (karn had shown them as of no mode, never
+    # finished), untested: a training episode's test accuracy is not 0 but none.
+    for i in range(4):
+        episode = [e for e in events if e.run_id == f"{out.name}_ep{i:04d}"]
+        assert episode[0].run_started.mode == "ppo" and episode[0].run_started.seed == 42 + i
+        finished = episode[-1].run_finished
+        assert finished.epochs == 3 and not finished.HasField("test_accuracy") and finished.val_accuracy > 0
+    stored = {r["run_id"]: r for r in RunsDB(runs / "karn.db").runs()}
+    for i in range(4):
+        assert stored[f"{out.name}_ep{i:04d}"]["finished"] and stored[f"{out.name}_ep{i:04d}"]["test_accuracy"] is None
 
     policy = load_policy(out / "checkpoint.pt")  # torch.load(weights_only=True) inside
     assert policy.version == "2" and policy.spec.dim == 96

@@ -110,7 +110,8 @@ class _Run:
             self.rollbacks += 1
         elif kind == "run_finished":
             f = event.run_finished
-            self.row.update(val_accuracy=f.val_accuracy, test_accuracy=f.test_accuracy,
+            self.row.update(val_accuracy=f.val_accuracy,
+                            test_accuracy=f.test_accuracy if f.HasField("test_accuracy") else None,
                             total_params=f.total_params, wall_seconds=f.wall_seconds, epochs=f.epochs)
             self.row["finished"] = 1
 

@@ -731,6 +731,7 @@ class RunFinished(_message.Message):
     EPOCHS_FIELD_NUMBER: _builtins.int
     val_accuracy: _builtins.float
     test_accuracy: _builtins.float
+    """unset for a PPO training episode: only evaluation runs are tested"""
     total_params: _builtins.int
     wall_seconds: _builtins.float
     epochs: _builtins.int
@@ -738,16 +739,18 @@ class RunFinished(_message.Message):
         self,
         *,
         val_accuracy: _builtins.float = ...,
-        test_accuracy: _builtins.float = ...,
+        test_accuracy: _builtins.float | None = ...,
         total_params: _builtins.int = ...,
         wall_seconds: _builtins.float = ...,
         epochs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "test_accuracy", b"test_accuracy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "test_accuracy", b"test_accuracy", "total_params", b"total_params", "val_accuracy", b"val_accuracy", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "epochs", b"epochs", "test_accuracy", b"test_accuracy", "total_params", b"total_params", "val_accuracy", b"val_accuracy", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__test_accuracy: _TypeAlias = _typing.Literal["test_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__test_accuracy: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__test_accuracy) -> _WhichOneofReturnType__test_accuracy | None: ...
 
 Global___RunFinished: _TypeAlias = RunFinished  # noqa: Y015
 

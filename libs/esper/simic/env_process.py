@@ -115,7 +115,8 @@ class EnvProcess:
 
     def send_reset(self, seed: int) -> None:
         tel = self.telemetry
-        self._send({"op": "reset", "seed": seed, "run_id": tel.run_id, "level": tel.level, "forward": bool(tel.sinks)})
+        self._send({"op": "reset", "seed": seed, "run_id": tel.run_id, "level": tel.level, "forward": bool(tel.sinks),
+                    "sequence": tel.sequence})  # the child numbers on from what the episode emitted here
 
     def send_step(self, decision: Decision) -> None:
         self._send({"op": "step"}, decision.SerializeToString())
@@ -195,6 +196,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             if header["op"] == "reset":
                 sink.events.clear()  # what a failed step left
                 tel = Telemetry(header["run_id"], header["level"], [sink] if header["forward"] else [])
+                tel.sequence = header["sequence"]
                 env = GrowthEnv(env_cfg, data, device, tel)
                 obs, done = env.reset(header["seed"]), False
             else:

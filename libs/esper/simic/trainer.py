@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from esper.leyline import Decision, Observation, Operation, PPOUpdate, short_name
+from esper.leyline import Decision, Observation, Operation, PPOUpdate, RunFinished, RunStarted, short_name
 from esper.nissa import Telemetry
 from esper.simic.actor import Act, EnvFactory, make_envs, play_round
 from esper.simic.checkpoint import ResumeError, build_network, changed_settings
@@ -92,7 +92,15 @@ def play_episodes(cfg: TrainerConfig, data: dict[str, Dataset], episodes: range,
     rounds with it, so their environments are alike."""
     envs = make_envs(cfg.env_config, data, cfg.env_devices, env_telemetry, episodes, env_factory, processes, grouped)
     rewarders = [Rewarder(cfg.reward, cfg.ppo.gamma) for _ in envs]
+    started = time.perf_counter()
+    for i, (env, e) in enumerate(zip(envs, episodes)):  # each episode is a run of its own in karn's views
+        env.telemetry.emit(run_started=RunStarted(mode="ppo", task=cfg.env.task, seed=cfg.seed + e,
+                                                  device=cfg.env_devices[i % len(cfg.env_devices)]))
     rollout, obs = play_round(envs, [cfg.seed + e for e in episodes], rewarders, codec, act, cfg.env.max_epochs)
+    for env, o in zip(envs, obs):  # no test accuracy: a training episode is never tested
+        env.telemetry.emit(run_finished=RunFinished(val_accuracy=o.signals.val_accuracy, epochs=o.signals.epoch,
+                                                    total_params=o.signals.total_params,
+                                                    wall_seconds=time.perf_counter() - started))
     return rollout, envs, obs
 
 

@@ -101,8 +101,9 @@ def run_message(run: RunRecord) -> dict:
     return {"type": "run", "run": run.run_id, "mode": s.mode if s else "", "task": s.task if s else "",
             "seed": s.seed if s else None, "device": s.device if s else "", "lost": run.lost,
             "finished": None if f is None else {
-                "val_accuracy": f.val_accuracy, "test_accuracy": f.test_accuracy, "total_params": f.total_params,
-                "wall_seconds": f.wall_seconds, "epochs": f.epochs}}
+                "val_accuracy": f.val_accuracy,
+                "test_accuracy": f.test_accuracy if f.HasField("test_accuracy") else None,  # a PPO episode's: none
+                "total_params": f.total_params, "wall_seconds": f.wall_seconds, "epochs": f.epochs}}
 
 
 def epoch_message(run_id: str, report: EpochReport) -> dict:

@@ -121,10 +121,11 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     console = console or Console(stderr=True)
     resumed = None if resume is None else episode_of(cfg, resume)
     # An experiment's episodes share an id, so that a resume continues its own siblings, not those of
-    # another experiment with the same flags (None: resuming one from before experiments had ids, whose
-    # later episodes train anew, or a restarted worker's, which continues whatever it finds).
+    # another experiment with the same flags (None: a restarted worker's, which continues whatever it
+    # finds, or an experiment's from before they had ids, which continues run directories newer than the
+    # resumed one: theirs, unless another experiment of the same flags ran since).
     group = config_differences(cfg, resume)[2] if resume is not None else None
-    continue_runs = continue_runs or (resume is not None and (cfg.grouped or group is not None))
+    continue_runs = continue_runs or resume is not None
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
@@ -133,6 +134,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
     for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
         run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode, group) if continue_runs else None
+        if resume is not None and group is None and not cfg.grouped and run_dir and run_dir.name < resume.name:
+            run_dir = None  # an earlier experiment's (a run directory's name begins with its time)
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it

@@ -261,7 +261,7 @@ def recording(run, db: Path):
                     store.index_path(run_dir)
                 finally:
                     store.close()
-            except (StoreError, sqlite3.Error, OSError) as exc:  # not the run's failure: the rest trains on
+            except (StoreError, sqlite3.Error, OSError, ValueError) as exc:  # not the run's: the rest trains on
                 why = exc if isinstance(exc, StoreError) else f"{db} could not record {run_dir.name}: {exc}"
                 print(f"esper: warning: --db {why}; `esper runs index DIR --db STORE` records the runs later",
                       file=sys.stderr)

@@ -319,3 +319,27 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys)
     assert main([*argv, "--resume", str(run_dir)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"esper: error: --resume {checkpoint} is not a checkpoint (torch.load: RuntimeError)"
+
+
+def test_an_experiment_from_before_ids_resumes_its_later_episodes_too(tmp_path, monkeypatch, capsys):
+    """Run directories without `group` in config.json (written before experiments had ids): a resume of the
+    first still continues the third in its own directory; the first's telemetry, now unreadable, costs its
+    record in the store only (a warning; it had been a traceback)."""
+    runs = tmp_path / "runs"
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--episodes", "3", "--seed", "7", "--runs-dir", str(runs)]
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=9, epoch=2))
+    assert main(argv) == 130
+    first, second, third = sorted(runs.glob("*_s*"))
+    for run_dir in (first, second, third):
+        config = json.loads((run_dir / "config.json").read_text())
+        del config["group"]
+        (run_dir / "config.json").write_text(json.dumps(config))
+    with (first / "telemetry.jsonl").open("a") as f:
+        f.write('{"oops": 1}\n')
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: EAGER)
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(first)]) == 0
+    assert sorted(runs.glob("*_s*")) == [first, second, third] and (third / "summary.json").is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esper: warning:")]
+    assert len(warnings) == 1 and f"could not record {first.name}" in warnings[0]

@@ -395,3 +395,14 @@ def test_async_source_and_a_failing_source():
             await check(app, pilot)
 
     asyncio.run(main())
+
+
+def test_a_training_episode_is_shown_as_not_tested_not_as_0_percent():
+    """A PPO training episode's RunFinished has no test accuracy: the log and the header had said 0.00%."""
+    from esper.karn.tui.widgets.event_log import describe
+    from esper.leyline import RunFinished
+
+    tested = TelemetryEvent(run_id="r", run_finished=RunFinished(val_accuracy=50, test_accuracy=48.5, epochs=3))
+    untested = TelemetryEvent(run_id="r", run_finished=RunFinished(val_accuracy=50, epochs=3))
+    assert "test 48.50%" in describe(tested) and "not tested" in describe(untested)
+    assert "test 0.00%" in describe(TelemetryEvent(run_id="r", run_finished=RunFinished(test_accuracy=0.0)))

@@ -50,5 +50,10 @@ def describe(event: TelemetryEvent) -> str | None:
     if kind == "run_finished":
         f = event.run_finished
         return (f"[bold]run finished[/] after {f.epochs} epochs: val {f.val_accuracy:.2f}%, "
-                f"test {f.test_accuracy:.2f}%, {f.total_params:,} parameters, {f.wall_seconds:.1f} s")
+                f"{tested(f)}, {f.total_params:,} parameters, {f.wall_seconds:.1f} s")
     return None
+
+
+def tested(finished) -> str:
+    """A RunFinished's test accuracy, or that the run was never tested (a PPO training episode)."""
+    return f"test {finished.test_accuracy:.2f}%" if finished.HasField("test_accuracy") else "not tested"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual.widgets import Static
 
 from esper.karn.store import RunRecord
+from esper.karn.tui.widgets.event_log import tested
 
 
 class RunHeader(Static):
@@ -21,7 +22,7 @@ class RunHeader(Static):
             if last.sharpness:  # DEBUG telemetry, on its schedule
                 parts.append(f"sharpness {last.sharpness:.3g}")
         if run.finished is not None:
-            parts.append(f"[green]finished[/]: test {run.finished.test_accuracy:.2f}%")
+            parts.append(f"[green]finished[/]: {tested(run.finished)}")
         if run.lost:
             parts.append(f"[red]{run.lost} events missed[/]")
         if source_status:

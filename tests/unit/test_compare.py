@@ -424,7 +424,7 @@ def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):
     assert differences(saved, tmp_path) == []
 
 
-@pytest.mark.slow
+@pytest.mark.chaos  # a comparison SIGKILLed mid-run: in .ci/run's second pass, with the other fault injections
 def test_a_comparison_killed_mid_run_resumes_to_the_results_of_one_never_stopped(tmp_path, capsys):
     """The comparison and its runs SIGKILLed at once (a power cut) once a run has finished and another
     has started; `--resume` keeps the finished run, starts the cut-off one again, and every arm's
@@ -466,7 +466,7 @@ def children_of(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
-@pytest.mark.slow
+@pytest.mark.chaos  # Ctrl-C and SIGTERM mid-comparison: likewise
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_a_stopped_comparison_ends_its_runs_and_says_how_to_resume_it(stop, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to compare alone (`kill`, a scheduler)

@@ -144,12 +144,12 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
         else:
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
-    if cfg.grouped and todo:
+    if cfg.grouped:
         trained = run_grouped(cfg, data, device, console, todo, policy, sinks, new_id)
         for episode in sorted(trained):
             on_finished(trained[episode])
         summaries |= trained
-    elif todo:
+    else:
         for episode, run_dir in todo:
             summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir,
                                          new_id)

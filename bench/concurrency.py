@@ -6,8 +6,10 @@ Four mechanisms (`--mechanism`):
   stdin, trains `--steps` batches of 128 and reports when it finished; the parent times from "go" to
   the last finish.
 - grouped: the K runs are the K groups of one grouped network, each run's seed on its group
-  (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process; K = 1
-  is one run of a group, the baseline.
+  (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process. Its
+  K = 1 is a group of one; the ratios against a plain Trainer's run alone (measured first, in this
+  process) are printed beside, as the issue's "one run alone": a group of one is slower than a plain run
+  (its batches stacked, its head a grouped convolution).
 - vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their
   stacked weights and BatchNorm statistics, trained in this process. Unlike grouped it needs no grouped
   rewrite of the layers, so it batches any architecture the runs share (a grafted from-scratch network
@@ -19,6 +21,8 @@ Four mechanisms (`--mechanism`):
 Target on a GPU (issue 3): >= 0.7*K for K <= 8. `--cudnn-benchmark` turns on cuDNN's benchmark mode
 (torch.backends.cudnn.benchmark: each convolution shape times cuDNN's algorithms once and keeps the
 fastest) in every run, children included; grouped convolutions are where its choice may differ most.
+`--memory-format` lays every run's batches and convolution weights out as TrainConfig.memory_format does
+(auto: contiguous on CUDA, channels_last on the CPU).
 `--stage` gives every run a conv_heavy seed in `mid` (TRAINING, BLENDING or FOSSILIZED), or with several
 stages run i the i-th: growing runs, whose seeds a group batches by blueprint and stage (SeedGroups).
 K = 1 is then the first stage's run alone.
@@ -36,7 +40,8 @@ import sys
 import time
 
 
-def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trainer_class=None):
+def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trainer_class=None,
+                  memory_format: str = "auto"):
     """The trainer each run is: the cifar10 host with an empty `mid` slot, or (`stage`) a conv_heavy seed
     there in TRAINING, BLENDING or FOSSILIZED (growth_overhead.grown_model). `trainer_class`: tolaria's
     Trainer, or grouped.GroupMember for a run of a TrainerGroup."""
@@ -49,11 +54,12 @@ def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trai
     torch.manual_seed(seed)  # each run its own initial weights, as each seed's run has
     model = (MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device) if stage == "none"
              else grown_model(stage, device))
-    return (trainer_class or Trainer)(model, data, TrainConfig(max_batches=steps), device,
+    return (trainer_class or Trainer)(model, data, TrainConfig(max_batches=steps, memory_format=memory_format), device,
                                       torch.Generator(device=device).manual_seed(seed))
 
 
-def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool, stage: str) -> None:
+def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool, stage: str,
+          memory_format: str) -> None:
     import torch
 
     from esper.tolaria.data import load_cifar10
@@ -62,7 +68,7 @@ def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: b
 
     device = torch.device(device_name)
     data = load_cifar10(data_dir).to(device)
-    trainer = esper_trainer(data, device, steps, os.getpid(), stage)
+    trainer = esper_trainer(data, device, steps, os.getpid(), stage, memory_format=memory_format)
     trainer.train_epoch()  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()
@@ -71,7 +77,8 @@ def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: b
 
 
 def aggregate(k: int, args) -> float:
-    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", "--device", args.device, "--steps", str(args.steps),
+           "--memory-format", args.memory_format]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if args.cudnn_benchmark:
@@ -92,6 +99,19 @@ def aggregate(k: int, args) -> float:
     return k * args.steps * 128 / (max(finished) - go)
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls of fn (each must end only when the device is done): a single
+    300-step epoch on a GPU varied by up to 20% from one call to the next."""
+    import statistics
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def grouped_rate(k: int, args) -> float:
     """Images/s of K runs as one TrainerGroup (each run its own init, data order and, with --stage, seed),
     after a warm-up."""
@@ -104,14 +124,48 @@ def grouped_rate(k: int, args) -> float:
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
-    members = [esper_trainer(data, device, 20, i, args.stage[i % len(args.stage)], GroupMember) for i in range(k)]
+    members = [esper_trainer(data, device, 20, i, args.stage[i % len(args.stage)], GroupMember, args.memory_format)
+               for i in range(k)]
     group = TrainerGroup(members)
     group.train_epoch()  # warm-up (cuDNN picks its algorithms); ends in a device->host transfer
     for m in members:
         m.cfg = dataclasses.replace(m.cfg, max_batches=args.steps)
-    start = time.perf_counter()
-    group.train_epoch()
-    return k * args.steps * 128 / (time.perf_counter() - start)
+
+    def epoch() -> None:
+        group.train_epoch()
+        for m in members:
+            m.train_epoch()  # hands over the epoch's loss and accuracy, as a run reads them
+
+    rate = k * args.steps * 128 / median_seconds(epoch, args.repeats)
+    if args.profile and k == max(args.k):
+        print_profile(epoch, device)
+    return rate
+
+
+def print_profile(fn, device) -> None:
+    """The 15 operators fn spent most of the device's time in (the CPU's, on a CPU), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+
+
+def plain_rate(args) -> float:
+    """Images/s of one plain Trainer's run alone (the first --stage), in this process, after a warm-up."""
+    import dataclasses
+
+    import torch
+
+    from esper.tolaria.data import load_cifar10
+
+    device = torch.device(args.device)
+    data = load_cifar10(args.data_dir).to(device)
+    trainer = esper_trainer(data, device, 20, 0, args.stage[0], memory_format=args.memory_format)
+    trainer.train_epoch()  # warm-up; ends in a device->host transfer
+    trainer.cfg = dataclasses.replace(trainer.cfg, max_batches=args.steps)
+    return args.steps * 128 / median_seconds(trainer.train_epoch, args.repeats)
 
 
 def vmapped_trainer(k: int, data, device):
@@ -157,10 +211,12 @@ def vmapped_rate(k: int, args) -> float:
     train, params = vmapped_trainer(k, data, device)
     train(20)  # warm-up
     next(iter(params.values())).sum().item()
-    start = time.perf_counter()
-    train(args.steps)
-    next(iter(params.values())).sum().item()  # wait for the device
-    return k * args.steps * 128 / (time.perf_counter() - start)
+
+    def epoch() -> None:
+        train(args.steps)
+        next(iter(params.values())).sum().item()  # wait for the device
+
+    return k * args.steps * 128 / median_seconds(epoch, args.repeats)
 
 
 def threaded_rate(k: int, args) -> float:
@@ -174,7 +230,8 @@ def threaded_rate(k: int, args) -> float:
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
-    trainers = [esper_trainer(data, device, args.steps, i, args.stage[i % len(args.stage)]) for i in range(k)]
+    trainers = [esper_trainer(data, device, args.steps, i, args.stage[i % len(args.stage)],
+                              memory_format=args.memory_format) for i in range(k)]
     streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(k)]
     if device.type == "cuda":
         torch.cuda.synchronize()  # data and weights were written on the default stream
@@ -185,9 +242,7 @@ def threaded_rate(k: int, args) -> float:
 
     with ThreadPoolExecutor(k) as pool:
         list(pool.map(epoch, range(k)))  # warm-up
-        start = time.perf_counter()
-        list(pool.map(epoch, range(k)))
-        return k * args.steps * 128 / (time.perf_counter() - start)
+        return k * args.steps * 128 / median_seconds(lambda: list(pool.map(epoch, range(k))), args.repeats)
 
 
 def main() -> None:
@@ -201,12 +256,18 @@ def main() -> None:
     parser.add_argument("--stage", choices=["none", "TRAINING", "BLENDING", "FOSSILIZED"], nargs="+", default=["none"],
                         help="a conv_heavy seed in every run's mid slot, in this stage; several: run i in the i-th "
                              "(cyclically); vmap: none only")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed epochs per K (and of the plain run), their median (not processes: one each)")
+    parser.add_argument("--profile", action="store_true",
+                        help="grouped: also print where the largest K's epoch spent the device's time")
+    parser.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                        help="every run's TrainConfig.memory_format (vmap: contiguous, whatever this says)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mechanism == "vmap" and args.stage != ["none"]:
         parser.error("--mechanism vmap batches identical models: --stage none only")
     if args.child:
-        return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0])
+        return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0], args.memory_format)
     import torch
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -215,14 +276,19 @@ def main() -> None:
            "vmap": "the runs' models as one vmap", "threads": "one thread and CUDA stream per run"}[args.mechanism]
     rate_of = {"processes": aggregate, "grouped": grouped_rate, "vmap": vmapped_rate,
                "threads": threaded_rate}[args.mechanism]
-    mode = (", cuDNN benchmark mode" if args.cudnn_benchmark else "") + (
+    mode = (", cuDNN benchmark mode" if args.cudnn_benchmark else "") + f", memory format {args.memory_format}" + (
         f", mid slot: {' / '.join(args.stage)} (conv_heavy), run by run" if args.stage != ["none"] else "")
-    print(f"# concurrency on {name}, torch {torch.__version__}, {how}{mode}, {args.steps} steps of 128")
-    print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}")
+    repeats = f", median of {args.repeats}" if args.repeats > 1 and args.mechanism != "processes" else ""
+    print(f"# concurrency on {name}, torch {torch.__version__}, {how}{mode}, {args.steps} steps of 128{repeats}")
+    alone = plain_rate(args) if args.mechanism == "grouped" else None
+    if alone is not None:
+        print(f"one plain run alone: {alone:,.0f} img/s; 'vs one run' is against a group of one, 'vs plain' against it")
+    print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}" + ("   vs plain" if alone else ""))
     one = rate_of(1, args)  # the baseline, whatever --k lists
     for k in args.k:
         rate = one if k == 1 else rate_of(k, args)
-        print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x")
+        beside_plain = f"{rate / alone:>10.2f}x" if alone else ""
+        print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x{beside_plain}")
 
 
 if __name__ == "__main__":

@@ -8,17 +8,20 @@
 #     --python-version $v --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 pytest protobuf pyzmq; done
 # PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the whole
 # script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare took
-# 318 s (303 s on an H200, a process per run) and speed some 230 s (compile cut short); mps takes about as
-# long as compare and speed's processes line together. A session's 15 device minutes leave one such call
-# after the machine's start: what issue 3 still needs first, `PART="compare cudnn envs grouped" MPS_COMPARE=0`
-# (the 40-epoch comparison grouped, the default on CUDA since the seventeenth session's groupedcompare).
+# 318 s (303 s on an H200, a process per run; 209 s grouped, the default, on an H100) and speed some 230 s
+# (compile cut short); mps takes about as long as compare and speed's processes line together. A session's
+# 15 device minutes leave one such call after the machine's start. What issue 3 still needs (eighteenth session): 8 grouped static runs at 5.6x a
+# plain run alone (median 5.37x on an H100): `PART="profile grouped"`, where their step spends the GPU's time.
 #   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by each of MECHANISMS, default
 #            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
 #            torch.compile against fp32 eager); each also runs alone by its name
 #   compare  the end-to-end 40-epoch, 5-seed comparison (static, heuristic, from-scratch); COMPARE_FLAGS adds
-#            flags (--no-grouped: a process per run)
-#   grouped  concurrency by grouped with static runs (the 0.7 K target)
+#            flags (--no-grouped: a process per run); without it, matrix's fastest setting when matrix ran first
+#   matrix   concurrency by grouped with static runs (K = 1, 2, 4, 8), in each memory format with cuDNN's
+#            benchmark mode off and on; the setting of the fastest K = 8 is what compare then runs in
+#   grouped  concurrency by grouped with static runs (the 0.7 K target), the median of 5 timed epochs per K
+#   profile  the operators that 8 grouped static runs' epoch spends the GPU's time in (torch.profiler)
 #   groupedseeds  concurrency by grouped with a seed in every run (one SeedGroup) and with four kinds of run
 #            (no seed, TRAINING, BLENDING, FOSSILIZED: one SeedGroup over the seeded runs' channels, gathered)
 #   groupedcompare  compare (5 seeds, 5 epochs) with a process per run against each arm's seeds as one
@@ -64,7 +67,7 @@ fastpath)
 compare)
   start=$SECONDS
   timeout "$(limit "${COMPARE_TIMEOUT:-380}")" python3 -m esper.cli compare --task cifar10 --max-epochs 40 --max-batches 0 \
-    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp ${COMPARE_FLAGS:-}
+    --seeds 5 --workers 10 --gpu-preload --out /tmp/cmp ${COMPARE_FLAGS:-${BEST_FLAGS:-}}
   echo "compare exit $? wall $((SECONDS - start)) s"
   mkdir -p "$OUT/compare" && cp /tmp/cmp/results.md /tmp/cmp/results.json /tmp/cmp/*.png "$OUT/compare/"
   ;;
@@ -95,8 +98,24 @@ cudnn)
       --cudnn-benchmark
   done
   ;;
+matrix)
+  best_rate=0
+  for format in contiguous channels_last; do
+    for cudnn in "" --cudnn-benchmark; do
+      timeout $(limit 75) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
+        --memory-format $format $cudnn | tee /tmp/matrix.txt
+      rate=$(awk '$1 == 8 {gsub(",", "", $2); print int($2)}' /tmp/matrix.txt)
+      if [ "${rate:-0}" -gt "$best_rate" ]; then best_rate=$rate; BEST_FLAGS="--memory-format $format $cudnn"; fi
+    done
+  done
+  echo "fastest grouped K = 8: $best_rate img/s with ${BEST_FLAGS:-nothing measured}"
+  ;;
 grouped)
-  timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped
+  timeout $(limit 100) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
+    --repeats 5
+  ;;
+profile)
+  timeout $(limit 60) python3 bench/concurrency.py --device cuda --k 8 --steps 100 --mechanism grouped --profile
   ;;
 groupedseeds)
   for stages in BLENDING "none TRAINING BLENDING FOSSILIZED"; do
@@ -124,9 +143,9 @@ ppo)
   ;;
 cudatests)
   timeout $(limit 60) python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/unit/test_augment.py \
-    tests/unit/test_diagnostics.py
+    tests/unit/test_diagnostics.py tests/unit/test_fast_path.py
   ;;
 *) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, groupedseeds,"\
-     "groupedcompare, cudnn, mps, envs, ppo, cudatests)"; exit 2 ;;
+     "groupedcompare, cudnn, matrix, profile, mps, envs, ppo, cudatests)"; exit 2 ;;
 esac
 done

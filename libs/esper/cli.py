@@ -71,6 +71,9 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                    help="of image batches and conv weights; auto: channels_last on the CPU (measured faster "
                         "there), contiguous on CUDA")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN's benchmark mode on CUDA: each convolution shape times cuDNN's algorithms once "
+                        "and keeps the fastest")
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
@@ -206,7 +209,8 @@ def train_config(args: argparse.Namespace):
                     max_seeds=args.max_seeds, grafts=grafts,
                     seed_grad_norms=policy is not None and policy_spec(policy, args.task).telemetry,
                     train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
-                                               compile=args.compile, memory_format=args.memory_format))
+                                               compile=args.compile, memory_format=args.memory_format,
+                                               cudnn_benchmark=args.cudnn_benchmark))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      policy_sha256=file_sha256(policy),
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
@@ -365,7 +369,7 @@ def compare_config(args: argparse.Namespace):
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=device, data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, memory_format=args.memory_format,
-                         workers=args.workers, grouped=grouped, out_dir=out,
+                         cudnn_benchmark=args.cudnn_benchmark, workers=args.workers, grouped=grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every, policy=args.policy and str(Path(args.policy).resolve()),
                          policy_sha256=policy_sha256, db=str(Path(args.db).resolve()))

@@ -98,7 +98,9 @@ class CompareConfig:
     precision: str = "fp32"
     compile: bool = False
     memory_format: str = "auto"
-    """Every arm's runs train with the same precision, compilation and memory format (TrainConfig)."""
+    cudnn_benchmark: bool = False
+    """Every arm's runs train with the same precision, compilation, memory format and cuDNN mode
+    (TrainConfig)."""
     workers: int = 1
     grouped: bool = False
     """Train each arm's seeds as one grouped run (`esper train MODE --grouped`: the hosts as the groups of
@@ -162,7 +164,8 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
         cmd += ["--data-dir", cfg.data_dir]
     if cfg.gpu_preload:
         cmd.append("--gpu-preload")
-    cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format] + (["--compile"] if cfg.compile else [])
+    cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format]
+    cmd += (["--compile"] if cfg.compile else []) + (["--cudnn-benchmark"] if cfg.cudnn_benchmark else [])
     for seed, seed_grafts in grafts.items():
         for graft in seed_grafts:
             cmd.append(f"--graft={seed}={graft}")  # one item: argparse takes a separate "-1=..." for a flag
@@ -459,7 +462,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of {batch_size}; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
-        f"memory format {cfg.memory_format}; up to {cfg.workers} runs at once"
+        f"memory format {cfg.memory_format}{', cuDNN benchmark mode' if cfg.cudnn_benchmark else ''}; "
+        f"up to {cfg.workers} runs at once"
         f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",

@@ -5,6 +5,9 @@ What is bit-identical on the CPU: a worker killed and resumed from its episode c
 same summary (every epoch's accuracies and losses, every seed's blueprint, slot and stage history, test
 accuracy) and the same exported weights as `esper train heuristic` run straight through at the same seed;
 only the run id (a time stamp) and the wall time differ.
+
+Processes killed and restarted: fault injection, in .ci/run's second pass (`pytest -m chaos`), which keeps
+the default run inside its 10 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from procs import REPO, free_ports, metric, scrape, start_hub, start_tamiyo, wait_until
+
+pytestmark = pytest.mark.chaos
 
 EPOCHS = 20
 EXPERIMENT = ["--task", "synthetic", "--max-epochs", str(EPOCHS), "--slots", "early", "mid", "late", "--device", "cpu"]

@@ -122,13 +122,19 @@ def test_a_resumed_comparison_whose_settings_are_unreadable_is_refused_in_one_li
     assert err.startswith(f"esper: error: --resume {folder}: its compare.json") and len(err.splitlines()) == 1, err
 
 
-def test_every_arm_trains_with_the_comparisons_precision_and_compilation():
-    cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous")
+def test_every_arm_trains_with_the_comparisons_precision_compilation_and_cudnn_mode():
+    """compare's speed flags reach every run's TrainConfig: its child command, parsed as `esper train` parses it."""
+    cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous",
+                        cudnn_benchmark=True)
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
         cmd = train_command(cfg, arm, [42], {})
-        assert cmd[cmd.index("--precision") + 1] == "bf16" and "--compile" in cmd
-        assert cmd[cmd.index("--memory-format") + 1] == "contiguous"
-    assert "--compile" not in train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
+        train = train_config(build_parser().parse_args(cmd[cmd.index("train"):])).env.train
+        assert (train.precision, train.compile, train.memory_format, train.cudnn_benchmark) == \
+            ("bf16", True, "contiguous", True), arm
+    cmd = train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
+    train = train_config(build_parser().parse_args(cmd[cmd.index("train"):])).env.train
+    assert (train.precision, train.compile, train.memory_format, train.cudnn_benchmark) == \
+        ("fp32", False, "auto", False)
 
 
 def test_grouped_trains_each_arms_seeds_in_one_grouped_process_with_its_own_grafts():

@@ -93,6 +93,21 @@ def test_a_training_seed_stays_isolated_bit_for_bit_in_bf16_and_channels_last(dt
     assert any(p.grad.abs().sum() > 0 for p in grown.slots["mid"].seed.parameters())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_cudnn_benchmark_mode_is_turned_on_by_a_cuda_trainer_that_asks_for_it(device, monkeypatch):
+    """A process-wide switch: a trainer on CUDA with cudnn_benchmark turns it on (and trains); one on the
+    CPU, where cuDNN plays no part, leaves it as it was."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    data = load_task_data("synthetic", None).to(torch.device(device))
+    t = Trainer(MorphogeneticModel(build_host("synthetic"), ["mid"]).to(device), data,
+                TrainConfig(max_batches=2, cudnn_benchmark=True), torch.device(device),
+                torch.Generator(device=device).manual_seed(0))
+    assert torch.backends.cudnn.benchmark == (device == "cuda")
+    loss, _ = t.train_epoch()
+    assert torch.isfinite(torch.tensor(loss))  # and trains under it
+
+
 def test_a_seed_takes_the_layout_of_the_model_it_joins():
     """A seed germinated mid-run gets channels_last weights before its first step, as the host has."""
     t = trainer(TrainConfig(max_batches=2, memory_format="channels_last"))

@@ -75,6 +75,13 @@ class TrainConfig:
     changed (bench/fast_path.py); auto takes it on the CPU and stays contiguous on CUDA, where on an
     H100 channels_last trained the host at 0.90x and a blending model at 1.02x. Token windows have no
     channels: a language model ignores this."""
+    cudnn_benchmark: bool = False
+    """cuDNN's benchmark mode on CUDA: each convolution shape times cuDNN's algorithms once and keeps the
+    fastest, instead of cuDNN's guess. A process-wide switch (torch.backends.cudnn.benchmark), turned on by
+    the process's first Trainer on CUDA that asks for it; nothing on a CPU. It may choose a different
+    algorithm in another process, so runs agree only to floating-point order. Off by default: on an H100
+    (bench/concurrency.py --cudnn-benchmark, grouped runs) it made no difference that outlasted the noise:
+    eight grouped static runs at 197,000 to 252,000 images/s with it, 202,000 to 211,000 without."""
 
     @classmethod
     def for_task(cls, task: str, **fields) -> "TrainConfig":
@@ -141,6 +148,8 @@ class Trainer:
         self.layout = layout(cfg.memory_format, device) if images else torch.contiguous_format
         """Of every batch the model sees, and of its weights: the host's now, each seed's as it joins."""
         model.to(memory_format=self.layout)  # in place: the parameters stay the same objects
+        if cfg.cudnn_benchmark and device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.host_opt = make_optimizer(model.host_parameters(), cfg, cfg.lr)
         self.seed_opts: dict[int, torch.optim.Optimizer] = {}
         self.train_flops = 0

@@ -235,3 +235,27 @@ def test_ctrl_c_names_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(PPOTrainer, "train", train)
     assert main(["train", "ppo", *flags, "--episodes", "4", "--save", str(save), "--resume", str(save)]) == 0
     assert checkpoint(save)["counters"]["episodes"] == 4
+
+
+@pytest.mark.parametrize("flags, devices, grouped", [
+    ([], ("cuda:0",), True),  # measured fastest there (bench/ppo_envs.py)
+    ([], ("cpu",), False),
+    ([], ("cuda:0", "cpu"), False),  # every environment's device must be CUDA
+    (["--n-envs", "1"], ("cuda:0",), False),  # a group of one is slower than a plain run
+    (["--env-processes"], ("cuda:0",), False),  # the way asked for
+    (["--no-grouped"], ("cuda:0",), False),
+    (["--grouped"], ("cpu",), True),
+    (["--precision", "bf16"], ("cuda:0",), False),  # flags grouping cannot take leave the default off, unrefused
+    (["--task", "tinystories"], ("cuda:1",), False),
+])
+def test_ppo_environments_are_grouped_by_default_on_cuda_only(flags, devices, grouped, capsys):
+    from esper.cli import build_parser
+    from esper.train_ppo import ppo_grouped
+
+    assert ppo_grouped(build_parser().parse_args(["train", "ppo", *flags]), devices) is grouped
+    said = capsys.readouterr().err
+    if flags[:1] in (["--precision"], ["--task"]):  # says why not
+        assert said.startswith("esper: environments one after another, not grouped as by default on CUDA: grouped "
+                               f"runs cannot take {' '.join(flags)}"), said
+    else:
+        assert said == ""

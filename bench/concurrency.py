@@ -138,18 +138,18 @@ def grouped_rate(k: int, args) -> float:
 
     rate = k * args.steps * 128 / median_seconds(epoch, args.repeats)
     if args.profile and k == max(args.k):
-        print_profile(epoch, device)
+        args.profiled = profile_table(epoch, device)
     return rate
 
 
-def print_profile(fn, device) -> None:
+def profile_table(fn, device) -> str:
     """The 15 operators fn spent most of the device's time in (the CPU's, on a CPU), by torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15)
 
 
 def plain_rate(args) -> float:
@@ -266,6 +266,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.mechanism == "vmap" and args.stage != ["none"]:
         parser.error("--mechanism vmap batches identical models: --stage none only")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.profile and args.mechanism != "grouped":
+        parser.error("--profile profiles --mechanism grouped only")
     if args.child:
         return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0], args.memory_format)
     import torch
@@ -276,7 +280,8 @@ def main() -> None:
            "vmap": "the runs' models as one vmap", "threads": "one thread and CUDA stream per run"}[args.mechanism]
     rate_of = {"processes": aggregate, "grouped": grouped_rate, "vmap": vmapped_rate,
                "threads": threaded_rate}[args.mechanism]
-    mode = (", cuDNN benchmark mode" if args.cudnn_benchmark else "") + f", memory format {args.memory_format}" + (
+    layout = "" if args.mechanism == "vmap" else f", memory format {args.memory_format}"  # vmap's: contiguous
+    mode = (", cuDNN benchmark mode" if args.cudnn_benchmark else "") + layout + (
         f", mid slot: {' / '.join(args.stage)} (conv_heavy), run by run" if args.stage != ["none"] else "")
     repeats = f", median of {args.repeats}" if args.repeats > 1 and args.mechanism != "processes" else ""
     print(f"# concurrency on {name}, torch {torch.__version__}, {how}{mode}, {args.steps} steps of 128{repeats}")
@@ -289,6 +294,8 @@ def main() -> None:
         rate = one if k == 1 else rate_of(k, args)
         beside_plain = f"{rate / alone:>10.2f}x" if alone else ""
         print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x{beside_plain}")
+    if args.profile:
+        print(f"# where K = {max(args.k)}'s epoch spent the time\n{args.profiled}")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ matrix)
   best_rate=0
   for format in contiguous channels_last; do
     for cudnn in "" --cudnn-benchmark; do
-      timeout $(limit 75) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
-        --memory-format $format $cudnn | tee /tmp/matrix.txt
+      timeout $(limit 90) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
+        --repeats 3 --memory-format $format $cudnn | tee /tmp/matrix.txt
       rate=$(awk '$1 == 8 {gsub(",", "", $2); print int($2)}' /tmp/matrix.txt)
       if [ "${rate:-0}" -gt "$best_rate" ]; then best_rate=$rate; BEST_FLAGS="--memory-format $format $cudnn"; fi
     done

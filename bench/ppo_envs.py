@@ -2,7 +2,7 @@
 
 One PPO round (n_envs episodes of --max-epochs epochs, the policy choosing every action) is timed each
 way in this process and session, each after an untimed warm-up round: the environments stepped one
-after another in this process (`esper train ppo`, the baseline), each in a child process, all
+after another in this process (`esper train ppo --no-grouped`, the baseline), each in a child process, all
 training at once (`--env-processes`, simic.env_process), and their epochs trained together as the
 groups of one network (`--grouped`, tolaria.grouped). The children are started and load their data
 before the clock starts: that is paid once per training run, not per round. Reports environment

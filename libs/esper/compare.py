@@ -123,7 +123,7 @@ class CompareConfig:
     telemetry files, so the runs themselves never wait for it."""
 
 
-RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "progress_every")
+RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "progress_every", "cudnn_benchmark")
 """CompareConfig fields a resumed comparison may change: where and how fast it runs, not what it compares."""
 
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,8 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
     p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
                    help="train the environments' epochs together, their hosts as the groups of one network and "
                         "each one's seeds on its group (CNN hosts, fp32; see README); default: on when the "
-                        "environments are on CUDA, 2 or more and not --env-processes, where it was measured "
-                        "fastest, and the other flags allow it; off on the CPU")
+                        "environments are on CUDA, 2 or more to a device and not --env-processes, where it was "
+                        "measured faster than one after another, and the other flags allow it; off on the CPU")
     p.add_argument("--save", default=None, help=f"checkpoint path (default: {save_default})")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",
@@ -137,7 +138,6 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
     if args.num_workers is not None and args.num_workers < 1:
         raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
     devices = tuple(resolve_device(d) for d in args.devices or ())
-    grouped = ppo_grouped(args, devices or (base.device,))
     try:
         ppo = PPOConfig(
             lr=args.lr, clip_coef=args.clip_ratio, gamma=args.gamma,
@@ -152,6 +152,7 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
                                 devices=devices, telemetry_features=not args.no_telemetry)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    grouped = ppo_grouped(args, trainer.env_devices)  # once the counts it reads are known to be >= 1
     if args.resume and Path(args.resume).is_dir() and (Path(args.resume) / "checkpoint.pt").is_file():
         args.resume = str(Path(args.resume) / "checkpoint.pt")  # a PPO run's directory: the checkpoint in it
     if args.resume:
@@ -174,14 +175,17 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
 
 def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
     """Whether the environments' epochs train grouped: --grouped or --no-grouped as given; by default when
-    they are on CUDA, two or more and not each in a process (--env-processes, asked for), where a round of
-    4 environments stepped 2.84x and of 8 4.60x as fast as one after another (a process each: 2.90x and
-    2.85x; H100, bench/ppo_envs.py); off on the CPU, where grouped convolutions run slower than plain ones."""
+    they are on CUDA, two or more to every device (a device's environments are one group, and a group of one
+    is slower than a plain run) and not each in a process (--env-processes, asked for), where a round of 4
+    environments stepped 2.84x and of 8 4.60x as fast as one after another (a process each: 2.90x and 2.85x;
+    H100, bench/ppo_envs.py); off on the CPU, where grouped convolutions run slower than plain ones."""
     if args.grouped is not None:
         if args.grouped:
             check_grouped(args, ("--env-processes",) if args.env_processes else ())
         return args.grouped
-    if args.env_processes or args.n_envs < 2:
+    envs = min(args.n_envs, args.episodes)  # a round's, round robin over the devices (TrainerConfig.env_devices)
+    per_device = Counter(env_devices[i % len(env_devices)] for i in range(envs))
+    if args.env_processes or min(per_device.values()) < 2:
         return False
     cuda = all(torch.device(d).type == "cuda" for d in env_devices)
     return grouped_by_default(args, cuda, "environments one after another")

@@ -415,12 +415,13 @@ def test_a_comparison_with_grouped_arms(tmp_path, capsys):
 
 def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):
     """--resume refuses a folder compared with other settings, naming them; where and how fast it runs
-    (device, workers, data, progress) may change."""
+    (device, workers, data, progress, cuDNN's benchmark mode) may change."""
     saved = CompareConfig(task="synthetic", seeds=3, workers=2, out_dir=str(tmp_path))
     (tmp_path / "compare.json").write_text(json.dumps(asdict(saved)))
     assert main(["compare", "--task", "synthetic", "--seeds", "2", "--max-epochs", "5", "--resume", str(tmp_path)]) == 2
     assert "other settings: max_epochs, seeds differ" in capsys.readouterr().err
-    assert differences(dataclasses.replace(saved, workers=1, device="cuda:1", progress_every=5.0), tmp_path) == []
+    assert differences(dataclasses.replace(saved, workers=1, device="cuda:1", progress_every=5.0,
+                                           cudnn_benchmark=True), tmp_path) == []
     # The ppo arm's policy file rewritten since (PPO rewrites its checkpoint as it trains) is another setting;
     # a comparison saved before policies were digested, without one, is not.
     with_policy = dataclasses.replace(saved, policy="/p.pt", policy_sha256="0" * 64)

@@ -114,7 +114,7 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
                  "--runs-dir", str(tmp_path / "b")]) == 0
     assert checkpoint(half)["counters"]["updates"] == 2
     assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--save", str(resumed),
-                 "--runs-dir", str(tmp_path / "c")]) == 0
+                 "--runs-dir", str(tmp_path / "c"), "--cudnn-benchmark"]) == 0  # how fast: may change
     assert checkpoint(resumed)["counters"]["updates"] == 4
     assert_same_training(checkpoint(straight), checkpoint(resumed))
 
@@ -242,6 +242,11 @@ def test_ctrl_c_names_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
     ([], ("cpu",), False),
     ([], ("cuda:0", "cpu"), False),  # every environment's device must be CUDA
     (["--n-envs", "1"], ("cuda:0",), False),  # a group of one is slower than a plain run
+    (["--n-envs", "4", "--episodes", "1"], ("cuda:0",), False),  # a round of one episode
+    (["--n-envs", "2"], ("cuda:0", "cuda:1"), False),  # one environment to each device
+    (["--n-envs", "4"], ("cuda:0", "cuda:1"), True),
+    (["--n-envs", "5"], ("cuda:0", "cuda:1", "cuda:0"), True),  # round robin: 3 to cuda:0, 2 to cuda:1
+    (["--n-envs", "4"], ("cuda:0", "cuda:1", "cuda:0"), False),  # 3 to cuda:0, 1 to cuda:1
     (["--env-processes"], ("cuda:0",), False),  # the way asked for
     (["--no-grouped"], ("cuda:0",), False),
     (["--grouped"], ("cpu",), True),

@@ -209,9 +209,10 @@ def folder_refusal(path: Path, flag: str, given: Path | None = None) -> str | No
 
 def check_store(db: Path) -> None:
     """StoreError now, before a run trains, for a store its end could not record in: a file that SQLite
-    cannot read (opened read-only: nothing is written to it), or a file where its folder goes. Nothing is
-    created here; whatever is only found when the store is written (a folder that cannot be made) is a
-    warning then (`recording`)."""
+    cannot open for writing or read, or a file where its folder goes. Nothing is created here (mode=rw); a
+    store whose writer was killed mid-transaction (a comparison's run, SIGKILLed) has a hot journal, which
+    this first reader rolls back, as any would: read-only it could not, and refused a sound store. Whatever
+    is only found when the store is written (a folder that cannot be made) is a warning then (`recording`)."""
     import contextlib
     import sqlite3
 
@@ -219,7 +220,7 @@ def check_store(db: Path) -> None:
 
     if db.exists():
         try:
-            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True)) as conn:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{db} cannot be a run store: {exc}") from None

@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from esper.cli import main
+from esper.karn.runs_db import RunsDB
 from esper.kasmina import MorphogeneticModel, build_host, load_exported
 from esper.leyline import Blueprint
 from esper.nissa import read_jsonl
@@ -195,6 +197,31 @@ def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trai
         assert len(err) == 1 and err[0].startswith("esper: error: ") and needle in err[0], (argv, err)
     assert not list(tmp_path.rglob("summary.json"))
     assert afile.read_text() == "x" and notdb.read_text() == "hello"
+
+
+HALF_WRITTEN_STORE = """
+import os, signal, sys
+from esper.karn.runs_db import RunsDB
+store = RunsDB(sys.argv[1])
+store.conn.execute("PRAGMA cache_size=1")  # the transaction spills into the file: its journal is hot
+store.conn.execute("BEGIN IMMEDIATE")
+for i in range(100):
+    store.conn.execute("INSERT INTO runs (run_id, source, finished, governor_rollbacks) VALUES (?, 'killed', 0, 0)",
+                       (f"half-{i}" + "x" * 4000,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_records_the_next_run(tmp_path):
+    """A comparison SIGKILLed while a run wrote the store leaves a hot journal; `--resume` refused the store
+    ("attempt to write a readonly database": the check opened it read-only, which cannot roll back)."""
+    db = tmp_path / "karn.db"
+    subprocess.run([sys.executable, "-c", HALF_WRITTEN_STORE, str(db)], check=False, timeout=60)
+    assert Path(f"{db}-journal").stat().st_size > 0
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--runs-dir",
+                 str(tmp_path / "runs"), "--db", str(db)]) == 0
+    store = RunsDB(db)
+    assert [r["mode"] for r in store.runs()] == ["static"]  # the killed transaction's rows rolled back
 
 
 def test_a_store_that_cannot_be_made_is_a_warning_after_a_run_that_stays_whole(tmp_path, capsys):

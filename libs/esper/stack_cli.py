@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from esper.transport.config import StackEndpoints, add_token_flag, endpoint
+from esper.transport.config import StackEndpoints, add_token_flag, at_least, endpoint, grpc_target
 
 COMMANDS = ("policy", "stack")
 
@@ -30,10 +30,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint")
     query.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
                        help="the hub's snapshot endpoint")
-    query.add_argument("--wait-s", type=float, default=10.0,
+    query.add_argument("--wait-s", type=at_least(0, float), default=10.0,
                        help="--from-bus: how long to wait for the hub, and for a decision when it holds none yet")
-    query.add_argument("--tamiyo", default=env.tamiyo_target, help="host:port ($ESPER_TAMIYO_PORT)")
-    query.add_argument("--deadline-s", type=float, default=5.0)
+    query.add_argument("--tamiyo", type=grpc_target, default=env.tamiyo_target, help="host:port ($ESPER_TAMIYO_PORT)")
+    query.add_argument("--deadline-s", type=at_least(0.01, float), default=5.0,
+                       help="of the Decide call (nan had retried forever)")
     add_token_flag(query)
     stack = commands.add_parser("stack", help="inspect a running stack")
     status = stack.add_subparsers(dest="stack_command", required=True).add_parser(

@@ -48,7 +48,7 @@ from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port
+from esper.transport.config import StackEndpoints, at_least, endpoint, grpc_target, metrics_port
 from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
@@ -116,7 +116,8 @@ def parse(argv: list[str] | None) -> Config:
     else:
         add_checkpoint_flag(p)
         p.add_argument("--fresh", action="store_true", help="start every episode anew, continuing no run")
-    p.add_argument("--tamiyo", default=env.tamiyo_target, help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
+    p.add_argument("--tamiyo", type=grpc_target, default=env.tamiyo_target,
+                   help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
     p.add_argument("--hub-pub", type=endpoint, default=env.tcp(env.hub_pub),
                    help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")

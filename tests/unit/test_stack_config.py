@@ -164,6 +164,27 @@ def test_policy_query_of_a_file_that_is_not_text_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"esper: error: {observation}: 'utf-8' codec can't decode"), err
 
 
+@pytest.mark.parametrize("flag, value, said", [
+    ("--deadline-s", "nan", "must be at least 0.01, got nan"),  # had retried forever
+    ("--deadline-s", "-1", "must be at least 0.01, got -1"),  # had asked, then said "no answer in -1 s"
+    ("--wait-s", "-3", "must be at least 0, got -3"),
+    ("--tamiyo", "bad::", "'bad::' is not a gRPC server's HOST:PORT"),  # had been retried as if the server were down
+    ("--tamiyo", "127.0.0.1:0", "'127.0.0.1:0' is not a gRPC server's HOST:PORT"),
+])
+def test_policy_query_refuses_a_flag_it_cannot_use_in_one_line(flag, value, said, tmp_path, capsys):
+    observation = tmp_path / "obs.json"
+    observation.write_text("{}")
+    assert main(["policy", "query", str(observation), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"esper: error: argument {flag}: {said}", err
+
+
+@pytest.mark.parametrize("value", ["foo", "127.0.0.1:99999", "127.0.0.1", "tcp://127.0.0.1:50051"])
+def test_a_worker_refuses_a_malformed_tamiyo_target_in_one_line(value, capsys):
+    said = refusal("tolaria_worker", "--tamiyo", value, capsys)
+    assert said.endswith(f"argument --tamiyo: {value!r} is not a gRPC server's HOST:PORT"), said
+
+
 def test_karn_runs_with_its_metrics_switched_off():
     """-1 is "no /metrics" for every service, karn too (it had taken -1 and died on it in a traceback)."""
     karn = subprocess.Popen([sys.executable, "-m", "services.karn", "--metrics-port", "-1"], cwd=REPO,

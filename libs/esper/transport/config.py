@@ -102,7 +102,8 @@ def at_least(lowest: float, kind: type = int):
     return parse
 
 
-ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})|ipc://\S+")
+HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})"
+ENDPOINT = re.compile(rf"tcp://{HOST_PORT}|ipc://\S+")
 
 
 def endpoint(text: str) -> str:
@@ -111,6 +112,15 @@ def endpoint(text: str) -> str:
     match = ENDPOINT.fullmatch(text)
     if not match or (match[2] and not 0 < int(match[2]) <= 65535):
         raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT)")
+    return text
+
+
+def grpc_target(text: str) -> str:
+    """argparse type of the gRPC server a command calls: HOST:PORT (a malformed one had been retried until the
+    deadline, as if the server were down)."""
+    match = re.fullmatch(HOST_PORT, text)
+    if not match or not 0 < int(match[2]) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a gRPC server's HOST:PORT")
     return text
 
 

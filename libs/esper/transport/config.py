@@ -102,15 +102,20 @@ def at_least(lowest: float, kind: type = int):
     return parse
 
 
-HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})"
-ENDPOINT = re.compile(rf"tcp://{HOST_PORT}|ipc://\S+")
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})")
+
+
+def is_host_port(text: str) -> bool:
+    """HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one), its port from 1 to 65535."""
+    match = HOST_PORT.fullmatch(text)
+    return match is not None and 0 < int(match[2]) <= 65535
 
 
 def endpoint(text: str) -> str:
     """argparse type of a ZeroMQ endpoint a service connects to: tcp://HOST:PORT or ipc://PATH (a malformed
     one had ended the service in a ZMQError traceback)."""
-    match = ENDPOINT.fullmatch(text)
-    if not match or (match[2] and not 0 < int(match[2]) <= 65535):
+    tcp = text.startswith("tcp://") and is_host_port(text.removeprefix("tcp://"))
+    if not (tcp or re.fullmatch(r"ipc://\S+", text)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a ZeroMQ endpoint (tcp://HOST:PORT)")
     return text
 
@@ -118,8 +123,7 @@ def endpoint(text: str) -> str:
 def grpc_target(text: str) -> str:
     """argparse type of the gRPC server a command calls: HOST:PORT (a malformed one had been retried until the
     deadline, as if the server were down)."""
-    match = re.fullmatch(HOST_PORT, text)
-    if not match or not 0 < int(match[2]) <= 65535:
+    if not is_host_port(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a gRPC server's HOST:PORT")
     return text
 

@@ -211,6 +211,51 @@ def progress_of(run_parent: Path, task: str) -> str | None:
     return None
 
 
+def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dict[int, dict], log) -> list[list[int]]:
+    """The arm's blocks of seeds still to train: one seed each, or all its seeds in one under `cfg.grouped`.
+    The runs of the blocks that the comparison this one resumes finished go into `results` (seed -> summary).
+    A block with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level,
+    on the runs in its group. A summary without the headline figure (a language model's run from before
+    summaries held the test loss) trains again too. The folders of a block to train again are cleared, and
+    their runs dropped from the store (--db), where a grouped run that had finished had recorded itself:
+    the store holds the comparison's runs, not the ones it threw away."""
+    todo, cleared = [], []
+    key, _ = headline(cfg.task)
+    for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
+        found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
+        done = [json.loads(path.read_text()) if path else {} for path in found]
+        if all(key in summary for summary in done):
+            for seed, summary in zip(block, done):
+                results[seed] = summary
+                log(f"{arm.name:>13} seed {seed}: finished already")
+        else:
+            for seed in block:
+                folder = runs_dir(cfg, arm, seed)
+                cleared += [run.name for run in folder.glob("*") if run.is_dir()]  # a run's folder is its id
+                shutil.rmtree(folder, ignore_errors=True)
+            todo.append(block)
+    if cleared and Path(cfg.db).is_file():
+        forget_runs(Path(cfg.db), cleared, log)
+    return todo
+
+
+def forget_runs(db: Path, run_ids: list[str], log) -> None:
+    """Drop runs from the store; a store that cannot be written is a warning (the comparison's results are its
+    folders): `esper runs index` rebuilds a store from them."""
+    import sqlite3
+
+    from esper.karn.runs_db import RunsDB, StoreError
+
+    try:
+        store = RunsDB(db)
+        try:
+            store.forget(run_ids)
+        finally:
+            store.close()
+    except (StoreError, sqlite3.Error) as exc:
+        log(f"esper: warning: --db {db} still lists the runs {', '.join(run_ids)}, trained again now ({exc})")
+
+
 def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[str, list[dict]]:
     """Run every (arm, seed); returns arm -> summaries in seed order. `on_phase(results so far)` after
     each phase, so an interrupted comparison still leaves a report of the arms it finished; `on_wake()`
@@ -222,27 +267,6 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     running: dict[str, tuple[Path, subprocess.Popen]] = {}  # "heuristic seed 42" -> its folder and process
     lock = threading.Lock()  # over `running` and `stopping`: no run starts once the comparison stops
     stopping = threading.Event()
-
-    def to_train(arm: Arm) -> list[list[int]]:
-        """The arm's blocks of seeds still to train, their folders cleared: one seed each, or all its seeds in
-        one under `cfg.grouped`. Loads the runs of the blocks the comparison this one resumes finished. A block
-        with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level, on
-        the runs in its group. A summary without the headline figure (a language model's run from before
-        summaries held the test loss) trains again too."""
-        todo = []
-        key, _ = headline(cfg.task)
-        for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
-            found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
-            done = [json.loads(path.read_text()) if path else {} for path in found]
-            if all(key in summary for summary in done):
-                for seed, summary in zip(block, done):
-                    results[arm.name][seed] = summary
-                    log(f"{arm.name:>13} seed {seed}: finished already")
-            else:
-                for seed in block:
-                    shutil.rmtree(runs_dir(cfg, arm, seed), ignore_errors=True)
-                todo.append(block)
-        return todo
 
     def run(arm: Arm, block: list[int], threads: int) -> None:
         """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process,
@@ -303,7 +327,7 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
         for phase in phases(arms):
             jobs = []
             for arm in phase:
-                jobs += [(arm, block) for block in to_train(arm)]
+                jobs += [(arm, block) for block in blocks_to_train(cfg, arm, seeds, results[arm.name], log)]
             with ThreadPoolExecutor(cfg.workers) as pool:
                 _, threads = sharing(cfg, phase)  # a resumed run gets the threads it had: its numbers depend on them
                 futures = [pool.submit(run, arm, block, threads) for arm, block in jobs]

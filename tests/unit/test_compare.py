@@ -18,6 +18,7 @@ from scipy import stats
 from esper.cli import build_parser, compare_config, compare_grouped, main, train_config
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
                            headline, mean_ci, progress_of, results_table, train_command, walls_shared, write_report)
+from esper.karn.runs_db import RunsDB
 from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
@@ -302,24 +303,30 @@ def test_a_grouped_comparison_resumes_to_the_results_of_one_never_stopped(tmp_pa
     """A grouped run's numbers depend, at float-summation level, on the runs in its group (heuristic seed 43
     trained alone ends at another validation loss than in its group with 42) and on its CPU threads (with the
     cores for 1 run, not 2, heuristic's group ends at another loss): a grouped arm with a run cut off trains
-    its whole group again on --resume, with the threads it had, and ends exactly as never stopped."""
+    its whole group again on --resume, with the threads it had, and ends exactly as never stopped. The run
+    store then holds the runs the comparison reports, not the one that had recorded itself and was trained
+    again."""
     flags = ["compare", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "2", "--seeds", "2", "--grouped",
-             "--arms", "static", "heuristic", "--workers", "2", "--db", str(tmp_path / "karn.db"),
-             "--progress-every", "0"]
+             "--arms", "static", "heuristic", "--workers", "2", "--progress-every", "0"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    assert main([*flags, "--out", str(straight)]) == 0
+    assert main([*flags, "--out", str(straight), "--db", str(tmp_path / "karn.db")]) == 0
     shutil.copytree(straight, cut)
+    shutil.copyfile(tmp_path / "karn.db", tmp_path / "cut.db")  # the store as the cut comparison had left it
     (kept,) = (cut / "runs" / "heuristic" / "seed42").glob("*/summary.json")
     (cut_off,) = (cut / "runs" / "heuristic" / "seed43").glob("*/summary.json")
     cut_off.unlink()  # killed as the group wrote its summaries: seed 42's written, seed 43's not
     capsys.readouterr()
-    assert main([*flags, "--resume", str(cut)]) == 0
+    assert main([*flags, "--resume", str(cut), "--db", str(tmp_path / "cut.db")]) == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, cut))
     for x, y in zip(a["static"] + a["heuristic"], b["static"] + b["heuristic"], strict=True):
         assert (x["seed"], x["val_loss"], x["test_accuracy"], x["curve"], x["seeds"]) == \
                (y["seed"], y["val_loss"], y["test_accuracy"], y["curve"], y["seeds"])
     assert capsys.readouterr().err.count("finished already") == 2  # static's; heuristic's group trained again
     assert not kept.exists() and not cut_off.parent.exists()  # both trained again, in new run directories
+    store = RunsDB(tmp_path / "cut.db")
+    reported = sorted(p.parent.name for p in cut.glob("runs/*/*/*/summary.json"))
+    assert len(reported) == 4 and sorted(r["run_id"] for r in store.runs()) == reported
+    store.close()
 
 
 def test_every_arm_records_the_comparisons_telemetry_level():

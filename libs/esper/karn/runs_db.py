@@ -193,6 +193,13 @@ class RunsDB:
             (run.run_id, seed_id, s.slot, s.blueprint, s.germinated_epoch, s.fate, s.end_epoch, s.contribution,
              s.contribution_se) for seed_id, s in sorted(run.seeds.items())])
 
+    def forget(self, run_ids: list[str]) -> None:
+        """Drop these runs (their epochs and seeds with them): runs whose folders are gone, as a resumed
+        comparison's that it trains again."""
+        where, args = _among(run_ids)
+        with self.conn:
+            self.conn.execute(f"DELETE FROM runs {where}", args)
+
     # Queries. `run_ids` narrows any of them to some runs; None means every run.
 
     def runs(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from esper.transport.config import StackEndpoints, add_token_flag, at_least, endpoint, grpc_target
+from esper.transport.config import StackEndpoints, add_token_flag, at_least, endpoint, grpc_target, metrics_url
 
 COMMANDS = ("policy", "stack")
 
@@ -126,7 +126,7 @@ def cmd_stack_status(args: argparse.Namespace) -> int:
     from esper.transport.auth import call_metadata
 
     env = StackEndpoints.from_env()
-    checks = {f"{name} metrics": f"http://{env.host}:{port}/metrics" for name, port in (
+    checks = {f"{name} metrics": metrics_url(env.host, port) for name, port in (
         ("nissa_hub", env.hub_metrics), ("tamiyo_server", env.tamiyo_metrics),
         ("tolaria_worker", env.worker_metrics), ("karn", env.karn_metrics),
         ("simic_learner", env.learner_metrics)) if port >= 0}  # -1: /metrics switched off, nothing to ask

@@ -19,7 +19,7 @@ from esper.karn import RunStore, RunStoreCollector
 from esper.karn.store import EventJournal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port
+from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, metrics_url
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     REGISTRY.register(RunStoreCollector(store, subscriber.malformed))
     if cfg.metrics_port >= 0:
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+        log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
 
     poller = zmq.Poller()
     poller.register(subscriber.socket, zmq.POLLIN)

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
-from esper.transport.config import StackEndpoints, at_least, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, metrics_port, metrics_url, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.metrics_port >= 0:
         REGISTRY.register(HubCollector(hub))
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+        log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
 
     hub.serve(stop.fileno(), stop.is_set)
     log.info("stopping: forwarded %d, dropped %s", hub.forwarded, hub.dropped)

@@ -39,7 +39,7 @@ from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint_or_none, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, endpoint_or_none, metrics_port, metrics_url, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_TRAJECTORY_BYTES
 from esper.transport.trajectories import LiveMetrics, TrajectoryInbox, WeightsPublisher
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             "esper_simic_checkpoint_commits_total": ("Checkpoints committed (each before its acks).",
                                                      lambda: commits)}))
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+        log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
 
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0  # acks to a worker that is gone are worthless

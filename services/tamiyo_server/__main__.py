@@ -29,7 +29,7 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, port
+from esper.transport.config import StackEndpoints, at_least, endpoint, host_port, metrics_port, metrics_url, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
 from esper.transport.policy_service import (
@@ -100,17 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     names = (tamiyo_pb2.DESCRIPTOR.services_by_name["Tamiyo"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    grpc_port = server.add_insecure_port(host_port(cfg.host, cfg.port))
     server.start()
     if cfg.metrics_port >= 0:
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+        log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
     neural = cfg.policy == "neural"
     for service in ("", SERVICE_NAME):  # "" is the whole server, as grpc_health_probe asks by default
         ready = not (neural and service == SERVICE_NAME)
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING if ready
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
-    log_endpoint(log, "grpc", f"{cfg.host}:{grpc_port}")
+    log_endpoint(log, "grpc", host_port(cfg.host, grpc_port))
     if neural:
         def load(version: int, state: dict) -> None:
             try:

@@ -48,7 +48,7 @@ from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, grpc_target, metrics_port
+from esper.transport.config import StackEndpoints, at_least, endpoint, grpc_target, metrics_port, metrics_url
 from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()
     if cfg.metrics_port >= 0:
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
-        log_endpoint(log, "metrics", f"http://{cfg.host}:{metrics_server.server_port}/metrics")
+        log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
     publisher = PublisherSink(cfg.hub_pub, token=cfg.token)
     if not publisher.wait_attached(timeout_s=10.0):
         log.warning("hub at %s not attached after 10 s: events are lost until it is", cfg.hub_pub)

@@ -18,6 +18,9 @@ import urllib.request
 import pytest
 from procs import LOOPBACK, REPO, free_ports, listening_addresses, metric, scrape, start_hub, start_tamiyo, wait_until
 
+from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
+from esper.transport.bus import PublisherSink, make_context
+
 EPOCHS = 20
 DASHBOARD = REPO / "ops" / "grafana" / "dashboards" / "esper.json"
 
@@ -140,6 +143,45 @@ def test_esper_stack_status_reports_every_process_serving(stack):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("SERVING") == 6
+
+
+def test_a_stack_on_the_ipv6_loopback(spawn):
+    """`--host ::1` (or ESPER_HOST=::1): every service listens there, an event crosses the hub to Karn, and
+    `esper stack status` finds each one (IPv6 addresses had gone unbracketed: the hub died in a ZMQError, gRPC
+    could not bind, and the endpoints ESPER_HOST made were refused by the flags' own types)."""
+    ipv6 = ("--host", "::1")
+    hub = spawn("nissa_hub", *ipv6, "--pub-port", "0", "--sub-port", "0", "--snapshot-port", "0", "--metrics-port", "0")
+    hub.wait_bound("publish", "subscribe", "snapshot", "metrics")
+    tamiyo = spawn("tamiyo_server", *ipv6, "--port", "0", "--metrics-port", "0")
+    karn = spawn("karn", *ipv6, "--hub-sub", hub.endpoints["subscribe"], "--hub-snapshot", hub.endpoints["snapshot"],
+                 "--metrics-port", "0")
+    tamiyo.wait_bound("grpc", "metrics")
+    karn.wait_bound("metrics")
+    assert hub.endpoints["publish"].startswith("tcp://[::1]:") and tamiyo.endpoints["grpc"].startswith("[::1]:")
+
+    ctx = make_context()
+    publisher = PublisherSink(hub.endpoints["publish"], ctx)
+    assert publisher.wait_attached(30.0)
+    publisher.emit(TelemetryEvent(run_id="v6", sequence=1,
+                                  epoch=EpochReport(signals=TrainingSignals(epoch=7, max_epochs=10))))
+    wait_until(lambda: metric(scrape(karn.endpoints["metrics"]), "esper_run_epoch", run_id="v6") == 7, 60,
+               "Karn to see the event")
+    publisher.shutdown()
+    ctx.term()
+
+    env = os.environ | {"ESPER_HOST": "::1", "ESPER_HUB_METRICS_PORT": str(hub.port("metrics")),
+                        "ESPER_TAMIYO_PORT": str(tamiyo.port("grpc")),
+                        "ESPER_TAMIYO_METRICS_PORT": str(tamiyo.port("metrics")),
+                        "ESPER_KARN_METRICS_PORT": str(karn.port("metrics")),
+                        "ESPER_WORKER_METRICS_PORT": "-1", "ESPER_LEARNER_METRICS_PORT": "-1"}
+    out = subprocess.run([sys.executable, "-m", "esper.cli", "stack", "status"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.count("SERVING") == 4, out.stdout + out.stderr
+    assert "[::1]:" in out.stdout
+    for service in (hub, tamiyo, karn):
+        addresses = listening_addresses(service.proc.pid)
+        assert addresses and all(a.split(":")[0] == "00000000000000000000000001000000" for a in addresses), \
+            (service.name, addresses)  # ::1 as /proc/net/tcp6 writes it
 
 
 def test_the_listener_scan_sees_a_wildcard_bind():

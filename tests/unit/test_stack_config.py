@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from esper.cli import UsageError, main
-from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints
+from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints, endpoint, grpc_target
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS_PORT_OF_JOB = {"nissa_hub": "ESPER_HUB_METRICS_PORT", "tamiyo_server": "ESPER_TAMIYO_METRICS_PORT",
@@ -52,6 +52,13 @@ def test_procfile_runs_every_service_and_ports_are_distinct():
 def test_environment_overrides_a_port(monkeypatch):
     monkeypatch.setenv("ESPER_TAMIYO_PORT", "6000")
     assert StackEndpoints.from_env().tamiyo_target == "127.0.0.1:6000"
+
+
+def test_an_ipv6_host_makes_addresses_the_flags_accept(monkeypatch):
+    monkeypatch.setenv("ESPER_HOST", "::1")
+    env = StackEndpoints.from_env()
+    assert endpoint(env.tcp(env.hub_pub)) == f"tcp://[::1]:{env.hub_pub}"
+    assert grpc_target(env.tamiyo_target) == f"[::1]:{env.tamiyo}"
 
 
 @pytest.mark.parametrize("name, value", [("ESPER_TAMIYO_PORT", "abc"), ("ESPER_HUB_SUB_PORT", "70000"),

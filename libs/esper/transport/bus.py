@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from esper.leyline import SnapshotReply, SnapshotRequest, TelemetryEvent
 from esper.transport.auth import zmq_context
+from esper.transport.config import bracketed, host_port
 from esper.transport.limits import (
     MAX_RETAINED_BYTES,
     MAX_SNAPSHOT_REPLY_BYTES,
@@ -45,9 +46,11 @@ class MalformedFrame(ValueError):
 
 
 def make_context(token: str = "", server: bool = False) -> zmq.Context:
-    """A context with a short linger; with a token its sockets authenticate (auth.zmq_context)."""
+    """A context with a short linger and IPv6 (its sockets then take IPv6 addresses as well as IPv4 ones: a
+    --host ::1); with a token its sockets authenticate (auth.zmq_context)."""
     ctx = zmq_context(token, server)
     ctx.linger = LINGER_MS
+    ctx.ipv6 = True
     return ctx
 
 
@@ -321,7 +324,7 @@ class Subscriber:
 def bind_endpoint(sock: zmq.Socket, host: str, port: int) -> str:
     """Bind host:port (port 0: any free port) and return the endpoint actually bound."""
     if port == 0:
-        port = sock.bind_to_random_port(f"tcp://{host}")
+        port = sock.bind_to_random_port(f"tcp://{bracketed(host)}")
     else:
-        sock.bind(f"tcp://{host}:{port}")
-    return f"tcp://{host}:{port}"
+        sock.bind(f"tcp://{host_port(host, port)}")
+    return f"tcp://{host_port(host, port)}"

@@ -111,6 +111,22 @@ def is_host_port(text: str) -> bool:
     return match is not None and 0 < int(match[2]) <= 65535
 
 
+def bracketed(host: str) -> str:
+    """A host as it goes before ":PORT" in an address: an IPv6 one in brackets (ESPER_HOST=::1 had made
+    tcp://::1:5560, which neither ZeroMQ nor gRPC nor a URL reads as host ::1)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def host_port(host: str, port: int | str) -> str:
+    """HOST:PORT for a listener or a target, as is_host_port reads it."""
+    return f"{bracketed(host)}:{port}"
+
+
+def metrics_url(host: str, port: int) -> str:
+    """Where a service's /metrics answers."""
+    return f"http://{host_port(host, port)}/metrics"
+
+
 def endpoint(text: str) -> str:
     """argparse type of a ZeroMQ endpoint a service connects to: tcp://HOST:PORT or ipc://PATH (a malformed
     one had ended the service in a ZMQError traceback)."""
@@ -172,8 +188,8 @@ class StackEndpoints:
         return cls(host=os.environ.get(HOST_VAR, HOST_DEFAULT), **ports)
 
     def tcp(self, port: int) -> str:
-        return f"tcp://{self.host}:{port}"
+        return f"tcp://{host_port(self.host, port)}"
 
     @property
     def tamiyo_target(self) -> str:
-        return f"{self.host}:{self.tamiyo}"
+        return host_port(self.host, self.tamiyo)

@@ -16,7 +16,7 @@ import hmac
 import socket
 from urllib.parse import urlsplit
 
-from esper.transport.config import is_loopback  # the services' rule; config imports no wire library
+from esper.transport.config import bracketed, is_loopback  # the services' rule; config imports no wire library
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
@@ -45,7 +45,7 @@ def served_names(host: str) -> set[str]:
 def link_hosts(host: str) -> list[str]:
     """Where to point a browser: every interface address for a wildcard bind, else the host itself."""
     hosts = interface_addresses(host) if host in WILDCARDS else [host]
-    return [f"[{h}]" if ":" in h else h for h in hosts]
+    return [bracketed(h) for h in hosts]
 
 
 class Guard:

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from esper.transport.config import TOKEN_VAR, port  # names only: no wire library
+from esper.transport.config import TOKEN_VAR, host_port, port  # names only: no wire library
 
 
 def add_dashboard_flags(p: argparse.ArgumentParser, switch: bool = True) -> None:
@@ -92,7 +92,7 @@ def train_with_dashboard(cfg, run, dashboard) -> int:
 
 
 def _cannot_listen(cfg, exc: OSError) -> int:
-    print(f"esper: error: the dashboard cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
+    print(f"esper: error: the dashboard cannot listen on {host_port(cfg.host, cfg.port)}: {exc.strerror or exc}",
           file=sys.stderr)
     return 1
 

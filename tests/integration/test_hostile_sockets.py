@@ -205,7 +205,10 @@ def test_metrics_http_answers_every_hostile_request_and_counts_refusals(spawn):
 
 def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spawn):
     """A weights message that decodes but is not a policy (tamiyo_server's SUB is fed by whoever binds
-    the learner's endpoint) is refused and counted; the receiver lives on and loads the next good one."""
+    the learner's endpoint) is refused and counted; the receiver lives on and loads the next good one. After
+    it, weights that are not finite (a diverged learner's: served, they had failed every decision) and a
+    hidden_size its tensors do not have (8,000 had cost 37 s and 1.2 GB before it was refused) are refused at
+    once, and the good policy goes on deciding."""
     ctx = make_context()
     pub = ctx.socket(zmq.PUB)
     endpoint = bind_endpoint(pub, "127.0.0.1", 0)
@@ -240,8 +243,19 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
 
         publish_until(weights_frames(3, good), lambda: version() == "3")
         served = version()
-    print(f"tamiyo_server SUB: bad weights refused ({refused():.0f} counted), then version {served} served")
-    assert refused() >= 2 and tamiyo.proc.poll() is None
+        nan_weights = good | {"network": {k: torch.full_like(v, float("nan")) for k, v in good["network"].items()}}
+        publish_until(weights_frames(4, nan_weights), lambda: refused() >= 3)
+        publish_until(weights_frames(5, good | {"obs_rms": good["obs_rms"] | {"var": -good["obs_rms"]["var"] - 1}}),
+                      lambda: refused() >= 4)
+        start = time.monotonic()
+        publish_until(weights_frames(6, good | {"hidden_size": 8000}), lambda: refused() >= 5)
+        wide_s = time.monotonic() - start
+        decided = stub.Decide(DecideRequest(observation=OBSERVATION), timeout=10).decision
+        now = version()
+    print(f"tamiyo_server SUB: bad weights refused ({refused():.0f} counted), then version {served} served; "
+          f"hidden_size 8000 refused in {wide_s:.2f} s; version {now} decided {decided.reason!r}")
+    assert refused() == 5 and tamiyo.proc.poll() is None
+    assert wide_s < 5 and now == "3" and decided.policy_version == "3"
     pub.close()
     ctx.term()
     assert tamiyo.stop() == 0, tamiyo.output()

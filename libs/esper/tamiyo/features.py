@@ -225,4 +225,8 @@ class RunningMeanStd:
         shapes = {k: tuple(state[k].shape) for k in ("mean", "var", "count")}
         if shapes != {"mean": self.mean.shape, "var": self.mean.shape, "count": ()}:
             raise ValueError(f"statistics of shapes {shapes} for observations of shape {tuple(self.mean.shape)}")
-        self.mean, self.var, self.count = (state[k].to(torch.float64).clone() for k in ("mean", "var", "count"))
+        mean, var, count = (state[k].to(torch.float64).clone() for k in ("mean", "var", "count"))
+        if not (mean.isfinite().all() and var.isfinite().all() and (var >= 0).all() and count.isfinite()
+                and count >= 0):
+            raise ValueError("statistics that are not finite, or a negative variance or count")
+        self.mean, self.var, self.count = mean, var, count

@@ -75,7 +75,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--policy", choices=sorted(POLICIES), default="heuristic")
     p.add_argument("--learner-weights", type=endpoint, default=env.tcp(env.learner_weights),
                    help="simic_learner weights endpoint, for --policy neural ($ESPER_LEARNER_WEIGHTS_PORT)")
-    p.add_argument("--workers", type=at_least(1), default=4, help="gRPC server threads")
+    p.add_argument("--workers", type=at_least(1), default=4, help="gRPC server threads; DecideStream calls (each holds one while open) take at most half of them")
     p.add_argument("--grace-s", type=at_least(0, float), default=1.0,
                    help="shutdown grace for in-flight calls (a Decide takes milliseconds; honcho kills at 5 s)")
     add_token_flag(p)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", MAX_GRPC_REQUEST_BYTES)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=options,
                          interceptors=[*server_interceptors(cfg.token), MalformedRequestCounter()])
-    servicer = TamiyoServicer(policy)
+    servicer = TamiyoServicer(policy, max_streams=cfg.workers // 2)
     tamiyo_pb2_grpc.add_TamiyoServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -36,7 +37,7 @@ from esper.transport.bus import bind_endpoint
 from esper.transport.policy_service import RemotePolicy
 from esper.transport.trajectories import weights_frames
 
-from procs import metric, scrape, start_tamiyo
+from procs import metric, scrape, start_tamiyo, wait_until
 
 BLUEPRINTS = [b for b in Blueprint.values() if b]
 accuracy = st.floats(0, 100, width=32)
@@ -102,6 +103,44 @@ def test_remote_policy_and_policy_info(server):
         policy.close()
 
 
+def test_open_streams_take_at_most_half_the_threads(spawn):
+    """A DecideStream holds a server thread while it is open: a default server (4 threads) takes 2, refuses a
+    third with RESOURCE_EXHAUSTED, and answers Decide and the health check at once beside 2 idle ones (4 had
+    taken every thread: both waited past their deadlines). A closed stream frees its place."""
+    tamiyo = start_tamiyo(spawn)
+    request = DecideRequest(observation=observation())
+    with grpc.insecure_channel(tamiyo.endpoints["grpc"]) as channel:
+        stub = tamiyo_pb2_grpc.TamiyoStub(channel)
+        hold = threading.Event()
+
+        def idle_after_one():  # one request, answered (the stream is open on the server), then nothing
+            yield request
+            hold.wait(60)
+
+        streams = [stub.DecideStream(idle_after_one(), timeout=60) for _ in range(2)]
+        for stream in streams:
+            next(stream)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.DecideStream(iter([request]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        start = time.monotonic()
+        assert stub.Decide(request, timeout=2).decision == HeuristicPolicy().decide(request.observation)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - start < 2
+        streams[0].cancel()
+        wait_until(lambda: stream_answers(stub, request), 10, "a stream after one was closed")
+        hold.set()
+    assert tamiyo.stop() == 0, tamiyo.output()
+
+
+def stream_answers(stub, request: DecideRequest) -> bool:
+    try:
+        return len(list(stub.DecideStream(iter([request]), timeout=10))) == 1
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()  # the cancel not yet seen
+        return False
+
+
 def test_health_and_reflection(server):
     _, channel = server
     health = health_pb2_grpc.HealthStub(channel)
@@ -141,6 +180,7 @@ INVALID = {
     **{case: DecideRequest(observation=obs) for case, obs in UNUSABLE.items()},
     "200 slots of no stage": DecideRequest(observation=observation(slots=[SlotState(slot=f"s{i}")
                                                                           for i in range(200)])),
+    "a million blueprints": DecideRequest(observation=observation(blueprints=[1] * 1_000_000)),  # 2 s of checks
     "no observation": DecideRequest(),
     "no signals": DecideRequest(observation=Observation(slots=[SlotState(slot="mid", stage=1)], blueprints=[1])),
     "no slots": DecideRequest(observation=Observation(signals=TrainingSignals(max_epochs=5), blueprints=[1])),

@@ -275,7 +275,7 @@ class TrainingSignals(_message.Message):
     """host + every live or fossilized seed"""
     @_builtins.property
     def val_accuracy_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """most recent last, at most 10"""
+        """most recent last, at most 16"""
 
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...

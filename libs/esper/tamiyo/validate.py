@@ -23,6 +23,11 @@ SLOT_COUNTS = ("seed_id", "epochs_in_stage", "seed_params", "embargo_epochs_left
 """SlotState fields that cannot be negative: the heuristic divides by a blend's epochs and the features take
 a norm's log1p, so a negative one had failed inside a policy (UNKNOWN, not INVALID_ARGUMENT)."""
 SIGNAL_COUNTS = ("plateau_epochs", "host_params", "total_params")
+MAX_ENTRIES = 1024
+"""Entries of any repeated field at most (slots, blueprints, recently culled, histories): an environment
+sends a few slots and 16 epochs of history; a million blueprints had taken 2 s of a server thread to check."""
+STAGES = frozenset(SeedStage.values()) - {SeedStage.SEED_STAGE_UNSPECIFIED}
+BLUEPRINTS = frozenset(Blueprint.values()) - {Blueprint.BLUEPRINT_UNSPECIFIED}
 
 
 def observation_problems(obs: Observation) -> list[str]:
@@ -31,6 +36,11 @@ def observation_problems(obs: Observation) -> list[str]:
     if not obs.HasField("signals"):
         return ["observation.signals is missing"]
     s = obs.signals
+    lengths = {"slots": obs.slots, "blueprints": obs.blueprints, "recently_culled": obs.recently_culled,
+               "signals.val_accuracy_history": s.val_accuracy_history, "signals.val_loss_history": s.val_loss_history}
+    if too_long := [f"{name} has {len(entries)} entries" for name, entries in lengths.items()
+                    if len(entries) > MAX_ENTRIES]:
+        return [f"at most {MAX_ENTRIES} entries in a repeated field: {', '.join(too_long)}"]
     if s.max_epochs < 1:
         problems.append(f"signals.max_epochs must be >= 1, got {s.max_epochs}")
     if not 0 <= s.epoch <= max(s.max_epochs, 0):
@@ -49,7 +59,7 @@ def observation_problems(obs: Observation) -> list[str]:
     if any(not n for n in names) or len(set(names)) != len(names):
         problems.append(f"slot names must be non-empty and distinct, got {reprlib.repr(names)}")
     for slot in obs.slots:
-        if slot.stage not in SeedStage.values() or slot.stage == SeedStage.SEED_STAGE_UNSPECIFIED:
+        if slot.stage not in STAGES:
             problems.append(f"slot {reprlib.repr(slot.slot)}: invalid stage {slot.stage}")
         for name in SLOT_FLOATS:
             if not math.isfinite(getattr(slot, name)):
@@ -59,7 +69,7 @@ def observation_problems(obs: Observation) -> list[str]:
     if not obs.blueprints:
         problems.append("observation.blueprints is empty")
     for bp in [*obs.blueprints, *obs.recently_culled]:
-        if bp not in Blueprint.values() or bp == Blueprint.BLUEPRINT_UNSPECIFIED:
+        if bp not in BLUEPRINTS:
             problems.append(f"invalid blueprint {bp}")
     if obs.max_seeds < 0 or obs.seeds_germinated < 0:
         problems.append("max_seeds and seeds_germinated must be >= 0")

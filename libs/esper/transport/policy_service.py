@@ -121,11 +121,18 @@ class MalformedRequestCounter(grpc.ServerInterceptor):
 
 
 class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
-    """Adapter: proto -> validated Observation -> policy.decide -> proto. No logic of its own."""
+    """Adapter: proto -> validated Observation -> policy.decide -> proto. No logic of its own.
 
-    def __init__(self, policy: Policy):
+    A DecideStream holds one of the server's worker threads for as long as it is open, even idle, so at
+    most `max_streams` are open at once (tamiyo_server: half its threads); one more is refused with
+    RESOURCE_EXHAUSTED. Four idle streams had taken a default server's every thread: Decide and the health
+    check waited past their deadlines."""
+
+    def __init__(self, policy: Policy, max_streams: int = 1):
         self.policy = policy
         self._lock = threading.Lock()  # the server has worker threads; policies need not be thread-safe
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
 
     def _decide(self, obs: Observation, context: grpc.ServicerContext, where: str = "") -> Decision:
         policy = self.policy  # checks and decides with one policy, though tamiyo_server swaps in new weights
@@ -160,10 +167,17 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
                                               for i, obs in enumerate(request.observations)])
 
     def DecideStream(self, requests: Iterator[DecideRequest], context) -> Iterator[DecideResponse]:
-        for request in requests:
-            yield DecideResponse(decision=self._decide(request.observation, context,
-                                                       f"request_id {request.request_id}: "),
-                                 request_id=request.request_id)
+        if self._streams is None or not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_streams} DecideStream calls are open, as many as this server takes (half its "
+                          "--workers threads): use Decide or DecideBatch, or close a stream")
+        try:
+            for request in requests:
+                yield DecideResponse(decision=self._decide(request.observation, context,
+                                                           f"request_id {request.request_id}: "),
+                                     request_id=request.request_id)
+        finally:
+            self._streams.release()
 
     def GetPolicyInfo(self, request: PolicyInfoRequest, context) -> PolicyInfo:
         return PolicyInfo(name=self.policy.name, version=self.policy.version)

@@ -26,7 +26,8 @@ from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, Telem
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.env import fates_in_words, step_together
-from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint, write_atomic
+from esper.durable import write_atomic
+from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.grouped import GroupMember

@@ -26,7 +26,8 @@ from esper.cli import UsageError, check_grouped, grouped_by_default, resolve_dev
 from esper.experiment import Interrupted
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
-from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint, write_atomic
+from esper.durable import write_atomic
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.env import GrowthEnv
 from esper.simic.env_process import EnvProcess, close_all, start_env_processes
 from esper.simic.ppo import PPOConfig

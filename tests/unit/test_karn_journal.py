@@ -1,6 +1,8 @@
 """karn's event journal: the run store survives a restart, a torn last record is cut off, and the
 file keeps only the runs the store keeps, which are the runs that reported last."""
 
+from support import recorded_syncs
+
 from esper.karn.store import EventJournal, RunStore
 from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
 
@@ -43,6 +45,20 @@ def test_the_journal_keeps_only_the_runs_the_store_keeps(tmp_path):
     assert EventJournal(path).replay(store) == 3
     assert list(store.runs) == ["run1", "run2"]
     assert EventJournal(path).replay(RunStore()) == 2  # compacted on the previous start
+
+
+def test_the_compacted_journal_is_on_disk_before_it_replaces_the_old_one(tmp_path):
+    """The rewrite at start replaces the only copy of every run: fsynced before its rename and the directory
+    after it, a power cut leaves the old journal or the new one, never an empty file in their place."""
+    tmp_path = tmp_path.resolve()  # as /proc/self/fd names it
+    path = tmp_path / "events.binpb"
+    journal = EventJournal(path)
+    journal.replay(RunStore())
+    journal.append([epoch_event("run", 1)])
+    journal.close()
+    with recorded_syncs() as calls:
+        EventJournal(path).replay(RunStore())
+    assert calls == [("fsync", f"{path}.tmp"), ("replace", str(path)), ("fsync", str(tmp_path))]
 
 
 def test_a_run_that_keeps_reporting_is_kept_past_max_runs():

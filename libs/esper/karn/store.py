@@ -11,7 +11,6 @@ replayed into a fresh store on start.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections import Counter, OrderedDict
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from esper.durable import write_durably
 from esper.leyline import (
     EpochReport,
     Operation,
@@ -120,10 +120,8 @@ class EventJournal:
         for event in events:
             store.apply(event)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("wb") as f:
-            f.writelines(self._record(e) for e in events if e.run_id in store.runs)
-        os.replace(tmp, self.path)
+        # Durably: a rename not yet on disk at a power cut could have left an empty journal for the whole one.
+        write_durably(self.path, lambda f: f.writelines(self._record(e) for e in events if e.run_id in store.runs))
         self._file = self.path.open("ab")
         return len(events)
 

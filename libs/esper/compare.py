@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esper.kasmina import HOSTS
 from esper.durable import write_atomic
+from esper.kasmina import HOSTS
 from esper.simic.checkpoint import ResumeError, changed_settings, file_sha256
 from esper.simic.env import fates_in_words
 from esper.tolaria.trainer import TrainConfig

@@ -12,7 +12,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from esper.transport.config import StackEndpoints, add_token_flag, at_least, endpoint, grpc_target, metrics_url
+from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, add_token_flag, at_least, endpoint, grpc_target,
+                                    metrics_url)
 
 COMMANDS = ("policy", "stack")
 
@@ -33,13 +34,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--wait-s", type=at_least(0, float), default=10.0,
                        help="--from-bus: how long to wait for the hub, and for a decision when it holds none yet")
     query.add_argument("--tamiyo", type=grpc_target, default=env.tamiyo_target, help="host:port ($ESPER_TAMIYO_PORT)")
-    query.add_argument("--deadline-s", type=at_least(0.01, float), default=5.0,
+    query.add_argument("--deadline-s", type=at_least(0.01, float, MAX_DEADLINE_S), default=5.0,
                        help="of the Decide call (nan had retried forever)")
     add_token_flag(query)
     stack = commands.add_parser("stack", help="inspect a running stack")
     status = stack.add_subparsers(dest="stack_command", required=True).add_parser(
         "status", help="health of every process (ports from $ESPER_* or their defaults)")
-    status.add_argument("--timeout-s", type=float, default=2.0, help="per check")
+    status.add_argument("--timeout-s", type=at_least(0.01, float, MAX_DEADLINE_S), default=2.0, help="per check")
     add_token_flag(status)
 
 

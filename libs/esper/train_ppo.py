@@ -23,10 +23,10 @@ from rich.console import Console
 
 from esper import karn_cli
 from esper.cli import UsageError, check_grouped, grouped_by_default, resolve_device
+from esper.durable import write_atomic
 from esper.experiment import Interrupted
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
-from esper.durable import write_atomic
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.env import GrowthEnv
 from esper.simic.env_process import EnvProcess, close_all, start_env_processes
@@ -34,6 +34,7 @@ from esper.simic.ppo import PPOConfig
 from esper.simic.rewards import MODES, RewardConfig
 from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_resumable
 from esper.tolaria.data import Dataset, load_task_data
+from esper.transport.config import finite
 
 
 @dataclass(frozen=True)
@@ -96,22 +97,22 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
                    help="environments stepped in lockstep with batched policy inference")
     p.add_argument("--update-every", type=int, default=TrainerConfig.update_every,
                    help="episodes per environment between PPO updates (and one after the last)")
-    p.add_argument("--lr", type=float, default=ppo.lr, help="Adam learning rate")
-    p.add_argument("--clip-ratio", type=float, default=ppo.clip_coef, help="PPO clip coefficient")
-    p.add_argument("--gamma", type=float, default=ppo.gamma, help="discount per epoch")
-    p.add_argument("--entropy-coef", type=float, default=None,
+    p.add_argument("--lr", type=finite, default=ppo.lr, help="Adam learning rate")
+    p.add_argument("--clip-ratio", type=finite, default=ppo.clip_coef, help="PPO clip coefficient")
+    p.add_argument("--gamma", type=finite, default=ppo.gamma, help="discount per epoch")
+    p.add_argument("--entropy-coef", type=finite, default=None,
                    help=f"entropy bonus, the schedule's start and end unless given (default {ppo.ent_coef})")
-    p.add_argument("--entropy-coef-start", type=float, default=None, help="entropy bonus at episode 0")
-    p.add_argument("--entropy-coef-end", type=float, default=None, help="entropy bonus after the anneal")
-    p.add_argument("--entropy-coef-min", type=float, default=ppo.ent_coef_min,
+    p.add_argument("--entropy-coef-start", type=finite, default=None, help="entropy bonus at episode 0")
+    p.add_argument("--entropy-coef-end", type=finite, default=None, help="entropy bonus after the anneal")
+    p.add_argument("--entropy-coef-min", type=finite, default=ppo.ent_coef_min,
                    help="floor under the annealed entropy bonus; may not exceed the start coefficient")
     p.add_argument("--entropy-anneal-episodes", type=int, default=ppo.ent_anneal_episodes,
                    help="episodes of the linear anneal from start to end (0: all --episodes)")
     p.add_argument("--reward-mode", choices=MODES, default=reward.mode)
     p.add_argument("--param-budget", type=int, default=reward.param_budget,
                    help="parameters at which the terminal parameter penalty reaches --param-penalty")
-    p.add_argument("--param-penalty", type=float, default=reward.param_penalty)
-    p.add_argument("--sparse-scale", type=float, default=reward.sparse_scale, help="scale of the terminal reward")
+    p.add_argument("--param-penalty", type=finite, default=reward.param_penalty)
+    p.add_argument("--sparse-scale", type=finite, default=reward.sparse_scale, help="scale of the terminal reward")
     p.add_argument("--devices", nargs="+", default=None,
                    help="environment devices, round robin (default: --device); the policy stays on --device")
     p.add_argument("--num-workers", type=int, default=None,

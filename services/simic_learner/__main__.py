@@ -31,9 +31,9 @@ import zmq
 from prometheus_client import REGISTRY
 
 from esper.cli import Parser, UsageError, add_train_flags, train_config
+from esper.durable import write_atomic
 from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
-from esper.durable import write_atomic
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.learner import Learner
 from esper.simic.trainer import check_resumable

@@ -48,7 +48,8 @@ from esper.tolaria.data import load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, grpc_target, metrics_port, metrics_url
+from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, at_least, endpoint, grpc_target, metrics_port,
+                                    metrics_url)
 from esper.transport.lifecycle import StopSignal, Stopped, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_WORKER_ID_CHARS
 from esper.transport.policy_service import DEFAULT_DEADLINE_S, PolicyUnavailable, RemotePolicy
@@ -122,7 +123,7 @@ def parse(argv: list[str] | None) -> Config:
                    help="hub publish endpoint ($ESPER_HUB_PUB_PORT)")
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--metrics-port", type=metrics_port, default=env.worker_metrics, help="$ESPER_WORKER_METRICS_PORT")
-    p.add_argument("--deadline-s", type=at_least(0.01, float), default=DEFAULT_DEADLINE_S,
+    p.add_argument("--deadline-s", type=at_least(0.01, float, MAX_DEADLINE_S), default=DEFAULT_DEADLINE_S,
                    help="deadline of each Decide call (a frozen tamiyo_server is noticed within it)")
     p.add_argument("--patience-s", type=at_least(0, float), default=120.0, help="wait this long for tamiyo_server")
     p.add_argument("--exit-when-done", action="store_true", help="exit after the episodes")

@@ -2,6 +2,7 @@
 normalizers, and a KL early stop that really stops."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def test_entropy_floor_may_not_exceed_the_coefficient():
     """The original documented a 0.1 floor under a 0.05 coefficient: the floor replaced it silently."""
     with pytest.raises(ValueError, match="exceeds the entropy coefficient"):
         PPOConfig(ent_coef=0.05, ent_coef_min=0.1)
+
+
+@pytest.mark.parametrize("field", ["lr", "clip_coef", "ent_coef", "ent_coef_start", "gamma", "target_kl"])
+def test_a_setting_that_is_not_finite_is_refused(field):
+    """nan passes every comparison: a nan clip coefficient or entropy bonus had trained a policy that never moved."""
+    for value in (math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"PPOConfig: {field} must be finite"):
+            PPOConfig(**{field: value})
 
 
 def test_running_mean_std_matches_the_whole_batch():

@@ -133,3 +133,6 @@ def test_bad_reward_config_is_refused():
         RewardConfig(mode="dense")
     with pytest.raises(ValueError, match="param-budget"):
         RewardConfig(param_budget=0)
+    for bad in ({"param_penalty": float("nan")}, {"sparse_scale": float("inf")}):
+        with pytest.raises(ValueError, match="must be finite"):
+            RewardConfig(**bad)

@@ -99,21 +99,24 @@ def test_a_service_refuses_a_port_it_cannot_take_in_one_line():
         assert done.returncode == status and needle in last and "Traceback" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("name, flag, value, lowest", [
-    ("nissa_hub", "--retain-runs", "-1", "1"),  # had emptied its run table and crashed at the first event
-    ("karn", "--max-runs", "0", "1"),
-    ("simic_learner", "--max-policy-lag", "-1", "0"),  # had dropped the current version's statistics
-    ("simic_learner", "--republish-s", "0", "0.1"),
-    ("tamiyo_server", "--workers", "0", "1"),
-    ("tamiyo_server", "--grace-s", "nan", "0"),
-    ("tolaria_worker", "--window", "0", "1"),
-    ("tolaria_worker", "--resend-s", "-5", "0.1"),
-    ("tolaria_worker", "--deadline-s", "inf", "0.01"),
-    ("tolaria_worker", "--patience-s", "-1", "0"),
+@pytest.mark.parametrize("name, flag, value, expected", [
+    ("nissa_hub", "--retain-runs", "-1", "at least 1"),  # had emptied its run table and crashed at the first event
+    ("karn", "--max-runs", "0", "at least 1"),
+    ("simic_learner", "--max-policy-lag", "-1", "at least 0"),  # had dropped the current version's statistics
+    ("simic_learner", "--republish-s", "0", "at least 0.1"),
+    ("simic_learner", "--lr", "nan", "a finite number"),  # had failed inside Adam
+    ("simic_learner", "--clip-ratio", "nan", "a finite number"),  # had trained a policy that never moved
+    ("tamiyo_server", "--workers", "0", "at least 1"),
+    ("tamiyo_server", "--grace-s", "nan", "a finite number"),
+    ("tolaria_worker", "--window", "0", "at least 1"),
+    ("tolaria_worker", "--resend-s", "-5", "at least 0.1"),
+    ("tolaria_worker", "--deadline-s", "inf", "a finite number"),
+    ("tolaria_worker", "--deadline-s", "1e308", "at most 3600.0"),  # gRPC's deadline had overflowed: expired at once
+    ("tolaria_worker", "--patience-s", "-1", "at least 0"),
 ])
-def test_a_service_refuses_a_count_or_duration_it_cannot_use_in_one_line(name, flag, value, lowest, capsys):
+def test_a_service_refuses_a_count_or_duration_it_cannot_use_in_one_line(name, flag, value, expected, capsys):
     said = refusal(name, flag, value, capsys)
-    assert said.endswith(f"argument {flag}: must be at least {lowest}, got {value}"), said
+    assert said.endswith(f"argument {flag}: must be {expected}, got {value}"), said
 
 
 def refusal(name: str, flag: str, value: str, capsys) -> str:
@@ -172,7 +175,8 @@ def test_policy_query_of_a_file_that_is_not_text_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, said", [
-    ("--deadline-s", "nan", "must be at least 0.01, got nan"),  # had retried forever
+    ("--deadline-s", "nan", "must be a finite number, got nan"),  # had retried forever
+    ("--deadline-s", "1e308", "must be at most 3600.0, got 1e308"),  # had expired at once, as if the server were down
     ("--deadline-s", "-1", "must be at least 0.01, got -1"),  # had asked, then said "no answer in -1 s"
     ("--wait-s", "-3", "must be at least 0, got -3"),
     ("--tamiyo", "bad::", "'bad::' is not a gRPC server's HOST:PORT"),  # had been retried as if the server were down
@@ -184,6 +188,14 @@ def test_policy_query_refuses_a_flag_it_cannot_use_in_one_line(flag, value, said
     assert main(["policy", "query", str(observation), flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"esper: error: argument {flag}: {said}", err
+
+
+@pytest.mark.parametrize("value, said", [("0", "must be at least 0.01, got 0"),  # every service had been DOWN
+                                         ("nan", "must be a finite number, got nan"), ("inf", "must be a finite "
+                                         "number, got inf"), ("1e308", "must be at most 3600.0, got 1e308")])
+def test_stack_status_refuses_a_timeout_it_cannot_use_in_one_line(value, said, capsys):
+    assert main(["stack", "status", "--timeout-s", value]) == 2  # each had ended in a traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: argument --timeout-s: {said}"
 
 
 @pytest.mark.parametrize("value", ["foo", "127.0.0.1:99999", "127.0.0.1", "tcp://127.0.0.1:50051"])

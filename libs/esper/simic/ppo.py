@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ class PPOConfig:
     """Width of the actor and critic MLPs."""
 
     def __post_init__(self) -> None:
+        if not_finite := [f.name for f in fields(self) if isinstance(v := getattr(self, f.name), float)
+                          and not math.isfinite(v)]:
+            raise ValueError(f"PPOConfig: {', '.join(not_finite)} must be finite")
         start = self.ent_coef if self.ent_coef_start is None else self.ent_coef_start
         end = self.ent_coef if self.ent_coef_end is None else self.ent_coef_end
         if min(self.ent_coef, start, end, self.ent_coef_min) < 0:

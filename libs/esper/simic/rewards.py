@@ -31,6 +31,7 @@ passes PPOConfig.gamma.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from esper.leyline import Action, Observation, Operation, SeedStage
@@ -60,6 +61,8 @@ class RewardConfig:
     """minimal: charged for each young cull the policy chooses (5 accuracy points at sparse_scale 1)."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.param_penalty) and math.isfinite(self.sparse_scale)):
+            raise ValueError("--param-penalty and --sparse-scale must be finite")
         if self.mode not in MODES:
             raise ValueError(f"reward mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.param_budget < 1:

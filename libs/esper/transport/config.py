@@ -87,19 +87,32 @@ def port(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def at_least(lowest: float, kind: type = int):
-    """argparse type of a service's count or duration flag: below `lowest`, or not a finite number, is refused
-    in one line at start, not when first used (a negative --retain-runs had crashed the hub at its first
-    event, a negative --max-policy-lag the learner at its first update, and its checkpoint every later start)."""
+def at_least(lowest: float, kind: type = int, most: float = math.inf):
+    """argparse type of a service's count or duration flag: below `lowest` (or above `most`), or not a finite
+    number, is refused in one line at start, not when first used (a negative --retain-runs had crashed the hub
+    at its first event, a negative --max-policy-lag the learner at its first update, and its checkpoint every
+    later start)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and value >= lowest):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < lowest:
             raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
         return value
     return parse
+
+
+MAX_DEADLINE_S = 3600.0
+"""A gRPC deadline or HTTP timeout at most: gRPC's clock overflows on a huge one (a 1e308 s deadline expired at
+once, as if the server were down) and urllib's raised OverflowError."""
+finite = at_least(-math.inf, float)
+"""argparse type of a float flag whose range its config checks: nan and inf are refused here (nan passes every
+comparison: `--clip-ratio nan` had trained a policy that never changed, `--lr nan` failed inside Adam)."""
 
 
 HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+):(\d{1,5})")

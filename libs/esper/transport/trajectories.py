@@ -31,8 +31,8 @@ import zmq
 from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.durable import write_durably
+from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
 from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS

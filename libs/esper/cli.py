@@ -174,6 +174,17 @@ def resolve_device(requested: str | None) -> str:
     return device
 
 
+SEED_RANGE = range(-2**31, 2**31)
+"""A seed goes into every run's RunStarted event as an int32: one outside had failed there, a run directory made."""
+
+
+def check_seeds(first: int, count: int, flags: str) -> None:
+    """UsageError unless the seeds first .. first + count - 1 are all in SEED_RANGE."""
+    if first not in SEED_RANGE or first + count - 1 not in SEED_RANGE:
+        raise UsageError(f"{flags}: every seed, {first} to {first + count - 1}, must be from {SEED_RANGE.start} to "
+                         f"{SEED_RANGE.stop - 1}")
+
+
 def train_config(args: argparse.Namespace):
     from esper.experiment import RunConfig
 
@@ -184,6 +195,7 @@ def train_config(args: argparse.Namespace):
                                ("--checkpoint-every", checkpoint_every, 0)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    check_seeds(args.seed, args.episodes, "--seed and --episodes")
     host = checked_host(args.task, args.slots)
     if args.telemetry_level == "off" and (args.telemetry_file or args.telemetry_dir):
         raise UsageError("--telemetry-file/--telemetry-dir need a --telemetry-level other than off")
@@ -344,6 +356,7 @@ def compare_config(args: argparse.Namespace):
                                ("--seeds", args.seeds, 1), ("--workers", args.workers, 1)):
         if value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    check_seeds(args.seed, args.seeds, "--seed and --seeds")
     checked_host(args.task, args.slots)  # every run's `esper train` checks them too, but only once it starts
     if repeated := [arm for arm in args.arms if args.arms.count(arm) > 1]:
         raise UsageError(f"--arms: {repeated[0]} is listed twice")
@@ -468,6 +481,9 @@ def cmd_compare(cfg, resume: bool) -> int:
         return 1
     except PolicyChanged as exc:
         print(f"esper: error: {exc}", file=sys.stderr)
+        return 2
+    except ResumeError as exc:  # a finished run's summary damaged since
+        print(f"esper: error: --resume {exc}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, sigterm)

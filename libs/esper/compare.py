@@ -44,6 +44,7 @@ import torch
 from scipy import stats
 
 from esper.durable import write_atomic
+from esper.experiment import read_summary
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import ResumeError, changed_settings, file_sha256
 from esper.simic.env import fates_in_words
@@ -224,7 +225,7 @@ def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dic
     key, _ = headline(cfg.task)
     for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
         found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
-        done = [json.loads(path.read_text()) if path else {} for path in found]
+        done = [read_summary(path) if path else {} for path in found]
         if all(key in summary for summary in done):
             for seed, summary in zip(block, done):
                 results[seed] = summary

@@ -140,7 +140,7 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
-            summaries[episode] = json.loads((run_dir / "summary.json").read_text())
+            summaries[episode] = read_summary(run_dir / "summary.json")
             on_finished(summaries[episode])  # recorded again: whatever stopped its recording before
         else:
             todo.append((episode, run_dir))
@@ -197,6 +197,19 @@ def find_run(cfg: RunConfig, seed: int, group: str | None = None) -> Path | None
     return None
 
 
+def read_summary(path: Path) -> dict:
+    """A finished run's summary.json; ResumeError for one that cannot be read (damaged since: a run's results
+    are not guessed, nor is it trained again unasked)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        summary = exc
+    if not isinstance(summary, dict):
+        why = type(summary).__name__
+        raise ResumeError(f"{path} cannot be read ({why}): delete its run directory to train that run again")
+    return summary
+
+
 def run_parent(runs_dir: str, seed: int) -> Path:
     """The folder episode `seed`'s run directory goes in: `runs_dir` with "{seed}" in it replaced (esper
     compare keeps each seed's run in <out>/runs/<arm>/seed<seed>, whether one process trains it or a group)."""
@@ -251,9 +264,11 @@ class Episode:
             own += [Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else []
             for path in own:
                 trim_jsonl(path, self.state["env"]["sequence"] if self.state else 0)
+            if self.state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
+                console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")
             # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
             # fills in, and consumers drop what they had by sequence number.
-            for event in read_jsonl(own[0]) if self.state else ():
+            for event in read_jsonl(own[0]) if self.state and own[0].is_file() else ():
                 for sink in extra_sinks:
                     sink.emit(event)
             sinks += [JsonlSink(path) for path in own]

@@ -36,6 +36,13 @@ from esper.tolaria.data import load_task_data
     (["train", "ppo", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
     (["train"], "required"),
     (["sample", "runs/x", "--temperature", "nan"], "--temperature must be a number > 0, got nan"),
+    # A seed is an int32 in every run's RunStarted: one past it had failed there, its run directory made.
+    (["train", "static", "--seed", "2147483648"], "every seed, 2147483648 to 2147483648, must be from -2147483648"),
+    (["train", "static", "--seed", "2147483647", "--episodes", "2"], "every seed, 2147483647 to 2147483648"),
+    (["train", "ppo", "--seed", "-2147483649"], "every seed, -2147483649 to -2147483550"),
+    (["compare", "--seed", "2147483645", "--seeds", "5"], "--seed and --seeds: every seed, 2147483645 to 2147483649"),
+    (["train", "ppo", "--clip-ratio", "nan"], "argument --clip-ratio: must be a finite number, got nan"),
+    (["train", "ppo", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

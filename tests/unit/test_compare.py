@@ -391,6 +391,15 @@ def test_tiny_comparison_end_to_end(tmp_path, capsys):
     print(listed)
     assert sum(" static " in line for line in listed.splitlines()) == 4  # static and from-scratch, 2 seeds each
     assert sum(" heuristic " in line for line in listed.splitlines()) == 2
+    # A finished run's summary damaged since: --resume says which, in one line, and trains nothing (it had
+    # ended in a JSONDecodeError traceback).
+    (summary,) = (out / "runs" / "static" / "seed43").glob("*/summary.json")
+    summary.write_text("{bad")
+    assert main(["compare", "--task", "synthetic", "--max-epochs", "3", "--seeds", "2", "--workers", "2",
+                 "--resume", str(out), "--db", str(tmp_path / "karn.db"), "--progress-every", "0.5"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"esper: error: --resume {summary} cannot be read (JSONDecodeError): delete its run directory to " \
+                   "train that run again", said
 
 
 @pytest.mark.slow

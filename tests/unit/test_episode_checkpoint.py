@@ -322,6 +322,32 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys)
         f"esper: error: --resume {checkpoint} is not a checkpoint (torch.load: RuntimeError)"
 
 
+def test_a_damaged_run_directory_is_refused_or_resumed_in_one_line(tmp_path, monkeypatch, capsys):
+    """A finished run's summary damaged since is refused in one line (it had ended in a JSONDecodeError
+    traceback); an interrupted run whose telemetry.jsonl was deleted resumes, saying that its telemetry keeps
+    the events from there on (it had ended in FileNotFoundError)."""
+    runs = tmp_path / "runs"
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--runs-dir", str(runs)]
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
+    assert main(argv) == 130
+    (run_dir,) = runs.glob("*_s42")
+    (run_dir / "telemetry.jsonl").unlink()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 0
+    said = " ".join(capsys.readouterr().err.split())  # the console's lines, unwrapped
+    assert "its telemetry.jsonl is gone; it keeps the events from this epoch on" in said, said
+    sequences = [int(json.loads(line)["sequence"]) for line in (run_dir / "telemetry.jsonl").read_text().splitlines()]
+    assert sequences[0] > 1 and sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    summary = run_dir / "summary.json"
+    assert json.loads(summary.read_text())["epochs"] == 4
+    summary.write_text("{bad")
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {summary} cannot be read " \
+        "(JSONDecodeError): delete its run directory to train that run again"
+
+
 def test_an_experiment_from_before_ids_resumes_its_later_episodes_too(tmp_path, monkeypatch, capsys):
     """Run directories without `group` in config.json (written before experiments had ids): a resume of the
     first still continues the third in its own directory; the first's telemetry, now unreadable, costs its

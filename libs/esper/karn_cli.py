@@ -7,6 +7,7 @@ the wire code.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     try:
         return cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)
+    except sqlite3.DatabaseError as exc:  # a store damaged past its first page opens, and fails when read
+        print(f"esper: error: --db {args.db} cannot be read: {exc}", file=sys.stderr)
+        return 2
     finally:
         db.close()
 
@@ -214,16 +218,17 @@ def check_store(db: Path) -> None:
     this first reader rolls back, as any would: read-only it could not, and refused a sound store. Whatever
     is only found when the store is written (a folder that cannot be made) is a warning then (`recording`)."""
     import contextlib
-    import sqlite3
 
     from esper.karn.runs_db import StoreError
 
     if db.exists():
         try:
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True)) as conn:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]  # every page, not the first
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{db} cannot be a run store: {exc}") from None
+        if problems != ["ok"]:
+            raise StoreError(f"{db} cannot be a run store: it is damaged ({'; '.join(problems)})")
     elif why := folder_refusal(db.parent, "its folder"):
         raise StoreError(f"{db} cannot be a run store: {why}")
 
@@ -242,7 +247,6 @@ def recording(run, db: Path):
     finished before a later one failed or was interrupted. The store is checked here, before anything
     trains (check_store); one that fails later is a warning: the runs are whole on disk."""
     import functools
-    import sqlite3
 
     from esper.experiment import run_parent
     from esper.karn.runs_db import RunsDB, StoreError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import time
 from collections import Counter
@@ -115,6 +116,26 @@ def test_cli_index_list_show_compare_report(runs_dir, tmp_path, capsys):
     assert heuristic[1] in text and "## Seeds by blueprint and slot" in text
     for png in ("val_accuracy.png", "accuracy_vs_params.png", "seed_fates.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_store_damaged_past_its_first_page_is_refused_in_one_line(runs_dir, tmp_path, capsys):
+    """Its first page opens: `esper runs` had then failed in a traceback ("database disk image is malformed"),
+    and `esper train --db` had trained into it. Both refuse it in one line now."""
+    db = tmp_path / "karn.db"
+    assert main(["runs", "index", str(runs_dir), "--db", str(db)]) == 0
+    data = bytearray(db.read_bytes())
+    assert len(data) > 8192
+    data[4096:8192] = random.Random(0).randbytes(4096)  # the second page: the runs table's
+    db.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["runs", "list", "--db", str(db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"esper: error: --db {db} cannot be read: database disk image is malformed"], err
+    assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+                 "--db", str(db)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"esper: error: --db {db} cannot be a run store: "), err
+    assert not list((tmp_path / "runs").glob("*_s42"))  # refused before any run
 
 
 def test_a_comparisons_folder_indexes_its_runs_at_any_depth(runs_dir, tmp_path, capsys):

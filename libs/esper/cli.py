@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import reprlib
 import math
+import reprlib
 import signal
 import sys
 from pathlib import Path
@@ -61,7 +61,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="where run directories are created; {seed} in it becomes each episode's seed")
     p.add_argument("--graft", action="append", default=[], metavar="[SEED=]SLOT:BLUEPRINT",
                    help="build a seed into the host before epoch 1 (repeatable): train a grown architecture "
-                        "from scratch; SEED= only in the episode of that seed")
+                        "from scratch; SEED= only in the episode of that seed (not for ppo, whose environments "
+                        "are all built alike)")
 
 
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
@@ -417,8 +418,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model_dir = Path(args.run_dir) / "model"
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"{args.run_dir}: no model/tokenizer.json (not a language-model run directory)")
-    tokenizer = BPETokenizer.load(model_dir / "tokenizer.json")
-    net = load_exported(model_dir)
+    try:
+        tokenizer = BPETokenizer.load(model_dir / "tokenizer.json")
+        net = load_exported(model_dir)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # damaged since
+        raise UsageError(f"{model_dir} cannot be loaded ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     try:
         prompt = torch.tensor([[tokenizer.eot, *tokenizer.encode(args.prompt)]] * args.num_samples)  # [S, T0]
     except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 arrive as lone surrogates
@@ -530,7 +534,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.resume:
                 run = functools.partial(run, resume=Path(args.resume))
-        run = karn_cli.recording(run, karn_cli.store_path(args.db, cfg.runs_dir))
+        if args.telemetry_level == "off" and args.db:  # the store is built from a run's telemetry
+            raise UsageError("--db needs a --telemetry-level other than off: a run is recorded from its telemetry")
+        if args.telemetry_level != "off":
+            run = karn_cli.recording(run, karn_cli.store_path(args.db, cfg.runs_dir))
     except (UsageError, ConfigError) as exc:  # ConfigError: a malformed ESPER_* variable
         print(f"esper: error: {exc}", file=sys.stderr)
         return 2

@@ -116,7 +116,8 @@ class CompareConfig:
     policy_sha256: str = ""
     """Its digest: `--resume` refuses the file rewritten since, as `esper train --resume` does."""
     db: str = "runs/karn.db"
-    """The run store (SQLite) every run records itself in as it ends: `esper runs list` shows them."""
+    """The run store (SQLite) every run records itself in as it ends: `esper runs list` shows them (not at
+    telemetry level off: a run is recorded from its telemetry)."""
     telemetry_level: str = "normal"
     """Every run's telemetry.jsonl: `normal` keeps the decisions and gate values, which say why a grown
     arm won or lost (each run's cost: bench/telemetry_overhead.py); `minimal` keeps only transitions."""
@@ -160,8 +161,9 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
     cmd = [sys.executable, "-m", "esper.cli", "train", arm.mode, "--task", cfg.task,
            "--max-epochs", str(arm.max_epochs), "--max-batches", str(cfg.max_batches),
            "--seed", str(seeds[0]), "--episodes", str(len(seeds)), "--slots", *cfg.slots, "--device", cfg.device,
-           "--runs-dir", str(runs_dir(cfg, arm, "{seed}")), "--telemetry-level", cfg.telemetry_level,
-           "--db", cfg.db]
+           "--runs-dir", str(runs_dir(cfg, arm, "{seed}")), "--telemetry-level", cfg.telemetry_level]
+    if cfg.telemetry_level != "off":  # a run is recorded in the store from its telemetry
+        cmd += ["--db", cfg.db]
     if cfg.data_dir:
         cmd += ["--data-dir", cfg.data_dir]
     if cfg.gpu_preload:

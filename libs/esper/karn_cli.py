@@ -258,8 +258,6 @@ def recording(run, db: Path):
         def record(summary: dict) -> None:
             # An episode's folder may carry its seed (experiment.run_parent); a PPO run's is runs_dir itself.
             run_dir = run_parent(cfg.runs_dir, summary.get("seed", 0)) / summary["run_id"]
-            if not (run_dir / "telemetry.jsonl").is_file():  # none at --telemetry-level off
-                return
             try:
                 store = RunsDB(db)
                 try:

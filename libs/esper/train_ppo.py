@@ -139,6 +139,9 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
         raise UsageError("--entropy-anneal-episodes needs --entropy-coef-start or --entropy-coef-end to anneal")
     if args.num_workers is not None and args.num_workers < 1:
         raise UsageError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if "{seed}" in base.runs_dir:  # it had made a folder named so, in which the run store found nothing
+        raise UsageError("--runs-dir: {seed} names each episode's folder, and a PPO run is one folder with all its "
+                         "episodes in it")
     devices = tuple(resolve_device(d) for d in args.devices or ())
     try:
         ppo = PPOConfig(

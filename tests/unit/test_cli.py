@@ -43,6 +43,12 @@ from esper.tolaria.data import load_task_data
     (["compare", "--seed", "2147483645", "--seeds", "5"], "--seed and --seeds: every seed, 2147483645 to 2147483649"),
     (["train", "ppo", "--clip-ratio", "nan"], "argument --clip-ratio: must be a finite number, got nan"),
     (["train", "ppo", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    # Taken and ignored before (a short token too, which --dashboard refuses).
+    (["train", "static", "--dashboard-token", "short"], "--dashboard-token needs --dashboard"),
+    (["train", "ppo", "--dashboard-port", "9000"], "--dashboard-port needs --dashboard"),
+    (["train", "ppo", "--runs-dir", "runs/seed{seed}"], "--runs-dir: {seed} names each episode's folder"),
+    # A run is recorded from its telemetry: with none, the store had been left unmade without a word.
+    (["train", "static", "--telemetry-level", "off", "--db", "x.db"], "--db needs a --telemetry-level other than off"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

@@ -330,11 +330,14 @@ def test_a_grouped_comparison_resumes_to_the_results_of_one_never_stopped(tmp_pa
 
 
 def test_every_arm_records_the_comparisons_telemetry_level():
-    for level in ("normal", "minimal"):
+    """And each run records itself in the store, but at level off: a run is recorded from its telemetry (and
+    `esper train` refuses --db without it)."""
+    for level in ("normal", "minimal", "off"):
         cfg = CompareConfig(task="synthetic", telemetry_level=level)
         for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
             cmd = train_command(cfg, arm, [42], {})
             assert cmd[cmd.index("--telemetry-level") + 1] == level
+            assert ("--db" in cmd) == (level != "off")
 
 
 def test_progress_is_read_from_the_runs_own_telemetry(tmp_path):

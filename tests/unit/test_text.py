@@ -236,6 +236,16 @@ def test_train_then_sample_on_the_shared_sample(tmp_path, monkeypatch, capsys):
     assert main(["sample", str(tmp_path)]) == 2  # not a language-model run
     assert main(["sample", str(run_dir), "--prompt", "a\udcff"]) == 2  # a command line's bytes that are not UTF-8
     assert "--prompt is not UTF-8 text" in capsys.readouterr().err
+    # A model folder damaged since: one line naming it (tracebacks before), whichever file it is.
+    model = run_dir / "model"
+    weights = (model / "weights.pt").read_bytes()
+    for damage, kind in ((lambda: (model / "weights.pt").write_bytes(weights[:1000]), "ValueError"),
+                         (lambda: (model / "architecture.json").unlink(), "FileNotFoundError"),
+                         (lambda: (model / "tokenizer.json").write_text("{"), "JSONDecodeError")):
+        damage()
+        assert main(["sample", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"esper: error: {model} cannot be loaded ({kind}: "), err
 
 
 @pytest.mark.skipif(not any(TINYSTORIES_DIR.glob("*.txt.gz")), reason="no shared data")

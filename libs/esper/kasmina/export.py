@@ -83,5 +83,12 @@ def load_exported(directory: Path, map_location: str | torch.device = "cpu") -> 
         for s in arch["seeds"]
     }
     net = _assemble(host, arch, seeds)
-    net.load_state_dict(torch.load(directory / "weights.pt", map_location=map_location, weights_only=True))
+    try:
+        weights = torch.load(directory / "weights.pt", map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # whatever torch.load makes of a file that is not one (UnpicklingError, RuntimeError)
+        raise ValueError(f"{directory / 'weights.pt'} is not a weights file (torch.load: {type(exc).__name__})") \
+            from None
+    net.load_state_dict(weights)
     return net.eval()

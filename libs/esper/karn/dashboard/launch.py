@@ -21,13 +21,17 @@ import threading
 from esper.transport.config import TOKEN_VAR, host_port, port  # names only: no wire library
 
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
 def add_dashboard_flags(p: argparse.ArgumentParser, switch: bool = True) -> None:
     """`switch`: add `--dashboard` itself (the train commands); `esper dashboard` always serves."""
     if switch:
         p.add_argument("--dashboard", action="store_true", help="serve a live web dashboard of the run")
-    p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="interface to listen on; anything but loopback (e.g. 0.0.0.0) needs a token")
-    p.add_argument("--dashboard-port", type=port, default=8000, help="0: any free port")
+    p.add_argument("--dashboard-host", default=None,
+                   help=f"interface to listen on (default {DEFAULT_HOST}); anything but loopback (e.g. 0.0.0.0) "
+                        "needs a token")
+    p.add_argument("--dashboard-port", type=port, default=None, help=f"default {DEFAULT_PORT}; 0: any free port")
     p.add_argument("--dashboard-token", default=None,
                    help=f"token every request must carry (default: the stack's --token, ${TOKEN_VAR}); "
                         "required off loopback")
@@ -35,15 +39,23 @@ def add_dashboard_flags(p: argparse.ArgumentParser, switch: bool = True) -> None
 
 def dashboard_config(args: argparse.Namespace):
     """The DashboardConfig the flags ask for, None without `--dashboard`; ValueError (one line) for a
-    bad combination: a non-loopback host without a token, a short token, a port out of range."""
+    bad combination: a non-loopback host without a token, a short token, a port out of range, a dashboard
+    flag without --dashboard (it had been taken and ignored)."""
     if not getattr(args, "dashboard", True):
+        given = [flag for flag, value in (("--dashboard-host", args.dashboard_host),
+                                          ("--dashboard-port", args.dashboard_port),
+                                          ("--dashboard-token", args.dashboard_token)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --dashboard")
         return None
     if getattr(args, "tui", False):
         raise ValueError("--tui and --dashboard: choose one")
     from esper.karn.dashboard.server import DashboardConfig
 
     token = args.dashboard_token or getattr(args, "token", "") or os.environ.get(TOKEN_VAR, "")
-    return DashboardConfig(host=args.dashboard_host, port=args.dashboard_port, token=token or None)
+    host = DEFAULT_HOST if args.dashboard_host is None else args.dashboard_host
+    port = DEFAULT_PORT if args.dashboard_port is None else args.dashboard_port
+    return DashboardConfig(host=host, port=port, token=token or None)
 
 
 def print_links(links: list[str]) -> None:

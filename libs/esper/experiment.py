@@ -253,6 +253,8 @@ class Episode:
         elif (run_dir / CHECKPOINT).is_file():
             self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
             console.print(f"{run_dir.name}: resuming after epoch {self.state['env']['signals']['epoch']}")
+        else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
+            console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
         self.run_dir = run_dir
         run_id = run_dir.name
         config_json = (run_dir / "config.json").read_text()
@@ -354,7 +356,17 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
                               episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
-        raise Interrupted(f"continue it with the same flags and --resume {episode.run_dir}") from None
+        raise Interrupted(resume_hint(cfg, [episode], "it")) from None
+
+
+def resume_hint(cfg: RunConfig, episodes: list[Episode], them: str) -> str:
+    """How to continue the interrupted episodes: --resume continues from their checkpoints, or where none was
+    written, trains them again from their first epochs (the hint had promised to continue them either way)."""
+    run_dir = episodes[0].run_dir
+    if all((e.run_dir / CHECKPOINT).is_file() for e in episodes):
+        return f"continue {them} with the same flags and --resume {run_dir}"
+    why = "--checkpoint-every 0" if cfg.checkpoint_every == 0 else "stopped before the first checkpoint"
+    return f"no checkpoint was written ({why}): the same flags and --resume {run_dir} train {them} again from epoch 1"
 
 
 def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, todo: list[tuple[int, Path | None]],
@@ -385,8 +397,7 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
                     episodes[episode].epoch_done(obs)
         return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
     except KeyboardInterrupt:  # any of the group's runs resumes them all
-        raise Interrupted("continue them with the same flags and --resume "
-                          f"{next(iter(episodes.values())).run_dir}") from None
+        raise Interrupted(resume_hint(cfg, list(episodes.values()), "them")) from None
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

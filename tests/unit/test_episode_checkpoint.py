@@ -322,6 +322,24 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys)
         f"esper: error: --resume {checkpoint} is not a checkpoint (torch.load: RuntimeError)"
 
 
+def test_ctrl_c_without_a_checkpoint_says_the_run_starts_again(tmp_path, monkeypatch, capsys):
+    """With --checkpoint-every 0 the hint had promised to continue the run, and --resume then started it again
+    from epoch 1 without a word."""
+    runs = tmp_path / "runs"
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--runs-dir", str(runs), "--checkpoint-every", "0"]
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
+    assert main(argv) == 130
+    (run_dir,) = runs.glob("*_s42")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "esper: interrupted; no checkpoint was written " \
+        f"(--checkpoint-every 0): the same flags and --resume {run_dir} train it again from epoch 1"
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run_dir)]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{run_dir.name}: no checkpoint; starting it again from its first epoch" in said, said
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
 def test_a_damaged_run_directory_is_refused_or_resumed_in_one_line(tmp_path, monkeypatch, capsys):
     """A finished run's summary damaged since is refused in one line (it had ended in a JSONDecodeError
     traceback); an interrupted run whose telemetry.jsonl was deleted resumes, saying that its telemetry keeps

@@ -18,17 +18,16 @@ DEFAULT_DB = "runs/karn.db"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from esper.transport.config import StackEndpoints, add_token_flag, endpoint  # ports only: no zmq
+    from esper.transport.config import add_token_flag, endpoint  # ports only: no zmq
 
-    env = StackEndpoints.from_env()
     tui = commands.add_parser("tui", help="watch runs: replay a telemetry file, or attach to a running stack's bus")
     dashboard = commands.add_parser("dashboard", help="serve the web dashboard of a telemetry file or a running stack")
     for p in (tui, dashboard):
         p.add_argument("--file", type=Path, default=None, help="a telemetry JSONL file to replay (default: attach to the bus)")
-        p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub),
-                       help="the hub's subscribe endpoint ($ESPER_HUB_SUB_PORT)")
-        p.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
-                       help="the hub's late-join snapshot endpoint ($ESPER_HUB_SNAPSHOT_PORT)")
+        p.add_argument("--hub-sub", type=endpoint, default=None,
+                       help="the hub's subscribe endpoint (default: $ESPER_HOST, $ESPER_HUB_SUB_PORT)")
+        p.add_argument("--hub-snapshot", type=endpoint, default=None,
+                       help="the hub's late-join snapshot endpoint (default: $ESPER_HOST, $ESPER_HUB_SNAPSHOT_PORT)")
         p.add_argument("--run-id", default="", help="follow only this run (default: every run on the bus)")
         add_token_flag(p)
     add_dashboard_flags(dashboard, switch=False)
@@ -80,16 +79,30 @@ def run_command(args: argparse.Namespace) -> int:
 
 def watched_source(args: argparse.Namespace):
     """(events, title) for `esper tui` and `esper dashboard`: a replayed file, or the bus (late join);
-    None (after a line on stderr) when the file is missing."""
+    None (after a line on stderr) when the file is missing or does not begin with an event (any file had been
+    shown as an empty run)."""
     if args.file is not None:
         if not args.file.is_file():
             print(f"esper: error: --file {args.file}: no such file", file=sys.stderr)
             return None
+        import itertools
+
         from esper.nissa import read_jsonl
 
-        return read_jsonl(args.file), str(args.file)
+        events = read_jsonl(args.file)
+        try:
+            first = list(itertools.islice(events, 1))
+        except UnicodeDecodeError:
+            print(f"esper: error: --file {args.file}: not a telemetry JSONL file (not UTF-8 text)", file=sys.stderr)
+            return None
+        except ValueError as exc:  # read_jsonl's, naming the file and line
+            print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
+            return None
+        return itertools.chain(first, events), str(args.file)
+    from esper.transport.config import fill_stack_defaults
     from esper.transport.follow import BusFollower
 
+    fill_stack_defaults(args)
     return BusFollower(args.hub_sub, args.hub_snapshot, args.run_id, token=args.token), args.hub_sub
 
 

@@ -12,14 +12,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, add_token_flag, at_least, endpoint, grpc_target,
-                                    metrics_url)
+from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, add_token_flag, at_least, endpoint,
+                                    fill_stack_defaults, grpc_target, metrics_url)
 
 COMMANDS = ("policy", "stack")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    env = StackEndpoints.from_env()
     policy = commands.add_parser("policy", help="talk to a running tamiyo_server")
     query = policy.add_subparsers(dest="policy_command", required=True).add_parser(
         "query", help="send an observation (a protobuf JSON file, or a worker's last from the bus) and print "
@@ -28,12 +27,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--from-bus", action="store_true",
                        help="instead of a file: the newest observation a worker decided on, from the hub")
     query.add_argument("--run", default="", help="--from-bus: only this run's observations (default: any run)")
-    query.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="the hub's subscribe endpoint")
-    query.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot),
-                       help="the hub's snapshot endpoint")
+    query.add_argument("--hub-sub", type=endpoint, default=None,
+                       help="the hub's subscribe endpoint (default: $ESPER_HOST, $ESPER_HUB_SUB_PORT)")
+    query.add_argument("--hub-snapshot", type=endpoint, default=None,
+                       help="the hub's snapshot endpoint (default: $ESPER_HOST, $ESPER_HUB_SNAPSHOT_PORT)")
     query.add_argument("--wait-s", type=at_least(0, float), default=10.0,
                        help="--from-bus: how long to wait for the hub, and for a decision when it holds none yet")
-    query.add_argument("--tamiyo", type=grpc_target, default=env.tamiyo_target, help="host:port ($ESPER_TAMIYO_PORT)")
+    query.add_argument("--tamiyo", type=grpc_target, default=None,
+                       help="host:port (default: $ESPER_HOST, $ESPER_TAMIYO_PORT)")
     query.add_argument("--deadline-s", type=at_least(0.01, float, MAX_DEADLINE_S), default=5.0,
                        help="of the Decide call (nan had retried forever)")
     add_token_flag(query)
@@ -45,6 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    fill_stack_defaults(args)
     return cmd_policy_query(args) if args.command == "policy" else cmd_stack_status(args)
 
 

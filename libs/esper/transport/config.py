@@ -206,3 +206,14 @@ class StackEndpoints:
     @property
     def tamiyo_target(self) -> str:
         return host_port(self.host, self.tamiyo)
+
+
+def fill_stack_defaults(args: argparse.Namespace) -> None:
+    """The hub's and tamiyo_server's addresses a command was not given (None), from ESPER_* or their defaults,
+    read when the command runs (ConfigError for a malformed variable): read as the parser was built, a
+    malformed one had stopped every command, `esper blueprints` and `esper train` too."""
+    env = StackEndpoints.from_env()
+    for name, default in (("hub_sub", env.tcp(env.hub_sub)), ("hub_snapshot", env.tcp(env.hub_snapshot)),
+                          ("tamiyo", env.tamiyo_target)):
+        if getattr(args, name, "") is None:
+            setattr(args, name, default)

@@ -270,6 +270,9 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     try:
         trainer.train(on_round)
     except KeyboardInterrupt:
+        # Recorded as far as it went: a --resume is a run of its own (a new directory, its episodes numbered on
+        # from the checkpoint), and the episodes before it had never reached the run store.
+        on_finished(summary())
         raise Interrupted(f"continue it with the same flags and --resume {checkpoint}" if checkpoint.is_file()
                           else "no round had ended, so nothing was saved") from None
     finally:

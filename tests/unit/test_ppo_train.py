@@ -216,6 +216,34 @@ def test_bad_ppo_flags_fail_in_one_line(argv, needle, capsys):
     assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
 
 
+def test_an_interrupted_run_and_its_resumption_are_both_in_the_run_store(tmp_path, monkeypatch):
+    """Ctrl-C in the second round, then --resume: the run store holds the stopped run as far as it went and the
+    resumed one (a run of its own, its episodes numbered on from the checkpoint). The stopped run's episodes
+    had never reached the store."""
+    runs = tmp_path / "runs"
+    flags = [*TINY, "--update-every", "1", "--episodes", "6", "--runs-dir", str(runs)]
+    train = PPOTrainer.train
+
+    def ctrl_c_in_round_two(self, on_round):
+        def then_ctrl_c(trainer, results):
+            on_round(trainer, results)
+            if trainer.episodes_done == 2:
+                raise KeyboardInterrupt
+        return train(self, then_ctrl_c)
+
+    monkeypatch.setattr(PPOTrainer, "train", ctrl_c_in_round_two)
+    assert main(["train", "ppo", *flags]) == 130
+    stopped = run_dir(runs)
+    monkeypatch.setattr(PPOTrainer, "train", train)
+    assert main(["train", "ppo", *flags, "--resume", str(stopped)]) == 0
+    (resumed,) = [p for p in runs.iterdir() if p.is_dir() and p != stopped]
+    store = RunsDB(runs / "karn.db")
+    ids = sorted(r["run_id"] for r in store.runs())
+    store.close()
+    assert ids == sorted([stopped.name, *(f"{stopped.name}_ep{i:04d}" for i in range(2)),
+                          resumed.name, *(f"{resumed.name}_ep{i:04d}" for i in range(2, 6))])
+
+
 def test_ctrl_c_names_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
     """Ctrl-C after a round: one line naming the checkpoint (had been a traceback), which continues the run."""
     flags = [*TINY, "--update-every", "1", "--telemetry-level", "off", "--runs-dir", str(tmp_path / "runs")]

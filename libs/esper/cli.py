@@ -293,16 +293,19 @@ def grouping_refusals(args: argparse.Namespace) -> list[str]:
 
 
 def policy_spec(path: str, task: str):
-    """The FeatureSpec of a saved policy, checked against the host it is to drive."""
-    from esper.simic.checkpoint import load_checkpoint
+    """The FeatureSpec of a saved policy, checked against the host it is to drive, and the policy built once
+    (weights that are not finite had failed as the run built it, its run directory made)."""
+    from esper.simic.checkpoint import load_checkpoint, policy_from_state
     from esper.tamiyo.features import FeatureSpec
 
     if not Path(path).is_file():
         raise UsageError(f"--policy {path}: no such file")
     try:
-        spec = FeatureSpec.from_dict(load_checkpoint(Path(path))["feature_spec"])
+        spec = policy_from_state(load_checkpoint(Path(path)), "").spec
     except ResumeError as exc:
         raise UsageError(f"--policy {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--policy {path}: {exc}") from None
     host = FeatureSpec.for_host(task, spec.param_budget, spec.telemetry)
     if (spec.slots, spec.blueprints) != (host.slots, host.blueprints):
         raise UsageError(f"--policy {path}: trained for a host with slots {spec.slots}, not --task {task}")
@@ -421,7 +424,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         tokenizer = BPETokenizer.load(model_dir / "tokenizer.json")
         net = load_exported(model_dir)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # damaged since
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:  # damaged since
         raise UsageError(f"{model_dir} cannot be loaded ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     try:
         prompt = torch.tensor([[tokenizer.eot, *tokenizer.encode(args.prompt)]] * args.num_samples)  # [S, T0]
@@ -458,7 +461,8 @@ def cmd_compare(cfg, resume: bool) -> int:
     if why := karn_cli.folder_refusal(out, "--out"):
         raise UsageError(why)
     try:
-        karn_cli.check_store(Path(cfg.db))  # every run records itself there when it ends: a bad store fails now
+        if cfg.telemetry_level != "off":  # else its runs record nothing (train_command)
+            karn_cli.check_store(Path(cfg.db))  # every run records itself there when it ends: a bad store fails now
     except StoreError as exc:
         raise UsageError(f"--db {exc}") from None
     if resume:

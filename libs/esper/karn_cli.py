@@ -79,8 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def watched_source(args: argparse.Namespace):
     """(events, title) for `esper tui` and `esper dashboard`: a replayed file, or the bus (late join);
-    None (after a line on stderr) when the file is missing or does not begin with an event (any file had been
-    shown as an empty run)."""
+    None (after a line on stderr) when the file is missing or does not begin with a whole event (any file had
+    been shown as an empty run)."""
     if args.file is not None:
         if not args.file.is_file():
             print(f"esper: error: --file {args.file}: no such file", file=sys.stderr)
@@ -97,6 +97,9 @@ def watched_source(args: argparse.Namespace):
             return None
         except ValueError as exc:  # read_jsonl's, naming the file and line
             print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
+            return None
+        if not first:  # empty, blank, or one line cut short
+            print(f"esper: error: --file {args.file}: no telemetry event in it", file=sys.stderr)
             return None
         return itertools.chain(first, events), str(args.file)
     from esper.transport.config import fill_stack_defaults

@@ -31,7 +31,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="the hub's subscribe endpoint (default: $ESPER_HOST, $ESPER_HUB_SUB_PORT)")
     query.add_argument("--hub-snapshot", type=endpoint, default=None,
                        help="the hub's snapshot endpoint (default: $ESPER_HOST, $ESPER_HUB_SNAPSHOT_PORT)")
-    query.add_argument("--wait-s", type=at_least(0, float), default=10.0,
+    query.add_argument("--wait-s", type=at_least(0, float, MAX_DEADLINE_S), default=10.0,
                        help="--from-bus: how long to wait for the hub, and for a decision when it holds none yet")
     query.add_argument("--tamiyo", type=grpc_target, default=None,
                        help="host:port (default: $ESPER_HOST, $ESPER_TAMIYO_PORT)")

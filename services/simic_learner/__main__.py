@@ -40,7 +40,8 @@ from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint_or_none, metrics_port, metrics_url, port
+from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, at_least, endpoint_or_none, metrics_port,
+                                    metrics_url, port)
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_TRAJECTORY_BYTES
 from esper.transport.trajectories import LiveMetrics, TrajectoryInbox, WeightsPublisher
@@ -87,7 +88,8 @@ def parse(argv: list[str] | None) -> Config:
                    help="policy weights PUB ($ESPER_LEARNER_WEIGHTS_PORT; 0 = any)")
     p.add_argument("--hub-pub", type=endpoint_or_none, default=env.tcp(env.hub_pub),
                    help="hub publish endpoint; '' = no telemetry")
-    p.add_argument("--republish-s", type=at_least(0.1, float), default=2.0, help="republish the weights this often")
+    p.add_argument("--republish-s", type=at_least(0.1, float, MAX_DEADLINE_S), default=2.0,
+                   help="republish the weights this often")
     p.add_argument("--max-policy-lag", type=at_least(0), default=4,
                    help="oldest policy version learned from, in updates")
     p.add_argument("--summary", default=None, help="JSON file with the learner's state, rewritten per update")

@@ -29,7 +29,8 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, host_port, metrics_port, metrics_url, port
+from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, at_least, endpoint, host_port, metrics_port,
+                                    metrics_url, port)
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
 from esper.transport.policy_service import (
@@ -76,7 +77,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--learner-weights", type=endpoint, default=env.tcp(env.learner_weights),
                    help="simic_learner weights endpoint, for --policy neural ($ESPER_LEARNER_WEIGHTS_PORT)")
     p.add_argument("--workers", type=at_least(1), default=4, help="gRPC server threads; DecideStream calls (each holds one while open) take at most half of them")
-    p.add_argument("--grace-s", type=at_least(0, float), default=1.0,
+    p.add_argument("--grace-s", type=at_least(0, float, MAX_DEADLINE_S), default=1.0,
                    help="shutdown grace for in-flight calls (a Decide takes milliseconds; honcho kills at 5 s)")
     add_token_flag(p)
     return Config(**vars(p.parse_args(argv)))

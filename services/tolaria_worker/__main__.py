@@ -111,7 +111,7 @@ def parse(argv: list[str] | None) -> Config:
         p.add_argument("--worker-id", default=socket.gethostname(),
                        help="name in trajectory keys; keep it across restarts (the spool is found by it)")
         p.add_argument("--spool-dir", default=None, help="unacked trajectories (default <runs-dir>/spool/<worker-id>)")
-        p.add_argument("--resend-s", type=at_least(0.1, float), default=10.0,
+        p.add_argument("--resend-s", type=at_least(0.1, float, MAX_DEADLINE_S), default=10.0,
                        help="resend an unacked trajectory after this long")
         p.add_argument("--window", type=at_least(1), default=4, help="most trajectories unacked at once")
     else:

@@ -340,6 +340,19 @@ def test_every_arm_records_the_comparisons_telemetry_level():
             assert ("--db" in cmd) == (level != "off")
 
 
+def test_a_comparison_without_telemetry_needs_no_store(tmp_path, capsys):
+    """Its runs are given no --db (a run is recorded from its telemetry), so no store is checked either: a --db
+    that could not be one had stopped it."""
+    (tmp_path / "afile").write_text("x")
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1", "--arms",
+             "static", "--out", str(tmp_path / "cmp"), "--db", str(tmp_path / "afile" / "karn.db"), "--progress-every",
+             "0"]
+    assert main([*flags, "--telemetry-level", "minimal"]) == 2
+    assert "--db" in capsys.readouterr().err
+    assert main([*flags, "--telemetry-level", "off"]) == 0
+    assert (tmp_path / "cmp" / "results.md").is_file()
+
+
 def test_progress_is_read_from_the_runs_own_telemetry(tmp_path):
     """What compare says of a running run is its newest epoch event, whatever the file ends in; a run
     whose level records no epochs says nothing."""

@@ -152,6 +152,22 @@ def test_resume_refuses_what_it_cannot_continue_in_one_line(tmp_path, capsys, sa
         assert len(err) == 1 and needle in err[0], err
 
 
+def test_a_policy_that_is_not_finite_is_refused_before_anything_trains(tmp_path, capsys, saved_policy):
+    """Its weights built as the run started: a traceback, its run directory made (and a comparison had trained
+    its other arms first)."""
+    state = load_checkpoint(saved_policy)
+    state["network"] = {k: torch.full_like(v, float("nan")) for k, v in state["network"].items()}
+    nan = tmp_path / "nan.pt"
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, nan)
+    runs = tmp_path / "runs"
+    for argv in (["train", "learned", "--runs-dir", str(runs)], ["compare", "--arms", "static", "--seed", "1000",
+                                                                  "--out", str(tmp_path / "cmp")]):
+        assert main([*argv, "--task", "synthetic", "--slots", "early", "mid", "--policy", str(nan)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"esper: error: --policy {nan}: policy weights that are not finite: "), err
+    assert not runs.exists() and not (tmp_path / "cmp").exists()
+
+
 @pytest.mark.parametrize("mode", ["heuristic", "learned"])
 def test_esper_train_resume_continues_an_interrupted_run(mode, tmp_path, capsys, request):
     """`esper train heuristic|learned --resume RUN_DIR` finishes a run cut off after epoch 3 exactly as a run

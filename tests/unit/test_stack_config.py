@@ -54,6 +54,16 @@ def test_environment_overrides_a_port(monkeypatch):
     assert StackEndpoints.from_env().tamiyo_target == "127.0.0.1:6000"
 
 
+def test_a_host_that_makes_no_address_is_one_line(monkeypatch, capsys):
+    """Read when the command runs, ESPER_HOST still passes the flags' own checks (a policy query had been retried
+    as if the server were down, and the TUI had ended in a ZMQError traceback)."""
+    monkeypatch.setenv("ESPER_HOST", "bad host")
+    for argv in (["policy", "query", "obs.json"], ["tui"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == "esper: error: $ESPER_HOST 'bad host': 'tcp://bad host:5561' is " \
+                                                  "not a ZeroMQ endpoint (tcp://HOST:PORT)"
+
+
 def test_an_ipv6_host_makes_addresses_the_flags_accept(monkeypatch):
     monkeypatch.setenv("ESPER_HOST", "::1")
     env = StackEndpoints.from_env()
@@ -117,6 +127,9 @@ def test_a_service_refuses_a_port_it_cannot_take_in_one_line():
     ("tolaria_worker", "--resend-s", "-5", "at least 0.1"),
     ("tolaria_worker", "--deadline-s", "inf", "a finite number"),
     ("tolaria_worker", "--deadline-s", "1e308", "at most 3600.0"),  # gRPC's deadline had overflowed: expired at once
+    ("tolaria_worker", "--resend-s", "1e300", "at most 3600.0"),  # each had ended in OverflowError
+    ("simic_learner", "--republish-s", "1e300", "at most 3600.0"),
+    ("tamiyo_server", "--grace-s", "1e308", "at most 3600.0"),
     ("tolaria_worker", "--patience-s", "-1", "at least 0"),
 ])
 def test_a_service_refuses_a_count_or_duration_it_cannot_use_in_one_line(name, flag, value, expected, capsys):

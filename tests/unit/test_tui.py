@@ -322,11 +322,14 @@ def test_tui_file_must_exist(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     # A file that is not telemetry had been shown as an empty run, by the TUI and the dashboard alike.
     (tmp_path / "notes.txt").write_text("not json\n")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "binary").write_bytes(b"\x00\xd0\xff\n")
     for command in ("tui", "dashboard"):
         assert main([command, "--file", str(tmp_path / "notes.txt")]) == 2
         assert capsys.readouterr().err.startswith(f"esper: error: --file {tmp_path / 'notes.txt'}:1: not a telemetry "
                                                   "event")
+        assert main([command, "--file", str(tmp_path / "empty.jsonl")]) == 2
+        assert capsys.readouterr().err == f"esper: error: --file {tmp_path / 'empty.jsonl'}: no telemetry event in it\n"
         assert main([command, "--file", str(tmp_path / "binary")]) == 2
         assert capsys.readouterr().err == f"esper: error: --file {tmp_path / 'binary'}: not a telemetry JSONL file " \
                                           "(not UTF-8 text)\n"

@@ -108,8 +108,9 @@ def at_least(lowest: float, kind: type = int, most: float = math.inf):
 
 
 MAX_DEADLINE_S = 3600.0
-"""A gRPC deadline or HTTP timeout at most: gRPC's clock overflows on a huge one (a 1e308 s deadline expired at
-once, as if the server were down) and urllib's raised OverflowError."""
+"""A deadline, timeout or interval flag at most: gRPC's clock overflows on a huge one (a 1e308 s deadline
+expired at once, as if the server were down; a grace that long failed in its thread), and urllib's timeout and
+ZeroMQ's poll raised OverflowError."""
 finite = at_least(-math.inf, float)
 """argparse type of a float flag whose range its config checks: nan and inf are refused here (nan passes every
 comparison: `--clip-ratio nan` had trained a policy that never changed, `--lr nan` failed inside Adam)."""
@@ -213,7 +214,11 @@ def fill_stack_defaults(args: argparse.Namespace) -> None:
     read when the command runs (ConfigError for a malformed variable): read as the parser was built, a
     malformed one had stopped every command, `esper blueprints` and `esper train` too."""
     env = StackEndpoints.from_env()
-    for name, default in (("hub_sub", env.tcp(env.hub_sub)), ("hub_snapshot", env.tcp(env.hub_snapshot)),
-                          ("tamiyo", env.tamiyo_target)):
+    for name, default, check in (("hub_sub", env.tcp(env.hub_sub), endpoint),
+                                 ("hub_snapshot", env.tcp(env.hub_snapshot), endpoint),
+                                 ("tamiyo", env.tamiyo_target, grpc_target)):
         if getattr(args, name, "") is None:
-            setattr(args, name, default)
+            try:
+                setattr(args, name, check(default))
+            except argparse.ArgumentTypeError as exc:  # the flags' own check, as a given address gets
+                raise ConfigError(f"${HOST_VAR} {env.host!r}: {exc}") from None

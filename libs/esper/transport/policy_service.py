@@ -167,7 +167,10 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
                                               for i, obs in enumerate(request.observations)])
 
     def DecideStream(self, requests: Iterator[DecideRequest], context) -> Iterator[DecideResponse]:
-        if self._streams is None or not self._streams.acquire(blocking=False):
+        if self._streams is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this server takes no DecideStream calls (it has one "
+                          "thread: --workers 1, and a stream holds a thread while open): use Decide or DecideBatch")
+        if not self._streams.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.max_streams} DecideStream calls are open, as many as this server takes (half its "
                           "--workers threads): use Decide or DecideBatch, or close a stream")

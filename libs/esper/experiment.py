@@ -202,11 +202,11 @@ def read_summary(path: Path) -> dict:
     are not guessed, nor is it trained again unasked)."""
     try:
         summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        summary = exc
-    if not isinstance(summary, dict):
-        why = type(summary).__name__
-        raise ResumeError(f"{path} cannot be read ({why}): delete its run directory to train that run again")
+        if not isinstance(summary, dict):
+            raise TypeError(f"a JSON {type(summary).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        raise ResumeError(f"{path} cannot be read ({type(exc).__name__}): delete its run directory to train that "
+                          "run again") from None
     return summary
 
 

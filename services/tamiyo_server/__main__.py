@@ -76,7 +76,8 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--policy", choices=sorted(POLICIES), default="heuristic")
     p.add_argument("--learner-weights", type=endpoint, default=env.tcp(env.learner_weights),
                    help="simic_learner weights endpoint, for --policy neural ($ESPER_LEARNER_WEIGHTS_PORT)")
-    p.add_argument("--workers", type=at_least(1), default=4, help="gRPC server threads; DecideStream calls (each holds one while open) take at most half of them")
+    p.add_argument("--workers", type=at_least(1), default=4,
+                   help="gRPC server threads; DecideStream calls (each holds one while open) take at most half of them")
     p.add_argument("--grace-s", type=at_least(0, float, MAX_DEADLINE_S), default=1.0,
                    help="shutdown grace for in-flight calls (a Decide takes milliseconds; honcho kills at 5 s)")
     add_token_flag(p)

@@ -323,13 +323,19 @@ def test_ctrl_c_while_an_episode_is_tested_names_it_too(tmp_path, monkeypatch, c
         f"esper: interrupted; continue it with the same flags and --resume {run_dir}"
 
 
-def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    runs = tmp_path / "runs"
+def interrupted_at_epoch_2(tmp_path, monkeypatch, *flags: str) -> tuple[list[str], Path]:
+    """A 4-epoch synthetic heuristic run stopped by Ctrl-C in epoch 2: the command line that ran it (to resume it
+    with) and its run directory. The Ctrl-C policy stays patched in: `monkeypatch.undo()` lets a resume finish."""
     argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
-            "--runs-dir", str(runs)]
+            "--runs-dir", str(tmp_path / "runs"), *flags]
     monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
     assert main(argv) == 130
-    (run_dir,) = runs.glob("*_s42")
+    (run_dir,) = (tmp_path / "runs").glob("*_s42")
+    return argv, run_dir
+
+
+def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
     checkpoint = run_dir / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     capsys.readouterr()
@@ -341,12 +347,7 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys)
 def test_ctrl_c_without_a_checkpoint_says_the_run_starts_again(tmp_path, monkeypatch, capsys):
     """With --checkpoint-every 0 the hint had promised to continue the run, and --resume then started it again
     from epoch 1 without a word."""
-    runs = tmp_path / "runs"
-    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
-            "--runs-dir", str(runs), "--checkpoint-every", "0"]
-    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
-    assert main(argv) == 130
-    (run_dir,) = runs.glob("*_s42")
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch, "--checkpoint-every", "0")
     assert capsys.readouterr().err.strip().splitlines()[-1] == "esper: interrupted; no checkpoint was written " \
         f"(--checkpoint-every 0): the same flags and --resume {run_dir} train it again from epoch 1"
     monkeypatch.undo()
@@ -360,12 +361,7 @@ def test_a_damaged_run_directory_is_refused_or_resumed_in_one_line(tmp_path, mon
     """A finished run's summary damaged since is refused in one line (it had ended in a JSONDecodeError
     traceback); an interrupted run whose telemetry.jsonl was deleted resumes, saying that its telemetry keeps
     the events from there on (it had ended in FileNotFoundError)."""
-    runs = tmp_path / "runs"
-    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
-            "--runs-dir", str(runs)]
-    monkeypatch.setattr(experiment, "make_policy", lambda cfg: CtrlC(seed=42, epoch=2))
-    assert main(argv) == 130
-    (run_dir,) = runs.glob("*_s42")
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
     (run_dir / "telemetry.jsonl").unlink()
     monkeypatch.undo()
     capsys.readouterr()

@@ -132,7 +132,7 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
         self.policy = policy
         self._lock = threading.Lock()  # the server has worker threads; policies need not be thread-safe
         self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def _decide(self, obs: Observation, context: grpc.ServicerContext, where: str = "") -> Decision:
         policy = self.policy  # checks and decides with one policy, though tamiyo_server swaps in new weights
@@ -167,13 +167,12 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
                                               for i, obs in enumerate(request.observations)])
 
     def DecideStream(self, requests: Iterator[DecideRequest], context) -> Iterator[DecideResponse]:
-        if self._streams is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this server takes no DecideStream calls (it has one "
-                          "thread: --workers 1, and a stream holds a thread while open): use Decide or DecideBatch")
         if not self._streams.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{self.max_streams} DecideStream calls are open, as many as this server takes (half its "
-                          "--workers threads): use Decide or DecideBatch, or close a stream")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{self.max_streams} DecideStream calls are open, as many as this server takes (half its --workers "
+                "threads): use Decide or DecideBatch, or close a stream" if self.max_streams else
+                "this server takes no DecideStream calls (--workers 1: a stream holds a thread while open): use "
+                "Decide or DecideBatch"))
         try:
             for request in requests:
                 yield DecideResponse(decision=self._decide(request.observation, context,

@@ -9,7 +9,9 @@ Four mechanisms (`--mechanism`):
   (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process. Its
   K = 1 is a group of one; the ratios against a plain Trainer's run alone (measured first, in this
   process) are printed beside, as the issue's "one run alone": a group of one is slower than a plain run
-  (its batches stacked, its head a grouped convolution).
+  (its batches stacked, its head a grouped convolution). `--cuda-graph` on | off (TrainConfig.cuda_graph;
+  on, the default, does something on CUDA only), both for a table each in one process: the group's step
+  replayed as a CUDA graph (grouped.CapturedStep) or eager.
 - vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their
   stacked weights and BatchNorm statistics, trained in this process. Unlike grouped it needs no grouped
   rewrite of the layers, so it batches any architecture the runs share (a grafted from-scratch network
@@ -41,7 +43,7 @@ import time
 
 
 def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trainer_class=None,
-                  memory_format: str = "auto"):
+                  memory_format: str = "auto", cuda_graph: bool = True):
     """The trainer each run is: the cifar10 host with an empty `mid` slot, or (`stage`) a conv_heavy seed
     there in TRAINING, BLENDING or FOSSILIZED (growth_overhead.grown_model). `trainer_class`: tolaria's
     Trainer, or grouped.GroupMember for a run of a TrainerGroup."""
@@ -54,8 +56,8 @@ def esper_trainer(data, device, steps: int, seed: int, stage: str = "none", trai
     torch.manual_seed(seed)  # each run its own initial weights, as each seed's run has
     model = (MorphogeneticModel(build_host("cifar10"), ["mid"]).to(device) if stage == "none"
              else grown_model(stage, device))
-    return (trainer_class or Trainer)(model, data, TrainConfig(max_batches=steps, memory_format=memory_format), device,
-                                      torch.Generator(device=device).manual_seed(seed))
+    cfg = TrainConfig(max_batches=steps, memory_format=memory_format, cuda_graph=cuda_graph)
+    return (trainer_class or Trainer)(model, data, cfg, device, torch.Generator(device=device).manual_seed(seed))
 
 
 def child(device_name: str, steps: int, data_dir: str | None, cudnn_benchmark: bool, stage: str,
@@ -124,8 +126,8 @@ def grouped_rate(k: int, args) -> float:
 
     device = torch.device(args.device)
     data = load_cifar10(args.data_dir).to(device)
-    members = [esper_trainer(data, device, 20, i, args.stage[i % len(args.stage)], GroupMember, args.memory_format)
-               for i in range(k)]
+    members = [esper_trainer(data, device, 20, i, args.stage[i % len(args.stage)], GroupMember, args.memory_format,
+                             args.cuda_graph_now == "on") for i in range(k)]
     group = TrainerGroup(members)
     group.train_epoch()  # warm-up (cuDNN picks its algorithms); ends in a device->host transfer
     for m in members:
@@ -138,7 +140,7 @@ def grouped_rate(k: int, args) -> float:
 
     rate = k * args.steps * 128 / median_seconds(epoch, args.repeats)
     if args.profile and k == max(args.k):
-        args.profiled = profile_table(epoch, device)
+        args.profiled.append((args.cuda_graph_now, profile_table(epoch, device)))
     return rate
 
 
@@ -262,14 +264,17 @@ def main() -> None:
                         help="grouped: also print where the largest K's epoch spent the device's time")
     parser.add_argument("--memory-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                         help="every run's TrainConfig.memory_format (vmap: contiguous, whatever this says)")
+    parser.add_argument("--cuda-graph", choices=["on", "off"], nargs="+", default=["on"],
+                        help="grouped: the step replayed as a CUDA graph (on, on CUDA only) or eager (off); both: "
+                             "a table each")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mechanism == "vmap" and args.stage != ["none"]:
         parser.error("--mechanism vmap batches identical models: --stage none only")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.profile and args.mechanism != "grouped":
-        parser.error("--profile profiles --mechanism grouped only")
+    if (args.profile or args.cuda_graph != ["on"]) and args.mechanism != "grouped":
+        parser.error("--profile and --cuda-graph are --mechanism grouped's")
     if args.child:
         return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0], args.memory_format)
     import torch
@@ -288,14 +293,18 @@ def main() -> None:
     alone = plain_rate(args) if args.mechanism == "grouped" else None
     if alone is not None:
         print(f"one plain run alone: {alone:,.0f} img/s; 'vs one run' is against a group of one, 'vs plain' against it")
-    print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}" + ("   vs plain" if alone else ""))
-    one = rate_of(1, args)  # the baseline, whatever --k lists
-    for k in args.k:
-        rate = one if k == 1 else rate_of(k, args)
-        beside_plain = f"{rate / alone:>10.2f}x" if alone else ""
-        print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x{beside_plain}")
-    if args.profile:
-        print(f"# where K = {max(args.k)}'s epoch spent the time\n{args.profiled}")
+    args.profiled = []
+    for args.cuda_graph_now in args.cuda_graph:
+        if len(args.cuda_graph) > 1:
+            print(f"## the step as a CUDA graph: {args.cuda_graph_now}")
+        print(f"{'K':>3}{'aggregate img/s':>18}{'vs one run':>12}{'target':>8}" + ("   vs plain" if alone else ""))
+        one = rate_of(1, args)  # the baseline, whatever --k lists
+        for k in args.k:
+            rate = one if k == 1 else rate_of(k, args)
+            beside_plain = f"{rate / alone:>10.2f}x" if alone else ""
+            print(f"{k:>3}{rate:>18,.0f}{rate / one:>11.2f}x{0.7 * k:>7.1f}x{beside_plain}")
+    for cuda_graph, table in args.profiled:
+        print(f"# where K = {max(args.k)}'s epoch spent the time, the step as a CUDA graph: {cuda_graph}\n{table}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN's benchmark mode on CUDA: each convolution shape times cuDNN's algorithms once "
                         "and keeps the fastest")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="grouped runs on CUDA: train each step eagerly instead of replaying it as a CUDA graph")
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
@@ -223,7 +225,7 @@ def train_config(args: argparse.Namespace):
                     seed_grad_norms=policy is not None and policy_spec(policy, args.task).telemetry,
                     train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
                                                compile=args.compile, memory_format=args.memory_format,
-                                               cudnn_benchmark=args.cudnn_benchmark))
+                                               cudnn_benchmark=args.cudnn_benchmark, cuda_graph=args.cuda_graph))
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      policy_sha256=file_sha256(policy),
                      device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
@@ -392,7 +394,8 @@ def compare_config(args: argparse.Namespace):
                          seeds=args.seeds, seed=args.seed, slots=tuple(args.slots),
                          device=device, data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                          precision=args.precision, compile=args.compile, memory_format=args.memory_format,
-                         cudnn_benchmark=args.cudnn_benchmark, workers=args.workers, grouped=grouped, out_dir=out,
+                         cudnn_benchmark=args.cudnn_benchmark, cuda_graph=args.cuda_graph, workers=args.workers,
+                         grouped=grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every, policy=args.policy and str(Path(args.policy).resolve()),
                          policy_sha256=policy_sha256, db=str(Path(args.db).resolve()))

@@ -101,8 +101,9 @@ class CompareConfig:
     compile: bool = False
     memory_format: str = "auto"
     cudnn_benchmark: bool = False
-    """Every arm's runs train with the same precision, compilation, memory format and cuDNN mode
-    (TrainConfig)."""
+    cuda_graph: bool = True
+    """Every arm's runs train with the same precision, compilation, memory format, cuDNN mode and (grouped,
+    on CUDA) CUDA graphs (TrainConfig)."""
     workers: int = 1
     grouped: bool = False
     """Train each arm's seeds as one grouped run (`esper train MODE --grouped`: the hosts as the groups of
@@ -126,7 +127,8 @@ class CompareConfig:
     telemetry files, so the runs themselves never wait for it."""
 
 
-RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "progress_every", "cudnn_benchmark")
+RESUMABLE = ("device", "data_dir", "gpu_preload", "workers", "out_dir", "db", "progress_every", "cudnn_benchmark",
+             "cuda_graph")
 """CompareConfig fields a resumed comparison may change: where and how fast it runs, not what it compares."""
 
 
@@ -170,6 +172,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
         cmd.append("--gpu-preload")
     cmd += ["--precision", cfg.precision, "--memory-format", cfg.memory_format]
     cmd += (["--compile"] if cfg.compile else []) + (["--cudnn-benchmark"] if cfg.cudnn_benchmark else [])
+    cmd += [] if cfg.cuda_graph else ["--no-cuda-graph"]
     for seed, seed_grafts in grafts.items():
         for graft in seed_grafts:
             cmd.append(f"--graft={seed}={graft}")  # one item: argparse takes a separate "-1=..." for a flag
@@ -490,7 +493,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"{cfg.seeds} seeds from {cfg.seed}; {cfg.max_epochs} epochs x "
         f"{cfg.max_batches or 'all'} batches of {batch_size}; slots {' '.join(cfg.slots)}; device {device}; "
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
-        f"memory format {cfg.memory_format}{', cuDNN benchmark mode' if cfg.cudnn_benchmark else ''}; "
+        f"memory format {cfg.memory_format}{', cuDNN benchmark mode' if cfg.cudnn_benchmark else ''}"
+        f"{'' if cfg.cuda_graph else ', no CUDA graphs'}; "
         f"up to {cfg.workers} runs at once"
         f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",

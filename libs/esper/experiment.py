@@ -76,7 +76,8 @@ class RunConfig:
 CHECKPOINT = "checkpoint.pt"
 EPISODE_FORMAT = "esper.episode/1"
 RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
-                     "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark")
+                     "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark",
+                     "env.train.cuda_graph")
 """RunConfig fields a resumed run may change: how many episodes, where and with which extra copies; not
 what it trains."""
 

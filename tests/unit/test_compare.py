@@ -123,19 +123,19 @@ def test_a_resumed_comparison_whose_settings_are_unreadable_is_refused_in_one_li
     assert err.startswith(f"esper: error: --resume {folder}: its compare.json") and len(err.splitlines()) == 1, err
 
 
-def test_every_arm_trains_with_the_comparisons_precision_compilation_and_cudnn_mode():
+def test_every_arm_trains_with_the_comparisons_precision_compilation_cudnn_mode_and_cuda_graphs():
     """compare's speed flags reach every run's TrainConfig: its child command, parsed as `esper train` parses it."""
     cfg = CompareConfig(task="synthetic", precision="bf16", compile=True, memory_format="contiguous",
-                        cudnn_benchmark=True)
+                        cudnn_benchmark=True, cuda_graph=False)
+    speed = lambda train: (train.precision, train.compile, train.memory_format, train.cudnn_benchmark,  # noqa: E731
+                           train.cuda_graph)
     for arm in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)):
         cmd = train_command(cfg, arm, [42], {})
         train = train_config(build_parser().parse_args(cmd[cmd.index("train"):])).env.train
-        assert (train.precision, train.compile, train.memory_format, train.cudnn_benchmark) == \
-            ("bf16", True, "contiguous", True), arm
+        assert speed(train) == ("bf16", True, "contiguous", True, False), arm
     cmd = train_command(CompareConfig(), arms_for("matched", 40, ["static"])[0], [42], {})
     train = train_config(build_parser().parse_args(cmd[cmd.index("train"):])).env.train
-    assert (train.precision, train.compile, train.memory_format, train.cudnn_benchmark) == \
-        ("fp32", False, "auto", False)
+    assert speed(train) == ("fp32", False, "auto", False, True)
 
 
 def test_grouped_trains_each_arms_seeds_in_one_grouped_process_with_its_own_grafts():
@@ -447,13 +447,13 @@ def test_a_comparison_with_grouped_arms(tmp_path, capsys):
 
 def test_a_comparison_resumes_only_with_its_own_settings(tmp_path, capsys):
     """--resume refuses a folder compared with other settings, naming them; where and how fast it runs
-    (device, workers, data, progress, cuDNN's benchmark mode) may change."""
+    (device, workers, data, progress, cuDNN's benchmark mode, CUDA graphs) may change."""
     saved = CompareConfig(task="synthetic", seeds=3, workers=2, out_dir=str(tmp_path))
     (tmp_path / "compare.json").write_text(json.dumps(asdict(saved)))
     assert main(["compare", "--task", "synthetic", "--seeds", "2", "--max-epochs", "5", "--resume", str(tmp_path)]) == 2
     assert "other settings: max_epochs, seeds differ" in capsys.readouterr().err
     assert differences(dataclasses.replace(saved, workers=1, device="cuda:1", progress_every=5.0,
-                                           cudnn_benchmark=True), tmp_path) == []
+                                           cudnn_benchmark=True, cuda_graph=False), tmp_path) == []
     # The ppo arm's policy file rewritten since (PPO rewrites its checkpoint as it trains) is another setting;
     # a comparison saved before policies were digested, without one, is not.
     with_policy = dataclasses.replace(saved, policy="/p.pt", policy_sha256="0" * 64)

@@ -104,9 +104,9 @@ def play_episodes(cfg: TrainerConfig, data: dict[str, Dataset], episodes: range,
     return rollout, envs, obs
 
 
-# Fields a resumed run may change: how long it runs, where and how fast (cuDNN's choice of algorithms, which
-# a device change changes too); everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("episodes", "device", "devices", "env.train.cudnn_benchmark")
+# Fields a resumed run may change: how long it runs, where and how fast (cuDNN's choice of algorithms and CUDA
+# graphs' kernels, which a device change changes too); everything else must match the checkpoint.
+RESUMABLE_CHANGES = ("episodes", "device", "devices", "env.train.cudnn_benchmark", "env.train.cuda_graph")
 
 
 class PPOTrainer:

@@ -8,8 +8,8 @@ Four mechanisms (`--mechanism`):
 - grouped: the K runs are the K groups of one grouped network, each run's seed on its group
   (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process. Its
   K = 1 is a group of one; the ratios against a plain Trainer's run alone (measured first, in this
-  process) are printed beside, as the issue's "one run alone": a group of one is slower than a plain run
-  (its batches stacked, its head a grouped convolution). `--cuda-graph` on | off (TrainConfig.cuda_graph;
+  process) are printed beside, as the issue's "one run alone": an eager group of one is slower than a plain
+  run (its batches stacked, its head a grouped convolution), one replayed as a CUDA graph far faster. `--cuda-graph` on | off (TrainConfig.cuda_graph;
   on, the default, does something on CUDA only), both for a table each in one process: the group's step
   replayed as a CUDA graph (grouped.CapturedStep) or eager.
 - vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their

@@ -23,7 +23,7 @@ from esper.simic import EnvConfig, GrowthEnv
 from esper.simic.env import step_together
 from esper.tamiyo.network import observation_legal_actions
 from esper.tolaria.augment import normalize
-from esper.tolaria.grouped import GroupedCNN, GroupMember, SeedGroup, TrainerGroup, train_grouped
+from esper.tolaria.grouped import CapturedStep, GroupedCNN, GroupMember, SeedGroup, TrainerGroup, train_grouped
 from esper.tolaria.trainer import TrainConfig, Trainer, make_optimizer
 from test_isolation import perturb
 
@@ -176,6 +176,31 @@ def test_a_group_captures_its_step_on_cuda_only(synthetic_data):
     optimizer = make_optimizer(grouped.parameters(), TrainConfig(), TrainConfig.lr)
     with pytest.raises(ValueError, match="a CUDA graph: the model is on cpu"):
         train_grouped(grouped, synthetic_data, [run.generator for run in runs], 2, [optimizer], capture=True)
+
+
+def test_a_step_that_cannot_be_captured_says_how_to_train_eagerly(monkeypatch):
+    """A capture torch refuses (an operator that waits on the host, say) stops the run with the flag that
+    trains the step eagerly, torch's own words kept (here without a GPU: torch.cuda's parts stand in)."""
+    class Inert:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Refused(Inert):
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    for name, stand_in in (("device", Inert), ("Stream", Inert), ("CUDAGraph", Inert), ("graph", Refused)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    step = CapturedStep(lambda x, y: None, [])
+    step.calls = CapturedStep.WARMUP  # warmed up: the next call captures
+    with pytest.raises(RuntimeError, match=r"not permitted when stream is capturing\); --no-cuda-graph trains"):
+        step(torch.zeros(2), torch.zeros(2))
 
 
 def test_only_runs_with_one_set_of_slots_group(synthetic_data):

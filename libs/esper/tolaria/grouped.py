@@ -301,6 +301,8 @@ class CapturedStep:
                  optimizers: Sequence[torch.optim.Optimizer]):
         self.step, self.optimizers = step, optimizers
         self.calls = 0
+        self.side: torch.cuda.Stream | None = None
+        """The warm-up's and the capture's stream, on the batches' GPU (made by the first call)."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -309,25 +311,44 @@ class CapturedStep:
             optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls <= self.WARMUP:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                self.zero_grad()
-                self.step(x, y)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-        elif self.graph is None:
-            self.static = (x.clone(), y.clone())
+        # On the batch's GPU: torch.cuda.graph would otherwise capture on a stream of the current device,
+        # cuda:0, and a group on cuda:1 would record an empty graph and replay nothing (pytorch#87894).
+        with torch.cuda.device(x.device):
+            self.calls += 1
+            if self.graph is not None:
+                self.static[0].copy_(x)
+                self.static[1].copy_(y)
+                self.graph.replay()
+                return
+            if self.side is None:
+                self.side = torch.cuda.Stream(x.device)
+            if self.calls <= self.WARMUP:
+                self.warm_up(x, y)
+            else:
+                self.capture(x, y)
+
+    def warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.side):
             self.zero_grad()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.step(x, y)
+        torch.cuda.current_stream(x.device).wait_stream(self.side)
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static = (x.clone(), y.clone())
+        self.zero_grad()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.side):
                 self.step(*self.static)
-            self.graph.replay()  # a capture records the work without doing it
-        else:
-            self.static[0].copy_(x)
-            self.static[1].copy_(y)
-            self.graph.replay()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # an operator that waits on the host, or one a graph cannot hold
+            cause = error.__context__ or error  # the capture's end, failing, reports over the operator's own
+            raise RuntimeError(f"the grouped step could not be captured as a CUDA graph ({cause}); "
+                               "--no-cuda-graph trains it eagerly") from error
+        graph.replay()  # a capture records the work without doing it
+        self.graph = graph
 
 
 def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Generator], max_batches: int,

@@ -85,9 +85,9 @@ class TrainConfig:
     cuda_graph: bool = True
     """Grouped runs on CUDA (tolaria.grouped): each epoch's training step is captured as a CUDA graph and
     replayed (CapturedStep), so the CPU's kernel launches no longer pace a small host's step. On an H200 a
-    group of one trained 3.4x as fast so, eight grouped runs 1.07x and 1.13x (two invocations of
-    bench/concurrency.py --cuda-graph off on); its kernels may differ from the eager step's, so results agree
-    to float order. Nothing on a CPU or for a run alone."""
+    group of one trained 3.4x as fast so, eight grouped runs 1.13x and 1.07x (two invocations of
+    bench/concurrency.py --cuda-graph off on, the second capturing in cuDNN's benchmark mode); its kernels may
+    differ from the eager step's, so results agree to float order. Nothing on a CPU or for a run alone."""
 
     @classmethod
     def for_task(cls, task: str, **fields) -> "TrainConfig":

@@ -9,9 +9,9 @@ Four mechanisms (`--mechanism`):
   (esper.tolaria.grouped.TrainerGroup, as `esper train --grouped` trains them), in this process. Its
   K = 1 is a group of one; the ratios against a plain Trainer's run alone (measured first, in this
   process) are printed beside, as the issue's "one run alone": an eager group of one is slower than a plain
-  run (its batches stacked, its head a grouped convolution), one replayed as a CUDA graph far faster. `--cuda-graph` on | off (TrainConfig.cuda_graph;
-  on, the default, does something on CUDA only), both for a table each in one process: the group's step
-  replayed as a CUDA graph (grouped.CapturedStep) or eager.
+  run (its batches stacked, its head a grouped convolution), one replayed as a CUDA graph far faster.
+  `--cuda-graph` on | off (TrainConfig.cuda_graph; on, the default, does something on CUDA only), both for
+  a table each in one process: the group's step replayed as a CUDA graph (grouped.CapturedStep) or eager.
 - vmap: the K runs' Esper models (the host with an empty `mid` slot) as one torch.func.vmap over their
   stacked weights and BatchNorm statistics, trained in this process. Unlike grouped it needs no grouped
   rewrite of the layers, so it batches any architecture the runs share (a grafted from-scratch network

@@ -182,9 +182,10 @@ def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
     """Whether the environments' epochs train grouped: --grouped or --no-grouped as given; by default when
     they are on CUDA, two or more to every device (a device's environments are one group; an eager group of
     one was slower than a plain run, and one whose step is a CUDA graph, 3.1x to 3.6x as fast in training
-    steps on an H200, has not been timed in a PPO round) and not each in a process (--env-processes, asked for), where a round of 4
-    environments stepped 2.84x and of 8 4.60x as fast as one after another (a process each: 2.90x and 2.85x;
-    H100, bench/ppo_envs.py); off on the CPU, where grouped convolutions run slower than plain ones."""
+    steps on an H200, has not been timed in a PPO round) and not each in a process (--env-processes, asked
+    for), where a round of 4 environments stepped 2.84x and of 8 4.60x as fast as one after another (a
+    process each: 2.90x and 2.85x; H100, bench/ppo_envs.py); off on the CPU, where grouped convolutions run
+    slower than plain ones."""
     if args.grouped is not None:
         if args.grouped:
             check_grouped(args, ("--env-processes",) if args.env_processes else ())

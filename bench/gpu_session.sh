@@ -13,7 +13,9 @@
 # 15 device minutes leave one such call after the machine's start. What issue 3 still needs (twentieth session):
 # `PART="cudatests captured"`: the captured step's GPU test passing at its float-order tolerances (written from
 # the H200's two failures, not yet run), and eight grouped runs as CUDA graphs against a plain run alone on an
-# H100 (H200: 5.66x, 6.57x); `cudnn` then says whether cuDNN's benchmark mode helps graphed steps.
+# H100 (H200: 5.66x, 6.57x); `onerun` (twenty-first session) times one `esper train` run, now a graphed group of
+# one by default on CUDA, against a plain run end to end; `cudnn` then says whether cuDNN's benchmark mode helps
+# graphed steps: `PART="cudatests onerun captured cudnn"` (cudnn is likely cut by the budget: a second call).
 #   speed    all of: growth (growth overhead), concurrency (K=1,2,4,8 by each of MECHANISMS, default
 #            processes, grouped, vmap, threads),
 #            counterfactual (batched against a pass per variant), fastpath (channels_last, bf16 and
@@ -26,6 +28,8 @@
 #   profile  the operators that 8 grouped static runs' epoch spends the GPU's time in (torch.profiler)
 #   captured concurrency by grouped with static runs, the step eager and as a CUDA graph (one process, the median
 #            of 5 timed epochs per K), each K = 8 epoch profiled
+#   onerun   one `esper train heuristic` run end to end: the plain Trainer against a group of one, eager and as a
+#            CUDA graph (bench/one_run.py), at esper train's defaults (5 epochs) and in whole epochs, data preloaded
 #   convs    each host block's convolution at K = 8 in the forms grouped runs' convolutions can take
 #            (bench/grouped_convs.py), cuDNN's benchmark mode off and on
 #   groupedseeds  concurrency by grouped with a seed in every run (one SeedGroup) and with four kinds of run
@@ -127,6 +131,11 @@ captured)
   timeout $(limit 150) python3 bench/concurrency.py --device cuda --k 1 2 4 8 --steps 300 --mechanism grouped \
     --repeats 5 --cuda-graph off on --profile
   ;;
+onerun)
+  timeout $(limit 120) python3 bench/one_run.py --device cuda --mode heuristic --max-epochs 5 --repeats 3
+  timeout $(limit 120) python3 bench/one_run.py --device cuda --mode heuristic --max-epochs 3 --max-batches 0 \
+    --gpu-preload --repeats 3
+  ;;
 convs)
   timeout $(limit 60) python3 bench/grouped_convs.py --device cuda
   timeout $(limit 60) python3 bench/grouped_convs.py --device cuda --cudnn-benchmark
@@ -160,6 +169,6 @@ cudatests)
     tests/unit/test_diagnostics.py tests/unit/test_fast_path.py tests/unit/test_grouped.py
   ;;
 *) echo "unknown PART $part (speed, growth, concurrency, counterfactual, fastpath, compare, grouped, groupedseeds,"\
-     "groupedcompare, cudnn, matrix, profile, captured, convs, mps, envs, ppo, cudatests)"; exit 2 ;;
+     "groupedcompare, cudnn, matrix, profile, captured, onerun, convs, mps, envs, ppo, cudatests)"; exit 2 ;;
 esac
 done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import reprlib
 import signal
@@ -137,10 +138,11 @@ def build_parser() -> Parser:
             help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the "
                  "run); with --grouped, every episode of the experiment, each in its newest run directory")
         modes.choices[mode].add_argument(
-            "--grouped", action="store_true",
+            "--grouped", action=argparse.BooleanOptionalAction, default=None,
             help="train the --episodes at once, their hosts as the groups of one network and each one's seeds "
-                 "on its group (CNN hosts, fp32): many small runs keep a GPU busy "
-                 "(bench/concurrency.py --mechanism grouped)")
+                 "on its group (CNN hosts, fp32), each step a CUDA graph on CUDA (default: on CUDA when the "
+                 "other flags allow it, where even one run trained faster so, bench/concurrency.py "
+                 "--cuda-graph off on; off on the CPU; a resumed run keeps its own way)")
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
@@ -191,7 +193,6 @@ def check_seeds(first: int, count: int, flags: str) -> None:
 def train_config(args: argparse.Namespace):
     from esper.experiment import RunConfig
 
-    grouped = getattr(args, "grouped", False) and args.mode != "ppo"  # PPO's: ppo_config (its rounds keep no env state)
     checkpoint_every = getattr(args, "checkpoint_every", 0)
     for flag, value, least in (("--episodes", args.episodes, 1), ("--max-epochs", args.max_epochs, 1),
                                ("--max-batches", args.max_batches, 0), ("--max-seeds", args.max_seeds, 0),
@@ -217,8 +218,6 @@ def train_config(args: argparse.Namespace):
         if twice := [slot for slot in slots if slots.count(slot) > 1]:
             raise UsageError(f"--graft: slot {twice[0]} is grafted twice in the episode of seed {seed} "
                              "(a slot holds one seed)")
-    if grouped:
-        check_grouped(args)
     policy = getattr(args, "policy", None)
     env = EnvConfig(task=args.task, max_epochs=args.max_epochs, slots=tuple(args.slots),
                     max_seeds=args.max_seeds, grafts=grafts,
@@ -226,9 +225,13 @@ def train_config(args: argparse.Namespace):
                     train=TrainConfig.for_task(args.task, max_batches=args.max_batches, precision=args.precision,
                                                compile=args.compile, memory_format=args.memory_format,
                                                cudnn_benchmark=args.cudnn_benchmark, cuda_graph=args.cuda_graph))
+    # Once every flag is known good (a bad one is one line, not after the default's note on stderr). PPO's:
+    # ppo_config (its rounds keep no env state); tolaria_worker's runs (it has no --grouped) are plain.
+    device = resolve_device(args.device)
+    grouped = args.mode != "ppo" and hasattr(args, "grouped") and episodes_grouped(args, device)
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      policy_sha256=file_sha256(policy),
-                     device=resolve_device(args.device), data_dir=args.data_dir, gpu_preload=args.gpu_preload,
+                     device=device, data_dir=args.data_dir, gpu_preload=args.gpu_preload,
                      telemetry_level=args.telemetry_level, telemetry_file=args.telemetry_file,
                      telemetry_dir=args.telemetry_dir, runs_dir=args.runs_dir,
                      checkpoint_every=checkpoint_every, seed_grafts=seed_grafts, grouped=grouped)
@@ -254,6 +257,28 @@ def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
                          f"leave out {', '.join(bad)}")
 
 
+def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
+    """Whether `esper train heuristic|static|learned` trains its episodes grouped: --grouped or --no-grouped
+    as given; by default on CUDA, where a group of one, its step a CUDA graph, trained 3.1x and 3.5x as fast
+    as a plain run (two H200 calls, bench/concurrency.py --cuda-graph on; eagerly, under --no-cuda-graph, it
+    did not pay, so one episode is then not grouped), unless a flag rules grouping out; off on the CPU, where
+    it does not pay (one run: 0.93x, 1.01x, bench/one_run.py; two: 0.79x, bench/concurrency.py). A resumed run
+    keeps its own way (its config.json's), whatever the device: what --resume continues (one run and the
+    episodes after it, or every episode of a group) is the run's, not the machine's."""
+    if args.grouped is None and args.resume:
+        try:
+            return json.loads((Path(args.resume) / "config.json").read_text()).get("grouped") is True
+        except (OSError, ValueError, AttributeError):
+            return False  # not a run directory: check_resume says so
+    if args.grouped is None:
+        if args.episodes == 1 and not args.cuda_graph:  # an eager group of one: 0.92x and 1.04x a plain run
+            return False
+        return grouped_by_default(args, torch.device(device).type == "cuda", "episodes one after another")
+    if args.grouped:
+        check_grouped(args)
+    return args.grouped
+
+
 def compare_grouped(args: argparse.Namespace, device: str) -> bool:
     """Whether `esper compare` trains each arm's seeds as one grouped run: --grouped or --no-grouped as given;
     by default on CUDA, where a 5-seed comparison finished 1.46x sooner than with a process per run (H200,
@@ -276,8 +301,9 @@ def compare_grouped(args: argparse.Namespace, device: str) -> bool:
 
 def grouped_by_default(args: argparse.Namespace, cuda: bool, instead: str) -> bool:
     """What --grouped left out means where grouping was measured faster: grouped on CUDA, unless a flag given
-    rules it out, which is said on stderr with the way taken `instead`; not grouped on the CPU."""
-    if not cuda:
+    rules it out, which is said on stderr with the way taken `instead`; not grouped on the CPU, nor for a
+    host that has no grouped form (a language model's: nothing to say, there was no choice)."""
+    if not cuda or HOSTS[args.task].kind != "cnn":
         return False
     if refused := grouping_refusals(args):
         print(f"esper: {instead}, not grouped as by default on CUDA: grouped runs cannot take {', '.join(refused)}",

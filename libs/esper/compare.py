@@ -178,8 +178,7 @@ def train_command(cfg: CompareConfig, arm: Arm, seeds: list[int], grafts: dict[i
             cmd.append(f"--graft={seed}={graft}")  # one item: argparse takes a separate "-1=..." for a flag
     if arm.mode == "learned":
         cmd += ["--policy", str(Path(cfg.out_dir) / POLICY_COPY)]
-    if cfg.grouped:
-        cmd.append("--grouped")
+    cmd.append("--grouped" if cfg.grouped else "--no-grouped")  # `esper train`'s default depends on the device
     # A comparison's runs are never resumed (a cut-off run starts again): spare each epoch its checkpoint
     # (a copy off the device, an fsync).
     return cmd + ["--checkpoint-every", "0"]

@@ -69,12 +69,18 @@ class RunConfig:
     env.grafts (every episode's); how one grouped `esper compare` child trains from-scratch runs that each
     have their own grown architecture."""
     grouped: bool = False
-    """CNN hosts: train the episodes at once, their hosts as the groups of one network and each one's
-    seeds on its group (run_grouped)."""
+    """CNN hosts: train the episodes at once (GROUP_EPISODES at a time), their hosts as the groups of one
+    network and each one's seeds on its group (run_grouped)."""
 
 
 CHECKPOINT = "checkpoint.pt"
 EPISODE_FORMAT = "esper.episode/1"
+GROUP_EPISODES = 8
+"""Episodes a grouped experiment trains at once: 0 to 7, then 8 to 15, and so on. Eight is the largest
+group measured (bench/concurrency.py --mechanism grouped: on an H200 eight graphed runs trained 1.15x as
+many images/s as four); a group also holds every run's model, batches and telemetry open at once. A
+resume forms the same groups: a cut group's runs all stopped after the same epoch, and the groups
+before it had finished."""
 RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
                      "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark",
                      "env.train.cuda_graph")
@@ -147,10 +153,13 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
     if cfg.grouped:
-        trained = run_grouped(cfg, data, device, console, todo, policy, sinks, new_id)
-        for episode in sorted(trained):
-            on_finished(trained[episode])
-        summaries |= trained
+        for first in range(0, cfg.episodes, GROUP_EPISODES):
+            if not (group_todo := [(e, run_dir) for e, run_dir in todo if first <= e < first + GROUP_EPISODES]):
+                continue  # the group had finished
+            trained = run_grouped(cfg, data, device, console, group_todo, policy, sinks, new_id)
+            for episode in sorted(trained):
+                on_finished(trained[episode])
+            summaries |= trained
     else:
         for episode, run_dir in todo:
             summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir,

@@ -122,8 +122,9 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
     p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
                    help="train the environments' epochs together, their hosts as the groups of one network and "
                         "each one's seeds on its group (CNN hosts, fp32; see README); default: on when the "
-                        "environments are on CUDA, 2 or more to a device and not --env-processes, where it was "
-                        "measured faster than one after another, and the other flags allow it; off on the CPU")
+                        "environments are on CUDA and not --env-processes, where it was measured faster than one "
+                        "after another, and the other flags allow it (under --no-cuda-graph: 2 or more to each "
+                        "device); off on the CPU")
     p.add_argument("--save", default=None, help=f"checkpoint path (default: {save_default})")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",
@@ -180,19 +181,20 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
 
 def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
     """Whether the environments' epochs train grouped: --grouped or --no-grouped as given; by default when
-    they are on CUDA, two or more to every device (a device's environments are one group; an eager group of
-    one was slower than a plain run, and one whose step is a CUDA graph, 3.1x to 3.6x as fast in training
-    steps on an H200, has not been timed in a PPO round) and not each in a process (--env-processes, asked
-    for), where a round of 4 environments stepped 2.84x and of 8 4.60x as fast as one after another (a
-    process each: 2.90x and 2.85x; H100, bench/ppo_envs.py); off on the CPU, where grouped convolutions run
-    slower than plain ones."""
+    they are on CUDA and not each in a process (--env-processes, asked for), where a round of 4 environments
+    stepped 2.84x and of 8 4.60x as fast as one after another (a process each: 2.90x and 2.85x; H100,
+    bench/ppo_envs.py). A device's environments are one group: under --no-cuda-graph only where every device
+    has two or more (an eager group of one was no faster than a plain run); with graphs, the default, a
+    group of one too, whose steps trained 3.1x and 3.5x as fast as a plain run's on an H200 (as `esper
+    train`'s runs, cli.episodes_grouped; not yet timed in a PPO round). Off on the CPU, where grouped
+    convolutions run slower than plain ones."""
     if args.grouped is not None:
         if args.grouped:
             check_grouped(args, ("--env-processes",) if args.env_processes else ())
         return args.grouped
     envs = min(args.n_envs, args.episodes)  # a round's, round robin over the devices (TrainerConfig.env_devices)
     per_device = Counter(env_devices[i % len(env_devices)] for i in range(envs))
-    if args.env_processes or min(per_device.values()) < 2:
+    if args.env_processes or (min(per_device.values()) < 2 and not args.cuda_graph):
         return False
     cuda = all(torch.device(d).type == "cuda" for d in env_devices)
     return grouped_by_default(args, cuda, "environments one after another")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.cli import main
+from esper.cli import build_parser, episodes_grouped, main
 from esper.karn.runs_db import RunsDB
 from esper.kasmina import MorphogeneticModel, build_host, load_exported
 from esper.leyline import Blueprint
@@ -68,6 +68,33 @@ def test_python_m_esper_cli_fails_in_one_line_too(argv, needle):
                           text=True, timeout=120)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+
+
+def test_a_bad_flag_on_cuda_is_one_line_before_any_word_on_grouping(monkeypatch, capsys):
+    """The default's note (grouping refused by --telemetry-level debug) had come first, a second line."""
+    monkeypatch.setattr("esper.cli.resolve_device", lambda requested: "cuda:0")
+    assert main(["train", "static", "--telemetry-level", "debug", "--episodes", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["esper: error: --episodes must be >= 1, got 0"]
+
+
+def test_one_episode_is_grouped_by_default_on_cuda_as_a_cuda_graph_only():
+    """(test_compare.py tests the default's other conditions, beside compare's.)"""
+    parse = lambda *flags: build_parser().parse_args(["train", "static", *flags])  # noqa: E731
+    assert episodes_grouped(parse(), "cuda:0") is True  # 3.1x a plain run's speed (H200)
+    assert episodes_grouped(parse("--no-cuda-graph"), "cuda:0") is False  # eager, a group of one did not pay
+    assert episodes_grouped(parse("--no-cuda-graph", "--episodes", "2"), "cuda:0") is True
+
+
+@pytest.mark.parametrize("saved, grouped", [({"grouped": False}, False), ({"grouped": True}, True),
+                                            ({"task": "cifar10"}, False)])  # the last: before grouping existed
+def test_a_resumed_run_keeps_its_grouping_unless_told(tmp_path, saved, grouped):
+    """A run started plainly resumes plainly on CUDA, where grouped is the default, and a grouped one
+    grouped on the CPU, where it is not: what --resume continues is the run's way, not the machine's."""
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resume = ["train", "static", "--resume", str(tmp_path)]
+    for device in ("cuda:0", "cpu"):
+        assert episodes_grouped(build_parser().parse_args(resume), device) is grouped
+        assert episodes_grouped(build_parser().parse_args([*resume, "--no-grouped"]), device) is False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

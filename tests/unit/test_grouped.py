@@ -544,6 +544,40 @@ def test_a_grouped_experiment_resumes_where_it_was_cut(tmp_path, capsys):
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.0)
 
 
+def test_a_grouped_experiment_trains_its_episodes_in_groups_of_at_most_group_episodes(tmp_path, monkeypatch):
+    """GROUP_EPISODES 2, three episodes: seeds 42 and 43 are one group, 44 the next, and each run ends as
+    the same seeds' runs in grouped experiments of their own. Cut in the first group and resumed, the
+    experiment forms the same groups again and ends exactly as the one never cut."""
+    monkeypatch.setattr(experiment, "GROUP_EPISODES", 2)
+    sizes = []
+    monkeypatch.setattr("esper.simic.env.TrainerGroup",
+                        lambda members: sizes.append(len(members)) or TrainerGroup(members))
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "3", "--slots", "early",
+             "mid", "--grouped", "--device", "cpu", "--telemetry-level", "minimal"]
+
+    def runs(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/*/summary.json"))]
+
+    assert main([*flags, "--episodes", "3", "--runs-dir", str(tmp_path / "chunked" / "seed{seed}")]) == 0
+    assert sizes == [2] * 4 + [1] * 4
+    assert main([*flags, "--episodes", "2", "--runs-dir", str(tmp_path / "apart" / "seed{seed}")]) == 0
+    assert main([*flags, "--seed", "44", "--runs-dir", str(tmp_path / "apart" / "seed{seed}")]) == 0
+    for chunked, apart in zip(runs("chunked"), runs("apart"), strict=True):
+        assert sorted(k for k in chunked if chunked[k] != apart[k]) == ["run_id", "wall_seconds"]
+
+    cut = [*flags, "--episodes", "3", "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]
+    cfg = train_config(build_parser().parse_args(cut))
+    with pytest.raises(Interrupted):
+        experiment.run(cfg, console=Console(file=io.StringIO()), policy=StopsAt(2, experiment.make_policy(cfg)))
+    first = sorted((tmp_path / "cut").glob("*/*/checkpoint.pt"))
+    assert [p.parent.parent.name for p in first] == ["seed42", "seed43"]  # the second group had not begun
+    sizes.clear()
+    assert main([*cut, "--resume", str(first[0].parent)]) == 0
+    assert sizes == [2] * 2 + [1] * 4
+    for resumed, chunked in zip(runs("cut"), runs("chunked"), strict=True):
+        assert sorted(k for k in resumed if resumed[k] != chunked[k]) == ["run_id", "wall_seconds"]
+
+
 def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path, capsys):
     """Experiment A cut off, then B with the same flags run to its end, then `--resume` of one of A's run
     directories: A's other episodes continue in A's own directories (B's, the newest, had been taken as
@@ -555,7 +589,8 @@ def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path,
     for run_dir in a:  # A never finished
         (run_dir / "summary.json").unlink()
     capsys.readouterr()
-    assert main([*flags, "--resume", str(a[0])]) == 0
+    # --grouped left out: a resumed run keeps its own way (here on the CPU, where the default is not grouped)
+    assert main([*[flag for flag in flags if flag != "--grouped"], "--resume", str(a[0])]) == 0
     assert "finished already" not in capsys.readouterr().err
     assert all((run_dir / "summary.json").is_file() for run_dir in a)
 

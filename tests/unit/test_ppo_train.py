@@ -270,17 +270,19 @@ def test_ctrl_c_names_the_checkpoint_to_resume(tmp_path, monkeypatch, capsys):
     ([], ("cuda:0",), True),  # measured fastest there (bench/ppo_envs.py)
     ([], ("cpu",), False),
     ([], ("cuda:0", "cpu"), False),  # every environment's device must be CUDA
-    (["--n-envs", "1"], ("cuda:0",), False),  # a group of one is slower than a plain run
-    (["--n-envs", "4", "--episodes", "1"], ("cuda:0",), False),  # a round of one episode
-    (["--n-envs", "2"], ("cuda:0", "cuda:1"), False),  # one environment to each device
-    (["--n-envs", "4"], ("cuda:0", "cuda:1"), True),
-    (["--n-envs", "5"], ("cuda:0", "cuda:1", "cuda:0"), True),  # round robin: 3 to cuda:0, 2 to cuda:1
-    (["--n-envs", "4"], ("cuda:0", "cuda:1", "cuda:0"), False),  # 3 to cuda:0, 1 to cuda:1
+    (["--n-envs", "1"], ("cuda:0",), True),  # a group of one whose step is a CUDA graph: faster than a plain run
+    (["--n-envs", "1", "--no-cuda-graph"], ("cuda:0",), False),  # an eager one: no faster
+    (["--n-envs", "4", "--episodes", "1", "--no-cuda-graph"], ("cuda:0",), False),  # a round of one episode
+    (["--n-envs", "2", "--no-cuda-graph"], ("cuda:0", "cuda:1"), False),  # one environment to each device
+    (["--n-envs", "2"], ("cuda:0", "cuda:1"), True),
+    (["--n-envs", "4", "--no-cuda-graph"], ("cuda:0", "cuda:1"), True),
+    (["--n-envs", "5", "--no-cuda-graph"], ("cuda:0", "cuda:1", "cuda:0"), True),  # round robin: 3 and 2
+    (["--n-envs", "4", "--no-cuda-graph"], ("cuda:0", "cuda:1", "cuda:0"), False),  # 3 to cuda:0, 1 to cuda:1
     (["--env-processes"], ("cuda:0",), False),  # the way asked for
     (["--no-grouped"], ("cuda:0",), False),
     (["--grouped"], ("cpu",), True),
     (["--precision", "bf16"], ("cuda:0",), False),  # flags grouping cannot take leave the default off, unrefused
-    (["--task", "tinystories"], ("cuda:1",), False),
+    (["--task", "tinystories"], ("cuda:1",), False),  # a host with no grouped form: no choice, nothing said
 ])
 def test_ppo_environments_are_grouped_by_default_on_cuda_only(flags, devices, grouped, capsys):
     from esper.cli import build_parser
@@ -288,7 +290,7 @@ def test_ppo_environments_are_grouped_by_default_on_cuda_only(flags, devices, gr
 
     assert ppo_grouped(build_parser().parse_args(["train", "ppo", *flags]), devices) is grouped
     said = capsys.readouterr().err
-    if flags[:1] in (["--precision"], ["--task"]):  # says why not
+    if flags[:1] == ["--precision"]:  # says why not
         assert said.startswith("esper: environments one after another, not grouped as by default on CUDA: grouped "
                                f"runs cannot take {' '.join(flags)}"), said
     else:

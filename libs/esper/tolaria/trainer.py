@@ -87,7 +87,8 @@ class TrainConfig:
     replayed (CapturedStep), so the CPU's kernel launches no longer pace a small host's step. On an H200 a
     group of one trained 3.4x as fast so, eight grouped runs 1.13x and 1.07x (two invocations of
     bench/concurrency.py --cuda-graph off on, the second capturing in cuDNN's benchmark mode); its kernels may
-    differ from the eager step's, so results agree to float order. Nothing on a CPU or for a run alone."""
+    differ from the eager step's, so results agree to float order. Nothing on a CPU, nor for tolaria's plain
+    Trainer: on CUDA `esper train` trains even one run as a group of one for it (cli.episodes_grouped)."""
 
     @classmethod
     def for_task(cls, task: str, **fields) -> "TrainConfig":

@@ -98,7 +98,7 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     add_speed_flags(p)
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
     p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
-                   help="train each arm's seeds as one grouped run (esper train MODE --grouped), one of the "
+                   help="train each 8 of an arm's seeds as one grouped run (esper train MODE --grouped), one of the "
                         "--workers; from-scratch's builds in each seed's own grown architecture (default: on "
                         "CUDA when the other flags allow it, where it was measured faster; off on the CPU)")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
@@ -280,7 +280,7 @@ def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
 
 
 def compare_grouped(args: argparse.Namespace, device: str) -> bool:
-    """Whether `esper compare` trains each arm's seeds as one grouped run: --grouped or --no-grouped as given;
+    """Whether `esper compare` trains an arm's seeds as grouped runs: --grouped or --no-grouped as given;
     by default on CUDA, where a 5-seed comparison finished 1.46x sooner than with a process per run (H200,
     bench/compare_grouped.py), unless a flag rules grouping out; off on the CPU, where grouped convolutions
     run slower than K plain ones (0.99x, the same bench on 2 cores). A resumed comparison keeps its own (one
@@ -505,7 +505,7 @@ def cmd_compare(cfg, resume: bool) -> int:
             raise UsageError(f"--resume {out} was compared with other settings: {', '.join(differ)} differ")
     elif (out / "runs").exists():
         raise UsageError(f"--out {out} already holds a comparison: choose another folder, or --resume {out}")
-    way = "each arm's seeds as one grouped run" if cfg.grouped else "a process per run"
+    way = "each arm's seeds as grouped runs of up to 8" if cfg.grouped else "a process per run"
     print(f"device: {cfg.device}; {way}; {'resuming' if resume else 'writing'} {out}", file=sys.stderr)
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: its runs end with it
     try:

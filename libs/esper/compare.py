@@ -13,15 +13,16 @@ against 40 epochs of growth) beside the arms at the same budget, 40 epochs.
 
 Every run is a child `esper train` process writing its own run directory; up to `--workers` run at
 once on the device (one process per run: see bench/concurrency.py for the measurement behind it). With
-`grouped` an arm's seeds are one child instead, `esper train MODE --grouped`: the hosts as the groups of
-one network and each run's seeds on its group (esper.tolaria.grouped), each seed still its own run
-directory (from-scratch's child builds in each seed's grown architecture: `--graft SEED=SLOT:BLUEPRINT`).
+`grouped` each GROUP_EPISODES (8) of an arm's seeds are one child instead, `esper train MODE --grouped`:
+the hosts as the groups of one network and each run's seeds on its group (esper.tolaria.grouped), each
+seed still its own run directory (from-scratch's child builds in each seed's grown architecture: `--graft
+SEED=SLOT:BLUEPRINT`).
 Results come back as the children's summary.json files: no objects cross a process boundary. So an
 interrupted comparison resumes from its folder (`--resume`): a run with a summary is done, any other
 run starts again from its first epoch, and every run's result is the one an uninterrupted comparison
 gets, on the same machine with the same `--workers` (each run depends only on its arm, its seed, the grown
-run it grafts from and its CPU threads; a grouped run also on the runs in its group, so a grouped arm with a
-run not done trains all its seeds again).
+run it grafts from and its CPU threads; a grouped run also on the runs in its group, so a group with a run
+not done trains all its seeds again).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 from scipy import stats
 
 from esper.durable import write_atomic
-from esper.experiment import read_summary
+from esper.experiment import GROUP_EPISODES, read_summary
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import ResumeError, changed_settings, file_sha256
 from esper.simic.env import fates_in_words
@@ -78,11 +79,18 @@ def phases(arms: list[Arm]) -> tuple[list[Arm], list[Arm]]:
     return [a for a in arms if not a.graft_from], [a for a in arms if a.graft_from]
 
 
+def seed_blocks(cfg: CompareConfig, seeds: list[int]) -> list[list[int]]:
+    """An arm's seeds as its children train them: one each, or under `cfg.grouped` up to GROUP_EPISODES
+    consecutive ones (the group `esper train --grouped` trains at once: a child is one group)."""
+    size = GROUP_EPISODES if cfg.grouped else 1
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
 def sharing(cfg: CompareConfig, phase: list[Arm]) -> tuple[int, int]:
     """(runs at once, CPU threads each) in a phase: all workers, or fewer when the phase has fewer runs (a
-    grouped arm is one run of all its seeds), the cores shared out among them. Counted from the phase's
-    runs, not those a resume has left: a CPU run's numbers depend on its threads."""
-    at_once = max(1, min(cfg.workers, len(phase) * (1 if cfg.grouped else cfg.seeds)))
+    grouped run is one of seed_blocks), the cores shared out among them. Counted from the phase's runs, not
+    those a resume has left: a CPU run's numbers depend on its threads."""
+    at_once = max(1, min(cfg.workers, len(phase) * len(seed_blocks(cfg, list(range(cfg.seeds))))))
     return at_once, max(1, (os.cpu_count() or 1) // at_once)
 
 
@@ -106,9 +114,9 @@ class CompareConfig:
     on CUDA) CUDA graphs (TrainConfig)."""
     workers: int = 1
     grouped: bool = False
-    """Train each arm's seeds as one grouped run (`esper train MODE --grouped`: the hosts as the groups of
-    one network, each run's seeds on its group), which takes one of the `workers`; otherwise one process
-    per seed."""
+    """Train each GROUP_EPISODES of an arm's seeds as one grouped run (`esper train MODE --grouped`: the
+    hosts as the groups of one network, each run's seeds on its group), which takes one of the `workers`;
+    otherwise one process per seed."""
     out_dir: str = "compare"
     budget: str = "matched"
     arms: tuple[str, ...] = ("static", "heuristic", "from-scratch")
@@ -218,7 +226,7 @@ def progress_of(run_parent: Path, task: str) -> str | None:
 
 
 def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dict[int, dict], log) -> list[list[int]]:
-    """The arm's blocks of seeds still to train: one seed each, or all its seeds in one under `cfg.grouped`.
+    """The arm's blocks of seeds (seed_blocks) still to train.
     The runs of the blocks that the comparison this one resumes finished go into `results` (seed -> summary).
     A block with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level,
     on the runs in its group. A summary without the headline figure (a language model's run from before
@@ -227,7 +235,7 @@ def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dic
     the store holds the comparison's runs, not the ones it threw away."""
     todo, cleared = [], []
     key, _ = headline(cfg.task)
-    for block in [seeds] if cfg.grouped else [[seed] for seed in seeds]:
+    for block in seed_blocks(cfg, seeds):
         found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
         done = [read_summary(path) if path else {} for path in found]
         if all(key in summary for summary in done):
@@ -275,8 +283,8 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
     stopping = threading.Event()
 
     def run(arm: Arm, block: list[int], threads: int) -> None:
-        """The arm's runs of `block` (consecutive seeds): one seed, or a grouped arm's seeds in one process,
-        with `threads` CPU threads."""
+        """The arm's runs of `block` (consecutive seeds): one seed, or a group of a grouped arm's in one
+        process, with `threads` CPU threads."""
         grafts = {seed: final_architecture(results[arm.graft_from][seed]) for seed in block} if arm.graft_from else {}
         started = time.perf_counter()
         label = f"{arm.name} seed {block[0]}" + (f"-{block[-1]}" if len(block) > 1 else "")
@@ -495,7 +503,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"memory format {cfg.memory_format}{', cuDNN benchmark mode' if cfg.cudnn_benchmark else ''}"
         f"{'' if cfg.cuda_graph else ', no CUDA graphs'}; "
         f"up to {cfg.workers} runs at once"
-        f"{' (each arm grouped: one run of all its seeds)' if cfg.grouped else ''}; "
+        f"{f' (each arm grouped: up to {GROUP_EPISODES} of its seeds in one run)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",
         "",

@@ -152,19 +152,28 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
         else:
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
-    if cfg.grouped:
-        for first in range(0, cfg.episodes, GROUP_EPISODES):
-            if not (group_todo := [(e, run_dir) for e, run_dir in todo if first <= e < first + GROUP_EPISODES]):
-                continue  # the group had finished
-            trained = run_grouped(cfg, data, device, console, group_todo, policy, sinks, new_id)
-            for episode in sorted(trained):
-                on_finished(trained[episode])
-            summaries |= trained
-    else:
-        for episode, run_dir in todo:
-            summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks, run_dir,
-                                         new_id)
-            on_finished(summaries[episode])
+    try:
+        if cfg.grouped:
+            for first in range(0, cfg.episodes, GROUP_EPISODES):
+                if not (group_todo := [(e, d) for e, d in todo if first <= e < first + GROUP_EPISODES]):
+                    continue  # the group had finished
+                trained = run_grouped(cfg, data, device, console, group_todo, policy, sinks, new_id)
+                summaries |= trained
+                for episode in sorted(trained):
+                    on_finished(trained[episode])
+        else:
+            for episode, run_dir in todo:
+                summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks,
+                                             run_dir, new_id)
+                on_finished(summaries[episode])
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # between episodes (or groups): say how to go on, as a cut episode does
+        if not summaries:
+            raise
+        last = max(summaries)
+        run_dir = run_parent(cfg.runs_dir, cfg.seed + last) / summaries[last]["run_id"]
+        raise Interrupted(f"continue the episodes after it with the same flags and --resume {run_dir}") from None
     return [summaries[episode] for episode in sorted(summaries)]
 
 

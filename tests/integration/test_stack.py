@@ -51,6 +51,9 @@ def stack(spawn_module, tmp_path_factory):
     epoch_at_restart = metric(scrape(karn_url), "esper_run_epoch")
     restarted = start_tamiyo(spawn, port=tamiyo.port("grpc"))
     wait_until(lambda: metric(scrape(karn_url), "esper_run_finished") == 1, 180, "the episode to finish")
+    # RunFinished is sent before the worker exports the model and writes summary.json: a loaded machine had
+    # let a test look for the summary in between
+    wait_until(lambda: any(runs.glob("*/summary.json")), 60, "the episode's summary.json")
     return {"hub": hub, "tamiyo": restarted, "karn": karn, "worker": worker, "learner": learner, "runs": runs,
             "epoch_at_restart": epoch_at_restart}
 

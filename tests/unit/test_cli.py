@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.cli import build_parser, episodes_grouped, main
+from esper.cli import UsageError, build_parser, check_resume, episodes_grouped, main, train_config
 from esper.karn.runs_db import RunsDB
 from esper.kasmina import MorphogeneticModel, build_host, load_exported
 from esper.leyline import Blueprint
@@ -85,16 +85,24 @@ def test_one_episode_is_grouped_by_default_on_cuda_as_a_cuda_graph_only():
     assert episodes_grouped(parse("--no-cuda-graph", "--episodes", "2"), "cuda:0") is True
 
 
-@pytest.mark.parametrize("saved, grouped", [({"grouped": False}, False), ({"grouped": True}, True),
-                                            ({"task": "cifar10"}, False)])  # the last: before grouping existed
-def test_a_resumed_run_keeps_its_grouping_unless_told(tmp_path, saved, grouped):
+@pytest.mark.parametrize("grouping", ["--grouped", "--no-grouped"])
+def test_a_resumed_run_keeps_its_grouping_whatever_the_machine(grouping, tmp_path, monkeypatch):
     """A run started plainly resumes plainly on CUDA, where grouped is the default, and a grouped one
-    grouped on the CPU, where it is not: what --resume continues is the run's way, not the machine's."""
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    resume = ["train", "static", "--resume", str(tmp_path)]
+    grouped on the CPU, where it is not: what --resume continues is the run's way, not the machine's. A
+    flag that contradicts the run's way is refused, naming it."""
+    flags = ["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1",
+             "--runs-dir", str(tmp_path), "--telemetry-level", "minimal"]
+    assert main([*flags, grouping, "--device", "cpu"]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    other = "--no-grouped" if grouping == "--grouped" else "--grouped"
     for device in ("cuda:0", "cpu"):
-        assert episodes_grouped(build_parser().parse_args(resume), device) is grouped
-        assert episodes_grouped(build_parser().parse_args([*resume, "--no-grouped"]), device) is False
+        monkeypatch.setattr("esper.cli.resolve_device", lambda requested: device)
+        cfg = train_config(build_parser().parse_args([*flags, "--resume", str(run_dir)]))
+        assert cfg.grouped is (grouping == "--grouped") and cfg.device == device
+        check_resume(cfg, str(run_dir))  # the same settings: resumable
+        told = train_config(build_parser().parse_args([*flags, "--resume", str(run_dir), other]))
+        with pytest.raises(UsageError, match="grouped differ"):
+            check_resume(told, str(run_dir))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

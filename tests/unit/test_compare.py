@@ -17,7 +17,8 @@ from scipy import stats
 
 from esper.cli import build_parser, compare_config, compare_grouped, episodes_grouped, main, train_config
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
-                           headline, mean_ci, progress_of, results_table, train_command, walls_shared, write_report)
+                           headline, mean_ci, progress_of, results_table, seed_blocks, train_command, walls_shared,
+                           write_report)
 from esper.karn.runs_db import RunsDB
 from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
@@ -300,6 +301,9 @@ def test_the_report_says_how_the_runs_of_each_phase_shared_the_machine(monkeypat
                                  "then from-scratch ran 2 at once with 4 CPU threads each")
     grouped = dataclasses.replace(cfg, grouped=True, device="cuda:0")
     assert walls_shared(grouped) == "static, heuristic ran 2 at once; then from-scratch ran 1 at once"
+    ten = dataclasses.replace(grouped, seeds=10)  # a grouped run trains up to 8 seeds: two of them an arm
+    assert seed_blocks(ten, list(range(42, 52))) == [list(range(42, 50)), [50, 51]]
+    assert walls_shared(ten) == "static, heuristic ran 4 at once; then from-scratch ran 2 at once"
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     two_cores = walls_shared(dataclasses.replace(cfg, workers=2))
     assert two_cores.endswith("from-scratch ran 2 at once with 1 CPU thread each")

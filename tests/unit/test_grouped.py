@@ -578,6 +578,37 @@ def test_a_grouped_experiment_trains_its_episodes_in_groups_of_at_most_group_epi
         assert sorted(k for k in resumed if resumed[k] != chunked[k]) == ["run_id", "wall_seconds"]
 
 
+@pytest.mark.parametrize("grouping", ["--grouped", "--no-grouped"])
+def test_ctrl_c_between_groups_or_episodes_says_how_to_go_on(grouping, tmp_path, monkeypatch):
+    """Ctrl-C after the first group (GROUP_EPISODES 2), or the first episode, ended, as it is recorded: the
+    hint's --resume trains the rest, and every run ends as in the experiment never stopped (before, no hint
+    was given: the interrupt came between the episodes' own handlers)."""
+    monkeypatch.setattr(experiment, "GROUP_EPISODES", 2)
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "3", "--max-batches", "2", "--episodes",
+             "3", grouping, "--device", "cpu", "--telemetry-level", "minimal"]
+
+    def summaries(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/*/summary.json"))]
+
+    assert main([*flags, "--runs-dir", str(tmp_path / "straight" / "seed{seed}")]) == 0
+    cut = [*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]
+    cfg = train_config(build_parser().parse_args(cut))
+
+    def ctrl_c(summary: dict) -> None:
+        raise KeyboardInterrupt
+
+    hint = None
+    try:  # not pytest.raises: a bare KeyboardInterrupt getting past it would stop the whole test session
+        experiment.run(cfg, console=Console(file=io.StringIO()), on_finished=ctrl_c)
+    except KeyboardInterrupt as stopped:
+        hint = getattr(stopped, "hint", None)
+    assert len(summaries("cut")) == (2 if grouping == "--grouped" else 1)
+    assert hint and hint.startswith("continue the episodes after it with the same flags and --resume "), hint
+    assert main([*cut, "--resume", hint.split()[-1]]) == 0
+    for resumed, straight in zip(summaries("cut"), summaries("straight"), strict=True):
+        assert sorted(k for k in resumed if resumed[k] != straight[k]) == ["run_id", "wall_seconds"]
+
+
 def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path, capsys):
     """Experiment A cut off, then B with the same flags run to its end, then `--resume` of one of A's run
     directories: A's other episodes continue in A's own directories (B's, the newest, had been taken as

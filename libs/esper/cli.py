@@ -98,9 +98,10 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
     add_speed_flags(p)
     p.add_argument("--workers", type=int, default=1, help="runs trained at once on the device")
     p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
-                   help="train each 8 of an arm's seeds as one grouped run (esper train MODE --grouped), one of the "
-                        "--workers; from-scratch's builds in each seed's own grown architecture (default: on "
-                        "CUDA when the other flags allow it, where it was measured faster; off on the CPU)")
+                   help="train up to 8 of an arm's seeds at once as one grouped run (esper train MODE "
+                        "--grouped), a worker; from-scratch's builds in each seed's own grown architecture "
+                        "(default: on CUDA when the other flags allow it, where it was measured faster; off on "
+                        "the CPU)")
     p.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"],
                    choices=["static", "heuristic", "from-scratch", "ppo"])
     p.add_argument("--policy", default=None, metavar="CHECKPOINT",

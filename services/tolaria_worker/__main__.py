@@ -5,9 +5,9 @@
 Takes the flags of `esper train` and builds the same objects; only the policy (RemotePolicy) and one
 extra sink (the bus) differ, and its episodes always train one after another on tolaria's plain Trainer,
 where `esper train` groups them by default on CUDA (--grouped: not taken here, so a run directory of a
-grouped `esper train` is not one it continues). It writes the same run directories under --runs-dir. When its episodes
-are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when any process
-exits; `--exit-when-done` makes it return instead.
+grouped `esper train` is not one it continues). It writes the same run directories under --runs-dir.
+When its episodes are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when
+any process exits; `--exit-when-done` makes it return instead.
 
 It checkpoints every episode into its run directory after every epoch (--checkpoint-every 1) and on
 start continues its experiment, episode by episode: the newest run directory under --runs-dir with

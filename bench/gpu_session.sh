@@ -132,7 +132,7 @@ captured)
     --repeats 5 --cuda-graph off on --profile
   ;;
 onerun)
-  timeout $(limit 120) python3 bench/one_run.py --device cuda --mode heuristic --max-epochs 5 --repeats 3
+  timeout $(limit 150) python3 bench/one_run.py --device cuda --mode heuristic --max-epochs 5 --repeats 3
   timeout $(limit 120) python3 bench/one_run.py --device cuda --mode heuristic --max-epochs 3 --max-batches 0 \
     --gpu-preload --repeats 3
   ;;

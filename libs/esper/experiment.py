@@ -380,9 +380,11 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
 
 def resume_hint(cfg: RunConfig, episodes: list[Episode], them: str) -> str:
     """How to continue the interrupted episodes: --resume continues from their checkpoints, or where none was
-    written, trains them again from their first epochs (the hint had promised to continue them either way)."""
-    run_dir = episodes[0].run_dir
-    if all((e.run_dir / CHECKPOINT).is_file() for e in episodes):
+    written, trains them again from their first epochs (the hint had promised to continue them either way).
+    One that finished before the interrupt (its summary written, its checkpoint gone) the resume keeps."""
+    cut = [e for e in episodes if not (e.run_dir / "summary.json").is_file()]
+    run_dir = (cut or episodes)[0].run_dir
+    if all((e.run_dir / CHECKPOINT).is_file() for e in cut):
         return f"continue {them} with the same flags and --resume {run_dir}"
     why = "--checkpoint-every 0" if cfg.checkpoint_every == 0 else "stopped before the first checkpoint"
     return f"no checkpoint was written ({why}): the same flags and --resume {run_dir} train {them} again from epoch 1"

@@ -609,6 +609,40 @@ def test_ctrl_c_between_groups_or_episodes_says_how_to_go_on(grouping, tmp_path,
         assert sorted(k for k in resumed if resumed[k] != straight[k]) == ["run_id", "wall_seconds"]
 
 
+def test_ctrl_c_as_a_group_finishes_its_runs_says_how_to_go_on(tmp_path, monkeypatch):
+    """Ctrl-C while the second run of a group finishes, the first done (its checkpoint removed): the hint is
+    the --resume that continues (it had said no checkpoint was written and all would train from epoch 1),
+    and the resume ends both runs as in the experiment never stopped."""
+    flags = ["train", "static", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--episodes", "2",
+             "--grouped", "--device", "cpu", "--telemetry-level", "minimal"]
+
+    def summaries(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/*/summary.json"))]
+
+    assert main([*flags, "--runs-dir", str(tmp_path / "straight" / "seed{seed}")]) == 0
+    cut = [*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]
+    finish, finished = experiment.Episode.finish, []
+
+    def ctrl_c_at_the_second(episode, obs):
+        finished.append(episode)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+        return finish(episode, obs)
+
+    monkeypatch.setattr(experiment.Episode, "finish", ctrl_c_at_the_second)
+    hint = None
+    try:  # not pytest.raises: a bare KeyboardInterrupt getting past it would stop the whole test session
+        experiment.run(train_config(build_parser().parse_args(cut)), console=Console(file=io.StringIO()))
+    except KeyboardInterrupt as stopped:
+        hint = getattr(stopped, "hint", None)
+    assert len(summaries("cut")) == 1
+    assert hint == f"continue them with the same flags and --resume {finished[1].run_dir}", hint
+    monkeypatch.setattr(experiment.Episode, "finish", finish)
+    assert main([*cut, "--resume", str(finished[1].run_dir)]) == 0
+    for resumed, straight in zip(summaries("cut"), summaries("straight"), strict=True):
+        assert sorted(k for k in resumed if resumed[k] != straight[k]) == ["run_id", "wall_seconds"]
+
+
 def test_a_grouped_resume_continues_its_own_experiment_not_a_later_one(tmp_path, capsys):
     """Experiment A cut off, then B with the same flags run to its end, then `--resume` of one of A's run
     directories: A's other episodes continue in A's own directories (B's, the newest, had been taken as

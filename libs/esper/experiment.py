@@ -134,6 +134,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     # resumed one: theirs, unless another experiment of the same flags ran since).
     group = config_differences(cfg, resume)[2] if resume is not None else None
     continue_runs = continue_runs or resume is not None
+    # Read once: every episode is decided by the policy policy_sha256 records, though PPO may rewrite its file
+    policy = policy or make_policy(cfg)
     device = torch.device(cfg.device)
     data = load_task_data(cfg.env.task, cfg.data_dir)
     if cfg.gpu_preload:
@@ -363,7 +365,7 @@ def progress_bars(console: Console) -> Progress:
 
 
 def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-            policy: Policy | None = None, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None,
+            policy: Policy, extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None,
             group: str | None = None) -> dict:
     """One episode in a new run directory (of the experiment `group`), or continued in `run_dir` from its
     checkpoint."""
@@ -371,7 +373,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     try:
         with progress_bars(console) as progress:
             episode.show_in(progress)
-            obs = run_episode(episode.env, policy or make_policy(cfg), seed, episode.epoch_done,
+            obs = run_episode(episode.env, policy, seed, episode.epoch_done,
                               episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
@@ -391,7 +393,7 @@ def resume_hint(cfg: RunConfig, episodes: list[Episode], them: str) -> str:
 
 
 def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, todo: list[tuple[int, Path | None]],
-                policy: Policy | None = None, sinks: tuple[Sink, ...] = (), group: str = "") -> dict[int, dict]:
+                policy: Policy, sinks: tuple[Sink, ...] = (), group: str = "") -> dict[int, dict]:
     """The episodes `todo` at once (RunConfig.grouped), each in a new run directory or continued in its own;
     returns their summaries by episode. Each is the episode `run_one` would train: its own GrowthEnv, seed,
     data order, decisions, seeds, run directory, telemetry and checkpoints; only the training steps are
@@ -401,7 +403,6 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     run's evaluation, governor and telemetry; continued ones may be at different epochs, and each stops
     stepping at its last. `sinks` get every run's events (the TUI's, the dashboard's), as run_one's extra
     sinks do; new run directories are marked as the experiment `group`'s."""
-    policy = policy or make_policy(cfg)
     episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember, group)
                 for episode, run_dir in todo}
     last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])

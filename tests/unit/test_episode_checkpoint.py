@@ -152,6 +152,33 @@ def test_resume_refuses_what_it_cannot_continue_in_one_line(tmp_path, capsys, sa
         assert len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.parametrize("grouping", ["--grouped", "--no-grouped"])
+def test_a_learned_experiment_is_decided_by_the_policy_it_started_with(grouping, tmp_path, saved_policy, monkeypatch):
+    """Every episode is decided by the policy read as the experiment started, the one its policy_sha256
+    records: a policy file rewritten as the first episode (or group) ended, as PPO rewrites its checkpoint
+    while it trains, had decided the episodes after it."""
+    monkeypatch.setattr(experiment, "GROUP_EPISODES", 1)  # grouped: the second episode its own group
+    policy = tmp_path / "policy.pt"
+    state = {k: v for k, v in load_checkpoint(saved_policy).items() if k != "format"}
+    save_checkpoint(state, policy)
+    flags = ["train", "learned", "--task", "synthetic", "--max-epochs", "6", "--max-batches", "2", "--slots", "early",
+             "mid", "--policy", str(policy), "--telemetry-level", "minimal", "--episodes", "2", grouping]
+
+    def summaries(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/*/summary.json"))]
+
+    assert main([*flags, "--runs-dir", str(tmp_path / "kept" / "seed{seed}")]) == 0
+    other = state | {"network": {k: v.flip(0) if v.dim() else v for k, v in state["network"].items()}}
+    cfg = train_config(build_parser().parse_args([*flags, "--runs-dir", str(tmp_path / "rewritten" / "seed{seed}")]))
+    run(cfg, console=Console(file=io.StringIO()), on_finished=lambda summary: save_checkpoint(other, policy))
+    assert main([*flags, "--runs-dir", str(tmp_path / "other" / "seed{seed}"), "--seed", "43",
+                 "--episodes", "1"]) == 0  # the rewritten policy's own run of the second episode
+    kept, rewritten, by_other = summaries("kept"), summaries("rewritten"), summaries("other")
+    for a, b in zip(rewritten, kept, strict=True):
+        assert sorted(k for k in a if a[k] != b[k]) == ["run_id", "wall_seconds"]
+    assert by_other[0]["seeds"] != kept[1]["seeds"], "the two policies decide alike: the test could not fail"
+
+
 def test_a_policy_that_is_not_finite_is_refused_before_anything_trains(tmp_path, capsys, saved_policy):
     """Its weights built as the run started: a traceback, its run directory made (and a comparison had trained
     its other arms first)."""

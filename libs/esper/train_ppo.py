@@ -194,10 +194,10 @@ def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
         return args.grouped
     envs = min(args.n_envs, args.episodes)  # a round's, round robin over the devices (TrainerConfig.env_devices)
     per_device = Counter(env_devices[i % len(env_devices)] for i in range(envs))
-    if args.env_processes or (min(per_device.values()) < 2 and not args.cuda_graph):
+    if args.env_processes:
         return False
     cuda = all(torch.device(d).type == "cuda" for d in env_devices)
-    return grouped_by_default(args, cuda, "environments one after another")
+    return grouped_by_default(args, cuda, "environments one after another", smallest_group=min(per_device.values()))
 
 
 def check_save(save: Path, resume: str | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.cli import UsageError, build_parser, check_resume, episodes_grouped, main, train_config
+from esper.cli import UsageError, build_parser, check_resume, main, train_config
 from esper.karn.runs_db import RunsDB
 from esper.kasmina import MorphogeneticModel, build_host, load_exported
 from esper.leyline import Blueprint
@@ -75,14 +75,6 @@ def test_a_bad_flag_on_cuda_is_one_line_before_any_word_on_grouping(monkeypatch,
     monkeypatch.setattr("esper.cli.resolve_device", lambda requested: "cuda:0")
     assert main(["train", "static", "--telemetry-level", "debug", "--episodes", "0"]) == 2
     assert capsys.readouterr().err.splitlines() == ["esper: error: --episodes must be >= 1, got 0"]
-
-
-def test_one_episode_is_grouped_by_default_on_cuda_as_a_cuda_graph_only():
-    """(test_compare.py tests the default's other conditions, beside compare's.)"""
-    parse = lambda *flags: build_parser().parse_args(["train", "static", *flags])  # noqa: E731
-    assert episodes_grouped(parse(), "cuda:0") is True  # 3.1x a plain run's speed (H200)
-    assert episodes_grouped(parse("--no-cuda-graph"), "cuda:0") is False  # eager, a group of one did not pay
-    assert episodes_grouped(parse("--no-cuda-graph", "--episodes", "2"), "cuda:0") is True
 
 
 @pytest.mark.parametrize("grouping", ["--grouped", "--no-grouped"])

@@ -283,6 +283,12 @@ def through_seed_groups(x: torch.Tensor, seed_groups: list[SeedGroup], k: int) -
     return torch.cat(groups, dim=1)
 
 
+def zero_grads(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Every gradient set to None: the backward after it writes each afresh (a captured one at every replay)."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
 class CapturedStep:
     """A training step replayed as one CUDA graph: the step's few hundred kernel launches cost the CPU one,
     so the CPU no longer paces the GPU (TrainConfig.cuda_graph says what it bought). The first `WARMUP`
@@ -306,10 +312,6 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # On the batch's GPU: torch.cuda.graph would otherwise capture on a stream of the current device,
         # cuda:0, and a group on cuda:1 would record an empty graph and replay nothing (pytorch#87894).
@@ -330,13 +332,13 @@ class CapturedStep:
     def warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self.side):
-            self.zero_grad()
+            zero_grads(self.optimizers)
             self.step(x, y)
         torch.cuda.current_stream(x.device).wait_stream(self.side)
 
     def capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.static = (x.clone(), y.clone())
-        self.zero_grad()
+        zero_grads(self.optimizers)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.side):
@@ -382,8 +384,7 @@ def train_grouped(model: GroupedCNN, data: Dataset, generators: list[torch.Gener
             hits.add_((logits.argmax(-1) == y).sum(0))
 
     def eager_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        zero_grads(optimizers)
         step(x, y)
 
     if capture and device.type != "cuda":

@@ -30,7 +30,7 @@ from esper.simic.env import fates_in_words, step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
 from esper.tolaria.data import load_task_data
-from esper.tolaria.grouped import GroupMember
+from esper.tolaria.grouped import MAX_GROUP, GroupMember
 from esper.tolaria.trainer import EvalResult, Trainer
 
 MODES = ("heuristic", "static", "learned")
@@ -75,12 +75,10 @@ class RunConfig:
 
 CHECKPOINT = "checkpoint.pt"
 EPISODE_FORMAT = "esper.episode/1"
-GROUP_EPISODES = 8
-"""Episodes a grouped experiment trains at once: 0 to 7, then 8 to 15, and so on. Eight is the largest
-group measured (bench/concurrency.py --mechanism grouped: on an H200 eight graphed runs trained 1.15x as
-many images/s as four); a group also holds every run's model, batches and telemetry open at once. A
-resume forms the same groups: a cut group's runs all stopped after the same epoch, and the groups
-before it had finished."""
+GROUP_EPISODES = MAX_GROUP
+"""Episodes a grouped experiment trains at once: 0 to 7, then 8 to 15, and so on; a group holds every run's
+model, batches and telemetry open at once. A resume forms the same groups: a cut group's runs all stopped
+after the same epoch, and the groups before it had finished."""
 RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
                      "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark",
                      "env.train.cuda_graph")

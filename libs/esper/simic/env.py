@@ -39,6 +39,7 @@ from esper.simic.checkpoint import rng_state, set_rng_state
 from esper.tamiyo import Policy
 from esper.tolaria.data import Dataset
 from esper.tolaria.governor import Governor, GovernorConfig
+from esper.tolaria import grouped
 from esper.tolaria.grouped import GroupMember, TrainerGroup
 from esper.tolaria.trainer import EvalResult, TrainConfig, Trainer
 
@@ -313,14 +314,16 @@ def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, state:
 def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tuple[Observation, bool]]:
     """Each environment's `step` (their trainers GroupMembers), their epochs trained together: every
     operation first, then one TrainerGroup's epoch per device, then every environment's evaluation and
-    report. The environments may be at different epochs (a resumed experiment's)."""
+    report, a device's environments in groups of up to MAX_GROUP, in their order. The environments may be
+    at different epochs (a resumed experiment's)."""
     for env, decision in zip(envs, decisions, strict=True):
         env.begin_step(decision)
     by_device: dict[torch.device, list[GroupMember]] = {}
     for env in envs:
         by_device.setdefault(env.device, []).append(env.trainer)
     for members in by_device.values():
-        TrainerGroup(members).train_epoch()
+        for first in range(0, len(members), grouped.MAX_GROUP):
+            TrainerGroup(members[first:first + grouped.MAX_GROUP]).train_epoch()
     return [env.end_step() for env in envs]
 
 

@@ -3,6 +3,7 @@ file keeps only the runs the store keeps, which are the runs that reported last.
 
 from support import recorded_syncs
 
+from esper.karn import store as karn_store
 from esper.karn.store import EventJournal, RunStore
 from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
 
@@ -88,3 +89,19 @@ def test_a_duplicate_does_not_make_a_run_recent(tmp_path):
     restarted = RunStore(max_runs=2)
     EventJournal(tmp_path / "events.binpb").replay(restarted)
     assert list(live.runs) == list(restarted.runs) == ["B", "C"]
+
+
+def test_a_run_flooded_with_epochs_keeps_its_last_max_epochs(monkeypatch):
+    """A peer sending one run ever more epochs cannot grow karn's memory without bound: past MAX_EPOCHS (5
+    here) each new epoch forgets the first one reported; a re-reported epoch (a governor rollback) replaces
+    its report where it stands."""
+    monkeypatch.setattr(karn_store, "MAX_EPOCHS", 5)
+    store = RunStore()
+    for sequence in range(1, 9):
+        store.apply(epoch_event("flood", sequence))
+    run = store.runs["flood"]
+    assert list(run.epochs) == [4, 5, 6, 7, 8] and run.last_epoch.signals.epoch == 8 and run.lost == 0
+    rollback = epoch_event("flood", 9)
+    rollback.epoch.signals.epoch = 6
+    store.apply(rollback)
+    assert list(run.epochs) == [4, 5, 6, 7, 8] and run.epochs[6].signals.val_accuracy == 59.0

@@ -32,12 +32,19 @@ from esper.leyline import (
 )
 
 
+MAX_EPOCHS = 10_000
+"""Epoch reports kept per run. No run Esper trains reports so many (a run is --max-epochs long: 40 to 75 by
+default), so only a peer flooding one run with epochs reaches it; past it the run's first reported epoch
+is forgotten, and karn's memory stays bounded."""
+
+
 @dataclass
 class RunRecord:
     run_id: str
     started: RunStarted | None = None
     epochs: dict[int, EpochReport] = field(default_factory=dict)
-    """Epoch number -> its report; a governor rollback re-reports an epoch, the last one wins."""
+    """Epoch number -> its report, in the order first reported, at most MAX_EPOCHS; a governor rollback
+    re-reports an epoch, the last one wins."""
     decisions: Counter = field(default_factory=Counter)
     """Operation short name -> decisions taken."""
     finished: RunFinished | None = None
@@ -82,6 +89,8 @@ class RunStore:
                 run.started = event.run_started
             elif kind == "epoch":
                 run.epochs[event.epoch.signals.epoch] = event.epoch
+                if len(run.epochs) > MAX_EPOCHS:
+                    del run.epochs[next(iter(run.epochs))]
             elif kind == "decision":
                 run.decisions[_name(Operation, event.decision.action.operation)] += 1
             elif kind == "run_finished":

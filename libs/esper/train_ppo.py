@@ -98,6 +98,8 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
     p.add_argument("--update-every", type=int, default=TrainerConfig.update_every,
                    help="episodes per environment between PPO updates (and one after the last)")
     p.add_argument("--lr", type=finite, default=ppo.lr, help="Adam learning rate")
+    p.add_argument("--anneal-lr", action="store_true",
+                   help="decay the learning rate linearly over --episodes (CleanRL's anneal_lr)")
     p.add_argument("--clip-ratio", type=finite, default=ppo.clip_coef, help="PPO clip coefficient")
     p.add_argument("--gamma", type=finite, default=ppo.gamma, help="discount per epoch")
     p.add_argument("--entropy-coef", type=finite, default=None,
@@ -146,7 +148,7 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
     devices = tuple(resolve_device(d) for d in args.devices or ())
     try:
         ppo = PPOConfig(
-            lr=args.lr, clip_coef=args.clip_ratio, gamma=args.gamma,
+            lr=args.lr, anneal_lr=args.anneal_lr, clip_coef=args.clip_ratio, gamma=args.gamma,
             ent_coef=PPOConfig.ent_coef if args.entropy_coef is None else args.entropy_coef,
             ent_coef_start=args.entropy_coef_start, ent_coef_end=args.entropy_coef_end,
             ent_coef_min=args.entropy_coef_min, ent_anneal_episodes=args.entropy_anneal_episodes,

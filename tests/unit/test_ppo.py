@@ -134,3 +134,22 @@ def test_kl_early_stop_really_stops():
                        torch.Generator().manual_seed(0))
     assert stats.minibatch_steps == 20 and stats.early_stop_epoch is None and stats.epochs_run == 10
     assert sum(stats.action_counts.values()) == 16
+
+
+def test_a_minibatch_whose_gradient_is_not_finite_is_not_stepped_on():
+    """Stored log-probabilities 1000 nats below the policy's own and no KL stop: every ratio overflows to inf,
+    every gradient is NaN, and no minibatch is stepped on (a step would make every weight NaN for good).
+    The weights and Adam's state stay as they were, the skips are counted, and a sound rollout then trains."""
+    torch.manual_seed(0)
+    agent = ActorCritic(5, 3, 2)
+    before = [p.detach().clone() for p in agent.parameters()]
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    cfg = PPOConfig(target_kl=None, update_epochs=10, num_minibatches=2)
+    stats = ppo_update(agent, optimizer, tiny_rollout(agent, -1000.0), cfg, 0.0, torch.Generator().manual_seed(0))
+    assert stats.nonfinite_skipped == 20 and stats.minibatch_steps == 0 and stats.epochs_run == 10
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.parameters()))
+    assert not optimizer.state
+
+    stats = ppo_update(agent, optimizer, tiny_rollout(agent), cfg, 0.0, torch.Generator().manual_seed(0))
+    assert stats.nonfinite_skipped == 0 and stats.minibatch_steps == 20 and math.isfinite(stats.grad_norm)
+    assert all(p.isfinite().all() and not torch.equal(p, b) for p, b in zip(agent.parameters(), before))

@@ -11,6 +11,7 @@ from esper.karn.runs_db import RunsDB
 from esper.nissa import Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.checkpoint import load_checkpoint, load_policy, save_checkpoint
+from esper.simic.ppo import PPOConfig
 from esper.simic.trainer import PPOTrainer, TrainerConfig
 from esper.tolaria.trainer import TrainConfig
 
@@ -122,11 +123,14 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
     # A checkpoint from other settings, or one that is already done, is refused before anything is written.
     assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--lr", "1e-3",
                  "--runs-dir", str(tmp_path / "d")]) == 2
+    assert main(["train", "ppo", *flags, "--episodes", "8", "--resume", str(half), "--anneal-lr",
+                 "--runs-dir", str(tmp_path / "d")]) == 2
     assert main(["train", "ppo", *flags, "--episodes", "4", "--resume", str(half),
                  "--runs-dir", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()
     errors = capsys.readouterr().err
     assert "other settings: ppo.lr differ" in errors and "already holds 4 episodes" in errors
+    assert "other settings: ppo.anneal_lr differ" in errors
 
 
 def test_save_never_writes_over_another_policy_and_is_checked_before_training(tmp_path, capsys):
@@ -162,9 +166,10 @@ def test_resume_takes_a_ppo_runs_directory(tmp_path):
 
 def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):
     """A crash after a round that was not followed by an update: the checkpoint carries the rollout not
-    yet learned from, and the resumed run ends where the uninterrupted one does."""
+    yet learned from, and the resumed run ends where the uninterrupted one does, its learning rate annealed
+    as the uninterrupted one's from the restored counters."""
     cfg = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=3, slots=("mid",), train=TrainConfig(max_batches=1)),
-                        episodes=8, n_envs=2, update_every=2, seed=3)
+                        ppo=PPOConfig(anneal_lr=True), episodes=8, n_envs=2, update_every=2, seed=3)
 
     def trainer() -> PPOTrainer:
         return PPOTrainer(cfg, {"cpu": synthetic_data}, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
@@ -183,6 +188,8 @@ def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, syntheti
     resumed.train()
     assert straight.updates == resumed.updates == 2
     assert_same_training(straight.state_dict(), resumed.state_dict())
+    # CleanRL's decay by update: the two rollouts of 4 episodes each were played after 0 and 4 of the 8
+    assert [u["lr"] for u in resumed.update_log] == pytest.approx([3e-4, 1.5e-4], rel=1e-12)
 
     assert straight.trained_seeds == resumed.trained_seeds == set(range(3, 11))  # episodes 0-7 of seed 3
 

@@ -99,15 +99,16 @@ def test_snapshot_duplicates_are_dropped_and_gaps_counted(run_events):
     asyncio.run(replay(events, check))
 
 
-def ppo(update: int, entropy: float, approx_kl: float, clipfrac: float, ev: float) -> TelemetryEvent:
+def ppo(update: int, entropy: float, approx_kl: float, clipfrac: float, ev: float,
+        nonfinite_skipped: int = 0) -> TelemetryEvent:
     return TelemetryEvent(run_id="ppo", sequence=update, ppo_update=PPOUpdate(
         update=update, episodes=4 * update, global_step=80 * update, entropy=entropy, approx_kl=approx_kl,
         clipfrac=clipfrac, explained_variance=ev, action_counts={"WAIT": 70, "GERMINATE": 10},
-        reward_components={"terminal": 0.4}, rollout_steps=80))
+        reward_components={"terminal": 0.4}, rollout_steps=80, nonfinite_skipped=nonfinite_skipped))
 
 
 def test_policy_health_appears_with_ppo_and_is_coloured_by_thresholds():
-    events = [ppo(1, 2.0, 0.01, 0.1, 0.6), ppo(2, 0.3, 0.08, 0.25, -0.2)]
+    events = [ppo(1, 2.0, 0.01, 0.1, 0.6), ppo(2, 0.3, 0.08, 0.25, -0.2, nonfinite_skipped=3)]
 
     async def check(app, pilot):
         panel = app.query_one(PolicyHealth)
@@ -116,6 +117,7 @@ def test_policy_health_appears_with_ppo_and_is_coloured_by_thresholds():
                                  "explained_variance": "red"}
         text = screen_text(app)
         assert "update 2" in text and "approx_kl 0.0800" in text and "WAIT 70 (88%)" in text
+        assert "3 minibatches not stepped on" in text
 
     asyncio.run(replay(events, check))
 

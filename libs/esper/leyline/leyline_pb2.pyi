@@ -819,6 +819,7 @@ class PPOUpdate(_message.Message):
     REWARD_COMPONENTS_FIELD_NUMBER: _builtins.int
     STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     ROLLOUT_STEPS_FIELD_NUMBER: _builtins.int
+    NONFINITE_SKIPPED_FIELD_NUMBER: _builtins.int
     update: _builtins.int
     """updates so far, this one included: the new policy's version"""
     global_step: _builtins.int
@@ -850,6 +851,8 @@ class PPOUpdate(_message.Message):
     """environment steps per second while collecting the rollout"""
     rollout_steps: _builtins.int
     """transitions in the rollout (T x N)"""
+    nonfinite_skipped: _builtins.int
+    """minibatches not stepped on: their gradient was not finite"""
     @_builtins.property
     def action_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """operation short name -> times chosen in the rollout"""
@@ -880,10 +883,11 @@ class PPOUpdate(_message.Message):
         reward_components: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         steps_per_second: _builtins.float = ...,
         rollout_steps: _builtins.int = ...,
+        nonfinite_skipped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_counts", b"action_counts", "approx_kl", b"approx_kl", "clipfrac", b"clipfrac", "early_stopped", b"early_stopped", "ent_coef", b"ent_coef", "entropy", b"entropy", "episodes", b"episodes", "epochs_run", b"epochs_run", "explained_variance", b"explained_variance", "global_step", b"global_step", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "minibatch_steps", b"minibatch_steps", "policy_loss", b"policy_loss", "reward_components", b"reward_components", "rollout_steps", b"rollout_steps", "steps_per_second", b"steps_per_second", "update", b"update", "value_loss", b"value_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_counts", b"action_counts", "approx_kl", b"approx_kl", "clipfrac", b"clipfrac", "early_stopped", b"early_stopped", "ent_coef", b"ent_coef", "entropy", b"entropy", "episodes", b"episodes", "epochs_run", b"epochs_run", "explained_variance", b"explained_variance", "global_step", b"global_step", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "minibatch_steps", b"minibatch_steps", "nonfinite_skipped", b"nonfinite_skipped", "policy_loss", b"policy_loss", "reward_components", b"reward_components", "rollout_steps", b"rollout_steps", "steps_per_second", b"steps_per_second", "update", b"update", "value_loss", b"value_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,9 @@ from esper.tamiyo.network import OPERATIONS, ActorCritic
 class PPOConfig:
     lr: float = 3e-4
     """Adam learning rate (--lr); Adam eps is 1e-5 (CleanRL)."""
+    anneal_lr: bool = False
+    """Decay the learning rate linearly over the run's --episodes (--anneal-lr, CleanRL's anneal_lr): see
+    lr_at. Off by default: every policy measured so far trained at a constant rate."""
     gamma: float = 0.99
     """Discount per epoch (--gamma); also the reward shaping's gamma."""
     gae_lambda: float = 0.95
@@ -96,6 +99,16 @@ def ent_coef_at(cfg: PPOConfig, episodes_done: int, total_episodes: int) -> floa
     span = cfg.ent_anneal_episodes or total_episodes
     frac = min(1.0, episodes_done / span) if span > 0 else 1.0
     return max(cfg.ent_coef_min, start + frac * (end - start))
+
+
+def lr_at(cfg: PPOConfig, episodes_before: int, total_episodes: int) -> float:
+    """The learning rate of the update whose rollout was played after `episodes_before` of the run's
+    episodes: cfg.lr, or under anneal_lr cfg.lr * (1 - episodes_before / total_episodes), CleanRL's linear
+    decay by update, so the first update steps at cfg.lr and the last still learns. 0 past the schedule's end
+    (a simic_learner fed more than --episodes)."""
+    if not cfg.anneal_lr:
+        return cfg.lr
+    return cfg.lr * max(0.0, 1.0 - episodes_before / total_episodes)
 
 
 def compute_gae(
@@ -171,6 +184,10 @@ class UpdateStats:
     early_stop_epoch: int | None
     """The epoch (0-based) in which the KL early stop fired, None if it did not."""
     minibatch_steps: int
+    """Optimizer steps taken."""
+    nonfinite_skipped: int
+    """Minibatches not stepped on because their gradient was not finite (their losses and norms are left out
+    of the means above)."""
     ent_coef: float
     lr: float
     action_counts: dict[str, int]
@@ -212,7 +229,7 @@ def ppo_update(
     minibatch_size = math.ceil(batch_size / cfg.num_minibatches)
 
     sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clipfrac", "grad_norm"), 0.0)
-    steps, approx_kl, epochs_run, early_stop_epoch = 0, 0.0, 0, None
+    steps, skipped, approx_kl, epochs_run, early_stop_epoch = 0, 0, 0.0, 0, None
     for epoch in range(cfg.update_epochs):
         epochs_run = epoch + 1
         order = torch.randperm(batch_size, generator=generator)
@@ -251,13 +268,18 @@ def ppo_update(
 
             optimizer.zero_grad()
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm).item()
+            if not math.isfinite(grad_norm):
+                # One step on it makes every weight NaN (the clip scales by max_norm / NaN), in the checkpoint
+                # and in the policy served, for good; skipped as AMP's GradScaler skips one, and counted.
+                skipped += 1
+                continue
             optimizer.step()
 
             steps += 1
-            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
-                               ("grad_norm", grad_norm)):
+            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss)):
                 sums[key] += value.item()
+            sums["grad_norm"] += grad_norm
             sums["clipfrac"] += clipfrac
         if early_stop_epoch is not None:
             break
@@ -267,7 +289,8 @@ def ppo_update(
     means = {key: value / max(steps, 1) for key, value in sums.items()}
     return UpdateStats(
         **means, approx_kl=approx_kl, explained_variance=explained_variance(b_values, b_returns),
-        epochs_run=epochs_run, early_stop_epoch=early_stop_epoch, minibatch_steps=steps, ent_coef=ent_coef,
+        epochs_run=epochs_run, early_stop_epoch=early_stop_epoch, minibatch_steps=steps, nonfinite_skipped=skipped,
+        ent_coef=ent_coef,
         lr=optimizer.param_groups[0]["lr"],
         action_counts={short_name(Operation, op): n for op, n in zip(OPERATIONS, counts)},
         update_seconds=time.perf_counter() - start,

@@ -33,7 +33,7 @@ from esper.simic.actor import Act, EnvFactory, make_envs, play_round
 from esper.simic.checkpoint import ResumeError, build_network, changed_settings
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.env_process import EnvProcess
-from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, ppo_update
+from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, lr_at, ppo_update
 from esper.simic.rewards import COMPONENTS, Rewarder, RewardConfig
 from esper.simic.rollout import Rollout
 from esper.tamiyo.features import FeatureSpec, RunningMeanStd
@@ -206,6 +206,8 @@ class PPOTrainer:
         """PPO on the pending rollout; publishes the stats (telemetry and update_log)."""
         rollout = self.pending
         ent_coef = ent_coef_at(self.cfg.ppo, self.episodes_done, self.cfg.episodes)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg.ppo, self.episodes_done - rollout.rewards.shape[1], self.cfg.episodes)
         stats = ppo_update(self.agent, self.optimizer, rollout, self.cfg.ppo, ent_coef, self.generator)
         self.trained_seeds.update(rollout.seeds[0].tolist())
         self.updates += 1
@@ -220,6 +222,7 @@ class PPOTrainer:
             approx_kl=stats.approx_kl, clipfrac=stats.clipfrac, explained_variance=stats.explained_variance,
             grad_norm=stats.grad_norm, epochs_run=stats.epochs_run,
             early_stopped=stats.early_stop_epoch is not None, minibatch_steps=stats.minibatch_steps,
+            nonfinite_skipped=stats.nonfinite_skipped,
             ent_coef=stats.ent_coef, learning_rate=stats.lr, action_counts=stats.action_counts,
             reward_components=stats.reward_components, steps_per_second=stats.steps_per_second,
             rollout_steps=rollout.num_steps,

@@ -68,6 +68,8 @@ class PolicyHealth(Static):
             f"lr {u.learning_rate:.2e}",
             "actions " + _counts(u.action_counts, u.rollout_steps),
         ]
+        if u.nonfinite_skipped:  # weights kept, but something upstream (rewards, a setting) went wrong
+            lines.append(f"[red]{u.nonfinite_skipped} minibatches not stepped on: their gradient was not finite[/]")
         self.update("\n".join(lines))
 
 

@@ -51,7 +51,8 @@ class PPORunConfig:
     """Step each of the n_envs environments in a process of its own (simic.env_process), so that they
     train at once: faster on a GPU, where one small host leaves the device idle; slower on a 2-core CPU."""
     grouped: bool = False
-    """Train the environments' epochs together, each device's as the groups of one network (tolaria.grouped):
+    """Train the environments' epochs together, each device's (up to 8 at a time) as the groups of one network
+    (tolaria.grouped, simic.step_together):
     the mechanism that kept an H100 busiest with small hosts (bench/concurrency.py)."""
     telemetry_level: str = "normal"
     telemetry_file: str | None = None
@@ -185,8 +186,9 @@ def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
     """Whether the environments' epochs train grouped: --grouped or --no-grouped as given; by default when
     they are on CUDA and not each in a process (--env-processes, asked for), where a round of 4 environments
     stepped 2.84x and of 8 4.60x as fast as one after another (a process each: 2.90x and 2.85x; H100,
-    bench/ppo_envs.py). A device's environments are one group: under --no-cuda-graph only where every device
-    has two or more (an eager group of one was no faster than a plain run); with graphs, the default, a
+    bench/ppo_envs.py). A device's environments are one group (past 8, several of 2 or more: simic.step_together):
+    under --no-cuda-graph only where every device has two or more (an eager group of one was no faster than a
+    plain run); with graphs, the default, a
     group of one too, whose steps trained 3.1x and 3.5x as fast as a plain run's on an H200 (as `esper
     train`'s runs, cli.episodes_grouped; not yet timed in a PPO round). Off on the CPU, where grouped
     convolutions run slower than plain ones."""
@@ -303,6 +305,7 @@ def round_line(trainer: PPOTrainer, results: list[dict]) -> str:
         rounds_left = trainer.cfg.update_every - trainer.pending_rounds
         return line + f"update {trainer.updates + 1} after {rounds_left} more round(s)"
     last = trainer.update_log[-1]
+    skipped = f"  [red]{n} minibatches skipped: gradient not finite[/]" if (n := last.get("nonfinite_skipped")) else ""
     return line + (f"update {trainer.updates}: entropy {last['entropy']:.2f}  kl {last['approx_kl']:.4f}  "
-                   f"ev {last['explained_variance']:.2f}  {last['steps_per_second']:.1f} steps/s")
+                   f"ev {last['explained_variance']:.2f}  {last['steps_per_second']:.1f} steps/s{skipped}")
 

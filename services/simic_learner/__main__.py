@@ -98,6 +98,10 @@ def parse(argv: list[str] | None) -> Config:
     add_token_flag(p)
     args = p.parse_args(argv)
     args.mode = "ppo"
+    if args.anneal_lr:  # each worker plays --episodes: with two or more the rate would reach 0 halfway or sooner
+        raise UsageError("--anneal-lr: the learner cannot know how many episodes its workers will send (each plays "
+                         "--episodes), so a decay over --episodes would stop it learning early; anneal in esper "
+                         "train ppo")
     run = ppo_config(args, train_config(args))
     if run.save is None:
         run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
@@ -236,6 +240,9 @@ def receive_batch(router: zmq.Socket, inbox: TrajectoryInbox, learner: Learner,
             stats = learner.update()
             log.info("update %d done: %d episodes in all, entropy %.3f, approx_kl %.4f, ev %.2f", learner.version,
                      learner.trainer.episodes_done, stats.entropy, stats.approx_kl, stats.explained_variance)
+            if stats.nonfinite_skipped:
+                log.warning("update %d: %d of its minibatches not stepped on, their gradient not finite",
+                            learner.version, stats.nonfinite_skipped)
     return replies
 
 

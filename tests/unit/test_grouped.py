@@ -322,12 +322,13 @@ def test_runs_that_grow_alike_train_their_seeds_as_one_seed_group(synthetic_data
     assert [g.members for g in groups[2]] == [[0, 1]] and not groups[0]  # late: after block 2
 
 
-def test_a_device_with_more_than_max_group_runs_trains_them_as_groups_of_max_group(synthetic_data, monkeypatch):
-    """MAX_GROUP 2, three growing runs on the CPU: step_together trains runs 0 and 1 as one group and run 2 as
-    another, so every run's epochs come out bit for bit as when those two groups are stepped on their own."""
-    monkeypatch.setattr("esper.tolaria.grouped.MAX_GROUP", 2)
-    cfg = EnvConfig(task="synthetic", max_epochs=3, slots=("mid",), train=TrainConfig(max_batches=4))
-    scripts = MIXED[0], MIXED[3], ALIKE[0]
+def test_a_device_with_more_than_max_group_runs_trains_them_as_even_groups(synthetic_data, monkeypatch):
+    """MAX_GROUP 3, four growing runs on the CPU: step_together trains runs 0 and 1 as one group and runs 2 and
+    3 as another (as even as can be: not 3 and a group of one), so every run's epochs come out bit for bit as
+    when those two groups are stepped on their own."""
+    monkeypatch.setattr("esper.tolaria.grouped.MAX_GROUP", 3)
+    cfg = EnvConfig(task="synthetic", max_epochs=3, slots=("mid", "late"), train=TrainConfig(max_batches=4))
+    scripts = MIXED[0], MIXED[3], ALIKE[0], MIXED[1]
 
     def stepped(indices: list[list[int]]) -> list:
         """The runs of `indices`, each list stepped together by step_together; every run's observations."""
@@ -342,8 +343,8 @@ def test_a_device_with_more_than_max_group_runs_trains_them_as_groups_of_max_gro
             seen.append([(obs[i].signals.train_loss, obs[i].signals.val_loss, obs[i].slots) for i in sorted(obs)])
         return seen
 
-    assert stepped([[0, 1, 2]]) == stepped([[0, 1], [2]])
-    assert stepped([[0, 1, 2]]) != stepped([[0], [1, 2]])  # the grouping shows in the numbers
+    assert stepped([[0, 1, 2, 3]]) == stepped([[0, 1], [2, 3]])
+    assert stepped([[0, 1, 2, 3]]) != stepped([[0, 1, 2], [3]])  # the grouping shows in the numbers
 
 
 def seeded(run: GroupMember, stage: str, alpha: float = 0.3) -> None:

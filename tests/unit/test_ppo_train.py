@@ -167,31 +167,31 @@ def test_resume_takes_a_ppo_runs_directory(tmp_path):
 def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, synthetic_data):
     """A crash after a round that was not followed by an update: the checkpoint carries the rollout not
     yet learned from, and the resumed run ends where the uninterrupted one does, its learning rate annealed
-    as the uninterrupted one's from the restored counters."""
+    as the uninterrupted one's from the restored counters (not the decayed rate restored with Adam)."""
     cfg = TrainerConfig(env=EnvConfig(task="synthetic", max_epochs=3, slots=("mid",), train=TrainConfig(max_batches=1)),
-                        ppo=PPOConfig(anneal_lr=True), episodes=8, n_envs=2, update_every=2, seed=3)
+                        ppo=PPOConfig(anneal_lr=True), episodes=12, n_envs=2, update_every=2, seed=3)
 
     def trainer() -> PPOTrainer:
         return PPOTrainer(cfg, {"cpu": synthetic_data}, Telemetry("learner"), lambda e: Telemetry(f"ep{e}"))
 
-    saved = tmp_path / "round1.pt"
+    saved = tmp_path / "round5.pt"
 
-    def keep_first_round(t: PPOTrainer, results) -> None:
-        if t.episodes_done == 2:
-            assert t.pending_rounds == 1 and t.updates == 0
+    def keep_round_five(t: PPOTrainer, results) -> None:
+        if t.episodes_done == 10:
+            assert t.pending_rounds == 1 and t.updates == 2
             save_checkpoint(t.state_dict(), saved)
 
     straight = trainer()
-    straight.train(keep_first_round)
+    straight.train(keep_round_five)
     resumed = trainer()
     resumed.load_state_dict(load_checkpoint(saved))
     resumed.train()
-    assert straight.updates == resumed.updates == 2
+    assert straight.updates == resumed.updates == 3
     assert_same_training(straight.state_dict(), resumed.state_dict())
-    # CleanRL's decay by update: the two rollouts of 4 episodes each were played after 0 and 4 of the 8
-    assert [u["lr"] for u in resumed.update_log] == pytest.approx([3e-4, 1.5e-4], rel=1e-12)
+    # CleanRL's decay by update: the three rollouts of 4 episodes each were played after 0, 4 and 8 of the 12
+    assert [u["lr"] for u in resumed.update_log] == pytest.approx([3e-4, 2e-4, 1e-4], rel=1e-12)
 
-    assert straight.trained_seeds == resumed.trained_seeds == set(range(3, 11))  # episodes 0-7 of seed 3
+    assert straight.trained_seeds == resumed.trained_seeds == set(range(3, 15))  # episodes 0-11 of seed 3
 
     # A checkpoint from before rollouts dropped `truncated` (zeros there) and carried their seeds resumes
     # the same, and its policy's seeds are known: the pending round's are the last ones played.
@@ -203,7 +203,7 @@ def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, syntheti
     from_old.load_state_dict(load_checkpoint(saved))
     from_old.train()
     assert_same_training(straight.state_dict(), from_old.state_dict())
-    assert from_old.trained_seeds == set(range(3, 11))
+    assert from_old.trained_seeds == set(range(3, 15))
 
 
 @pytest.mark.parametrize("argv, needle", [

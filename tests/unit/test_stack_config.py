@@ -147,6 +147,14 @@ def refusal(name: str, flag: str, value: str, capsys) -> str:
     return str(refused.value) if refused.type is UsageError else capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply():
+    """Each worker plays --episodes, so with W workers a decay over the learner's --episodes would reach a rate
+    of 0 after 1/W of the data and publish unchanged weights from then on, silently."""
+    parse = importlib.import_module("services.simic_learner.__main__").parse
+    with pytest.raises(UsageError, match="--anneal-lr: the learner cannot know how many episodes"):
+        parse(["--anneal-lr"])
+
+
 @pytest.mark.parametrize("name, flag", [("karn", "--hub-sub"), ("karn", "--hub-snapshot"),
                                         ("tamiyo_server", "--learner-weights"), ("tolaria_worker", "--hub-pub"),
                                         ("tolaria_worker", "--learner"), ("simic_learner", "--hub-pub")])

@@ -15,6 +15,7 @@ from rich.console import Console
 from textual.widgets import HelpPanel, Sparkline
 
 from esper.karn.tui import QueueSource, make_app
+from esper.karn.dashboard.state import DashboardState
 from esper.karn.tui.widgets import Curves, EventLog, GradientHealth, PolicyHealth, Rewards, RunHeader, SlotTable
 from esper.karn.tui.widgets.policy_health import health_colour
 from esper.leyline import (Action, Blueprint, Decision, EpochReport, GateCheck, GovernorEvent, LifecycleTransition,
@@ -122,6 +123,18 @@ def test_policy_health_appears_with_ppo_and_is_coloured_by_thresholds():
     asyncio.run(replay(events, check))
 
 
+def test_the_dashboard_alerts_an_update_whose_minibatches_were_skipped():
+    """The dashboard's state (karn.dashboard) says what the TUI's panel says in red: an alert, kept for a late
+    joiner's snapshot, and the count in the update's message."""
+    state = DashboardState()
+    assert [m["type"] for m in state.apply(ppo(1, 2.0, 0.01, 0.1, 0.6))] == ["ppo"]
+    messages = state.apply(ppo(2, 2.0, 0.01, 0.1, 0.6, nonfinite_skipped=3))
+    assert [(m["type"], m.get("nonfinite_skipped"), m.get("kind")) for m in messages] == [
+        ("ppo", 3, None), ("alert", None, "nonfinite")]
+    assert messages[1]["text"] == "update 2: 3 minibatches not stepped on: gradient not finite"
+    assert messages[1] in state.snapshot()["messages"]
+
+
 def test_gradient_health_panel_shows_debug_epochs_with_their_flags():
     """Hidden while epochs carry no gradients (NORMAL telemetry); a DEBUG epoch shows every layer's
     norms with its flag."""
@@ -212,7 +225,7 @@ def test_curves_restart_for_another_run(run_events):
 
     async def check(app, pilot):
         curves = app.query_one(Curves)
-        assert curves.run_id == "other" and list(curves.history) == [1]
+        assert curves.run_id == "other" and len(curves.query_one("#val_accuracy", Sparkline).data) == 1
         assert "other" in str(app.query_one(RunHeader).content)
         assert app.query_one(SlotTable).row_count == 6
 

@@ -123,8 +123,9 @@ class EventJournal:
 
     def replay(self, store: RunStore) -> int:
         """Apply every recorded event to `store`, then rewrite the file (atomically) with only the events
-        of the runs the store keeps, so it grows no larger than the store; returns the events replayed.
-        Opens the journal for `append`."""
+        of the runs the store keeps, so it holds no more runs than the store (each with every event it
+        sent: a run flooded past MAX_EPOCHS keeps the epochs the store forgot); returns the events
+        replayed. Opens the journal for `append`."""
         events = list(self._read()) if self.path.is_file() else []
         for event in events:
             store.apply(event)

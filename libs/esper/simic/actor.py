@@ -40,7 +40,8 @@ def make_envs(env_cfg: EnvConfig, data: dict[str, Dataset], devices: tuple[str, 
     """One environment per episode, on `devices` round robin; data: the dataset per device. With
     `processes` (started on the same devices round robin: env_process.start_env_processes), the first of
     them, each given its episode's telemetry. `grouped`: GrowthEnvs with GroupMember trainers, whose
-    epochs the environments on a device train together (play_round steps them with simic.step_together)."""
+    epochs the environments on a device train together, up to 8 at a time (play_round steps them with
+    simic.step_together)."""
     if processes:
         envs = list(processes[:len(episodes)])
         for env, episode in zip(envs, episodes):

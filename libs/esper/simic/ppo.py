@@ -104,9 +104,9 @@ def ent_coef_at(cfg: PPOConfig, episodes_done: int, total_episodes: int) -> floa
 def lr_at(cfg: PPOConfig, episodes_before: int, total_episodes: int) -> float:
     """The learning rate of the update whose rollout was played after `episodes_before` of the run's
     episodes: cfg.lr, or under anneal_lr cfg.lr * (1 - episodes_before / total_episodes), CleanRL's linear
-    decay by update, so the first update steps at cfg.lr and the last still learns. 0 past the schedule's end
-    (a simic_learner fed more than --episodes)."""
-    if not cfg.anneal_lr:
+    decay by update, so the first update steps at cfg.lr and the last still learns (simic_learner, whose
+    workers decide how many episodes it gets, refuses it)."""
+    if not cfg.anneal_lr or total_episodes <= 0:
         return cfg.lr
     return cfg.lr * max(0.0, 1.0 - episodes_before / total_episodes)
 
@@ -186,8 +186,9 @@ class UpdateStats:
     minibatch_steps: int
     """Optimizer steps taken."""
     nonfinite_skipped: int
-    """Minibatches not stepped on because their gradient was not finite (their losses and norms are left out
-    of the means above)."""
+    """Minibatches not stepped on because their gradient was not finite. The means above are over the
+    minibatches stepped on, so 0 where there were none (as after a KL stop at the first); approx_kl, the last
+    measured, may then not be finite."""
     ent_coef: float
     lr: float
     action_counts: dict[str, int]

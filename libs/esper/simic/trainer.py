@@ -143,8 +143,8 @@ class PPOTrainer:
         """Set by the caller to play rounds in these (simic.env_process, --env-processes) instead of in
         environments of this process; at least n_envs of them, on the devices make_envs would use."""
         self.grouped = False
-        """Set by the caller to train the environments' epochs together, each device's as the groups of
-        one network (tolaria.grouped, --grouped)."""
+        """Set by the caller to train the environments' epochs together, each device's (up to 8 at a time) as
+        the groups of one network (tolaria.grouped, simic.step_together, --grouped)."""
 
     # ------------------------------------------------------------------ acting
     def observe(self, observations: list) -> torch.Tensor:

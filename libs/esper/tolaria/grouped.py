@@ -62,8 +62,8 @@ S = SeedStage
 MAX_GROUP = 8
 """The most runs one TrainerGroup trains. Eight is the largest group measured (bench/concurrency.py
 --mechanism grouped: on an H200 eight graphed runs trained 1.15x as many images/s as four); more runs on a
-device train as several groups of up to eight (simic.step_together), and a grouped experiment holds eight
-episodes at a time (experiment.GROUP_EPISODES)."""
+device train as several groups of up to eight, as even as can be (simic.step_together), and a grouped
+experiment holds eight episodes at a time (experiment.GROUP_EPISODES)."""
 
 
 def grouped_block(c_in: int, c_out: int, k: int) -> nn.Sequential:

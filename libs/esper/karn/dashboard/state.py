@@ -13,9 +13,10 @@ Messages (`type` first):
   the epoch's end), trained_stage (during it: what the timeline draws), alpha, blueprint, seed_id,
   epochs_in_stage, contribution and contribution_se (null until measured)
 - `ppo`: run, update, episodes, global_step, entropy (and entropy_fraction of the run's first
-  update), approx_kl, clipfrac, explained_variance, losses, and health: gauge -> green|yellow|red by
-  the TUI's thresholds (`esper.karn.tui.widgets.policy_health.HEALTH`)
-- `alert`: run, kind (governor | cull | gap), time (the event's wall time), text
+  update), approx_kl, clipfrac, explained_variance, losses, nonfinite_skipped, and health: gauge ->
+  green|yellow|red by the TUI's thresholds (`esper.karn.tui.widgets.policy_health.HEALTH`)
+- `alert`: run, kind (governor | cull | gap | nonfinite: an update's minibatches not stepped on), time
+  (the event's wall time), text
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class DashboardState:
             messages.append(epoch_message(run.run_id, event.epoch))
         elif kind == "ppo_update":
             messages.append(self._ppo(event.run_id, event.ppo_update))
+            if skipped := event.ppo_update.nonfinite_skipped:
+                messages.append(self._alert(event, "nonfinite", f"update {event.ppo_update.update}: {skipped} "
+                                                                "minibatches not stepped on: gradient not finite"))
         elif kind == "governor" or (kind == "transition" and event.transition.to_stage == SeedStage.SEED_STAGE_CULLED):
             messages.append(self._alert(event, "governor" if kind == "governor" else "cull",
                                         Text.from_markup(describe(event)).plain))
@@ -85,7 +89,8 @@ class DashboardState:
                    "global_step": u.global_step, "entropy": u.entropy, "entropy_fraction": gauges["entropy"],
                    "approx_kl": u.approx_kl, "clipfrac": u.clipfrac, "explained_variance": u.explained_variance,
                    "policy_loss": u.policy_loss, "value_loss": u.value_loss, "grad_norm": u.grad_norm,
-                   "early_stopped": u.early_stopped, "steps_per_second": u.steps_per_second,
+                   "early_stopped": u.early_stopped, "nonfinite_skipped": u.nonfinite_skipped,
+                   "steps_per_second": u.steps_per_second,
                    "health": {name: health_colour(name, value) for name, value in gauges.items()}}
         self.updates.append(message)
         return message

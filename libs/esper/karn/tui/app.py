@@ -124,7 +124,7 @@ class TelemetryApp(App):
         if kind == "epoch":
             self.watched = event.run_id
             self.query_one(SlotTable).update_epoch(event.run_id, event.epoch)
-            self.query_one(Curves).update_epoch(event.run_id, event.epoch)
+            self.query_one(Curves).show_run(self.store.runs[event.run_id])
             if event.epoch.gradients:  # DEBUG telemetry
                 gradients = self.query_one(GradientHealth)
                 gradients.add_class("-active")

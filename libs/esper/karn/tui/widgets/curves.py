@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Sparkline
 
-from esper.leyline import EpochReport
+from esper.karn.store import RunRecord
 
 # (id, title, value of an EpochReport, format)
 SERIES = (
@@ -31,24 +31,23 @@ def latest_and_best(title: str, fmt: str, values: list[float], best) -> str:
 
 
 class Curves(Vertical):
-    """Curves restart when another run reports: one run's history at a time reads clearly, and a PPO
+    """The curves of the run that reported an epoch last: one run's history at a time reads clearly, and a PPO
     round's interleaved episodes would otherwise draw one meaningless line."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = ""
-        self.history: dict[int, EpochReport] = {}
 
     def compose(self) -> ComposeResult:
         for key, title, _, _ in SERIES:
             yield Label(title, id=f"{key}-label", classes="curve-label")
             yield Sparkline([], id=key, summary_function=max)
 
-    def update_epoch(self, run_id: str, report: EpochReport) -> None:
-        if run_id != self.run_id:
-            self.run_id, self.history = run_id, {}
-        self.history[report.signals.epoch] = report  # a governor rollback re-reports an epoch: the last wins
-        reports = [self.history[e] for e in sorted(self.history)]
+    def show_run(self, run: RunRecord) -> None:
+        """Draw `run`'s epochs as karn's store holds them (the last report of each: a governor rollback
+        re-reports an epoch; at most MAX_EPOCHS)."""
+        self.run_id = run.run_id
+        reports = [run.epochs[e] for e in sorted(run.epochs)]
         for key, title, value, fmt in SERIES:
             values = [value(r) for r in reports]
             self.query_one(f"#{key}", Sparkline).data = finite(values)

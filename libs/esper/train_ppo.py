@@ -305,7 +305,8 @@ def round_line(trainer: PPOTrainer, results: list[dict]) -> str:
         rounds_left = trainer.cfg.update_every - trainer.pending_rounds
         return line + f"update {trainer.updates + 1} after {rounds_left} more round(s)"
     last = trainer.update_log[-1]
-    skipped = f"  [red]{n} minibatches skipped: gradient not finite[/]" if (n := last.get("nonfinite_skipped")) else ""
+    nonfinite = last.get("nonfinite_skipped")  # absent from the updates of a checkpoint from before it was counted
+    skipped = f"  [red]{nonfinite} minibatches skipped: gradient not finite[/]" if nonfinite else ""
     return line + (f"update {trainer.updates}: entropy {last['entropy']:.2f}  kl {last['approx_kl']:.4f}  "
                    f"ev {last['explained_variance']:.2f}  {last['steps_per_second']:.1f} steps/s{skipped}")
 

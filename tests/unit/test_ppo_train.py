@@ -302,3 +302,20 @@ def test_ppo_environments_are_grouped_by_default_on_cuda_only(flags, devices, gr
                                f"runs cannot take {' '.join(flags)}"), said
     else:
         assert said == ""
+
+
+def test_the_progress_line_says_when_an_update_skipped_minibatches():
+    """In red after the update's numbers; nothing for an update that skipped none, or for one logged by a
+    checkpoint from before they were counted."""
+    from types import SimpleNamespace
+
+    from esper.train_ppo import round_line
+
+    def line(**counted) -> str:
+        update = {"entropy": 1.0, "approx_kl": 0.01, "explained_variance": 0.5, "steps_per_second": 3.0, **counted}
+        trainer = SimpleNamespace(episodes_done=4, cfg=SimpleNamespace(episodes=8), pending_rounds=0, updates=2,
+                                  update_log=[update])
+        return round_line(trainer, [{"val_accuracy": 50.0, "return": 0.1, "seed_fates": {"culled": 1}}])
+
+    assert line(nonfinite_skipped=3).endswith("3.0 steps/s  [red]3 minibatches skipped: gradient not finite[/]")
+    assert line(nonfinite_skipped=0).endswith("3.0 steps/s") and line().endswith("3.0 steps/s")

@@ -315,7 +315,7 @@ def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tupl
     """Each environment's `step` (their trainers GroupMembers), their epochs trained together: every
     operation first, then the TrainerGroups' epochs, then every environment's evaluation and report. A
     device's environments are one group, or past MAX_GROUP the fewest groups of up to MAX_GROUP, as even as
-    can be and in their order (9: 4 and 5, never 8 and an eager group of one, which is slower than a plain
+    can be and in their order (9: 4 and 5, never 8 and an eager group of one, which is no faster than a plain
     run). The environments may be at different epochs (a resumed experiment's)."""
     for env, decision in zip(envs, decisions, strict=True):
         env.begin_step(decision)

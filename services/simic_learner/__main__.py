@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                                              lambda: learner.pending_episodes),
             "esper_simic_policy_version": ("PPO updates done (the version published).", lambda: learner.version),
             "esper_simic_checkpoint_commits_total": ("Checkpoints committed (each before its acks).",
-                                                     lambda: commits)}))
+                                                     lambda: commits),
+            "esper_simic_nonfinite_minibatches_total": (
+                "PPO minibatches not stepped on because their gradient was not finite, over the run.",
+                lambda: sum(u.get("nonfinite_skipped", 0) for u in learner.trainer.update_log))}))
         metrics_server = start_metrics(cfg.host, cfg.metrics_port, cfg.token)
         log_endpoint(log, "metrics", metrics_url(cfg.host, metrics_server.server_port))
 

@@ -237,3 +237,29 @@ def test_heuristic_episode_grows_transformer_blueprints(tiny_lm_registered):
     obs = run_episode(env, HeuristicPolicy(HeuristicConfig(min_epoch_to_germinate=1, plateau_patience=0)), 0)
     assert obs.signals.epoch == 6 and math.isfinite(obs.signals.val_loss)
     assert [r.blueprint for r in env.model.records] == ["mlp", "attention"]  # the rotation's first two
+
+
+def test_a_training_step_counts_attention_as_its_matrix_products(monkeypatch):
+    """Trainer.step_flops counts the fused attention kernel as the same step with attention written out as
+    matrix products (softmax(q k^T / sqrt d) v). torch has no FLOP formula for the CPU's fused kernel: it had
+    counted 0, which left 11% of a tinystories step out of esper compare's training FLOPs."""
+    torch.manual_seed(0)
+    model = MorphogeneticModel(TransformerHost(TINY_LM), ["mid"], CFG)
+    x = tokens(8)
+    data = Dataset("tiny", x, x, x, x, x, x, num_classes=TINY_LM.num_classes, mean=(), std=(), kind="tokens")
+
+    def counted() -> int:
+        return Trainer(model, data, TrainConfig(), torch.device("cpu"), torch.Generator()).step_flops(x, x)
+
+    fused = counted()
+
+    def written_out(q, k, v, is_causal):  # [B, H, T, D] each
+        t = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, T, T]
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return scores.softmax(-1) @ v  # [B, H, T, D]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", written_out)
+    t, width = TINY_LM.context, TINY_LM.channels[0]
+    attention = 3 * len(TINY_LM.channels) * 2 * (2 * 8 * t * t * width)  # 2 products a block, backward 2x forward
+    assert fused == counted() and attention > 0.05 * fused, (fused, attention)

@@ -58,7 +58,7 @@ class Arm:
     mode: str  # the `esper train` mode: static | heuristic | learned
     max_epochs: int
     graft_from: str | None = None  # take the final architecture of this arm's run with the same seed
-    same_budget: bool = True  # the same epochs of the same batches as the other arms (static@10: fewer)
+    same_steps: bool = True  # the same epochs of the same batches as the other arms (static@10: fewer)
 
 
 def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
@@ -70,7 +70,7 @@ def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
     }
     chosen = [arms[n] for n in names]
     if budget == "original":
-        chosen.insert(0, Arm("static@10", "static", 10, same_budget=False))
+        chosen.insert(0, Arm("static@10", "static", 10, same_steps=False))
     return chosen
 
 
@@ -381,22 +381,46 @@ def headline(task: str) -> tuple[str, str]:
 
 
 def shown_ci(value: tuple[float, float], spec: str) -> str:
-    """mean_ci's (mean, half-width) as "72.40 ± 1.23" (`spec` the mean's format), "72.40 ± n/a" for one seed."""
+    """mean_ci's (mean, half-width) as "72.40 ± 1.23" (`spec` the mean's format), "72.40 ± n/a" for one seed,
+    "not finite" where a run's value was not (a diverged language model's loss)."""
     mean, half = value
+    if not math.isfinite(mean):
+        return "not finite"
     return f"{mean:{spec}} ± " + ("n/a" if math.isnan(half) else f"{half:{spec.lstrip('+')}}")
 
 
 def paired(runs: list[dict], against: list[dict], key: str) -> str:
-    """The mean difference of `runs` minus `against` in `key`, seed by seed, with its 95% CI."""
-    diff = mean_ci([r[key] - b[key] for r, b in zip(runs, against, strict=True)])
+    """The mean difference of `runs` minus `against` in `key`, each run against the run of its seed, with its
+    95% CI."""
+    base = {r["seed"]: r[key] for r in against}
+    if sorted(r["seed"] for r in runs) != sorted(base):
+        raise ValueError("paired arms must hold the same seeds")
+    diff = mean_ci([r[key] - base[r["seed"]] for r in runs])
     return shown_ci(diff, "+.3f" if key == "test_loss" else "+.2f")
 
 
-def ppo_against_heuristic(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
-    """The learned controller against the rule-based one, paired by seed (all held out from its training)."""
+PAIRINGS = (("ppo", "heuristic"), ("heuristic", "from-scratch"), ("heuristic", "static@10"))
+"""Arms paired with another than static, each line beneath the table: the learned controller against the
+rule-based one (its seeds all held out from its training); growth against its own final architectures trained
+from the start, what it must match to be worth growing; growth against the original table's unmatched
+baseline, that table's kind of headline."""
+
+
+def pairing_lines(cfg: CompareConfig, results: dict[str, list[dict]]) -> list[str]:
+    """One line for each of PAIRINGS whose arms both finished: the paired difference and the training FLOPs."""
     key, label = headline(cfg.task)
-    diff = paired(results["ppo"], results["heuristic"], key)
-    return f"ppo against heuristic, {label} paired by seed (95% CI): {diff}."
+    lines = []
+    for arm, base in PAIRINGS:
+        if {arm, base} <= results.keys():
+            flops = np.mean([r["train_flops"] for r in results[arm]]) / np.mean([r["train_flops"] for r in results[base]])
+            lines.append(f"{arm} against {base}, {label} paired by seed (95% CI): "
+                         f"{paired(results[arm], results[base], key)}, with {flops:.2f}x its training FLOPs.")
+    if "static@10" in results:
+        epochs = arms_for("original", cfg.max_epochs, [])[0].max_epochs
+        lines.append(f"static@10 is the original table's unmatched baseline, shown for reference only: {epochs} "
+                     f"epochs against the other arms' {cfg.max_epochs}. Growth is measured against static, at the "
+                     "same steps.")
+    return lines
 
 
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
@@ -404,7 +428,7 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     key, label = headline(cfg.task)
     static_flops = np.mean([r["train_flops"] for r in results["static"]]) if "static" in results else None
     lines = [
-        f"| arm | epochs | same budget | {label} (95% CI) | vs static, paired (95% CI) | final params "
+        f"| arm | epochs | same steps | {label} (95% CI) | vs static, paired (95% CI) | final params "
         "| training FLOPs | FLOPs vs static | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -415,7 +439,7 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
         shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "test_loss"
                  else shown_ci(value, ".2f"))
         lines.append(
-            f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].same_budget else 'no'} "
+            f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].same_steps else 'no'} "
             f"| {shown} | {vs} | {np.mean([final_params(r) for r in runs]):,.0f} "
             f"| {flops:.3g} | {f'{flops / static_flops:.2f}x' if static_flops else '-'} "
             f"| {np.mean([r['wall_seconds'] for r in runs]):.0f} |"
@@ -494,6 +518,8 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
     fates = {arm: fates_in_words(sum((Counter(r["seed_counts"]) for r in runs), Counter()))
              for arm, runs in results.items() if arm in ("heuristic", "ppo")}  # seeds' fates over all runs
+    key = headline(cfg.task)[0]
+    missing = [a.name for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms)) if a.name not in results]
     text = [
         f"# esper compare: {cfg.task}",
         "",
@@ -509,15 +535,20 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         "",
         results_table(cfg, results),
         "",
-        "Same budget: the same epochs of the same batches (data, order and optimizer settings alike) as the "
-        "other arms. What a step costs depends on the architecture, hence the FLOPs columns: the forward and "
-        "backward convolutions and matrix products of every training step (torch's FlopCounterMode); the "
-        "evaluation passes (validation with its counterfactual copies, and test) are not counted.",
+        "Same steps: the same epochs of the same batches (data, order and optimizer settings alike) as the "
+        "other arms. No arm is matched in FLOPs: what a step costs depends on the architecture, hence the FLOPs "
+        "columns: the forward and backward convolutions and matrix products of every training step, attention's "
+        "included (torch's FlopCounterMode); the evaluation passes (validation with its counterfactual copies, "
+        "and test) are not counted. Each interval is a 95% interval on its own, not corrected for the several "
+        "comparisons."
+        + (" Perplexity: exp of the mean test loss." if key == "test_loss" else ""),
         f"wall s: the mean of the runs' own wall times. They compare within a phase only: {walls_shared(cfg)}.",
         "",
         *[f"Seeds of the {arm} arm over all runs: {fates[arm]}." for arm in fates],
         *([f"The ppo arm's policy: `{cfg.policy}`."] if "ppo" in results else []),
-        *([ppo_against_heuristic(cfg, results)] if {"ppo", "heuristic"} <= results.keys() else []),
+        *pairing_lines(cfg, results),
+        *([f"Not finished yet: {', '.join(missing)} (this report is rewritten as each phase ends)."] if missing
+          else []),
         "",
         *[f"![{name}]({name})" for name in images],
         "",

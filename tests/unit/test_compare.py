@@ -17,8 +17,8 @@ from scipy import stats
 
 from esper.cli import build_parser, compare_config, compare_grouped, episodes_grouped, main, train_config
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
-                           headline, mean_ci, progress_of, results_table, seed_blocks, train_command, walls_shared,
-                           write_report)
+                           headline, mean_ci, paired, progress_of, results_table, seed_blocks, train_command,
+                           walls_shared, write_report)
 from esper.karn.runs_db import RunsDB
 from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
@@ -45,7 +45,7 @@ def test_final_architecture_keeps_only_what_shapes_the_network():
 
 def test_original_budget_adds_the_unmatched_baseline():
     arms = arms_for("original", 40, ["static", "heuristic", "from-scratch"])
-    assert arms[0] == Arm("static@10", "static", 10, same_budget=False)
+    assert arms[0] == Arm("static@10", "static", 10, same_steps=False)
     assert [a.max_epochs for a in arms[1:]] == [40, 40, 40]
 
 
@@ -230,9 +230,48 @@ def test_the_report_pairs_the_learned_controller_with_the_heuristic(tmp_path):
     results["heuristic"][0]["seed_counts"] = {"fossilized": 1, "culled": 2}
     results["heuristic"][1]["seed_counts"] = {"fossilized": 2}
     text = write_report(cfg, results, seconds=1.0).read_text()
-    assert "ppo against heuristic, test accuracy paired by seed (95% CI): +2.50 ± 6.35." in text
+    assert "ppo against heuristic, test accuracy paired by seed (95% CI): +2.50 ± 6.35, with 1.00x its training " \
+           "FLOPs." in text
     assert "Seeds of the heuristic arm over all runs: 3 fossilized, 2 culled." in text  # in words, most first
     assert "Seeds of the ppo arm over all runs: none germinated." in text
+
+
+def test_runs_are_paired_by_their_seed_whatever_their_order():
+    """Heuristic 61 and 65 against static 60 and 63, listed in other orders: +1.50 ± 6.35 (differences 1 and 2);
+    by position it had been +1.50 ± 31.77. Arms with other seeds are not paired at all."""
+    static = [summary(42, 60.0, []), summary(43, 63.0, [])]
+    heuristic = [summary(43, 65.0, []), summary(42, 61.0, [])]
+    assert paired(heuristic, static, "test_accuracy") == "+1.50 ± 6.35"
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired([summary(44, 61.0, []), summary(42, 61.0, [])], static, "test_accuracy")
+
+
+def test_the_report_pairs_growth_with_from_scratch_and_marks_the_unmatched_baseline(tmp_path):
+    """Heuristic against its own architectures trained from the start, paired by seed with the FLOPs ratio; under
+    --budget original heuristic against static@10 too, which is said to be unmatched; a diverged run's mean is
+    "not finite"; an arm not finished yet (phase 1's report) is named."""
+    results = {"static@10": [summary(42, 50.0, []), summary(43, 52.0, [])],
+               "static": [summary(42, 60.0, []), summary(43, 63.0, [])],
+               "heuristic": [summary(42, 66.0, []), summary(43, 67.0, [])]}
+    for run in results["heuristic"]:
+        run["train_flops"] = 1.3e9
+    cfg = CompareConfig(task="synthetic", seeds=2, max_epochs=40, budget="original", out_dir=str(tmp_path))
+    text = write_report(cfg, results, seconds=1.0).read_text()
+    assert "heuristic against static@10, test accuracy paired by seed (95% CI): +15.50 ± 6.35, with 1.30x its " \
+           "training FLOPs." in text
+    assert "static@10 is the original table's unmatched baseline, shown for reference only: 10 epochs against " \
+           "the other arms' 40." in text
+    assert "Not finished yet: from-scratch (this report is rewritten as each phase ends)." in text
+    assert "heuristic against from-scratch" not in text
+
+    results["from-scratch"] = [summary(43, 68.0, []), summary(42, 65.0, [])]
+    for run in results["from-scratch"]:
+        run["train_flops"] = 1.4e9
+    results["static"][0]["test_accuracy"] = math.nan
+    text = write_report(cfg, results, seconds=1.0).read_text()
+    assert "heuristic against from-scratch, test accuracy paired by seed (95% CI): +0.00 ± 12.71, with 0.93x its " \
+           "training FLOPs." in text
+    assert "| static | 40 | yes | not finite | - |" in text and "Not finished yet" not in text
 
 
 def test_the_ppo_arm_runs_the_policy_that_was_checked(tmp_path):

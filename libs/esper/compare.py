@@ -528,7 +528,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         f"torch {torch.__version__}; {cfg.precision}{', compiled' if cfg.compile else ''}; "
         f"memory format {cfg.memory_format}{', cuDNN benchmark mode' if cfg.cudnn_benchmark else ''}"
         f"{'' if cfg.cuda_graph else ', no CUDA graphs'}; "
-        f"up to {cfg.workers} runs at once"
+        f"up to {cfg.workers} run{'s' if cfg.workers > 1 else ''} at once"
         f"{f' (each arm grouped: up to {GROUP_EPISODES} of its seeds in one run)' if cfg.grouped else ''}; "
         f"total wall {seconds:.0f} s{spread}.",
         "The test split is evaluated once per run, at the end; every decision used the validation split.",

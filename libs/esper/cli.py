@@ -260,7 +260,7 @@ def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
 
 def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
     """Whether `esper train heuristic|static|learned` trains its episodes grouped: --grouped or --no-grouped
-    as given; by default on CUDA (grouped_by_default), where a group of one, its step a CUDA graph, trained
+    as given; by default on CUDA (chosen_grouping), where a group of one, its step a CUDA graph, trained
     3.1x and 3.5x as fast as a plain run (two H200 calls, bench/concurrency.py --cuda-graph on); off on the
     CPU, where it does not pay (one run: 0.93x, 1.01x, bench/one_run.py; two: 0.79x, bench/concurrency.py).
     A resumed run keeps its own way (its config.json's), whatever the device: what --resume continues (one
@@ -270,12 +270,8 @@ def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
             return json.loads((Path(args.resume) / "config.json").read_text()).get("grouped") is True
         except (OSError, ValueError, AttributeError):
             return False  # not a run directory: check_resume says so
-    if args.grouped is None:
-        return grouped_by_default(args, torch.device(device).type == "cuda", "episodes one after another",
-                                  smallest_group=args.episodes)
-    if args.grouped:
-        check_grouped(args)
-    return args.grouped
+    return chosen_grouping(args, torch.device(device).type == "cuda", "episodes one after another",
+                           smallest_group=args.episodes)
 
 
 def compare_grouped(args: argparse.Namespace, device: str) -> bool:
@@ -291,20 +287,21 @@ def compare_grouped(args: argparse.Namespace, device: str) -> bool:
             return bool(saved_settings(Path(args.resume)).get("grouped", False))
         except ResumeError as exc:
             raise UsageError(f"--resume {exc}") from None
-    if args.grouped is None:
-        return grouped_by_default(args, torch.device(device).type == "cuda", "a process per run",
-                                  smallest_group=args.seeds)
-    if args.grouped:
-        check_grouped(args)
-    return args.grouped
+    return chosen_grouping(args, torch.device(device).type == "cuda", "a process per run", smallest_group=args.seeds)
 
 
-def grouped_by_default(args: argparse.Namespace, cuda: bool, instead: str, smallest_group: int) -> bool:
-    """What --grouped left out means where grouping was measured faster: grouped on CUDA, unless a flag given
-    rules it out, which is said on stderr with the way taken `instead`; not grouped on the CPU, nor for a
-    host that has no grouped form (a language model's: nothing to say, there was no choice), nor where a
-    group would be of one run (`smallest_group`) trained eagerly (--no-cuda-graph): 0.92x and 1.04x a plain
-    run's speed on an H200, where one replayed as a CUDA graph trained 3.1x and 3.5x."""
+def chosen_grouping(args: argparse.Namespace, cuda: bool, instead: str, smallest_group: int,
+                    also: tuple[str, ...] = ()) -> bool:
+    """--grouped (its flags checked, with the command's own refusals `also`) or --no-grouped as given. Left
+    out, what it means where grouping was measured faster: grouped on CUDA, unless a flag given rules it
+    out, which is said on stderr with the way taken `instead`; not grouped on the CPU, nor for a host that
+    has no grouped form (a language model's: nothing to say, there was no choice), nor where a group would
+    be of one run (`smallest_group`) trained eagerly (--no-cuda-graph): 0.92x and 1.04x a plain run's speed
+    on an H200, where one replayed as a CUDA graph trained 3.1x and 3.5x."""
+    if args.grouped is not None:
+        if args.grouped:
+            check_grouped(args, also)
+        return args.grouped
     if not cuda or HOSTS[args.task].kind != "cnn" or (smallest_group < 2 and not args.cuda_graph):
         return False
     if refused := grouping_refusals(args):

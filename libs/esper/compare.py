@@ -61,6 +61,10 @@ class Arm:
     same_steps: bool = True  # the same epochs of the same batches as the other arms (static@10: fewer)
 
 
+ORIGINAL_STATIC = Arm("static@10", "static", 10, same_steps=False)
+"""The original table's static baseline: 10 epochs against its growth's 40, unmatched."""
+
+
 def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
     arms = {
         "static": Arm("static", "static", max_epochs),
@@ -70,7 +74,7 @@ def arms_for(budget: str, max_epochs: int, names: list[str]) -> list[Arm]:
     }
     chosen = [arms[n] for n in names]
     if budget == "original":
-        chosen.insert(0, Arm("static@10", "static", 10, same_steps=False))
+        chosen.insert(0, ORIGINAL_STATIC)
     return chosen
 
 
@@ -380,6 +384,11 @@ def headline(task: str) -> tuple[str, str]:
     return "test_accuracy", "test accuracy"
 
 
+def mean_flops(runs: list[dict]) -> float:
+    """An arm's mean training FLOPs over its runs."""
+    return float(np.mean([r["train_flops"] for r in runs]))
+
+
 def shown_ci(value: tuple[float, float], spec: str) -> str:
     """mean_ci's (mean, half-width) as "72.40 ± 1.23" (`spec` the mean's format), "72.40 ± n/a" for one seed,
     "not finite" where a run's value was not (a diverged language model's loss)."""
@@ -412,21 +421,20 @@ def pairing_lines(cfg: CompareConfig, results: dict[str, list[dict]]) -> list[st
     lines = []
     for arm, base in PAIRINGS:
         if {arm, base} <= results.keys():
-            flops = np.mean([r["train_flops"] for r in results[arm]]) / np.mean([r["train_flops"] for r in results[base]])
+            flops = mean_flops(results[arm]) / mean_flops(results[base])
             lines.append(f"{arm} against {base}, {label} paired by seed (95% CI): "
                          f"{paired(results[arm], results[base], key)}, with {flops:.2f}x its training FLOPs.")
-    if "static@10" in results:
-        epochs = arms_for("original", cfg.max_epochs, [])[0].max_epochs
-        lines.append(f"static@10 is the original table's unmatched baseline, shown for reference only: {epochs} "
-                     f"epochs against the other arms' {cfg.max_epochs}. Growth is measured against static, at the "
-                     "same steps.")
+    if ORIGINAL_STATIC.name in results:
+        lines.append(f"{ORIGINAL_STATIC.name} is the original table's unmatched baseline, shown for reference only: "
+                     f"{ORIGINAL_STATIC.max_epochs} epochs against the other arms' {cfg.max_epochs}. Growth is "
+                     "measured against static, at the same steps.")
     return lines
 
 
 def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     arms = {a.name: a for a in arms_for(cfg.budget, cfg.max_epochs, list(cfg.arms))}
     key, label = headline(cfg.task)
-    static_flops = np.mean([r["train_flops"] for r in results["static"]]) if "static" in results else None
+    static_flops = mean_flops(results["static"]) if "static" in results else None
     lines = [
         f"| arm | epochs | same steps | {label} (95% CI) | vs static, paired (95% CI) | final params "
         "| training FLOPs | FLOPs vs static | wall s |",
@@ -435,7 +443,7 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         value = mean_ci([r[key] for r in runs])
         vs = paired(runs, results["static"], key) if "static" in results and name != "static" else "-"
-        flops = np.mean([r["train_flops"] for r in runs])
+        flops = mean_flops(runs)
         shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "test_loss"
                  else shown_ci(value, ".2f"))
         lines.append(

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from esper import karn_cli
-from esper.cli import UsageError, check_grouped, grouped_by_default, resolve_device
+from esper.cli import UsageError, chosen_grouping, resolve_device
 from esper.durable import write_atomic
 from esper.experiment import Interrupted
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
@@ -192,16 +192,13 @@ def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:
     group of one too, whose steps trained 3.1x and 3.5x as fast as a plain run's on an H200 (as `esper
     train`'s runs, cli.episodes_grouped; not yet timed in a PPO round). Off on the CPU, where grouped
     convolutions run slower than plain ones."""
-    if args.grouped is not None:
-        if args.grouped:
-            check_grouped(args, ("--env-processes",) if args.env_processes else ())
-        return args.grouped
+    if args.grouped is None and args.env_processes:
+        return False  # the way asked for
     envs = min(args.n_envs, args.episodes)  # a round's, round robin over the devices (TrainerConfig.env_devices)
     per_device = Counter(env_devices[i % len(env_devices)] for i in range(envs))
-    if args.env_processes:
-        return False
     cuda = all(torch.device(d).type == "cuda" for d in env_devices)
-    return grouped_by_default(args, cuda, "environments one after another", smallest_group=min(per_device.values()))
+    return chosen_grouping(args, cuda, "environments one after another", smallest_group=min(per_device.values()),
+                           also=("--env-processes",) if args.env_processes else ())
 
 
 def check_save(save: Path, resume: str | None) -> None:

@@ -326,7 +326,7 @@ def test_a_device_with_more_than_max_group_runs_trains_them_as_even_groups(synth
     """MAX_GROUP 3, four growing runs on the CPU: step_together trains runs 0 and 1 as one group and runs 2 and
     3 as another (as even as can be: not 3 and a group of one), so every run's epochs come out bit for bit as
     when those two groups are stepped on their own."""
-    monkeypatch.setattr("esper.tolaria.grouped.MAX_GROUP", 3)
+    monkeypatch.setattr("esper.simic.env.MAX_GROUP", 3)
     cfg = EnvConfig(task="synthetic", max_epochs=3, slots=("mid", "late"), train=TrainConfig(max_batches=4))
     scripts = MIXED[0], MIXED[3], ALIKE[0], MIXED[1]
 

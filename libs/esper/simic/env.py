@@ -39,8 +39,7 @@ from esper.simic.checkpoint import rng_state, set_rng_state
 from esper.tamiyo import Policy
 from esper.tolaria.data import Dataset
 from esper.tolaria.governor import Governor, GovernorConfig
-from esper.tolaria import grouped
-from esper.tolaria.grouped import GroupMember, TrainerGroup
+from esper.tolaria.grouped import MAX_GROUP, GroupMember, TrainerGroup
 from esper.tolaria.trainer import EvalResult, TrainConfig, Trainer
 
 # Epochs of accuracy/loss history in an observation: enough for the heuristic to compare a seed's whole
@@ -323,7 +322,7 @@ def step_together(envs: list[GrowthEnv], decisions: list[Decision]) -> list[tupl
     for env in envs:
         by_device.setdefault(env.device, []).append(env.trainer)
     for members in by_device.values():
-        n, groups = len(members), -(-len(members) // grouped.MAX_GROUP)
+        n, groups = len(members), -(-len(members) // MAX_GROUP)
         for g in range(groups):
             TrainerGroup(members[g * n // groups:(g + 1) * n // groups]).train_epoch()
     return [env.end_step() for env in envs]

@@ -1,6 +1,8 @@
 """karn's event journal: the run store survives a restart, a torn last record is cut off, and the
 file keeps only the runs the store keeps, which are the runs that reported last."""
 
+import tracemalloc
+
 from support import recorded_syncs
 
 from esper.karn import store as karn_store
@@ -105,3 +107,52 @@ def test_a_run_flooded_with_epochs_keeps_its_last_max_epochs(monkeypatch):
     rollback.epoch.signals.epoch = 6
     store.apply(rollback)
     assert list(run.epochs) == [4, 5, 6, 7, 8] and run.epochs[6].signals.val_accuracy == 59.0
+
+
+def test_a_running_journal_keeps_to_the_runs_the_store_keeps(tmp_path):
+    """karn watching run after run (a PPO campaign's episodes) had journaled every event of every run until its
+    next start. Compacted whenever it doubles (from a floor of 2,000 bytes here), the file stays under the
+    floor plus a batch while 200 runs come and go, and a restart replays into the live store's runs."""
+    path = tmp_path / "events.binpb"
+    journal = EventJournal(path, compact_floor=2000)
+    live = RunStore(max_runs=2)
+    journal.replay(live)
+    sizes = []
+    for run in range(200):
+        journal.append([e for e in (epoch_event(f"run{run}", s) for s in range(1, 6)) if live.apply(e)])
+        sizes.append(path.stat().st_size)
+    journal.close()
+    batch = sum(len(journal._record(epoch_event("run199", s))) for s in range(1, 6))
+    print(f"largest journal {max(sizes)} bytes (a run's batch {batch}); last {sizes[-1]}")
+    assert max(sizes) <= 2000 + batch
+    restarted = RunStore(max_runs=2)
+    EventJournal(path).replay(restarted)
+    assert path.stat().st_size == 2 * batch  # compacted at the start to the two runs
+    assert list(restarted.runs) == list(live.runs) == ["run198", "run199"]
+    for run_id, run in live.runs.items():
+        again = restarted.runs[run_id]
+        assert (again.epochs, again.last_sequence, again.lost) == (run.epochs, run.last_sequence, run.lost) == (
+            run.epochs, 5, 0)
+
+
+def test_replay_reads_the_journal_a_record_at_a_time(tmp_path):
+    """A start had read the whole file into memory, then parsed every event into a list: a journal of runs the
+    store forgot long ago cost its size several times over. 20 MB of them now replay within 1 MB of Python
+    allocations (what tracemalloc sees: the bytes read and the store's records)."""
+    path = tmp_path / "events.binpb"
+    event = epoch_event("x" * 1000, 1)  # a kilobyte, as a real epoch report is
+    record = EventJournal(path)._record(event)
+    with path.open("wb") as f:
+        for run in range(20_000_000 // len(record)):
+            event.run_id = f"{run:07d}" + "x" * 993
+            f.write(EventJournal(path)._record(event))
+    tracemalloc.start()
+    try:
+        store = RunStore(max_runs=2)
+        replayed = EventJournal(path).replay(store)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"replayed {replayed} events of a {20_000_000 // 1_000_000} MB journal: peak {peak / 1e6:.2f} MB traced")
+    assert replayed == 20_000_000 // len(record) and len(store.runs) == 2
+    assert peak < 1_000_000

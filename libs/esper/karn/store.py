@@ -108,58 +108,84 @@ class RunStore:
         return run
 
 
+COMPACT_FLOOR = 64 << 20
+"""A running journal is compacted once it passes this size, or twice its size after its last compaction if
+that is more: a long-lived karn watching run after run (a PPO campaign's episodes) had kept every event of
+every run it ever applied until its next start, and that start had read the whole file into memory."""
+
+
 class EventJournal:
     """Applied events as length-prefixed protobuf records (a 4-byte little-endian size, then a serialized
     TelemetryEvent) in one append-only file. Each batch is flushed to the OS, so a SIGKILL loses nothing
-    written; a record cut short (a crash mid-write) or corrupt ends the replay and is cut off."""
+    written; a record cut short (a crash mid-write) or corrupt ends the replay and is cut off.
+
+    Compaction rewrites the file (atomically) with only the events of the runs the store keeps, so it holds
+    no more runs than the store (each with every event it sent: a run flooded past MAX_EPOCHS keeps the
+    epochs the store forgot): on start, and while appending once the file has doubled (COMPACT_FLOOR).
+    The file is read a record at a time, so neither costs memory beyond the store's."""
 
     SIZE = struct.Struct("<I")
     MAX_RECORD = 16 << 20
     """A size above this is corruption, not an event (events are kilobytes)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, compact_floor: int = COMPACT_FLOOR):
         self.path = Path(path)
+        self.compact_floor = compact_floor
+        self.compact_at = compact_floor
+        """The size at which `append` compacts the file next."""
+        self.store: RunStore | None = None
         self._file = None
 
     def replay(self, store: RunStore) -> int:
-        """Apply every recorded event to `store`, then rewrite the file (atomically) with only the events
-        of the runs the store keeps, so it holds no more runs than the store (each with every event it
-        sent: a run flooded past MAX_EPOCHS keeps the epochs the store forgot); returns the events
-        replayed. Opens the journal for `append`."""
-        events = list(self._read()) if self.path.is_file() else []
-        for event in events:
+        """Apply every recorded event to `store`, then compact the file; returns the events replayed. Opens the
+        journal for `append`, which keeps it to the runs of `store`."""
+        replayed = 0
+        for event, _ in self._records():
             store.apply(event)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Durably: a rename not yet on disk at a power cut could have left an empty journal for the whole one.
-        write_durably(self.path, lambda f: f.writelines(self._record(e) for e in events if e.run_id in store.runs))
-        self._file = self.path.open("ab")
-        return len(events)
+            replayed += 1
+        self.store = store
+        self._compact()
+        return replayed
 
     def append(self, events: list) -> None:
         self._file.writelines(self._record(e) for e in events)
         self._file.flush()
+        if self._file.tell() > self.compact_at:
+            self._compact()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
+    def _compact(self) -> None:
+        """Rewrite the file with the records of the store's runs, then append to the new one."""
+        self.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Durably: a rename not yet on disk at a power cut could have left an empty journal for the whole one.
+        write_durably(self.path, lambda f: f.writelines(record for event, record in self._records()
+                                                         if event.run_id in self.store.runs))
+        self._file = self.path.open("ab")
+        self.compact_at = max(self.compact_floor, 2 * self._file.tell())
+
     def _record(self, event: TelemetryEvent) -> bytes:
         data = event.SerializeToString()
         return self.SIZE.pack(len(data)) + data
 
-    def _read(self) -> Iterator[TelemetryEvent]:
-        data = self.path.read_bytes()
-        at = 0
-        while at + self.SIZE.size <= len(data):
-            (size,) = self.SIZE.unpack_from(data, at)
-            end = at + self.SIZE.size + size
-            if size > self.MAX_RECORD or end > len(data):
-                return
-            try:
-                yield TelemetryEvent.FromString(data[at + self.SIZE.size:end])
-            except DecodeError:
-                return
-            at = end
+    def _records(self) -> Iterator[tuple[TelemetryEvent, bytes]]:
+        """Each whole record of the file in order, as (event, the record's bytes), up to the first torn or
+        corrupt one."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            while len(header := f.read(self.SIZE.size)) == self.SIZE.size:
+                (size,) = self.SIZE.unpack(header)
+                if size > self.MAX_RECORD or len(data := f.read(size)) < size:
+                    return
+                try:
+                    event = TelemetryEvent.FromString(data)
+                except DecodeError:
+                    return
+                yield event, header + data
 
 
 def _name(enum, value: int) -> str:

@@ -80,6 +80,15 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help="grouped runs on CUDA: train each step eagerly instead of replaying it as a CUDA graph")
 
 
+def add_grouped_flag(p: argparse.ArgumentParser) -> None:
+    """--grouped of `esper train heuristic|static|learned` and of tolaria_worker (episodes_grouped)."""
+    p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the --episodes at once, their hosts as the groups of one network and each one's "
+                        "seeds on its group (CNN hosts, fp32), each step a CUDA graph on CUDA (default: on CUDA "
+                        "when the other flags allow it, where even one run trained faster so, bench/concurrency.py "
+                        "--cuda-graph off on; off on the CPU; a resumed run keeps its own way)")
+
+
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
                    help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never)")
@@ -138,12 +147,7 @@ def build_parser() -> Parser:
             "--resume", default=None, metavar="RUN_DIR",
             help="continue the run in RUN_DIR from its checkpoint, then the episodes after it (same flags as the "
                  "run); with --grouped, every episode of the experiment, each in its newest run directory")
-        modes.choices[mode].add_argument(
-            "--grouped", action=argparse.BooleanOptionalAction, default=None,
-            help="train the --episodes at once, their hosts as the groups of one network and each one's seeds "
-                 "on its group (CNN hosts, fp32), each step a CUDA graph on CUDA (default: on CUDA when the "
-                 "other flags allow it, where even one run trained faster so, bench/concurrency.py "
-                 "--cuda-graph off on; off on the CPU; a resumed run keeps its own way)")
+        add_grouped_flag(modes.choices[mode])
     from esper.train_ppo import add_ppo_flags  # here, not at the top: esper.train_ppo imports this module
 
     ppo = modes.add_parser("ppo", help="learn when, where and what to grow with PPO (Simic)")
@@ -227,9 +231,9 @@ def train_config(args: argparse.Namespace):
                                                compile=args.compile, memory_format=args.memory_format,
                                                cudnn_benchmark=args.cudnn_benchmark, cuda_graph=args.cuda_graph))
     # Once every flag is known good (a bad one is one line, not after the default's note on stderr). PPO's:
-    # ppo_config (its rounds keep no env state); tolaria_worker's runs (it has no --grouped) are plain.
+    # ppo_config (its rounds keep no env state).
     device = resolve_device(args.device)
-    grouped = args.mode != "ppo" and hasattr(args, "grouped") and episodes_grouped(args, device)
+    grouped = args.mode != "ppo" and episodes_grouped(args, device)
     return RunConfig(mode=args.mode, policy=policy, env=env, episodes=args.episodes, seed=args.seed,
                      policy_sha256=file_sha256(policy),
                      device=device, data_dir=args.data_dir, gpu_preload=args.gpu_preload,
@@ -259,13 +263,14 @@ def check_grouped(args: argparse.Namespace, also: tuple[str, ...] = ()) -> None:
 
 
 def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
-    """Whether `esper train heuristic|static|learned` trains its episodes grouped: --grouped or --no-grouped
-    as given; by default on CUDA (chosen_grouping), where a group of one, its step a CUDA graph, trained
-    3.1x and 3.5x as fast as a plain run (two H200 calls, bench/concurrency.py --cuda-graph on); off on the
-    CPU, where it does not pay (one run: 0.93x, 1.01x, bench/one_run.py; two: 0.79x, bench/concurrency.py).
-    A resumed run keeps its own way (its config.json's), whatever the device: what --resume continues (one
-    run and the episodes after it, or every episode of a group) is the run's, not the machine's."""
-    if args.grouped is None and args.resume:
+    """Whether `esper train heuristic|static|learned` (or a tolaria_worker) trains its episodes grouped:
+    --grouped or --no-grouped as given; by default on CUDA (chosen_grouping), where a group of one, its step
+    a CUDA graph, trained 3.1x and 3.5x as fast as a plain run (two H200 calls, bench/concurrency.py
+    --cuda-graph on); off on the CPU, where it does not pay (one run: 0.93x, 1.01x, bench/one_run.py; two:
+    0.79x, bench/concurrency.py). A resumed run keeps its own way (its config.json's), whatever the device:
+    what --resume continues (one run and the episodes after it, or every episode of a group) is the run's,
+    not the machine's. tolaria_worker has no --resume: it continues the runs of its own flags."""
+    if args.grouped is None and getattr(args, "resume", None):
         try:
             return json.loads((Path(args.resume) / "config.json").read_text()).get("grouped") is True
         except (OSError, ValueError, AttributeError):

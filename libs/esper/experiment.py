@@ -4,13 +4,15 @@ A run directory `runs/<time>_<mode>_<task>_s<seed>/` holds `config.json` (the re
 `telemetry.jsonl` (one leyline TelemetryEvent per line), `summary.json` and `model/` (the grown
 network exported as plain layers). While the episode runs it also holds `checkpoint.pt` (with
 `checkpoint_every`): the whole episode at its last saved epoch, from which `run(resume=...)` continues
-bit for bit on the CPU; it is removed once `summary.json` is written.
+bit for bit on the CPU; it is removed once `summary.json` is written. A grouped run writes its next one as
+`checkpoint.next.pt` first (save_together).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -74,11 +76,13 @@ class RunConfig:
 
 
 CHECKPOINT = "checkpoint.pt"
+NEXT_CHECKPOINT = "checkpoint.next.pt"
+"""A grouped run's next checkpoint, written before any run of its group replaces its own (save_together)."""
 EPISODE_FORMAT = "esper.episode/1"
 GROUP_EPISODES = MAX_GROUP
 """Episodes a grouped experiment trains at once: 0 to 7, then 8 to 15, and so on; a group holds every run's
 model, batches and telemetry open at once. A resume forms the same groups: a cut group's runs all stopped
-after the same epoch, and the groups before it had finished."""
+after the same step (save_together), and the groups before it had finished."""
 RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
                      "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark",
                      "env.train.cuda_graph")
@@ -216,6 +220,18 @@ def find_run(cfg: RunConfig, seed: int, group: str | None = None) -> Path | None
     return None
 
 
+def continued_grouping(cfg: RunConfig) -> RunConfig:
+    """`cfg`, or `cfg` with the other grouping where the experiment's runs under `runs_dir` were trained that way
+    and none this way: a tolaria_worker restarted with --grouped left out continues its runs as they were
+    trained, not anew beside them, when the default changed under it (it follows the device and, under
+    --no-cuda-graph, the number of episodes)."""
+    seeds = range(cfg.seed, cfg.seed + cfg.episodes)
+    other = dataclasses.replace(cfg, grouped=not cfg.grouped)
+    if not any(find_run(cfg, seed) for seed in seeds) and any(find_run(other, seed) for seed in seeds):
+        return other
+    return cfg
+
+
 def read_summary(path: Path) -> dict:
     """A finished run's summary.json; ResumeError for one that cannot be read (damaged since: a run's results
     are not guessed, nor is it trained again unasked)."""
@@ -310,8 +326,9 @@ class Episode:
         self.bar = progress.add_task(self.run_dir.name, total=self.cfg.env.max_epochs, acc="-", loss="-", slots="",
                                      completed=self.state["env"]["signals"]["epoch"] if self.state else 0)
 
-    def epoch_done(self, obs: Observation) -> None:
-        """After each step: the progress bar, the curve and (every `checkpoint_every` epochs) the checkpoint."""
+    def epoch_done(self, obs: Observation) -> bool:
+        """After each step: the progress bar and the curve; returns whether a checkpoint is due (every
+        `checkpoint_every` epochs, and after the last), for whoever steps the episode to save."""
         cfg, env = self.cfg, self.env
         if self.progress is not None:
             self.progress.update(self.bar, completed=obs.signals.epoch, acc=f"{obs.signals.val_accuracy:.2f}%",
@@ -324,9 +341,11 @@ class Episode:
             "stages": {slot: short_name(SeedStage, stage) for slot, stage in env.epoch_stages.items()},
         })
         every, epoch = cfg.checkpoint_every, obs.signals.epoch
-        if every and (epoch % every == 0 or epoch == cfg.env.max_epochs):
-            state = {"env": env.state_dict(), "curve": self.curve, "wall_seconds": time.perf_counter() - self.start}
-            save_checkpoint(state, self.run_dir / CHECKPOINT, EPISODE_FORMAT)
+        return bool(every) and (epoch % every == 0 or epoch == cfg.env.max_epochs)
+
+    def checkpoint_state(self) -> dict:
+        """The whole episode as a checkpoint holds it."""
+        return {"env": self.env.state_dict(), "curve": self.curve, "wall_seconds": time.perf_counter() - self.start}
 
     def finish(self, obs: Observation) -> dict:
         """The test accuracy, the final telemetry, the exported model and summary.json; returns the summary."""
@@ -368,11 +387,15 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     """One episode in a new run directory (of the experiment `group`), or continued in `run_dir` from its
     checkpoint."""
     episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir, group=group)
+
+    def epoch_done(obs: Observation) -> None:
+        if episode.epoch_done(obs):
+            save_checkpoint(episode.checkpoint_state(), episode.run_dir / CHECKPOINT, EPISODE_FORMAT)
+
     try:
         with progress_bars(console) as progress:
             episode.show_in(progress)
-            obs = run_episode(episode.env, policy, seed, episode.epoch_done,
-                              episode.state["env"] if episode.state else None)
+            obs = run_episode(episode.env, policy, seed, epoch_done, episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(cfg, [episode], "it")) from None
@@ -383,10 +406,15 @@ def resume_hint(cfg: RunConfig, episodes: list[Episode], them: str) -> str:
     written, trains them again from their first epochs (the hint had promised to continue them either way).
     One that finished before the interrupt (its summary written, its checkpoint gone) the resume keeps."""
     cut = [e for e in episodes if not (e.run_dir / "summary.json").is_file()]
+    settle_saves([e.run_dir for e in cut])  # as the resume will: a group's save cut short is finished or undone
     run_dir = (cut or episodes)[0].run_dir
-    if all((e.run_dir / CHECKPOINT).is_file() for e in cut):
+    anew = [e for e in cut if not (e.run_dir / CHECKPOINT).is_file()]
+    if not anew:
         return f"continue {them} with the same flags and --resume {run_dir}"
     why = "--checkpoint-every 0" if cfg.checkpoint_every == 0 else "stopped before the first checkpoint"
+    if len(anew) < len(cut):  # a group continued with an episode begun since
+        return (f"continue {them} with the same flags and --resume {run_dir} ({len(anew)} of {len(cut)} from epoch 1: "
+                f"{why})")
     return f"no checkpoint was written ({why}): the same flags and --resume {run_dir} train {them} again from epoch 1"
 
 
@@ -400,7 +428,10 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     episodes step together (simic.step_together): every run's operation, the group's epoch, then every
     run's evaluation, governor and telemetry; continued ones may be at different epochs, and each stops
     stepping at its last. `sinks` get every run's events (the TUI's, the dashboard's), as run_one's extra
-    sinks do; new run directories are marked as the experiment `group`'s."""
+    sinks do; new run directories are marked as the experiment `group`'s. When any run's checkpoint is due,
+    every run that stepped saves one, together (save_together): a resume then finds them all after the same
+    step, as they were stepped, whatever epoch each is at."""
+    settle_saves([run_dir for _, run_dir in todo if run_dir is not None])
     episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember, group)
                 for episode, run_dir in todo}
     last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])
@@ -412,12 +443,58 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
             while stepping := [episode for episode, e in episodes.items() if e.env.epoch < cfg.env.max_epochs]:
                 stepped = step_together([episodes[episode].env for episode in stepping],
                                         [policy.decide(last[episode]) for episode in stepping])
+                due = False
                 for episode, (obs, _) in zip(stepping, stepped):
                     last[episode] = obs
-                    episodes[episode].epoch_done(obs)
+                    due |= episodes[episode].epoch_done(obs)
+                if due:
+                    save_together([(episodes[episode].run_dir, episodes[episode].checkpoint_state())
+                                   for episode in stepping])
         return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
     except KeyboardInterrupt:  # any of the group's runs resumes them all
         raise Interrupted(resume_hint(cfg, list(episodes.values()), "them")) from None
+
+
+def save_together(saves: list[tuple[Path, dict]]) -> None:
+    """The checkpoints of a group's runs after one step, each (run directory, state), saved so that a resume
+    finds all of them or none (settle_saves). Saved one after another, a kill between two had left the runs
+    an epoch apart, and a run resumed beside other epochs than its own trains its seeds in other seed
+    groups: it ended other than the run never stopped, in float order. Each state is written whole as
+    NEXT_CHECKPOINT, marked with this save's token and its runs, before any replaces its run's CHECKPOINT."""
+    save = {"token": uuid.uuid4().hex, "runs": [run_dir.name for run_dir, _ in saves]}
+    for run_dir, state in saves:
+        save_checkpoint(state | {"group_save": save}, run_dir / NEXT_CHECKPOINT, EPISODE_FORMAT)
+    for run_dir, _ in saves:
+        promote(run_dir)
+
+
+def promote(run_dir: Path) -> None:
+    """A run's next checkpoint becomes its checkpoint. Not fsynced: a rename a power cut loses leaves the next
+    checkpoint in place, which settle_saves promotes as it would have been."""
+    os.replace(run_dir / NEXT_CHECKPOINT, run_dir / CHECKPOINT)
+
+
+def settle_saves(run_dirs: list[Path]) -> None:
+    """Finishes or undoes a save_together a kill cut short, before the runs in `run_dirs` resume. Where every
+    run of the save among them holds its state (as its next checkpoint, or already as its checkpoint), it was
+    written whole: the next checkpoints are promoted. Otherwise they are deleted, and the runs resume from the
+    step before, together. A run of the save that is not among them (an experiment resumed with fewer
+    --episodes) is not resumed now, and does not count."""
+    saves = {run_dir: saved_by(run_dir / NEXT_CHECKPOINT) for run_dir in run_dirs}
+    held = {run_dir.name: {saves[run_dir].get("token"), saved_by(run_dir / CHECKPOINT).get("token")}
+            for run_dir in run_dirs}
+    for run_dir, save in saves.items():
+        if not save:
+            continue
+        if all(save["token"] in held[name] for name in save["runs"] if name in held):
+            promote(run_dir)
+        else:
+            (run_dir / NEXT_CHECKPOINT).unlink()
+
+
+def saved_by(path: Path) -> dict:
+    """The save_together that wrote the checkpoint at `path` ({"token", "runs"}); {} for none, or no file."""
+    return load_checkpoint(path, EPISODE_FORMAT).get("group_save", {}) if path.is_file() else {}
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

@@ -89,9 +89,11 @@ class PPORunConfig:
                                     self.num_workers) if self.env_processes else [])
 
 
-def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/checkpoint.pt") -> None:
+def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/checkpoint.pt",
+                  offer_anneal_lr: bool = True) -> None:
     """The PPO flags, on top of the shared training flags (cli.add_train_flags); `save_default` is what
-    --save's help names (simic_learner keeps its checkpoint elsewhere)."""
+    --save's help names (simic_learner keeps its checkpoint elsewhere). Without `offer_anneal_lr` --help does
+    not list --anneal-lr, which is still parsed so that the command can say why it refuses it (simic_learner)."""
     ppo, reward = PPOConfig(), RewardConfig()
     p.set_defaults(episodes=TrainerConfig.episodes)
     p.add_argument("--n-envs", type=int, default=TrainerConfig.n_envs,
@@ -100,7 +102,8 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
                    help="episodes per environment between PPO updates (and one after the last)")
     p.add_argument("--lr", type=finite, default=ppo.lr, help="Adam learning rate")
     p.add_argument("--anneal-lr", action="store_true",
-                   help="decay the learning rate linearly over --episodes (CleanRL's anneal_lr)")
+                   help="decay the learning rate linearly over --episodes (CleanRL's anneal_lr)" if offer_anneal_lr
+                   else argparse.SUPPRESS)
     p.add_argument("--clip-ratio", type=finite, default=ppo.clip_coef, help="PPO clip coefficient")
     p.add_argument("--gamma", type=finite, default=ppo.gamma, help="discount per epoch")
     p.add_argument("--entropy-coef", type=finite, default=None,

@@ -3,17 +3,18 @@
     python -m services.tolaria_worker --task synthetic --max-epochs 20 [esper train flags]
 
 Takes the flags of `esper train` and builds the same objects; only the policy (RemotePolicy) and one
-extra sink (the bus) differ, and its episodes always train one after another on tolaria's plain Trainer,
-where `esper train` groups them by default on CUDA (--grouped: not taken here, so a run directory of a
-grouped `esper train` is not one it continues). It writes the same run directories under --runs-dir.
+extra sink (the bus) differ. Its episodes train grouped as `esper train`'s do (--grouped: by default on
+CUDA, where the flags allow it), each decision still asked of tamiyo_server run by run. It writes the same
+run directories under --runs-dir.
 When its episodes are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when
 any process exits; `--exit-when-done` makes it return instead.
 
 It checkpoints every episode into its run directory after every epoch (--checkpoint-every 1) and on
-start continues its experiment, episode by episode: the newest run directory under --runs-dir with
-the same config and episode seed is resumed from its checkpoint if unfinished (the same run id and
-telemetry sequence numbers, so karn sees neither a gap nor a duplicate) and skipped if finished; only
-an episode with no such directory starts anew. --fresh starts every episode anew.
+start continues its experiment, episode by episode (or group by group): the newest run directory under
+--runs-dir with the same config and episode seed is resumed from its checkpoint if unfinished (the same
+run id and telemetry sequence numbers, so karn sees neither a gap nor a duplicate) and skipped if
+finished; only an episode with no such directory starts anew. With --grouped left out, runs trained the
+other way than the default are continued that way. --fresh starts every episode anew.
 
     python -m services.tolaria_worker --ppo --task synthetic --max-epochs 20 --n-envs 2 [esper train ppo flags]
 
@@ -38,8 +39,8 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from esper.cli import Parser, UsageError, add_checkpoint_flag, add_train_flags, train_config
-from esper.experiment import RunConfig, run
+from esper.cli import Parser, UsageError, add_checkpoint_flag, add_grouped_flag, add_train_flags, train_config
+from esper.experiment import RunConfig, continued_grouping, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import remote_act
@@ -118,6 +119,7 @@ def parse(argv: list[str] | None) -> Config:
         p.add_argument("--window", type=at_least(1), default=4, help="most trajectories unacked at once")
     else:
         add_checkpoint_flag(p)
+        add_grouped_flag(p)
         p.add_argument("--fresh", action="store_true", help="start every episode anew, continuing no run")
     p.add_argument("--tamiyo", type=grpc_target, default=env.tamiyo_target,
                    help="tamiyo_server host:port ($ESPER_TAMIYO_PORT)")
@@ -134,6 +136,8 @@ def parse(argv: list[str] | None) -> Config:
     # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
     args.mode = "ppo" if args.ppo else "heuristic"
     base = train_config(args)
+    if not args.ppo and args.grouped is None and not args.fresh:  # a run keeps its own way, as under --resume
+        base = continued_grouping(base)
     shipping = None
     if args.ppo:
         base = ppo_config(args, base)
@@ -204,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("hub at %s not attached after 10 s: events are lost until it is", cfg.hub_pub)
     policy = RemotePolicy(cfg.tamiyo, cfg.deadline_s, cfg.patience_s, stop=stop.event, token=cfg.token)
     experiment = cfg.run.trainer if cfg.shipping else cfg.run  # both have episodes, env and device
-    log.info("running %d episode(s) of %s on %s, decisions from %s", experiment.episodes, experiment.env.task,
-             experiment.device, cfg.tamiyo)
+    log.info("running %d episode(s) of %s on %s%s, decisions from %s", experiment.episodes, experiment.env.task,
+             experiment.device, " grouped" if cfg.run.grouped else "", cfg.tamiyo)
 
     status = 0
     try:

@@ -143,6 +143,55 @@ def test_a_killed_karn_still_holds_every_epoch(killed):
     assert_every_epoch_once(killed["karn"])
 
 
+def test_a_killed_grouped_worker_resumes_its_group(spawn, tmp_path):
+    """A worker training two episodes grouped (--grouped, the default on CUDA) SIGKILLed mid-group and
+    started again with the same flags: both runs resume from their checkpoints and end as the same
+    experiment under `esper train heuristic --grouped` straight through (it had trained every episode plainly,
+    so on CUDA the stack's worker ran at a third of `esper train`'s speed)."""
+    experiment = [*EXPERIMENT, "--episodes", "2", "--grouped"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "esper.cli", "train", "heuristic", *experiment, "--runs-dir", str(straight)],
+                   cwd=REPO, env=CHILD_ENV, check=True, capture_output=True)
+    hub = start_hub(spawn)
+    tamiyo = start_tamiyo(spawn)
+    runs = tmp_path / "runs"
+
+    def start_worker():
+        worker = spawn("tolaria_worker", *experiment, "--runs-dir", str(runs), "--tamiyo", tamiyo.endpoints["grpc"],
+                       "--hub-pub", hub.endpoints["publish"], "--metrics-port", "0", "--exit-when-done")
+        worker.wait_bound("metrics")
+        return worker
+
+    def by_seed(folder: Path) -> dict[str, Path]:
+        run_dirs = [d for d in folder.iterdir() if (d / "config.json").is_file()]
+        assert len(run_dirs) <= 2, run_dirs  # a restart that began the runs anew would leave four
+        return {d.name.rsplit("_", 1)[1]: d for d in run_dirs}
+
+    def epochs_done() -> list[int]:
+        """Each run's last epoch in its telemetry file so far (its whole lines: the worker may be writing one)."""
+        def last_epoch(text: str) -> int:
+            events = [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+            return max((e["epoch"]["signals"].get("epoch", 0) for e in events if "epoch" in e), default=0)
+        return [last_epoch((d / "telemetry.jsonl").read_text()) for d in by_seed(runs).values()] if runs.is_dir() else []
+
+    worker = start_worker()
+    wait_until(lambda: len(done := epochs_done()) == 2 and min(done) >= 3, 120, "both runs past epoch 3")
+    worker.kill()
+    killed_at = epochs_done()
+    resumed = start_worker()
+    assert resumed.proc.wait(120) == 0, resumed.output()
+    print(f"grouped worker SIGKILLed after epochs {killed_at} of {EPOCHS}")
+    assert max(killed_at) < EPOCHS, "the worker was not killed mid-group"
+    assert sum("resuming after epoch" in line for line in resumed.lines) == 2, resumed.output()
+    ours, theirs = by_seed(runs), by_seed(straight)
+    assert sorted(ours) == sorted(theirs) == ["s42", "s43"]
+    for seed, run_dir in ours.items():
+        assert json.loads((run_dir / "config.json").read_text())["grouped"] is True
+        sequences = telemetry_sequences(run_dir)
+        assert sequences == list(range(1, len(sequences) + 1))
+        same_result(run_dir, theirs[seed])
+
+
 class Honcho:
     """`honcho start` of the Procfile's heuristic stack (hub, tamiyo, karn, worker; the PPO learner has no
     part in a heuristic run) in its own process group, so teardown can kill whatever it left."""

@@ -20,6 +20,7 @@ from esper.kasmina.slot import through_seed
 from esper.leyline import Action, Blueprint, Decision, Operation
 from esper.nissa import ListSink, Telemetry, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv
+from esper.simic.checkpoint import load_checkpoint
 from esper.simic.env import step_together
 from esper.tamiyo.network import observation_legal_actions
 from esper.tolaria.augment import normalize
@@ -567,6 +568,118 @@ def test_a_grouped_experiment_resumes_where_it_was_cut(tmp_path, capsys):
         # measured: seeds 42 and 43 exact, 44 (its seeds now in other SeedGroups) 0.3% off in val loss
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.0)
+
+
+@pytest.mark.parametrize("cut, resumes_after", [("save_checkpoint", 3), ("promote", 4)])
+def test_a_group_cut_between_its_runs_checkpoints_resumes_as_never_stopped(cut, resumes_after, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A kill between the two runs' checkpoints of epoch 4, while they are written or while they
+    replace those of epoch 3: the resume finds both runs after the same epoch (the save undone, or finished)
+    and each ends exactly as in the experiment never stopped. Saved one after another, the second run had
+    resumed an epoch behind the first, its seeds in other seed groups, and ended other than it (measured:
+    val loss 1.0469688 against 1.0469686)."""
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "6", "--slots", "early", "mid",
+             "--episodes", "2", "--grouped", "--device", "cpu", "--telemetry-level", "minimal"]
+
+    def summaries(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/*/summary.json"))]
+
+    assert main([*flags, "--runs-dir", str(tmp_path / "straight" / "seed{seed}")]) == 0
+    original, calls = getattr(experiment, cut), []
+
+    def killed_at_the_eighth(*args):  # epoch 4's second run: 2 runs x 3 epochs before
+        calls.append(args)
+        if len(calls) == 8:
+            raise Interrupted  # the process dies here (not KeyboardInterrupt: nothing is cleaned up)
+        return original(*args)
+
+    monkeypatch.setattr(experiment, cut, killed_at_the_eighth)
+    cfg = train_config(build_parser().parse_args([*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]))
+    with pytest.raises(Interrupted):
+        experiment.run(cfg, console=Console(file=io.StringIO()))
+    monkeypatch.setattr(experiment, cut, original)
+    run_dirs = sorted(p.parent for p in (tmp_path / "cut").glob("*/*/config.json"))
+    capsys.readouterr()
+    assert main([*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}"), "--resume", str(run_dirs[0])]) == 0
+    assert capsys.readouterr().err.count(f"resuming after epoch {resumes_after}") == 2
+    assert not [path for run_dir in run_dirs for path in run_dir.glob("checkpoint*")]
+    for resumed, straight in zip(summaries("cut"), summaries("straight"), strict=True):
+        assert sorted(k for k in resumed if resumed[k] != straight[k]) == ["run_id", "wall_seconds"]
+
+
+def test_ctrl_c_inside_a_groups_first_save_says_what_the_resume_does(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after both runs' first checkpoints were written whole, before either replaced its (absent) old
+    one: the hint settles the save as the resume will, so it says the runs continue, and they resume after
+    epoch 1. It had said no checkpoint was written and both would train again from epoch 1."""
+    flags = ["train", "static", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--episodes", "2",
+             "--grouped", "--device", "cpu", "--telemetry-level", "minimal", "--runs-dir", str(tmp_path / "seed{seed}")]
+
+    promote, calls = experiment.promote, []
+
+    def ctrl_c_at_the_first(run_dir):
+        calls.append(run_dir)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        promote(run_dir)
+
+    monkeypatch.setattr(experiment, "promote", ctrl_c_at_the_first)
+    hint = None
+    try:  # not pytest.raises: a bare KeyboardInterrupt getting past it would stop the whole test session
+        experiment.run(train_config(build_parser().parse_args(flags)), console=Console(file=io.StringIO()))
+    except KeyboardInterrupt as stopped:
+        hint = getattr(stopped, "hint", None)
+    monkeypatch.undo()
+    assert hint and hint.startswith("continue them with the same flags and --resume "), hint
+    capsys.readouterr()
+    assert main([*flags, "--resume", hint.split()[-1]]) == 0
+    assert capsys.readouterr().err.count("resuming after epoch 1") == 2
+
+
+def test_a_group_whose_runs_are_at_different_epochs_saves_them_all_when_one_is_due(tmp_path):
+    """--checkpoint-every 4 over 6 epochs, episode 0 cut after epoch 5 and resumed with --episodes 2: episode 1
+    steps beside it from epoch 0, so the two are due at other epochs. Every run that stepped saves when any
+    is due (episode 0's last epoch, episode 1's second), so episode 1, cut after its third epoch and resumed,
+    ends as when never cut. Saved only when due itself, it had had no checkpoint and trained again alone
+    from epoch 1 what it had trained beside episode 0 (measured: val 57.42% against 57.62%)."""
+    flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "6", "--slots", "early", "mid", "--grouped",
+             "--device", "cpu", "--telemetry-level", "minimal", "--checkpoint-every", "4"]
+
+    def session(name: str, episodes: int, stops_at: int | None = None, resume: bool = False, stop=StopsAt) -> None:
+        runs = str(tmp_path / name / "seed{seed}")
+        first = next((tmp_path / name / "seed42").glob("*/config.json")).parent if resume else None
+        args = [*flags, "--episodes", str(episodes), "--runs-dir", runs, *(["--resume", str(first)] if resume else [])]
+        cfg = train_config(build_parser().parse_args(args))
+        policy = experiment.make_policy(cfg)
+        experiment.run(cfg, console=Console(file=io.StringIO()), resume=first,
+                       policy=policy if stops_at is None else stop(stops_at, policy))
+
+    class CtrlCAt(StopsAt):
+        def decide(self, obs):
+            if obs.signals.epoch == self.epoch:
+                raise KeyboardInterrupt
+            return self.policy.decide(obs)
+
+    def summary(name: str, seed: int) -> dict:
+        return json.loads(next((tmp_path / name / f"seed{seed}").glob("*/summary.json")).read_text())
+
+    for name in ("never_cut", "cut", "ctrl_c"):
+        with pytest.raises(Interrupted):
+            session(name, episodes=1, stops_at=5)  # episode 0's checkpoint after epoch 4
+    session("never_cut", episodes=2, resume=True)
+    with pytest.raises(Interrupted):
+        session("cut", episodes=2, stops_at=3, resume=True)  # episode 1 after its epoch 3; episode 0 had finished
+    hint = None
+    try:  # before the group's first save: episode 0 continues from its checkpoint, episode 1 begins again
+        session("ctrl_c", episodes=2, stops_at=5, resume=True, stop=CtrlCAt)
+    except KeyboardInterrupt as stopped:
+        hint = getattr(stopped, "hint", None)
+    assert hint and hint.endswith("(1 of 2 from epoch 1: stopped before the first checkpoint)"), hint
+    (cut,) = (tmp_path / "cut" / "seed43").glob("*/checkpoint.pt")
+    assert load_checkpoint(cut, experiment.EPISODE_FORMAT)["env"]["signals"]["epoch"] == 2
+    session("cut", episodes=2, resume=True)
+    for seed in (42, 43):
+        resumed, never_cut = summary("cut", seed), summary("never_cut", seed)
+        assert sorted(k for k in resumed if resumed[k] != never_cut[k]) == ["run_id", "wall_seconds"]
 
 
 def test_a_grouped_experiment_trains_its_episodes_in_groups_of_at_most_group_episodes(tmp_path, monkeypatch):

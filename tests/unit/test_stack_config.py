@@ -147,12 +147,46 @@ def refusal(name: str, flag: str, value: str, capsys) -> str:
     return str(refused.value) if refused.type is UsageError else capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply():
+def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys):
     """Each worker plays --episodes, so with W workers a decay over the learner's --episodes would reach a rate
-    of 0 after 1/W of the data and publish unchanged weights from then on, silently."""
+    of 0 after 1/W of the data and publish unchanged weights from then on, silently. Its --help does not offer
+    the flag (it had listed it, from the shared PPO flags); `esper train ppo --help` does."""
     parse = importlib.import_module("services.simic_learner.__main__").parse
     with pytest.raises(UsageError, match="--anneal-lr: the learner cannot know how many episodes"):
         parse(["--anneal-lr"])
+    for show_help in (lambda: parse(["--help"]), lambda: main(["train", "ppo", "--help"])):
+        with pytest.raises(SystemExit):
+            show_help()
+    learner_help, train_help = capsys.readouterr().out.split("usage: esper train ppo")
+    assert "--lr" in learner_help and "--anneal-lr" not in learner_help
+    assert "--anneal-lr" in train_help
+
+
+def test_a_worker_groups_its_episodes_as_esper_train_does():
+    """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
+    train's do (on CUDA; not here, on the CPU)."""
+    parse = importlib.import_module("services.tolaria_worker.__main__").parse
+    experiment = ["--task", "synthetic", "--episodes", "2", "--device", "cpu"]
+    assert parse([*experiment, "--grouped"]).run.grouped is True
+    assert parse(experiment).run.grouped is False
+    with pytest.raises(UsageError, match="--grouped trains CNN hosts .* leave out --precision bf16"):
+        parse([*experiment, "--grouped", "--precision", "bf16"])
+
+
+def test_a_restarted_worker_continues_its_runs_the_way_they_were_trained(tmp_path):
+    """The default grouping follows the device (and under --no-cuda-graph the episode count), so a worker
+    restarted elsewhere, or on a new version, could find its runs trained the other way: as another config's,
+    it had left them unfinished and started every episode anew. With --grouped left out it now continues them
+    their own way; --fresh, or the way given, starts anew."""
+    parse = importlib.import_module("services.tolaria_worker.__main__").parse
+    experiment = ["--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--episodes", "2", "--device", "cpu",
+                  "--runs-dir", str(tmp_path)]
+    assert main(["train", "heuristic", *experiment, "--grouped"]) == 0  # as the worker's default on CUDA would
+    assert parse(experiment).run.grouped is True  # the CPU's default is not grouped
+    assert parse([*experiment, "--fresh"]).run.grouped is False
+    assert parse([*experiment, "--no-grouped"]).run.grouped is False
+    assert main(["train", "heuristic", *experiment, "--no-grouped"]) == 0  # runs of both ways: the default's
+    assert parse(experiment).run.grouped is False
 
 
 @pytest.mark.parametrize("name, flag", [("karn", "--hub-sub"), ("karn", "--hub-snapshot"),

@@ -83,15 +83,16 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
 def add_grouped_flag(p: argparse.ArgumentParser) -> None:
     """--grouped of `esper train heuristic|static|learned` and of tolaria_worker (episodes_grouped)."""
     p.add_argument("--grouped", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the --episodes at once, their hosts as the groups of one network and each one's "
-                        "seeds on its group (CNN hosts, fp32), each step a CUDA graph on CUDA (default: on CUDA "
-                        "when the other flags allow it, where even one run trained faster so, bench/concurrency.py "
-                        "--cuda-graph off on; off on the CPU; a resumed run keeps its own way)")
+                   help="train the --episodes together, 8 at a time, their hosts as the groups of one network and "
+                        "each one's seeds on its group (CNN hosts, fp32), each step a CUDA graph on CUDA. Default: "
+                        "on CUDA where the other flags allow it (even one run trained faster so: bench/concurrency.py "
+                        "--cuda-graph off on); off on the CPU; a resumed run keeps its own way")
 
 
 def add_checkpoint_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
-                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never)")
+                   help="write <run dir>/checkpoint.pt every this many epochs, to resume from (0 = never); a "
+                        "grouped run also saves whenever another run of its group does")
 
 
 def add_compare_flags(p: argparse.ArgumentParser) -> None:
@@ -269,7 +270,8 @@ def episodes_grouped(args: argparse.Namespace, device: str) -> bool:
     --cuda-graph on); off on the CPU, where it does not pay (one run: 0.93x, 1.01x, bench/one_run.py; two:
     0.79x, bench/concurrency.py). A resumed run keeps its own way (its config.json's), whatever the device:
     what --resume continues (one run and the episodes after it, or every episode of a group) is the run's,
-    not the machine's. tolaria_worker has no --resume: it continues the runs of its own flags."""
+    not the machine's. tolaria_worker has no --resume: it continues the runs of its flags, in their own way
+    when none were trained in the default's (experiment.continued_grouping)."""
     if args.grouped is None and getattr(args, "resume", None):
         try:
             return json.loads((Path(args.resume) / "config.json").read_text()).get("grouped") is True

@@ -65,7 +65,8 @@ class RunConfig:
     runs_dir: str = "runs"
     """Where run directories are created; "{seed}" in it becomes each episode's seed."""
     checkpoint_every: int = 0
-    """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never."""
+    """Write <run_dir>/checkpoint.pt every this many epochs (and after the last); 0 = never. A grouped run also
+    saves whenever another run of its group does (save_together)."""
     seed_grafts: tuple[tuple[int, str, str], ...] = ()
     """(seed, slot, blueprint): a seed built in before epoch 1 in the episode of that seed only, besides
     env.grafts (every episode's); how one grouped `esper compare` child trains from-scratch runs that each
@@ -270,8 +271,9 @@ def trim_jsonl(path: Path, last_sequence: int) -> None:
 
 class Episode:
     """One episode's run directory while it trains: its environment, telemetry, curve and progress bar.
-    Made for a seed, whoever steps its `env` calls `epoch_done(obs)` after every step, then `finish(obs)`
-    writes the summary (run_one steps one episode; run_grouped steps a group in lockstep)."""
+    Made for a seed, whoever steps its `env` calls `epoch_done(obs)` after every step (and saves
+    `checkpoint_state()` when it says one is due), then `finish(obs)` writes the summary (run_one steps one
+    episode; run_grouped steps a group in lockstep)."""
 
     def __init__(self, cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
                  extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer,
@@ -388,14 +390,14 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     checkpoint."""
     episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir, group=group)
 
-    def epoch_done(obs: Observation) -> None:
+    def save_when_due(obs: Observation) -> None:
         if episode.epoch_done(obs):
             save_checkpoint(episode.checkpoint_state(), episode.run_dir / CHECKPOINT, EPISODE_FORMAT)
 
     try:
         with progress_bars(console) as progress:
             episode.show_in(progress)
-            obs = run_episode(episode.env, policy, seed, epoch_done, episode.state["env"] if episode.state else None)
+            obs = run_episode(episode.env, policy, seed, save_when_due, episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(cfg, [episode], "it")) from None
@@ -406,15 +408,14 @@ def resume_hint(cfg: RunConfig, episodes: list[Episode], them: str) -> str:
     written, trains them again from their first epochs (the hint had promised to continue them either way).
     One that finished before the interrupt (its summary written, its checkpoint gone) the resume keeps."""
     cut = [e for e in episodes if not (e.run_dir / "summary.json").is_file()]
-    settle_saves([e.run_dir for e in cut])  # as the resume will: a group's save cut short is finished or undone
     run_dir = (cut or episodes)[0].run_dir
     anew = [e for e in cut if not (e.run_dir / CHECKPOINT).is_file()]
+    hint = f"continue {them} with the same flags and --resume {run_dir}"
     if not anew:
-        return f"continue {them} with the same flags and --resume {run_dir}"
+        return hint
     why = "--checkpoint-every 0" if cfg.checkpoint_every == 0 else "stopped before the first checkpoint"
     if len(anew) < len(cut):  # a group continued with an episode begun since
-        return (f"continue {them} with the same flags and --resume {run_dir} ({len(anew)} of {len(cut)} from epoch 1: "
-                f"{why})")
+        return f"{hint} ({len(anew)} of {len(cut)} from epoch 1: {why})"
     return f"no checkpoint was written ({why}): the same flags and --resume {run_dir} train {them} again from epoch 1"
 
 
@@ -452,6 +453,8 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
                                    for episode in stepping])
         return {episode: e.finish(last[episode]) for episode, e in episodes.items()}
     except KeyboardInterrupt:  # any of the group's runs resumes them all
+        # Settled as the resume will settle it, so that the hint says what the resume does
+        settle_saves([e.run_dir for e in episodes.values() if not (e.run_dir / "summary.json").is_file()])
         raise Interrupted(resume_hint(cfg, list(episodes.values()), "them")) from None
 
 
@@ -459,7 +462,8 @@ def save_together(saves: list[tuple[Path, dict]]) -> None:
     """The checkpoints of a group's runs after one step, each (run directory, state), saved so that a resume
     finds all of them or none (settle_saves). Saved one after another, a kill between two had left the runs
     an epoch apart, and a run resumed beside other epochs than its own trains its seeds in other seed
-    groups: it ended other than the run never stopped, in float order. Each state is written whole as
+    groups: it ended with other results in the last float digits (its seed groups summed in another order).
+    Each state is written whole as
     NEXT_CHECKPOINT, marked with this save's token and its runs, before any replaces its run's CHECKPOINT."""
     save = {"token": uuid.uuid4().hex, "runs": [run_dir.name for run_dir, _ in saves]}
     for run_dir, state in saves:
@@ -480,13 +484,14 @@ def settle_saves(run_dirs: list[Path]) -> None:
     written whole: the next checkpoints are promoted. Otherwise they are deleted, and the runs resume from the
     step before, together. A run of the save that is not among them (an experiment resumed with fewer
     --episodes) is not resumed now, and does not count."""
-    saves = {run_dir: saved_by(run_dir / NEXT_CHECKPOINT) for run_dir in run_dirs}
-    held = {run_dir.name: {saves[run_dir].get("token"), saved_by(run_dir / CHECKPOINT).get("token")}
-            for run_dir in run_dirs}
-    for run_dir, save in saves.items():
-        if not save:
-            continue
-        if all(save["token"] in held[name] for name in save["runs"] if name in held):
+    cut_short = {run_dir: saved_by(run_dir / NEXT_CHECKPOINT) for run_dir in run_dirs
+                 if (run_dir / NEXT_CHECKPOINT).is_file()}
+    if not cut_short:
+        return  # the usual resume: no checkpoint need be read here
+    tokens_held = {run_dir.name: {saved_by(run_dir / CHECKPOINT).get("token"), cut_short.get(run_dir, {}).get("token")}
+                   for run_dir in run_dirs}
+    for run_dir, save in cut_short.items():
+        if all(save["token"] in tokens_held[name] for name in save["runs"] if name in tokens_held):
             promote(run_dir)
         else:
             (run_dir / NEXT_CHECKPOINT).unlink()

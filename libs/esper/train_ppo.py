@@ -102,8 +102,8 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
                    help="episodes per environment between PPO updates (and one after the last)")
     p.add_argument("--lr", type=finite, default=ppo.lr, help="Adam learning rate")
     p.add_argument("--anneal-lr", action="store_true",
-                   help="decay the learning rate linearly over --episodes (CleanRL's anneal_lr)" if offer_anneal_lr
-                   else argparse.SUPPRESS)
+                   help=("decay the learning rate linearly over --episodes (CleanRL's anneal_lr)" if offer_anneal_lr
+                         else argparse.SUPPRESS))
     p.add_argument("--clip-ratio", type=finite, default=ppo.clip_coef, help="PPO clip coefficient")
     p.add_argument("--gamma", type=finite, default=ppo.gamma, help="discount per epoch")
     p.add_argument("--entropy-coef", type=finite, default=None,

@@ -4,8 +4,9 @@
 
 Starts with a snapshot from the hub, so a karn started (or restarted) mid-run still holds every epoch.
 With --journal it also keeps every event it applied in that file and replays it on start, so its
-store survives a restart of the whole stack (the hub's snapshot does not); the Procfile passes one. The
-file keeps only the runs the store keeps (--max-runs), compacted at start and whenever it has doubled.
+store survives a restart of the whole stack (the hub's snapshot does not); the Procfile passes one. It
+is compacted to the runs the store keeps (--max-runs) at start and whenever it has doubled since (from 64
+MiB), so it grows to twice that at most.
 """
 
 from __future__ import annotations

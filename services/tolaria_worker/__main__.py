@@ -14,7 +14,8 @@ start continues its experiment, episode by episode (or group by group): the newe
 --runs-dir with the same config and episode seed is resumed from its checkpoint if unfinished (the same
 run id and telemetry sequence numbers, so karn sees neither a gap nor a duplicate) and skipped if
 finished; only an episode with no such directory starts anew. With --grouped left out, runs trained the
-other way than the default are continued that way. --fresh starts every episode anew.
+other way than the default are continued that way, when none were trained the default's way. --fresh
+starts every episode anew.
 
     python -m services.tolaria_worker --ppo --task synthetic --max-epochs 20 --n-envs 2 [esper train ppo flags]
 
@@ -136,7 +137,8 @@ def parse(argv: list[str] | None) -> Config:
     # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
     args.mode = "ppo" if args.ppo else "heuristic"
     base = train_config(args)
-    if not args.ppo and args.grouped is None and not args.fresh:  # a run keeps its own way, as under --resume
+    continue_runs = not getattr(args, "fresh", False)
+    if not args.ppo and args.grouped is None and continue_runs:  # a run keeps its own way, as under --resume
         base = continued_grouping(base)
     shipping = None
     if args.ppo:
@@ -149,7 +151,7 @@ def parse(argv: list[str] | None) -> Config:
     return Config(run=base, tamiyo=args.tamiyo, hub_pub=args.hub_pub, host=args.host,
                   metrics_port=args.metrics_port, deadline_s=args.deadline_s, patience_s=args.patience_s,
                   exit_when_done=args.exit_when_done, shipping=shipping, token=args.token,
-                  continue_runs=not getattr(args, "fresh", False))
+                  continue_runs=continue_runs)
 
 
 def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, stop: StopSignal,

@@ -597,7 +597,7 @@ def test_a_group_cut_between_its_runs_checkpoints_resumes_as_never_stopped(cut, 
     cfg = train_config(build_parser().parse_args([*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]))
     with pytest.raises(Interrupted):
         experiment.run(cfg, console=Console(file=io.StringIO()))
-    monkeypatch.setattr(experiment, cut, original)
+    monkeypatch.undo()
     run_dirs = sorted(p.parent for p in (tmp_path / "cut").glob("*/*/config.json"))
     capsys.readouterr()
     assert main([*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}"), "--resume", str(run_dirs[0])]) == 0
@@ -640,7 +640,8 @@ def test_a_group_whose_runs_are_at_different_epochs_saves_them_all_when_one_is_d
     steps beside it from epoch 0, so the two are due at other epochs. Every run that stepped saves when any
     is due (episode 0's last epoch, episode 1's second), so episode 1, cut after its third epoch and resumed,
     ends as when never cut. Saved only when due itself, it had had no checkpoint and trained again alone
-    from epoch 1 what it had trained beside episode 0 (measured: val 57.42% against 57.62%)."""
+    from epoch 1 what it had trained beside episode 0 (measured: val 57.42% against 57.62%). Ctrl-C before
+    such a group's first save: the hint says that one of the two runs (episode 1) trains again from epoch 1."""
     flags = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "6", "--slots", "early", "mid", "--grouped",
              "--device", "cpu", "--telemetry-level", "minimal", "--checkpoint-every", "4"]
 

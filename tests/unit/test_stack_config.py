@@ -162,11 +162,11 @@ def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys
     assert "--anneal-lr" in train_help
 
 
-def test_a_worker_groups_its_episodes_as_esper_train_does():
+def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):
     """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
     train's do (on CUDA; not here, on the CPU)."""
     parse = importlib.import_module("services.tolaria_worker.__main__").parse
-    experiment = ["--task", "synthetic", "--episodes", "2", "--device", "cpu"]
+    experiment = ["--task", "synthetic", "--episodes", "2", "--device", "cpu", "--runs-dir", str(tmp_path)]
     assert parse([*experiment, "--grouped"]).run.grouped is True
     assert parse(experiment).run.grouped is False
     with pytest.raises(UsageError, match="--grouped trains CNN hosts .* leave out --precision bf16"):
@@ -179,8 +179,8 @@ def test_a_restarted_worker_continues_its_runs_the_way_they_were_trained(tmp_pat
     it had left them unfinished and started every episode anew. With --grouped left out it now continues them
     their own way; --fresh, or the way given, starts anew."""
     parse = importlib.import_module("services.tolaria_worker.__main__").parse
-    experiment = ["--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--episodes", "2", "--device", "cpu",
-                  "--runs-dir", str(tmp_path)]
+    experiment = ["--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--episodes", "2",
+                  "--device", "cpu", "--runs-dir", str(tmp_path)]
     assert main(["train", "heuristic", *experiment, "--grouped"]) == 0  # as the worker's default on CUDA would
     assert parse(experiment).run.grouped is True  # the CPU's default is not grouped
     assert parse([*experiment, "--fresh"]).run.grouped is False

@@ -463,8 +463,8 @@ def save_together(saves: list[tuple[Path, dict]]) -> None:
     finds all of them or none (settle_saves). Saved one after another, a kill between two had left the runs
     an epoch apart, and a run resumed beside other epochs than its own trains its seeds in other seed
     groups: it ended with other results in the last float digits (its seed groups summed in another order).
-    Each state is written whole as
-    NEXT_CHECKPOINT, marked with this save's token and its runs, before any replaces its run's CHECKPOINT."""
+    Each state is written whole as NEXT_CHECKPOINT, marked with this save's token and its runs, before any
+    replaces its run's CHECKPOINT."""
     save = {"token": uuid.uuid4().hex, "runs": [run_dir.name for run_dir, _ in saves]}
     for run_dir, state in saves:
         save_checkpoint(state | {"group_save": save}, run_dir / NEXT_CHECKPOINT, EPISODE_FORMAT)

@@ -30,7 +30,7 @@ from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.env import fates_in_words, step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
-from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy
+from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy, decide_all
 from esper.tolaria.data import load_task_data
 from esper.tolaria.grouped import MAX_GROUP, GroupMember
 from esper.tolaria.trainer import EvalResult, Trainer
@@ -443,7 +443,7 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
                 e.show_in(progress)
             while stepping := [episode for episode, e in episodes.items() if e.env.epoch < cfg.env.max_epochs]:
                 stepped = step_together([episodes[episode].env for episode in stepping],
-                                        [policy.decide(last[episode]) for episode in stepping])
+                                        decide_all(policy, [last[episode] for episode in stepping]))
                 due = False
                 for episode, (obs, _) in zip(stepping, stepped):
                     last[episode] = obs

@@ -4,8 +4,8 @@
 
 Takes the flags of `esper train` and builds the same objects; only the policy (RemotePolicy) and one
 extra sink (the bus) differ. Its episodes train grouped as `esper train`'s do (--grouped: by default on
-CUDA, where the flags allow it), each decision still asked of tamiyo_server run by run. It writes the same
-run directories under --runs-dir.
+CUDA, where the flags allow it), a group's decisions asked of tamiyo_server in one DecideBatch an epoch. It
+writes the same run directories under --runs-dir.
 When its episodes are done it stays up (idle) until SIGTERM, because honcho stops the whole stack when
 any process exits; `--exit-when-done` makes it return instead.
 

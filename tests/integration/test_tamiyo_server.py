@@ -3,10 +3,13 @@ requests get INVALID_ARGUMENT, SIGTERM exits cleanly."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
@@ -15,7 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
+from esper import experiment
 from esper.leyline import (
     Blueprint,
     DecideBatchRequest,
@@ -34,7 +39,8 @@ from esper.simic.trainer import TrainerConfig
 from esper.tamiyo import HeuristicPolicy
 from esper.tamiyo.validate import MAX_REASON_BYTES
 from esper.transport.bus import bind_endpoint
-from esper.transport.policy_service import RemotePolicy
+from esper.tolaria.trainer import TrainConfig
+from esper.transport.policy_service import RemotePolicy, TamiyoServicer
 from esper.transport.trajectories import weights_frames
 
 from procs import metric, scrape, start_tamiyo, wait_until
@@ -307,3 +313,42 @@ def test_neural_policy_refuses_what_its_network_cannot_decide(spawn):
     ctx.term()
     assert tamiyo.stop() == 0, tamiyo.output()
     assert "Traceback" not in tamiyo.output()
+
+
+class MethodsCalled(grpc.ServerInterceptor):
+    """The name of every method a server is asked, in order."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def intercept_service(self, continuation, handler_call_details):
+        self.names.append(handler_call_details.method.rsplit("/", 1)[-1])
+        return continuation(handler_call_details)
+
+
+def test_a_grouped_experiment_asks_a_remote_policy_once_an_epoch_for_all_its_runs(tmp_path):
+    """A tolaria worker's grouped runs (experiment.run_grouped with a RemotePolicy) are decided in one
+    DecideBatch per epoch, not a Decide per run, and each run gets its own observation's decision: the runs
+    end as the same experiment decided in-process does."""
+    called = MethodsCalled()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[called])
+    tamiyo_pb2_grpc.add_TamiyoServicer_to_server(TamiyoServicer(HeuristicPolicy()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = EnvConfig(task="synthetic", max_epochs=12, train=TrainConfig(max_batches=3))
+    cfg = experiment.RunConfig(mode="heuristic", env=env, episodes=3, grouped=True,
+                               runs_dir=str(tmp_path / "remote" / "seed{seed}"))
+    remote = RemotePolicy(f"127.0.0.1:{port}")
+    try:
+        asked = experiment.run(cfg, console=Console(file=io.StringIO()), policy=remote)
+    finally:
+        remote.close()
+        server.stop(None)
+    local = experiment.run(dataclasses.replace(cfg, runs_dir=str(tmp_path / "local" / "seed{seed}")),
+                           console=Console(file=io.StringIO()))
+    assert called.names == ["DecideBatch"] * env.max_epochs
+    assert remote.name == HeuristicPolicy.name
+    assert any(summary["seeds"] for summary in local)  # the heuristic grew: decisions other than WAIT were routed
+    for a, b in zip(asked, local, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("run_id", "wall_seconds")} == \
+            {k: v for k, v in b.items() if k not in ("run_id", "wall_seconds")}

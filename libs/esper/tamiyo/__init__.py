@@ -3,7 +3,7 @@
 from esper.tamiyo.features import FeatureSpec
 from esper.tamiyo.heuristic import HeuristicConfig, HeuristicPolicy
 from esper.tamiyo.network import ActorCritic, NeuralPolicy
-from esper.tamiyo.policy import Policy, WaitPolicy
+from esper.tamiyo.policy import Policy, WaitPolicy, decide_all
 
 __all__ = ["ActorCritic", "FeatureSpec", "HeuristicConfig", "HeuristicPolicy", "NeuralPolicy", "Policy",
-           "WaitPolicy"]
+           "WaitPolicy", "decide_all"]

@@ -17,6 +17,13 @@ class Policy(Protocol):
     def decide(self, observation: Observation) -> Decision: ...
 
 
+def decide_all(policy: Policy, observations: list[Observation]) -> list[Decision]:
+    """Each observation's decision, in one call where the policy takes a batch: a RemotePolicy asks its server
+    once (DecideBatch) for a group's runs, not once per run."""
+    decide_batch = getattr(policy, "decide_batch", None)
+    return decide_batch(observations) if decide_batch else [policy.decide(o) for o in observations]
+
+
 class WaitPolicy:
     """Never grows: the static baseline runs through the same environment step as every controller."""
 

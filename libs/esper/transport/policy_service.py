@@ -221,7 +221,9 @@ class RemotePolicy:
         return decision
 
     def decide_batch(self, observations: list[Observation]) -> list[Decision]:
-        return list(self._call(self.stub.DecideBatch, DecideBatchRequest(observations=observations)).decisions)
+        decisions = list(self._call(self.stub.DecideBatch, DecideBatchRequest(observations=observations)).decisions)
+        self.name, self.version = decisions[-1].policy_name, decisions[-1].policy_version
+        return decisions
 
     def info(self) -> PolicyInfo:
         return self._call(self.stub.GetPolicyInfo, PolicyInfoRequest())

@@ -18,7 +18,7 @@ import torch
 from support import TINY_LM
 from esper.kasmina import LifecycleConfig, MorphogeneticModel, build_host
 from esper.kasmina.blueprints import blueprints_for
-from esper.kasmina.hosts import TransformerHost
+from esper.kasmina.hosts import CNNHost, HostSpec, TransformerHost
 from esper.leyline import Action, Blueprint, Operation, SeedStage, short_name
 from esper.tolaria.trainer import cross_entropy
 
@@ -301,3 +301,11 @@ def test_fossilized_seed_is_full_strength_and_passes_gradient_to_upstream_host(k
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     host_ids = {id(p) for p in model.host_parameters()}
     assert all(id(p) in host_ids for p in slot.seed.parameters())
+
+
+def test_slots_that_would_share_a_block_are_refused():
+    """On a host of two blocks early and mid both follow block 0: one of them would never run."""
+    host = CNNHost(HostSpec("two_blocks", "cnn", 3, (8, 16), 4))
+    with pytest.raises(ValueError, match="slots early, mid share a block"):
+        MorphogeneticModel(host, ("early", "mid"), LifecycleConfig())
+    assert list(MorphogeneticModel(host, ("early", "late"), LifecycleConfig()).slots) == ["early", "late"]

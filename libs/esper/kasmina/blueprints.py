@@ -2,8 +2,9 @@
 
 A slot adds the delta to the host's activations (x + alpha * f(x)), and every blueprint's last layer
 starts at zero, so a fresh seed is the identity. The zero sits in a BatchNorm/LayerNorm scale or a
-linear weight with *no* nonlinearity after it: a zero-scale BN before a final ReLU passes no gradient
-and the seed stays dead (FIELD-NOTES: 74.1% instead of 79.2%).
+linear weight with no nonlinearity after it, or one whose slope at 0 is 1 (SqueezeExcite's tanh): a
+zero-scale BN before a final ReLU passes no gradient and the seed stays dead (FIELD-NOTES: 74.1% instead
+of 79.2%).
 
 CNN seeds see [B, C, H, W]; transformer seeds see the residual stream [B, T, C] and are the
 transformer's own sublayers (attention, MLP) behind their own LayerNorm, as a block's are.

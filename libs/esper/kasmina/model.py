@@ -99,6 +99,9 @@ class MorphogeneticModel(nn.Module):
         ordered = [s for s in positions if s in slots]
         self.slots = nn.ModuleDict({s: SeedSlot(s, channels[s], host.spec.kind) for s in ordered})
         self.slot_after = {positions[s]: s for s in ordered}
+        if len(self.slot_after) < len(ordered):  # a host of under 3 blocks: one slot would never run
+            raise ValueError(f"slots {', '.join(ordered)} share a block on this {len(host.blocks)}-block host: "
+                             f"choose slots at different blocks ({positions})")
         self.blueprints = blueprints_for(host.spec.kind)
         self.records: list[SeedRecord] = []
 

@@ -33,9 +33,9 @@ S = SeedStage
 
 # Training settings that differ from TrainConfig's (the CNN recipe), per task. The transformer trains
 # with AdamW (SGD leaves it far behind at these budgets) on 16 windows of 128 tokens a step (about
-# 0.2 s on one CPU core) and evaluates 64 windows at a time ([64, 128, 2048] logits: 67 MB). lr 1e-3:
-# after 10 epochs of 50 batches, validation loss 3.79 against 4.02 at 5e-4 and 4.40 at 2e-3 (no
-# warmup, so a larger step overshoots early).
+# 0.2 s on one CPU core) and evaluates 64 windows at a time ([64, 128, 2048] logits: 67 MB, and as much
+# again per seed the counterfactual probes in the same pass). lr 1e-3: after 10 epochs of 50 batches,
+# validation loss 3.79 against 4.02 at 5e-4 and 4.40 at 2e-3 (no warmup, so a larger step overshoots early).
 TASK_RECIPES: dict[str, dict] = {
     "tinystories": dict(batch_size=16, optimizer="adamw", lr=1e-3, seed_lr=1e-3, weight_decay=0.01,
                         augment=False, eval_batch_size=64),

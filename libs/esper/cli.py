@@ -490,7 +490,7 @@ def check_outputs(cfg) -> None:
 
 
 def cmd_compare(cfg, resume: bool) -> int:
-    from esper.compare import PolicyChanged, RunFailed, compare, differences
+    from esper.compare import CompareBusy, PolicyChanged, RunFailed, compare, differences
 
     out = Path(cfg.out_dir)
     if why := karn_cli.folder_refusal(out, "--out"):
@@ -522,7 +522,7 @@ def cmd_compare(cfg, resume: bool) -> int:
     except RunFailed as exc:  # its other runs were stopped, as at Ctrl-C
         print(f"esper: error: {exc}; finish the comparison with the same flags and --resume {out}", file=sys.stderr)
         return 1
-    except PolicyChanged as exc:
+    except (PolicyChanged, CompareBusy) as exc:
         print(f"esper: error: {exc}", file=sys.stderr)
         return 2
     except ResumeError as exc:  # a finished run's summary damaged since

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esper.durable import write_atomic
+from esper.durable import lock_exclusively, write_atomic
 from esper.experiment import GROUP_EPISODES, read_summary
 from esper.kasmina import HOSTS
 from esper.simic.checkpoint import ResumeError, changed_settings, file_sha256
@@ -312,8 +312,10 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
             raise RunFailed(f"{label} failed (exit status {proc.returncode}): {why} (all it wrote: {said})")
         key, what = headline(cfg.task)
         for seed in block:
-            (summary,) = runs_dir(cfg, arm, seed).glob("*/summary.json")
-            results[arm.name][seed] = json.loads(summary.read_text())
+            found = list(runs_dir(cfg, arm, seed).glob("*/summary.json"))
+            if len(found) != 1:
+                raise RunFailed(f"{label} left {len(found)} run summaries in {runs_dir(cfg, arm, seed)}, not one")
+            results[arm.name][seed] = json.loads(found[0].read_text())
             log(f"{arm.name:>13} seed {seed}: {what} {results[arm.name][seed][key]:.3f}  "
                 f"({time.perf_counter() - started:.0f}s)")
 
@@ -348,14 +350,14 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
                 jobs += [(arm, block) for block in blocks_to_train(cfg, arm, seeds, results[arm.name], log)]
             with ThreadPoolExecutor(cfg.workers) as pool:
                 _, threads = sharing(cfg, phase)  # a resumed run gets the threads it had: its numbers depend on them
-                futures = [pool.submit(run, arm, block, threads) for arm, block in jobs]
+                pending = {pool.submit(run, arm, block, threads) for arm, block in jobs}
                 try:
-                    for future in futures:
-                        while not future.done():  # wake each second: a signal's handler runs in this thread
-                            wait([future], timeout=1.0)
-                            if on_wake is not None:
-                                on_wake()
-                        future.result()
+                    while pending:  # wake each second: a signal's handler runs in this thread
+                        done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                        for future in done:  # any run's failure, whichever was submitted first
+                            future.result()
+                        if on_wake is not None:
+                            on_wake()
                 except BaseException:  # a run failed, Ctrl-C or SIGTERM: no run goes on or starts
                     stop_runs()
                     pool.shutdown(cancel_futures=True)
@@ -382,6 +384,14 @@ def headline(task: str) -> tuple[str, str]:
     if HOSTS[task].kind == "transformer":
         return "test_loss", "test loss"
     return "test_accuracy", "test accuracy"
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean test loss; inf past what a float holds (a diverged model's finite but huge loss)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def mean_flops(runs: list[dict]) -> float:
@@ -444,8 +454,8 @@ def results_table(cfg: CompareConfig, results: dict[str, list[dict]]) -> str:
         value = mean_ci([r[key] for r in runs])
         vs = paired(runs, results["static"], key) if "static" in results and name != "static" else "-"
         flops = mean_flops(runs)
-        shown = (f"{shown_ci(value, '.3f')} (perplexity {math.exp(value[0]):.2f})" if key == "test_loss"
-                 else shown_ci(value, ".2f"))
+        shown = (f"{shown_ci(value, '.3f')} (perplexity {perplexity(value[0]):.2f})"
+                 if key == "test_loss" else shown_ci(value, ".2f"))
         lines.append(
             f"| {name} | {arms[name].max_epochs} | {'yes' if arms[name].same_steps else 'no'} "
             f"| {shown} | {vs} | {np.mean([final_params(r) for r in runs]):,.0f} "
@@ -518,10 +528,29 @@ def walls_shared(cfg: CompareConfig) -> str:
     return "; then ".join(said)
 
 
-def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: float, invocations: int = 1) -> Path:
+def device_name(device: str) -> str:
+    """The card a comparison's runs train on, or the CPU with its cores, as its report names them."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def ran_differently(ran_with: list[dict]) -> list[str]:
+    """A line for a comparison whose invocations ran with other settings (wall.json's `ran_with`, one entry
+    each), naming those that differed; none when they all ran alike."""
+    differ = [k for k in ran_with[0] if len({json.dumps(r.get(k)) for r in ran_with}) > 1] if ran_with else []
+    if not differ:
+        return []
+    each = "; ".join(f"{i}: " + ", ".join(f"{k} {r.get(k)}" for k in differ) for i, r in enumerate(ran_with, 1))
+    return [f"Its invocations ran with other settings ({each}). Each run trained whole within one invocation; "
+            "the device, settings and sharing said above are the last one's."]
+
+
+def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: float, invocations: int = 1,
+                 ran_with: list[dict] = ()) -> Path:
     out = Path(cfg.out_dir)
     images = plot(results, out, cfg.task)
-    device = torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    device = device_name(cfg.device)
     batch_size = TrainConfig.for_task(cfg.task).batch_size  # as `esper train` trains the task
     spread = f" over {invocations} invocations (interrupted and resumed)" if invocations > 1 else ""
     fates = {arm: fates_in_words(sum((Counter(r["seed_counts"]) for r in runs), Counter()))
@@ -551,6 +580,7 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
         "comparisons."
         + (" Perplexity: exp of the mean test loss." if key == "test_loss" else ""),
         f"wall s: the mean of the runs' own wall times. They compare within a phase only: {walls_shared(cfg)}.",
+        *ran_differently(list(ran_with)),
         "",
         *[f"Seeds of the {arm} arm over all runs: {fates[arm]}." for arm in fates],
         *([f"The ppo arm's policy: `{cfg.policy}`."] if "ppo" in results else []),
@@ -564,6 +594,10 @@ def write_report(cfg: CompareConfig, results: dict[str, list[dict]], seconds: fl
     (out / "results.md").write_text("\n".join(text))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return out / "results.md"
+
+
+class CompareBusy(RuntimeError):
+    """Another process is writing the comparison's folder."""
 
 
 class PolicyChanged(ValueError):
@@ -592,34 +626,56 @@ def copy_policy(cfg: CompareConfig, out: Path) -> None:
 def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     """Run the comparison into cfg.out_dir, or with `resume` finish the one there (same settings but
     RESUMABLE: the caller checks with `differences`). Its wall time adds up over the invocations in
-    wall.json, rewritten each second (an invocation killed outright loses at most that second)."""
+    wall.json, rewritten each second (an invocation killed outright loses at most that second), with the
+    settings each ran with (the report says where they differed); a resume that trains nothing is not counted.
+    CompareBusy while another process writes the folder."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
-    if cfg.policy:
-        copy_policy(cfg, out)
-    wall_file = out / "wall.json"
-    before = {"seconds": 0.0, "invocations": 0}
-    if resume and wall_file.is_file():
-        try:
-            before = {k: float(json.loads(wall_file.read_text())[k]) for k in before}
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:  # the results stand
-            log(f"esper: warning: {wall_file} cannot be read ({type(exc).__name__}): the wall time counts this "
-                "invocation only")
-    started = time.perf_counter()
-
-    def wall() -> dict:
-        spent = {"seconds": before["seconds"] + time.perf_counter() - started,
-                 "invocations": int(before["invocations"]) + 1}
-        write_atomic(wall_file, json.dumps(spent))
-        return spent
-
-    def report(results: dict[str, list[dict]]) -> Path:
-        return write_report(cfg, results, **wall())
-
-    wall()
+    lock = lock_exclusively(out / "compare.lock")  # held until this process ends, however it ends
+    if lock is None:
+        raise CompareBusy(f"{out} is being written by another esper compare: let it finish, or stop it and "
+                          f"--resume {out}")
     try:
-        run_all(cfg, log, on_phase=report, on_wake=wall)  # the report is rewritten after each phase
-    finally:
+        write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
+        if cfg.policy:
+            copy_policy(cfg, out)
+        wall_file = out / "wall.json"
+        before = {"seconds": 0.0, "invocations": 0, "ran_with": []}
+        counted = not (resume and wall_file.is_file())  # a resume counts once it trains a run
+        if not counted:
+            try:
+                saved = json.loads(wall_file.read_text())
+                before = {"seconds": float(saved["seconds"]), "invocations": int(saved["invocations"]),
+                          "ran_with": list(saved.get("ran_with", []))}
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:  # the results stand
+                log(f"esper: warning: {wall_file} cannot be read ({type(exc).__name__}): the wall time counts this "
+                    "invocation only")
+                counted = True
+        started = time.perf_counter()
+        ran_with = {"device": device_name(cfg.device), "workers": cfg.workers, "gpu_preload": cfg.gpu_preload,
+                    "cudnn_benchmark": cfg.cudnn_benchmark, "cuda_graph": cfg.cuda_graph}
+
+        def wall() -> dict:
+            if not counted:
+                return before
+            spent = {"seconds": before["seconds"] + time.perf_counter() - started,
+                     "invocations": before["invocations"] + 1, "ran_with": [*before["ran_with"], ran_with]}
+            write_atomic(wall_file, json.dumps(spent))
+            return spent
+
+        def training() -> None:  # about once a second while runs train
+            nonlocal counted
+            counted = True
+            wall()
+
+        def report(results: dict[str, list[dict]]) -> Path:
+            return write_report(cfg, results, **wall())
+
         wall()
-    return out / "results.md"
+        try:
+            run_all(cfg, log, on_phase=report, on_wake=training)  # the report is rewritten after each phase
+        finally:
+            wall()
+        return out / "results.md"
+    finally:
+        lock.close()

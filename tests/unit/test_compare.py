@@ -16,9 +16,11 @@ import pytest
 from scipy import stats
 
 from esper.cli import build_parser, compare_config, compare_grouped, episodes_grouped, main, train_config
+from esper import compare
 from esper.compare import (Arm, CompareConfig, PolicyChanged, arms_for, copy_policy, differences, final_architecture,
                            headline, mean_ci, paired, progress_of, results_table, seed_blocks, train_command,
                            walls_shared, write_report)
+from esper.durable import lock_exclusively
 from esper.karn.runs_db import RunsDB
 from esper.simic.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
@@ -53,6 +55,14 @@ def test_language_models_are_compared_on_test_loss():
     """Not on validation loss: the growing arms' decisions were made on that split."""
     assert headline("tinystories") == ("test_loss", "test loss")
     assert headline("cifar10") == ("test_accuracy", "test accuracy")
+
+
+def test_a_diverged_language_models_huge_loss_reports_an_infinite_perplexity():
+    """A finite mean test loss past what exp can hold (a diverged run's) had raised OverflowError in the
+    report, after phase one, so that the comparison ended with no results.md."""
+    runs = [summary(42, 0.0, []) | {"test_loss": 5.0}, summary(43, 0.0, []) | {"test_loss": 1500.0}]
+    table = results_table(CompareConfig(task="tinystories", arms=("static",)), {"static": runs})
+    assert "| 752.500 ± 9497.888 (perplexity inf) |" in table
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -193,6 +203,70 @@ def test_a_failed_run_ends_the_comparison_in_one_line_that_says_how_to_resume(tm
     assert said[1].startswith(f"esper: error: static seed 42 failed (exit status 1): no *.txt or *.txt.gz in {empty}")
     assert said[1].endswith(f"(all it wrote: {stderr}); finish the comparison with the same flags and --resume {out}")
     assert "Traceback" not in stderr.read_text() and f"no *.txt or *.txt.gz in {empty}" in stderr.read_text()
+
+
+def test_a_failed_run_stops_the_comparison_while_another_still_trains(tmp_path, monkeypatch, capsys):
+    """With --workers 2, a run that fails while one submitted before it trains on ends the comparison at once
+    (it had waited for that run to finish, starting the queued ones meanwhile), and no run is left training."""
+    said = tmp_path / "pids"
+
+    def train_command(cfg, arm, seeds, grafts):
+        fail = "sys.exit(3)" if seeds == [43] else "time.sleep(60)"
+        return [sys.executable, "-c", f"import os, sys, time; open({str(said)!r}, 'a').write(f'{{os.getpid()}} '); "
+                                      f"time.sleep(0.5); {fail}"]
+
+    monkeypatch.setattr(compare, "train_command", train_command)
+    started = time.monotonic()
+    assert main(["compare", "--task", "synthetic", "--max-epochs", "1", "--seeds", "3", "--arms", "static",
+                 "--workers", "2", "--out", str(tmp_path / "cmp"), "--db", str(tmp_path / "karn.db"),
+                 "--progress-every", "0"]) == 1
+    assert time.monotonic() - started < 30
+    assert "esper: error: static seed 43 failed (exit status 3)" in capsys.readouterr().err
+    for pid in said.read_text().split():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
+
+
+def test_a_comparison_another_process_is_writing_is_refused_and_left_alone(tmp_path, capsys):
+    """A --resume of a comparison still running had cleared the folders of its live runs and ended in a
+    traceback; the comparison's lock (flock, released however its holder ends) now refuses it in one line."""
+    out = tmp_path / "cmp"
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1", "--arms",
+             "static", "--db", str(tmp_path / "karn.db"), "--progress-every", "0"]
+    assert main([*flags, "--out", str(out)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "compare.lock"}
+    held = lock_exclusively(out / "compare.lock")
+    capsys.readouterr()
+    try:
+        assert main([*flags, "--resume", str(out)]) == 2
+    finally:
+        held.close()
+    assert capsys.readouterr().err.strip().endswith(f"esper: error: {out} is being written by another esper compare: "
+                                                    f"let it finish, or stop it and --resume {out}")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "compare.lock"} == before
+    assert main([*flags, "--resume", str(out)]) == 0
+
+
+def test_a_resume_says_when_it_ran_otherwise_and_is_counted_only_when_it_trains(tmp_path):
+    """wall.json keeps each invocation's device and settings: the report says where they differed (a run cut
+    off and trained again under --workers 2 had been described as trained under the first invocation's
+    --workers 1, and on the CPU its numbers depend on it). A --resume of a finished comparison trains nothing
+    and is not counted (it had read as "interrupted and resumed")."""
+    out = tmp_path / "cmp"
+    flags = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1", "--arms",
+             "static", "--db", str(tmp_path / "karn.db"), "--progress-every", "0"]
+    assert main([*flags, "--out", str(out)]) == 0
+    first = (out / "wall.json").read_text()
+    assert json.loads(first)["ran_with"] == [{"device": f"CPU ({os.cpu_count()} cores)", "workers": 1,
+                                              "gpu_preload": False, "cudnn_benchmark": False, "cuda_graph": True}]
+    assert main([*flags, "--resume", str(out)]) == 0
+    assert (out / "wall.json").read_text() == first
+    assert "invocations" not in (out / "results.md").read_text()
+    shutil.rmtree(out / "runs" / "static" / "seed42")  # as a run cut off by a kill is cleared on resume
+    assert main([*flags, "--workers", "2", "--resume", str(out)]) == 0
+    wall = json.loads((out / "wall.json").read_text())
+    assert wall["invocations"] == 2 and [r["workers"] for r in wall["ran_with"]] == [1, 2]
+    assert ("Its invocations ran with other settings (1: workers 1; 2: workers 2). Each run trained whole within one "
+            "invocation;") in (out / "results.md").read_text()
 
 
 def summary(seed: int, accuracy: float, seeds: list[dict]) -> dict:

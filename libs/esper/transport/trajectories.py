@@ -17,7 +17,6 @@ joins late or restarts (PUB/SUB slow joiner: it would miss a single publication)
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import reprlib
@@ -31,7 +30,7 @@ import zmq
 from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from esper.durable import write_durably
+from esper.durable import lock_exclusively, write_durably
 from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
@@ -148,13 +147,10 @@ class Spool:
     def __init__(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._lock = (directory / ".lock").open("a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+        self._lock = lock_exclusively(directory / ".lock")
+        if self._lock is None:
             raise SpoolBusy(f"{directory} is in use by another worker (give each worker its own "
-                            f"--worker-id or --spool-dir)") from None
+                            f"--worker-id or --spool-dir)")
         for torn in directory.glob("*.tmp"):  # a write that a kill interrupted: never an entry
             torn.unlink()
         self.progress = self._read_progress(directory / "progress.json")

@@ -3,7 +3,8 @@
     python -m services.simic_learner --task synthetic --n-envs 2 --update-every 1 [esper train ppo flags]
 
 Takes the flags of `esper train ppo` (give the workers the same ones: task, slots, rewards and
-features must agree; a mismatched trajectory is refused) and builds the same PPOTrainer, through
+features must agree; a trajectory of another task or of other shapes is refused, other rewards are not
+noticed) and builds the same PPOTrainer, through
 esper.simic.learner.Learner. Trajectories arrive on a ROUTER (acked, deduplicated:
 proto/esper/leyline/simic.proto); after n_envs x update_every episodes PPO updates and the new weights
 are published on a PUB socket that tamiyo_server --policy neural subscribes to.
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.run.num_workers)
     tcfg = cfg.run.trainer
     checkpoint = Path(cfg.run.save)
-    source = Path(cfg.run.resume) if cfg.run.resume else checkpoint if checkpoint.is_file() else None
+    # Its own --save once it has one: a restart with the same flags (an .env's --resume) had gone back to
+    # --resume, dropping every update and accepted trajectory since. --resume only starts it.
+    source = checkpoint if checkpoint.is_file() else Path(cfg.run.resume) if cfg.run.resume else None
     try:
         state = load_checkpoint(source) if source else None
         if state is not None:
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level), sinks)
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
-    inbox = TrajectoryInbox(learner.add, lambda: learner.version)
+    inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task)
     if state is not None:
         learner.load_state_dict(state)
         if "inbox_json" in state:  # not in an `esper train ppo` checkpoint

@@ -162,6 +162,21 @@ def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys
     assert "--anneal-lr" in train_help
 
 
+def test_a_restarted_learner_continues_its_save_not_the_checkpoint_it_began_from(tmp_path):
+    """--resume starts a learner; started again with the same flags (an .env's), it continues its own --save,
+    where its updates and accepted trajectories since are (it had gone back to --resume, dropping them).
+    Here --save is torn, so the learner that reads it says so and exits 2; one that read --resume served on."""
+    began = tmp_path / "began.pt"
+    flags = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "1", "--n-envs", "1"]
+    assert main(["train", "ppo", *flags, "--episodes", "1", "--save", str(began), "--runs-dir", str(tmp_path / "runs"),
+                 "--telemetry-level", "off"]) == 0
+    save = tmp_path / "learner.pt"
+    save.write_bytes(began.read_bytes()[:100])
+    learner = service("services.simic_learner", *flags, "--episodes", "4", "--resume", str(began), "--save", str(save),
+                      "--port", "0", "--weights-port", "0", "--metrics-port", "-1", "--hub-pub", "")
+    assert learner.returncode == 2 and f"cannot resume from {save}:" in learner.stderr, learner.stderr
+
+
 def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):
     """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
     train's do (on CUDA; not here, on the CPU)."""

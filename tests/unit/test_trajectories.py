@@ -29,9 +29,22 @@ def tiny_rollout() -> Rollout:
     return Rollout(**{name: torch.zeros((2, 1), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
 
 
-def frames(worker: str, incarnation: int, sequence: int, payload: bytes | None = None) -> list[bytes]:
-    header = TrajectoryHeader(worker_id=worker, incarnation=incarnation, sequence=sequence, n_steps=2, n_envs=1)
+def frames(worker: str, incarnation: int, sequence: int, payload: bytes | None = None,
+           task: str = "synthetic") -> list[bytes]:
+    header = TrajectoryHeader(worker_id=worker, incarnation=incarnation, sequence=sequence, n_steps=2, n_envs=1,
+                              task=task)
     return [header.SerializeToString(), payload if payload is not None else pack(tiny_rollout().tensors())]
+
+
+def test_a_trajectory_played_on_another_task_is_refused():
+    """synthetic, cifar10 and cifar10_deep observations have the same features: only the header's task tells
+    a worker started with another --task than its learner's, whose rollouts had been learned from."""
+    applied = []
+    inbox = TrajectoryInbox(lambda rollout: applied.append(rollout), version=lambda: 0, task="cifar10")
+    refused = inbox.handle(frames("w", 1, 0, task="synthetic"))
+    assert refused.status == AckStatus.ACK_STATUS_REJECTED and not applied and inbox.rejected == 1
+    assert refused.reason == "played on task 'synthetic'; this learner learns 'cifar10'"
+    assert inbox.handle(frames("w", 1, 1, task="cifar10")).status == AckStatus.ACK_STATUS_ACCEPTED and applied
 
 
 def test_a_resent_trajectory_is_acked_again_but_applied_once():

@@ -145,6 +145,12 @@ def test_retained_events_fit_one_snapshot_reply_by_dropping_the_oldest_first():
         retained.add(event("b", sequence))
     assert [e.sequence for e in retained.snapshot(SnapshotRequest()).events] == list(range(7, 17))
     assert list(retained.runs) == ["b"] and retained.bytes == 10 * size
+    # The run that reported last is kept longest, whenever it began: a learner's run beside many episodes' runs.
+    retained = RetainedEvents(max_runs=3)
+    for i, run in enumerate(["learner", "ep0", "ep1", "ep2", "ep3"]):
+        retained.add(event(run, 1))
+        retained.add(event("learner", i + 2))
+    assert list(retained.runs) == ["ep2", "ep3", "learner"] and len(retained.runs["learner"]) == 6
     # At the defaults a full snapshot fits, with each event's field tag and length (at most 4 bytes under 2 MiB).
     defaults = RetainedEvents()
     assert limits.MAX_RETAINED_BYTES + defaults.max_runs * defaults.max_events * 4 < limits.MAX_SNAPSHOT_REPLY_BYTES

@@ -118,9 +118,10 @@ class PublisherSink:
 
 
 class RetainedEvents:
-    """The hub's memory for late joiners: every event of the last `max_runs` runs (at most
-    `max_events` each, oldest dropped first), at most `max_bytes` in all (the oldest run's oldest events
-    dropped first), so one snapshot reply holds them all. A 75-epoch run is about 400 events."""
+    """The hub's memory for late joiners: every event of the `max_runs` runs that reported last (at most
+    `max_events` each, oldest dropped first), at most `max_bytes` in all (the oldest events of the run that
+    reported longest ago dropped first), so one snapshot reply holds them all. A 75-epoch run is about 400
+    events. Runs are kept by their last report, not their first: a learner's run outlives many episodes'."""
 
     def __init__(self, max_runs: int = 32, max_events: int = 10_000, max_bytes: int = MAX_RETAINED_BYTES):
         self.max_runs = max_runs
@@ -135,6 +136,8 @@ class RetainedEvents:
             events = self.runs[event.run_id] = deque()
             while len(self.runs) > self.max_runs:
                 self.bytes -= sum(e.ByteSize() for e in self.runs.popitem(last=False)[1])
+        else:
+            self.runs.move_to_end(event.run_id)
         if len(events) == self.max_events:
             self.bytes -= events.popleft().ByteSize()
         events.append(event)

@@ -57,9 +57,11 @@ class TrajectoryInbox:
     is committed before any ack of what it holds is sent (services/simic_learner).
     """
 
-    def __init__(self, apply: Callable[[Rollout], str | None], version: Callable[[], int]):
+    def __init__(self, apply: Callable[[Rollout], str | None], version: Callable[[], int], task: str = ""):
         self.apply = apply
         self.version = version
+        self.task = task
+        """The learner's task: a trajectory played on another is refused (its features may fit all the same)."""
         self.decided: dict[Key, TrajectoryAck] = {}
         self.accepted: list[Key] = []
         self.duplicates = self.rejected = 0
@@ -104,10 +106,13 @@ class TrajectoryInbox:
             self.duplicates += 1
             status = AckStatus.ACK_STATUS_DUPLICATE if before.status == AckStatus.ACK_STATUS_ACCEPTED else before.status
             return TrajectoryAck(**ids, status=status, reason=before.reason, policy_version=self.version())
-        try:
-            problem = self.apply(Rollout.from_tensors(unpack(frames[1])))
-        except ValueError as exc:
-            problem = str(exc)
+        if self.task and header.task != self.task:
+            problem = f"played on task {header.task!r}; this learner learns {self.task!r}"
+        else:
+            try:
+                problem = self.apply(Rollout.from_tensors(unpack(frames[1])))
+            except ValueError as exc:
+                problem = str(exc)
         if problem is None:
             ack = TrajectoryAck(**ids, status=AckStatus.ACK_STATUS_ACCEPTED, policy_version=self.version())
             self.accepted.append(key)

@@ -32,6 +32,7 @@ waiting for it (a stalled learner) and the bytes spooled.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -186,6 +187,10 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     finally:
         close_all(processes)
     acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)
+    if not acked and not cfg.exit_when_done and not stop.is_set():  # it idles anyway: the learner may come back
+        log.warning("%d trajectories not acked after %.0f s: resending them until they are, or SIGTERM",
+                    len(sender.unacked), max(60.0, 3 * ship.resend_s))
+        acked = sender.flush(timeout_s=math.inf, stop=stop.is_set)
     log.info("trajectories: %d acked, %d refused, %d resends%s", sender.acked, sender.rejected, sender.resends,
              "" if acked else f", {len(sender.unacked)} never acked")
     sender.close()

@@ -342,6 +342,31 @@ def log_time(line: str) -> float:
 
 
 @pytest.mark.chaos
+def test_a_worker_left_running_resends_its_last_trajectory_however_long_the_learner_stalls(stack, tmp_path):
+    """A worker that idles when done (the stack's, without --exit-when-done) had stopped resending its last
+    round 60 s into a learner stall and idled with it unacked for good: the learner never learned from it. It now
+    resends until the learner answers (or SIGTERM)."""
+    learner = stack["learner"].proc
+    wait_until(lambda: any("serving policy ppo" in line for line in stack["tamiyo"].lines), 60, "tamiyo's weights")
+    learner.send_signal(signal.SIGSTOP)  # tamiyo serves on with the weights it has; nothing is acked
+    try:
+        worker = stack["spawn"]("tolaria_worker", "--ppo", *PPO, "--episodes", "2", "--worker-id", "idler",
+                                "--spool-dir", str(tmp_path / "spool"), "--runs-dir", str(tmp_path / "runs"),
+                                "--tamiyo", stack["tamiyo"].endpoints["grpc"], "--hub-pub",
+                                stack["hub"].endpoints["publish"], "--learner",
+                                stack["learner"].endpoints["trajectories"], "--metrics-port", "-1", "--resend-s", "1")
+        wait_until(lambda: any("shipped trajectory 1" in line for line in worker.lines), 60, "both rounds shipped")
+        time.sleep(STALL_S + 5)  # past the 60 s it had waited for acks
+        assert not acked_keys(worker)
+    finally:
+        learner.send_signal(signal.SIGCONT)
+    wait_until(lambda: len(acked_keys(worker)) == 2, 30, "both rounds' acks after the stall")
+    assert any("not acked after 60 s: resending them until they are" in line for line in worker.lines)
+    assert len(committed(stack, "idler")) == 2 and not list((tmp_path / "spool").glob("*.traj"))
+    worker.proc.terminate()
+    wait_exit(worker, 30)
+
+
 def test_a_partition_loses_nothing_and_reconnects_within_2_s(stack, tmp_path):
     """Promise 8: the worker-learner link is cut for CUT_S through a fault proxy, then healed."""
     proxy, episodes = FaultProxy(stack["learner"].endpoints["trajectories"]), 24

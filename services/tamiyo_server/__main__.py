@@ -43,7 +43,8 @@ from esper.transport.policy_service import (
 from esper.transport.trajectories import WeightsSubscriber
 
 POLICIES = {"heuristic": HeuristicPolicy, "static": WaitPolicy, "neural": AwaitingWeights}
-WEIGHTS_REFUSED = Counter("esper_tamiyo_weights_refused", "Policy weights messages that did not build a policy.")
+WEIGHTS_REFUSED = Counter("esper_tamiyo_weights_refused",
+                          "Policy weights messages refused: malformed, or not building a policy.")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = make_context(cfg.token)
         ctx.maxmsgsize = MAX_WEIGHTS_BYTES  # a default for the context's one socket, the SUB below
-        subscriber = WeightsSubscriber(ctx, cfg.learner_weights, load)
+        subscriber = WeightsSubscriber(ctx, cfg.learner_weights, load, on_malformed=WEIGHTS_REFUSED.inc)
         receiver = threading.Thread(target=subscriber.serve, args=(stop.fileno(), stop.is_set), daemon=True)
         receiver.start()
         log.info("waiting for policy weights from %s", cfg.learner_weights)

@@ -49,7 +49,7 @@ from esper.simic.actor import remote_act
 from esper.simic.env_process import EnvProcessError, close_all
 from esper.simic.trainer import play_episodes
 from esper.tamiyo.network import ActionCodec
-from esper.tolaria.data import load_task_data
+from esper.tolaria.data import DataError, load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, make_context
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpoolBusy, SpoolCorrupt) as exc:
         status = 2
         log.error("%s", exc)
-    except EnvProcessError as exc:  # --env-processes: a child failed or died; its round was not shipped
+    except (DataError, EnvProcessError) as exc:  # missing data; --env-processes: a child failed or died
         status = 1
         log.error("%s", exc)
     if status == 0 and not cfg.exit_when_done:

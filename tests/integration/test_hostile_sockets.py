@@ -37,7 +37,7 @@ from esper.simic.learner import Learner
 from esper.simic.trainer import TrainerConfig
 from esper.transport.bus import bind_endpoint, encode, make_context
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_TELEMETRY_BYTES, MAX_TRAJECTORY_BYTES
-from esper.transport.trajectories import weights_frames
+from esper.transport.trajectories import POLICY_TOPIC, weights_frames
 
 BOUND_S = 0.1
 OBSERVATION = Observation(run_id="t", signals=TrainingSignals(epoch=1, max_epochs=10),
@@ -230,8 +230,9 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
             pub.send_multipart(frames)
             time.sleep(0.2)
 
-    publish_until(weights_frames(1, bad), lambda: refused() >= 1)
-    publish_until(weights_frames(2, other_stats), lambda: refused() >= 2)
+    publish_until([POLICY_TOPIC, b"not a PolicyWeights", b"\xc1"], lambda: refused() >= 1)  # malformed: counted too
+    publish_until(weights_frames(1, bad), lambda: refused() >= 2)
+    publish_until(weights_frames(2, other_stats), lambda: refused() >= 3)
     with grpc.insecure_channel(tamiyo.endpoints["grpc"]) as channel:
         stub = tamiyo_pb2_grpc.TamiyoStub(channel)
 
@@ -244,17 +245,17 @@ def test_tamiyo_refuses_policy_weights_that_build_nothing_and_takes_the_next(spa
         publish_until(weights_frames(3, good), lambda: version() == "3")
         served = version()
         nan_weights = good | {"network": {k: torch.full_like(v, float("nan")) for k, v in good["network"].items()}}
-        publish_until(weights_frames(4, nan_weights), lambda: refused() >= 3)
+        publish_until(weights_frames(4, nan_weights), lambda: refused() >= 4)
         publish_until(weights_frames(5, good | {"obs_rms": good["obs_rms"] | {"var": -good["obs_rms"]["var"] - 1}}),
-                      lambda: refused() >= 4)
+                      lambda: refused() >= 5)
         start = time.monotonic()
-        publish_until(weights_frames(6, good | {"hidden_size": 8000}), lambda: refused() >= 5)
+        publish_until(weights_frames(6, good | {"hidden_size": 8000}), lambda: refused() >= 6)
         wide_s = time.monotonic() - start
         decided = stub.Decide(DecideRequest(observation=OBSERVATION), timeout=10).decision
         now = version()
     print(f"tamiyo_server SUB: bad weights refused ({refused():.0f} counted), then version {served} served; "
           f"hidden_size 8000 refused in {wide_s:.2f} s; version {now} decided {decided.reason!r}")
-    assert refused() == 5 and tamiyo.proc.poll() is None
+    assert refused() == 6 and tamiyo.proc.poll() is None
     assert wide_s < 5 and now == "3" and decided.policy_version == "3"
     pub.close()
     ctx.term()

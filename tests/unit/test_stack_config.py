@@ -177,6 +177,17 @@ def test_a_restarted_learner_continues_its_save_not_the_checkpoint_it_began_from
     assert learner.returncode == 2 and f"cannot resume from {save}:" in learner.stderr, learner.stderr
 
 
+@pytest.mark.parametrize("ppo", [[], ["--ppo"]])
+def test_a_worker_without_its_data_says_so_in_one_line(ppo, tmp_path):
+    """Missing CIFAR-10 had ended either kind of worker in a DataError traceback; it is one logged line, as
+    `esper train` prints it."""
+    worker = service("services.tolaria_worker", *ppo, "--task", "cifar10", "--data-dir", str(tmp_path),
+                     "--hub-pub", "tcp://127.0.0.1:1", "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"),
+                     "--exit-when-done")
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
+    assert f"tolaria_worker ERROR no CIFAR-10 data in {tmp_path}" in worker.stderr
+
+
 def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):
     """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
     train's do (on CUDA; not here, on the CPU)."""

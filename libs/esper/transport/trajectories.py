@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import reprlib
 import secrets
 import struct
@@ -446,14 +447,18 @@ class WeightsPublisher:
 
 
 class WeightsSubscriber:
-    """tamiyo_server's SUB socket: calls `on_weights(version, state)` for each new version it receives."""
+    """tamiyo_server's SUB socket: calls `on_weights(version, state)` for each new version it receives, and
+    `on_malformed()` for each message that does not decode (logged at the 1st, 10th, 100th, ...: a flood of
+    garbage shows in the count, not in a line each)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, on_weights: Callable[[int, dict], None]):
+    def __init__(self, ctx: zmq.Context, endpoint: str, on_weights: Callable[[int, dict], None],
+                 on_malformed: Callable[[], None] = lambda: None):
         self.socket = ctx.socket(zmq.SUB)
         self.socket.linger = LINGER_MS
         self.socket.subscribe(POLICY_TOPIC)
         self.socket.connect(endpoint)
         self.on_weights = on_weights
+        self.on_malformed = on_malformed
         self.version: int | None = None
         self.malformed = 0
 
@@ -469,7 +474,9 @@ class WeightsSubscriber:
                 version, state = decode_weights(self.socket.recv_multipart())
             except ValueError as exc:
                 self.malformed += 1
-                log.warning("policy weights dropped: %s", exc)
+                self.on_malformed()
+                if math.log10(self.malformed).is_integer():
+                    log.warning("policy weights dropped (%d malformed so far): %s", self.malformed, exc)
                 continue
             if version != self.version:
                 self.on_weights(version, state)

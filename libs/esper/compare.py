@@ -352,6 +352,8 @@ def run_all(cfg: CompareConfig, log=print, on_phase=None, on_wake=None) -> dict[
                 _, threads = sharing(cfg, phase)  # a resumed run gets the threads it had: its numbers depend on them
                 pending = {pool.submit(run, arm, block, threads) for arm, block in jobs}
                 try:
+                    if pending and on_wake is not None:
+                        on_wake()  # once as they start: a run failing within the first second still had begun
                     while pending:  # wake each second: a signal's handler runs in this thread
                         done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
                         for future in done:  # any run's failure, whichever was submitted first
@@ -646,7 +648,7 @@ def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
             try:
                 saved = json.loads(wall_file.read_text())
                 before = {"seconds": float(saved["seconds"]), "invocations": int(saved["invocations"]),
-                          "ran_with": list(saved.get("ran_with", []))}
+                          "ran_with": [dict(r) for r in saved.get("ran_with", [])]}
             except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:  # the results stand
                 log(f"esper: warning: {wall_file} cannot be read ({type(exc).__name__}): the wall time counts this "
                     "invocation only")

@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     # Its own --save once it has one: a restart with the same flags (an .env's --resume) had gone back to
     # --resume, dropping every update and accepted trajectory since. --resume only starts it.
     source = checkpoint if checkpoint.is_file() else Path(cfg.run.resume) if cfg.run.resume else None
+    if source == checkpoint and cfg.run.resume and Path(cfg.run.resume).resolve() != checkpoint.resolve():
+        log.warning("--resume %s is not read: this learner continues its own --save %s (move that away to begin "
+                    "again from %s)", cfg.run.resume, checkpoint, cfg.run.resume)
     try:
         state = load_checkpoint(source) if source else None
         if state is not None:

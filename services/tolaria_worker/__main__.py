@@ -186,13 +186,17 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                      episodes[-1], versions)
     finally:
         close_all(processes)
-    acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)
-    if not acked and not cfg.exit_when_done and not stop.is_set():  # it idles anyway: the learner may come back
-        log.warning("%d trajectories not acked after %.0f s: resending them until they are, or SIGTERM",
-                    len(sender.unacked), max(60.0, 3 * ship.resend_s))
-        acked = sender.flush(timeout_s=math.inf, stop=stop.is_set)
+    acked = False
+    try:  # SIGTERM while waiting for acks ends the wait, not the summary: what is unacked stays spooled
+        acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)
+        if not acked and not cfg.exit_when_done and not stop.is_set():  # it idles anyway: the learner may return
+            log.warning("%d trajectories not acked after %.0f s: resending them until they are, or SIGTERM",
+                        len(sender.unacked), max(60.0, 3 * ship.resend_s))
+            acked = sender.flush(timeout_s=math.inf, stop=stop.is_set)
+    except Stopped:
+        pass
     log.info("trajectories: %d acked, %d refused, %d resends%s", sender.acked, sender.rejected, sender.resends,
-             "" if acked else f", {len(sender.unacked)} never acked")
+             "" if acked else f", {len(sender.unacked)} never acked (spooled: a restart resends them)")
     sender.close()
     ctx.term()
 

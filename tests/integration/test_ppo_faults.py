@@ -5,8 +5,9 @@ simic_learner, tamiyo_server --policy neural, nissa_hub and tolaria_worker --ppo
 The accounting reads the learner's committed checkpoint (what survives any crash) and the workers' own
 `trajectory <worker>/<incarnation>/<sequence> acked ...` log lines (what they were told). Durations are
 the issue's: SIGKILLs of a worker at random moments for KILL_WINDOW_S = 60 s, a partition of CUT_S =
-10 s and a learner stall of STALL_S = 60 s. Those three take about three minutes, so they carry the
-`chaos` marker: the default `pytest` leaves them out, `pytest -m chaos` runs them, and .ci/run runs both.
+10 s and a learner stall of STALL_S = 60 s (twice: mid-run, and past a worker's last round). Those take
+about four minutes, so they carry the `chaos` marker: the default `pytest` leaves them out, `pytest -m chaos`
+runs them, and .ci/run runs both.
 """
 
 from __future__ import annotations
@@ -350,23 +351,32 @@ def test_a_worker_left_running_resends_its_last_trajectory_however_long_the_lear
     wait_until(lambda: any("serving policy ppo" in line for line in stack["tamiyo"].lines), 60, "tamiyo's weights")
     learner.send_signal(signal.SIGSTOP)  # tamiyo serves on with the weights it has; nothing is acked
     try:
-        worker = stack["spawn"]("tolaria_worker", "--ppo", *PPO, "--episodes", "2", "--worker-id", "idler",
-                                "--spool-dir", str(tmp_path / "spool"), "--runs-dir", str(tmp_path / "runs"),
-                                "--tamiyo", stack["tamiyo"].endpoints["grpc"], "--hub-pub",
-                                stack["hub"].endpoints["publish"], "--learner",
-                                stack["learner"].endpoints["trajectories"], "--metrics-port", "-1", "--resend-s", "1")
-        wait_until(lambda: any("shipped trajectory 1" in line for line in worker.lines), 60, "both rounds shipped")
+        worker, quitter = (stack["spawn"]("tolaria_worker", "--ppo", *PPO, "--episodes", "2", "--worker-id", name,
+                                          "--spool-dir", str(tmp_path / name), "--runs-dir", str(tmp_path / "runs"),
+                                          "--tamiyo", stack["tamiyo"].endpoints["grpc"], "--hub-pub",
+                                          stack["hub"].endpoints["publish"], "--learner",
+                                          stack["learner"].endpoints["trajectories"], "--metrics-port", "-1",
+                                          "--resend-s", "1") for name in ("idler", "quitter"))
+        for w in (worker, quitter):
+            wait_until(lambda: any("shipped trajectory 1" in line for line in w.lines), 60, "both rounds shipped")
         time.sleep(STALL_S + 5)  # past the 60 s it had waited for acks
-        assert not acked_keys(worker)
+        assert not acked_keys(worker, quitter)
+        # SIGTERM while it resends ends the wait, not the summary: its rounds stay spooled for a restart.
+        quitter.proc.terminate()
+        wait_exit(quitter, 30)
+        assert any("2 never acked (spooled: a restart resends them)" in line for line in quitter.lines)
+        assert not any("stopped mid-episode" in line for line in quitter.lines)
+        assert len(list((tmp_path / "quitter").glob("*.traj"))) == 2
     finally:
         learner.send_signal(signal.SIGCONT)
     wait_until(lambda: len(acked_keys(worker)) == 2, 30, "both rounds' acks after the stall")
     assert any("not acked after 60 s: resending them until they are" in line for line in worker.lines)
-    assert len(committed(stack, "idler")) == 2 and not list((tmp_path / "spool").glob("*.traj"))
+    assert len(committed(stack, "idler")) == 2 and not list((tmp_path / "idler").glob("*.traj"))
     worker.proc.terminate()
     wait_exit(worker, 30)
 
 
+@pytest.mark.chaos
 def test_a_partition_loses_nothing_and_reconnects_within_2_s(stack, tmp_path):
     """Promise 8: the worker-learner link is cut for CUT_S through a fault proxy, then healed."""
     proxy, episodes = FaultProxy(stack["learner"].endpoints["trajectories"]), 24

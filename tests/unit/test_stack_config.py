@@ -175,6 +175,7 @@ def test_a_restarted_learner_continues_its_save_not_the_checkpoint_it_began_from
     learner = service("services.simic_learner", *flags, "--episodes", "4", "--resume", str(began), "--save", str(save),
                       "--port", "0", "--weights-port", "0", "--metrics-port", "-1", "--hub-pub", "")
     assert learner.returncode == 2 and f"cannot resume from {save}:" in learner.stderr, learner.stderr
+    assert f"--resume {began} is not read: this learner continues its own --save {save}" in learner.stderr
 
 
 @pytest.mark.parametrize("ppo", [[], ["--ppo"]])

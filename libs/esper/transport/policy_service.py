@@ -186,7 +186,8 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
 
 
 class PolicyUnavailable(RuntimeError):
-    """The server did not answer within the client's patience, or the client was told to stop."""
+    """The server did not answer within the client's patience (or answered a batch with the wrong number of
+    decisions), or the client was told to stop."""
 
 
 class RemotePolicy:
@@ -222,6 +223,9 @@ class RemotePolicy:
 
     def decide_batch(self, observations: list[Observation]) -> list[Decision]:
         decisions = list(self._call(self.stub.DecideBatch, DecideBatchRequest(observations=observations)).decisions)
+        if len(decisions) != len(observations):
+            raise PolicyUnavailable(f"{self.target} answered {len(decisions)} decisions to {len(observations)} "
+                                    f"observations")
         self.name, self.version = decisions[-1].policy_name, decisions[-1].policy_version
         return decisions
 

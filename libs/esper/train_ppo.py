@@ -82,6 +82,14 @@ class PPORunConfig:
         preload = self.gpu_preload and not self.env_processes
         return {d: data.to(d) if preload else data for d in self.trainer.env_devices}
 
+    def file_sinks(self, run_id: str) -> list[Sink]:
+        """--telemetry-file's and --telemetry-dir's sinks for the training run `run_id` (its episodes' events go
+        in the same files, under their own run ids); none at --telemetry-level off."""
+        if self.telemetry_level == "off":
+            return []
+        return ([JsonlSink(Path(self.telemetry_file))] if self.telemetry_file else []) + \
+            ([JsonlSink(Path(self.telemetry_dir) / f"{run_id}.jsonl")] if self.telemetry_dir else [])
+
     def start_env_processes(self) -> list[EnvProcess]:
         """With --env-processes, n_envs environment processes on the environment devices; else none."""
         t = self.trainer
@@ -238,11 +246,7 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     level = from_short_name(TelemetryLevel, cfg.telemetry_level)
     sinks = list(sinks)
     if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
-        sinks.append(JsonlSink(run_dir / "telemetry.jsonl"))
-        if cfg.telemetry_file:
-            sinks.append(JsonlSink(Path(cfg.telemetry_file)))
-        if cfg.telemetry_dir:  # one file per training run (the episodes are in it under their own run ids)
-            sinks.append(JsonlSink(Path(cfg.telemetry_dir) / f"{run_id}.jsonl"))
+        sinks += [JsonlSink(run_dir / "telemetry.jsonl"), *cfg.file_sinks(run_id)]
     telemetry = Telemetry(run_id, level, sinks)
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device,
                                           config_json=config_json))

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sinks[0].wait_attached(timeout_s=5.0):
             log.warning("hub at %s not attached after 5 s: PPOUpdate events are lost until it is", cfg.hub_pub)
     run_id = new_run_id(f"ppo-learner_{tcfg.env.task}_s{tcfg.seed}")
-    telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level), sinks)
+    telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level),
+                          [*sinks, *cfg.run.file_sinks(run_id)])  # closed with it; the bus's shut down below
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
     inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task)

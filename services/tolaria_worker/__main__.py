@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prometheus_client import REGISTRY
 
 from esper.cli import Parser, UsageError, add_checkpoint_flag, add_grouped_flag, add_train_flags, train_config
@@ -171,13 +172,16 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     # A run id per process: the worker id is stable across restarts, and an episode a kill interrupted is
     # played again from its start, a new run for karn rather than a second copy of the old one.
     run_id = new_run_id(ship.worker_id)
+    if cfg.run.num_workers is not None:
+        torch.set_num_threads(cfg.run.num_workers)
+    files = cfg.run.file_sinks(run_id)  # --telemetry-file, --telemetry-dir: every episode's events, as esper train's
     try:
         for first in range(sender.spool.progress, tcfg.episodes, tcfg.n_envs):
             if stop.is_set():
                 break
             episodes = range(first, min(first + tcfg.n_envs, tcfg.episodes))
             rollout, _, _ = play_episodes(tcfg, data, episodes,
-                                          lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher]),
+                                          lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher, *files]),
                                           ActionCodec(spec), act, processes=processes, grouped=cfg.run.grouped)
             sequence = sender.send(rollout, tcfg.env.task, stop.is_set, progress=episodes[-1] + 1)
             sender.poll(0)
@@ -186,6 +190,8 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                      episodes[-1], versions)
     finally:
         close_all(processes)
+        for sink in files:
+            sink.close()
     acked = False
     try:  # SIGTERM while waiting for acks ends the wait, not the summary: what is unacked stays spooled
         acked = sender.flush(timeout_s=max(60.0, 3 * ship.resend_s), stop=stop.is_set)

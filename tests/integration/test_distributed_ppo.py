@@ -14,7 +14,7 @@ import zmq
 from procs import start_hub, wait_until
 
 from esper.leyline import AckStatus, TrajectoryAck, TrajectoryHeader
-from esper.nissa import Telemetry
+from esper.nissa import Telemetry, read_jsonl
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.tolaria.data import load_task_data
 from esper.transport.policy_service import RemotePolicy
@@ -28,7 +28,8 @@ def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(envs, s
     hub = start_hub(spawn)
     summary = tmp_path / "learner.json"
     learner = spawn("simic_learner", *PPO, "--port", "0", "--weights-port", "0", "--hub-pub", hub.endpoints["publish"],
-                    "--summary", str(summary), "--save", str(tmp_path / "learner.pt"), "--republish-s", "0.5")
+                    "--summary", str(summary), "--save", str(tmp_path / "learner.pt"), "--republish-s", "0.5",
+                    "--telemetry-file", str(tmp_path / "learner.jsonl"))
     learner.wait_bound("trajectories", "weights")
     tamiyo = spawn("tamiyo_server", "--policy", "neural", "--port", "0", "--metrics-port", "-1",
                    "--learner-weights", learner.endpoints["weights"])
@@ -36,9 +37,16 @@ def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(envs, s
     worker = spawn("tolaria_worker", "--ppo", *PPO, "--tamiyo", tamiyo.endpoints["grpc"],
                    "--learner", learner.endpoints["trajectories"], "--hub-pub", hub.endpoints["publish"],
                    "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"), "--worker-id", "w0",
-                   "--exit-when-done", envs)
+                   "--exit-when-done", "--telemetry-file", str(tmp_path / "worker.jsonl"), "--telemetry-dir",
+                   str(tmp_path / "worker_runs"), "--num-workers", "1", envs)
     assert worker.proc.wait(120) == 0, worker.output()
     assert "trajectories: 2 acked, 0 refused" in worker.output()
+    # --telemetry-file and --telemetry-dir keep every episode's events, as `esper train ppo`'s do (they had
+    # been accepted and ignored, by the learner too).
+    (per_run,) = (tmp_path / "worker_runs").iterdir()
+    for path in (tmp_path / "worker.jsonl", per_run):
+        started = [e.run_id for e in read_jsonl(path) if e.HasField("run_started")]
+        assert len(started) == len(set(started)) == 4, path
 
     policy = RemotePolicy(tamiyo.endpoints["grpc"], deadline_s=10)
     try:
@@ -73,4 +81,5 @@ def test_two_updates_no_duplicates_and_the_server_serves_the_new_version(envs, s
     state = json.loads(summary.read_text())
     assert state["duplicates"] >= 1 and state["episodes"] == 4 and len(state["accepted"]) == 2
     assert [u["update"] for u in state["update_stats"]] == [1, 2]
+    assert len([e for e in read_jsonl(tmp_path / "learner.jsonl") if e.HasField("ppo_update")]) == 2
     assert (tmp_path / "learner.pt").is_file()

@@ -31,24 +31,27 @@ waiting for it (a stalled learner) and the bytes spooled.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from prometheus_client import REGISTRY
 
 from esper.cli import Parser, UsageError, add_checkpoint_flag, add_grouped_flag, add_train_flags, train_config
+from esper.durable import write_atomic
 from esper.experiment import RunConfig, continued_grouping, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import remote_act
+from esper.simic.checkpoint import changed_settings
 from esper.simic.env_process import EnvProcessError, close_all
-from esper.simic.trainer import play_episodes
+from esper.simic.trainer import RESUMABLE_CHANGES, TrainerConfig, play_episodes
 from esper.tamiyo.network import ActionCodec
 from esper.tolaria.data import DataError, load_task_data
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
@@ -156,6 +159,29 @@ def parse(argv: list[str] | None) -> Config:
                   continue_runs=continue_runs)
 
 
+class OtherExperiment(ValueError):
+    """The spool holds the rounds of an experiment with other settings."""
+
+
+def claim_spool(spool: Spool, tcfg: TrainerConfig) -> None:
+    """Record in the spool (experiment.json) the experiment whose rounds it holds, or OtherExperiment when it
+    holds another's: a worker started with new settings and an old --worker-id had gone on from the old
+    experiment's episode count (playing nothing if that had finished) and resent the old rounds to its learner.
+    An empty spool, none of whose rounds was ever played, is anyone's."""
+    path = spool.directory / "experiment.json"
+    if path.is_file() and (spool.progress or any(spool.directory.glob("*.traj"))):
+        try:
+            differ = changed_settings(tcfg, json.loads(path.read_text()), RESUMABLE_CHANGES)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            differ = [f"unreadable: {exc}"]
+        if differ:
+            raise OtherExperiment(f"{spool.directory} holds the rounds of another experiment ({', '.join(differ)}"
+                                  f" differ{'s' if len(differ) == 1 else ''}): delete it to start afresh, or give "
+                                  f"this experiment its own --worker-id or --spool-dir")
+        return
+    write_atomic(path, json.dumps(asdict(tcfg)))
+
+
 def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, stop: StopSignal,
                   log: logging.Logger) -> None:
     """--ppo: rounds of n_envs episodes (episode i uses seed + i), each shipped as one trajectory."""
@@ -164,8 +190,9 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
     spec = tcfg.feature_spec
     level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
     ctx = make_context(cfg.token)
-    sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window,
-                              Spool(Path(ship.spool_dir)))
+    spool = Spool(Path(ship.spool_dir))
+    claim_spool(spool, tcfg)
+    sender = TrajectorySender(ctx, ship.learner, ship.worker_id, ship.resend_s, ship.window, spool)
     REGISTRY.register(LiveMetrics(sender.metrics()))
     act = remote_act(policy, spec)
     processes = cfg.run.start_env_processes()
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyUnavailable as exc:  # stopping mid-episode, or tamiyo gone for longer than patience
         status = 0 if stop.is_set() else 1
         log.log(logging.INFO if status == 0 else logging.ERROR, "episode abandoned: %s", exc)
-    except (SpoolBusy, SpoolCorrupt) as exc:
+    except (SpoolBusy, SpoolCorrupt, OtherExperiment) as exc:
         status = 2
         log.error("%s", exc)
     except (DataError, EnvProcessError) as exc:  # missing data; --env-processes: a child failed or died

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from esper.cli import UsageError, main
 from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints, endpoint, grpc_target
+from esper.transport.trajectories import Spool
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS_PORT_OF_JOB = {"nissa_hub": "ESPER_HUB_METRICS_PORT", "tamiyo_server": "ESPER_TAMIYO_METRICS_PORT",
@@ -178,15 +180,61 @@ def test_a_restarted_learner_continues_its_save_not_the_checkpoint_it_began_from
     assert f"--resume {began} is not read: this learner continues its own --save {save}" in learner.stderr
 
 
+@pytest.fixture
+def hub_stand_in():
+    """An endpoint that subscribes to whatever publishes to it, as the hub does, so that a worker attaches at once
+    (it waits 10 s for a hub that is not there). Polled, as the hub's loop polls: ZeroMQ attaches a new peer, and
+    sends it the subscription, only when the socket's own thread touches it."""
+    ctx = zmq.Context()
+    hub = ctx.socket(zmq.XSUB)
+    port = hub.bind_to_random_port("tcp://127.0.0.1")
+    hub.send(b"\x01")
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            if hub.poll(50):
+                hub.recv_multipart()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{port}"
+    done.set()
+    thread.join(5)
+    hub.close(linger=0)
+    ctx.term()
+
+
 @pytest.mark.parametrize("ppo", [[], ["--ppo"]])
-def test_a_worker_without_its_data_says_so_in_one_line(ppo, tmp_path):
+def test_a_worker_without_its_data_says_so_in_one_line(ppo, tmp_path, hub_stand_in):
     """Missing CIFAR-10 had ended either kind of worker in a DataError traceback; it is one logged line, as
     `esper train` prints it."""
     worker = service("services.tolaria_worker", *ppo, "--task", "cifar10", "--data-dir", str(tmp_path),
-                     "--hub-pub", "tcp://127.0.0.1:1", "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"),
+                     "--hub-pub", hub_stand_in, "--metrics-port", "-1", "--runs-dir", str(tmp_path / "runs"),
                      "--exit-when-done")
     assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
     assert f"tolaria_worker ERROR no CIFAR-10 data in {tmp_path}" in worker.stderr
+
+
+def test_a_ppo_worker_refuses_a_spool_of_another_experiment(tmp_path, hub_stand_in):
+    """A worker started with new settings and an old --worker-id had gone on from the old experiment's episode
+    count (here: played nothing, exit 0, its learner waiting for ever). The spool now records its experiment;
+    the same one with more --episodes continues it, and a spool with nothing played is anyone's."""
+    worker = importlib.import_module("services.tolaria_worker.__main__")
+    flags = ["--ppo", "--task", "synthetic", "--max-epochs", "2", "--n-envs", "1", "--episodes", "2",
+             "--spool-dir", str(tmp_path / "spool"), "--runs-dir", str(tmp_path / "runs")]
+    spool = Spool(tmp_path / "spool")
+    worker.claim_spool(spool, worker.parse(flags).run.trainer)  # nothing played yet: a new experiment may take it
+    worker.claim_spool(spool, worker.parse([*flags, "--max-epochs", "5"]).run.trainer)
+    (tmp_path / "spool" / "progress.json").write_text('{"progress": 2}')  # its two episodes played and acked
+    worker.claim_spool(spool, worker.parse([*flags, "--max-epochs", "5", "--episodes", "4"]).run.trainer)
+    spool.close()
+    refused = service("services.tolaria_worker", *flags, "--hub-pub", hub_stand_in, "--metrics-port", "-1",
+                      "--exit-when-done")
+    assert refused.returncode == 2, refused.stderr
+    assert (f"tolaria_worker ERROR {tmp_path / 'spool'} holds the rounds of another experiment (env.max_epochs "
+            f"differs): delete it to start afresh, or give this experiment its own --worker-id or --spool-dir"
+            ) in refused.stderr
 
 
 def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):

@@ -3,8 +3,8 @@
     python -m services.simic_learner --task synthetic --n-envs 2 --update-every 1 [esper train ppo flags]
 
 Takes the flags of `esper train ppo` (give the workers the same ones: task, slots, rewards and
-features must agree; a trajectory of another task or of other shapes is refused, other rewards are not
-noticed) and builds the same PPOTrainer, through
+features must agree; a trajectory of another task, other reward settings or other shapes is refused) and
+builds the same PPOTrainer, through
 esper.simic.learner.Learner. Trajectories arrive on a ROUTER (acked, deduplicated:
 proto/esper/leyline/simic.proto); after n_envs x update_every episodes PPO updates and the new weights
 are published on a PUB socket that tamiyo_server --policy neural subscribes to.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                           [*sinks, *cfg.run.file_sinks(run_id)])  # closed with it; the bus's shut down below
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
-    inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task)
+    inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task,
+                            rewards=json.loads(json.dumps(asdict(tcfg.reward))))  # as a worker's header holds it
     if state is not None:
         learner.load_state_dict(state)
         if "inbox_json" in state:  # not in an `esper train ppo` checkpoint

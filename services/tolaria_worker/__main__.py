@@ -210,7 +210,8 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
             rollout, _, _ = play_episodes(tcfg, data, episodes,
                                           lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher, *files]),
                                           ActionCodec(spec), act, processes=processes, grouped=cfg.run.grouped)
-            sequence = sender.send(rollout, tcfg.env.task, stop.is_set, progress=episodes[-1] + 1)
+            sequence = sender.send(rollout, tcfg.env.task, stop.is_set, progress=episodes[-1] + 1,
+                                   rewards_json=json.dumps(asdict(tcfg.reward)))
             sender.poll(0)
             versions = sorted(set(rollout.policy_version.flatten().tolist()))
             log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],

@@ -1,7 +1,9 @@
 """Distributed PPO without sockets: the learner's ack/dedup protocol, the tensor framing, and the whole
 actor -> learner -> weights -> policy loop on the toy task (the services only add sockets to this)."""
 
+import dataclasses
 import functools
+import json
 
 import msgpack
 import pytest
@@ -13,7 +15,7 @@ from esper.simic.actor import make_envs, play_round, remote_act
 from esper.simic.checkpoint import policy_from_state
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.learner import Learner
-from esper.simic.rewards import Rewarder
+from esper.simic.rewards import RewardConfig, Rewarder
 from esper.simic.rollout import Rollout
 from esper.simic.toy import SimulatedTrainer
 from esper.simic.trainer import TrainerConfig
@@ -30,9 +32,9 @@ def tiny_rollout() -> Rollout:
 
 
 def frames(worker: str, incarnation: int, sequence: int, payload: bytes | None = None,
-           task: str = "synthetic") -> list[bytes]:
+           task: str = "synthetic", rewards_json: str = "") -> list[bytes]:
     header = TrajectoryHeader(worker_id=worker, incarnation=incarnation, sequence=sequence, n_steps=2, n_envs=1,
-                              task=task)
+                              task=task, rewards_json=rewards_json)
     return [header.SerializeToString(), payload if payload is not None else pack(tiny_rollout().tensors())]
 
 
@@ -45,6 +47,22 @@ def test_a_trajectory_played_on_another_task_is_refused():
     assert refused.status == AckStatus.ACK_STATUS_REJECTED and not applied and inbox.rejected == 1
     assert refused.reason == "played on task 'synthetic'; this learner learns 'cifar10'"
     assert inbox.handle(frames("w", 1, 1, task="cifar10")).status == AckStatus.ACK_STATUS_ACCEPTED and applied
+
+
+def test_a_trajectory_whose_rewards_were_recorded_with_other_settings_is_refused():
+    """A worker records raw rewards with its own RewardConfig; a learner given other reward flags had learned
+    from them. One from a worker older than the header's rewards_json is taken as it is."""
+    applied = []
+    ours = json.loads(json.dumps(dataclasses.asdict(RewardConfig())))
+    inbox = TrajectoryInbox(lambda rollout: applied.append(rollout), version=lambda: 0, rewards=ours)
+    sparse = json.dumps(ours | {"mode": "sparse"})
+    refused = inbox.handle(frames("w", 1, 0, rewards_json=sparse))
+    assert refused.status == AckStatus.ACK_STATUS_REJECTED and not applied
+    assert refused.reason == "rewards recorded with other settings: mode 'sparse' (this learner's: 'shaped')"
+    assert inbox.handle(frames("w", 1, 1, rewards_json="[1]")).reason == \
+        "malformed message: rewards_json is not a JSON object"
+    assert inbox.handle(frames("w", 1, 2, rewards_json=json.dumps(ours))).status == AckStatus.ACK_STATUS_ACCEPTED
+    assert inbox.handle(frames("w", 1, 3)).status == AckStatus.ACK_STATUS_ACCEPTED and len(applied) == 2
 
 
 def test_a_resent_trajectory_is_acked_again_but_applied_once():

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65sper/leyline/simic.proto\x12\resper.leyline\"\x8c\x01\n\x10TrajectoryHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0f\n\x07n_steps\x18\x04 \x01(\r\x12\x0e\n\x06n_envs\x18\x05 \x01(\r\x12\x0f\n\x07obs_dim\x18\x06 \x01(\r\x12\x0c\n\x04task\x18\x07 \x01(\t\"\x9b\x01\n\rTrajectoryAck\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.esper.leyline.AckStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\"b\n\rPolicyWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x66\x65\x61ture_spec_json\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x10\n\x08\x63lip_obs\x18\x04 \x01(\x02*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65sper/leyline/simic.proto\x12\resper.leyline\"\xa2\x01\n\x10TrajectoryHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0f\n\x07n_steps\x18\x04 \x01(\r\x12\x0e\n\x06n_envs\x18\x05 \x01(\r\x12\x0f\n\x07obs_dim\x18\x06 \x01(\r\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x14\n\x0crewards_json\x18\x08 \x01(\t\"\x9b\x01\n\rTrajectoryAck\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.esper.leyline.AckStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\"b\n\rPolicyWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x66\x65\x61ture_spec_json\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x10\n\x08\x63lip_obs\x18\x04 \x01(\x02*s\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_ACCEPTED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'esper.leyline.simic_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKSTATUS']._serialized_start=445
-  _globals['_ACKSTATUS']._serialized_end=560
+  _globals['_ACKSTATUS']._serialized_start=467
+  _globals['_ACKSTATUS']._serialized_end=582
   _globals['_TRAJECTORYHEADER']._serialized_start=45
-  _globals['_TRAJECTORYHEADER']._serialized_end=185
-  _globals['_TRAJECTORYACK']._serialized_start=188
-  _globals['_TRAJECTORYACK']._serialized_end=343
-  _globals['_POLICYWEIGHTS']._serialized_start=345
-  _globals['_POLICYWEIGHTS']._serialized_end=443
+  _globals['_TRAJECTORYHEADER']._serialized_end=207
+  _globals['_TRAJECTORYACK']._serialized_start=210
+  _globals['_TRAJECTORYACK']._serialized_end=365
+  _globals['_POLICYWEIGHTS']._serialized_start=367
+  _globals['_POLICYWEIGHTS']._serialized_end=465
 # @@protoc_insertion_point(module_scope)

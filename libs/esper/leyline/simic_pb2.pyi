@@ -67,6 +67,7 @@ class TrajectoryHeader(_message.Message):
     N_ENVS_FIELD_NUMBER: _builtins.int
     OBS_DIM_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    REWARDS_JSON_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     incarnation: _builtins.int
     """random per worker process: a restarted worker's sequences are new"""
@@ -79,6 +80,8 @@ class TrajectoryHeader(_message.Message):
     obs_dim: _builtins.int
     """features per observation (raw, not normalized)"""
     task: _builtins.str
+    rewards_json: _builtins.str
+    """the RewardConfig the rewards were recorded with (JSON); empty from older workers"""
     def __init__(
         self,
         *,
@@ -89,10 +92,11 @@ class TrajectoryHeader(_message.Message):
         n_envs: _builtins.int = ...,
         obs_dim: _builtins.int = ...,
         task: _builtins.str = ...,
+        rewards_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "n_envs", b"n_envs", "n_steps", b"n_steps", "obs_dim", b"obs_dim", "sequence", b"sequence", "task", b"task", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation", "n_envs", b"n_envs", "n_steps", b"n_steps", "obs_dim", b"obs_dim", "rewards_json", b"rewards_json", "sequence", b"sequence", "task", b"task", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

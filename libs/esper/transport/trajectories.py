@@ -58,11 +58,15 @@ class TrajectoryInbox:
     is committed before any ack of what it holds is sent (services/simic_learner).
     """
 
-    def __init__(self, apply: Callable[[Rollout], str | None], version: Callable[[], int], task: str = ""):
+    def __init__(self, apply: Callable[[Rollout], str | None], version: Callable[[], int], task: str = "",
+                 rewards: dict | None = None):
         self.apply = apply
         self.version = version
         self.task = task
         """The learner's task: a trajectory played on another is refused (its features may fit all the same)."""
+        self.rewards = rewards
+        """The learner's RewardConfig as plain values: a trajectory whose rewards were recorded with other
+        settings is refused (one from a worker older than the header's rewards_json is taken as it is)."""
         self.decided: dict[Key, TrajectoryAck] = {}
         self.accepted: list[Key] = []
         self.duplicates = self.rejected = 0
@@ -109,7 +113,11 @@ class TrajectoryInbox:
             return TrajectoryAck(**ids, status=status, reason=before.reason, policy_version=self.version())
         if self.task and header.task != self.task:
             problem = f"played on task {header.task!r}; this learner learns {self.task!r}"
+        elif self.rewards is not None and header.rewards_json:
+            problem = other_rewards(header.rewards_json, self.rewards)
         else:
+            problem = None
+        if problem is None:
             try:
                 problem = self.apply(Rollout.from_tensors(unpack(frames[1])))
             except ValueError as exc:
@@ -123,6 +131,20 @@ class TrajectoryInbox:
             self.rejected += 1
         self.decided[key] = ack
         return ack
+
+
+def other_rewards(rewards_json: str, ours: dict) -> str | None:
+    """Why rewards recorded with the settings `rewards_json` (a trajectory header's) are not the learner's
+    `ours`, naming each setting that differs; None when they are the same."""
+    try:
+        theirs = json.loads(rewards_json)
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        return "malformed message: rewards_json is not a JSON object"
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    return ("rewards recorded with other settings: " + ", ".join(
+        f"{k} {reprlib.repr(theirs.get(k))} (this learner's: {ours.get(k)!r})" for k in differ)) if differ else None
 
 
 SPOOL_MAGIC = b"ESPERTJ1"
@@ -264,9 +286,10 @@ class TrajectorySender:
         self.waited_s = 0.0
         self.waiting_since: float | None = None
 
-    def send(self, rollout: Rollout, task: str, stop: Callable[[], bool], progress: int = 0) -> int:
-        """Ship one rollout (waiting while `window` are unacked; spooled first, with `progress`); returns
-        its sequence number."""
+    def send(self, rollout: Rollout, task: str, stop: Callable[[], bool], progress: int = 0,
+             rewards_json: str = "") -> int:
+        """Ship one rollout played on `task`, its rewards recorded with the RewardConfig `rewards_json` (waiting
+        while `window` are unacked; spooled first, with `progress`); returns its sequence number."""
         if len(self.unacked) >= self.window:
             self.waiting_since = time.monotonic()
             while len(self.unacked) >= self.window and not stop():
@@ -275,7 +298,8 @@ class TrajectorySender:
             self.waiting_since = None
         steps, envs = rollout.rewards.shape
         header = TrajectoryHeader(worker_id=self.worker_id, incarnation=self.incarnation, sequence=self.sequence,
-                                  n_steps=steps, n_envs=envs, obs_dim=rollout.obs.shape[2], task=task)
+                                  n_steps=steps, n_envs=envs, obs_dim=rollout.obs.shape[2], task=task,
+                                  rewards_json=rewards_json)
         frames = [header.SerializeToString(), pack(rollout.tensors())]
         key = (self.worker_id, self.incarnation, self.sequence)
         if self.spool is not None:

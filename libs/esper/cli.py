@@ -125,7 +125,8 @@ def add_compare_flags(p: argparse.ArgumentParser) -> None:
                         "finished runs are kept, cut-off runs start again (with --grouped, their arm's whole group)")
     p.add_argument("--telemetry-level", choices=short_names(TelemetryLevel), default="normal",
                    help="of every run (normal keeps the decisions and gate values that explain a result)")
-    p.add_argument("--db", default="runs/karn.db", help="the SQLite run store every run is recorded in")
+    p.add_argument("--db", default=None,
+                   help="the SQLite run store every run is recorded in (default runs/karn.db; needs telemetry)")
     p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
                    help="how often to say how far each running run is (0: never)")
 
@@ -419,6 +420,8 @@ def compare_config(args: argparse.Namespace):
         arms += [] if "ppo" in arms else ["ppo"]
     elif "ppo" in arms:
         raise UsageError("--arms ppo needs --policy CHECKPOINT")
+    if args.telemetry_level == "off" and args.db:  # as esper train refuses it: a run is recorded from its telemetry
+        raise UsageError("--db needs a --telemetry-level other than off: a run is recorded from its telemetry")
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UsageError(f"--resume {args.resume} continues that folder: leave out --out {args.out}")
     out = args.resume or args.out or f"compare/{new_run_id(args.task)}"
@@ -430,7 +433,7 @@ def compare_config(args: argparse.Namespace):
                          grouped=grouped, out_dir=out,
                          budget=args.budget, arms=tuple(arms), telemetry_level=args.telemetry_level,
                          progress_every=args.progress_every, policy=args.policy and str(Path(args.policy).resolve()),
-                         policy_sha256=policy_sha256, db=str(Path(args.db).resolve()))
+                         policy_sha256=policy_sha256, db=str(Path(args.db or CompareConfig.db).resolve()))
 
 
 def cmd_blueprints(args: argparse.Namespace) -> int:

@@ -229,12 +229,17 @@ def progress_of(run_parent: Path, task: str) -> str | None:
     return None
 
 
+SUMMARY_KEYS = ("seed", "host_params", "seeds", "seed_counts", "train_flops", "wall_seconds", "curve")
+"""What the report reads of each run's summary, besides its headline figure."""
+
+
 def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dict[int, dict], log) -> list[list[int]]:
     """The arm's blocks of seeds (seed_blocks) still to train.
     The runs of the blocks that the comparison this one resumes finished go into `results` (seed -> summary).
     A block with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level,
-    on the runs in its group. A summary without the headline figure (a language model's run from before
-    summaries held the test loss) trains again too. The folders of a block to train again are cleared, and
+    on the runs in its group. A summary without the headline figure or any of SUMMARY_KEYS (written by an
+    older version: a language model's run from before summaries held the test loss) trains again too, where
+    the report would have failed on it after the training. The folders of a block to train again are cleared, and
     their runs dropped from the store (--db), where a grouped run that had finished had recorded itself:
     the store holds the comparison's runs, not the ones it threw away."""
     todo, cleared = [], []
@@ -242,7 +247,7 @@ def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dic
     for block in seed_blocks(cfg, seeds):
         found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
         done = [read_summary(path) if path else {} for path in found]
-        if all(key in summary for summary in done):
+        if all(all(k in summary for k in (key, *SUMMARY_KEYS)) for summary in done):
             for seed, summary in zip(block, done):
                 results[seed] = summary
                 log(f"{arm.name:>13} seed {seed}: finished already")

@@ -475,15 +475,33 @@ def test_every_arm_records_the_comparisons_telemetry_level():
             assert ("--db" in cmd) == (level != "off")
 
 
-def test_a_comparison_without_telemetry_needs_no_store(tmp_path, capsys):
-    """Its runs are given no --db (a run is recorded from its telemetry), so no store is checked either: a --db
-    that could not be one had stopped it."""
-    (tmp_path / "afile").write_text("x")
+def test_a_resume_trains_again_a_run_whose_summary_the_report_cannot_read(tmp_path):
+    """A summary from an older version, without a figure the report reads (here train_flops), had passed as
+    finished and failed the report, after everything else had trained, with a KeyError."""
+    cfg = CompareConfig(task="synthetic", seeds=2, out_dir=str(tmp_path))
+    static = arms_for(cfg.budget, cfg.max_epochs, ["static"])[0]
+    for seed, lacking in ((42, None), (43, "train_flops")):
+        run = compare.runs_dir(cfg, static, seed) / f"run{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({k: v for k, v in summary(seed, 50.0, []).items() if k != lacking}))
+    results, said = {}, []
+    assert compare.blocks_to_train(cfg, static, [42, 43], results, said.append) == [[43]]
+    assert list(results) == [42] and said == ["       static seed 42: finished already"]
+    assert not compare.runs_dir(cfg, static, 43).exists() and compare.runs_dir(cfg, static, 42).exists()
+
+
+def test_a_comparison_without_telemetry_needs_no_store(tmp_path, capsys, monkeypatch):
+    """Its runs are given no --db (a run is recorded from its telemetry), so no store is checked either: the
+    default store that could not be one had stopped it. A --db given with it is refused, as `esper train`
+    refuses it (it had been ignored)."""
+    (tmp_path / "runs").write_text("x")  # where the default store would be
+    monkeypatch.chdir(tmp_path)
     flags = ["compare", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--seeds", "1", "--arms",
-             "static", "--out", str(tmp_path / "cmp"), "--db", str(tmp_path / "afile" / "karn.db"), "--progress-every",
-             "0"]
+             "static", "--out", str(tmp_path / "cmp"), "--progress-every", "0"]
     assert main([*flags, "--telemetry-level", "minimal"]) == 2
     assert "--db" in capsys.readouterr().err
+    assert main([*flags, "--telemetry-level", "off", "--db", str(tmp_path / "karn.db")]) == 2
+    assert "--db needs a --telemetry-level other than off" in capsys.readouterr().err
     assert main([*flags, "--telemetry-level", "off"]) == 0
     assert (tmp_path / "cmp" / "results.md").is_file()
 

@@ -483,7 +483,8 @@ def test_a_resume_trains_again_a_run_whose_summary_the_report_cannot_read(tmp_pa
     for seed, lacking in ((42, None), (43, "train_flops")):
         run = compare.runs_dir(cfg, static, seed) / f"run{seed}"
         run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({k: v for k, v in summary(seed, 50.0, []).items() if k != lacking}))
+        written = {k: v for k, v in summary(seed, 50.0, []).items() if k != lacking}
+        (run / "summary.json").write_text(json.dumps(written))
     results, said = {}, []
     assert compare.blocks_to_train(cfg, static, [42, 43], results, said.append) == [[43]]
     assert list(results) == [42] and said == ["       static seed 42: finished already"]

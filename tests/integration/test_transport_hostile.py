@@ -115,6 +115,27 @@ def test_an_ack_of_an_unknown_status_leaves_the_trajectory_spooled_and_unacked(c
     sender.close()
 
 
+def test_only_resends_that_went_out_are_counted(ctx, tmp_path: Path):
+    """While the learner is unreachable nothing is queued (ZMQ_IMMEDIATE), so nothing is resent: the counter (and
+    a log line) had gone up at every tick of the timer, 59 in a minute at --resend-s 1."""
+    free = ctx.socket(zmq.ROUTER)
+    endpoint = bind_endpoint(free, "127.0.0.1", 0)
+    free.close(linger=0)  # a port nobody listens on, for now
+    sender = TrajectorySender(ctx, endpoint, "w", resend_s=0.05, spool=Spool(tmp_path))
+    rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
+    rollout.rewards = torch.zeros(2, 1)
+    sender.send(rollout, "synthetic", stop=lambda: False)
+    for _ in range(10):
+        sender.poll(0.05)
+    assert sender.resends == 0 and sender.unacked
+    learner = ctx.socket(zmq.ROUTER)
+    learner.bind(endpoint)
+    wait_until(lambda: sender.poll(0.05) or learner.poll(0), 10, "the trajectory, sent on connecting")
+    wait_until(lambda: sender.poll(0.05) or sender.resends, 5, "a resend (never acked)")
+    learner.close(linger=0)
+    sender.close()
+
+
 def test_the_weights_publisher_refuses_a_subscription_over_the_limit(ctx):
     """It inherited the context's 64 MiB: one 20 MB subscription cost the learner ~900 MiB in libzmq's trie."""
     publisher = WeightsPublisher(ctx, "127.0.0.1", 0)

@@ -326,10 +326,9 @@ class TrajectorySender:
                 self._ack(self.socket.recv())
         now = time.monotonic()
         for key, (_, sent) in list(self.unacked.items()):
-            if now - sent >= self.resend_s:
+            if now - sent >= self.resend_s and self._transmit(key):  # while disconnected nothing goes out
                 self.resends += 1
-                log.info("trajectory %s/%d unacked after %.1f s: resending", key[0], key[2], self.resend_s)
-                self._transmit(key)
+                log.info("trajectory %s/%d unacked after %.1f s: resent", key[0], key[2], self.resend_s)
 
     def flush(self, timeout_s: float, stop: Callable[[], bool]) -> bool:
         """Wait (resending) until every trajectory is acked; False after timeout_s or on stop."""
@@ -338,13 +337,15 @@ class TrajectorySender:
             self.poll(min(self.resend_s, max(0.0, give_up - time.monotonic())))
         return not self.unacked
 
-    def _transmit(self, key: Key) -> None:
+    def _transmit(self, key: Key) -> bool:
+        """Send the trajectory now if it can go out; whether it did."""
         frames, _ = self.unacked[key]
+        self.unacked[key] = (frames, time.monotonic())
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:  # not connected, or the queue is full: the next connection or the timer retries
-            pass
-        self.unacked[key] = (frames, time.monotonic())
+            return False
+        return True
 
     def _ack(self, payload: bytes) -> None:
         ack = TrajectoryAck()
@@ -384,7 +385,8 @@ class TrajectorySender:
                                           lambda: self.spool.bytes if self.spool else 0),
             "esper_tolaria_trajectories_acked_total": ("Trajectories acked accepted or duplicate.",
                                                        lambda: self.acked),
-            "esper_tolaria_trajectory_resends_total": ("Resends after the timer.", lambda: self.resends),
+            "esper_tolaria_trajectory_resends_total": ("Resends after the timer (those sent: none while "
+                                                       "disconnected).", lambda: self.resends),
             "esper_tolaria_learner_connections_total": ("Handshakes with the learner (1 + reconnections).",
                                                         lambda: self.connects),
         }

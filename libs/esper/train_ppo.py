@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -186,11 +187,32 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
         if state["counters"]["episodes"] >= trainer.episodes:
             raise UsageError(f"--resume {args.resume} already holds {state['counters']['episodes']} episodes: "
                              f"ask for more with --episodes")
+        if note := extension_note(trainer, state):
+            print(f"esper: note: --resume {args.resume}: {note}", file=sys.stderr)
     return PPORunConfig(trainer=trainer, data_dir=base.data_dir, gpu_preload=base.gpu_preload,
                         num_workers=args.num_workers, env_processes=args.env_processes, grouped=grouped,
                         telemetry_level=base.telemetry_level, telemetry_file=base.telemetry_file,
                         telemetry_dir=base.telemetry_dir,
                         runs_dir=base.runs_dir, save=args.save, resume=args.resume)
+
+
+def extension_note(trainer: TrainerConfig, state: dict) -> str:
+    """What a --resume to more episodes of a run that had finished does otherwise than a run trained straight
+    there ("" where nothing): its last update was made on what was pending at its end, fewer episodes than an
+    update takes, and its entropy anneal (over --episodes) spanned fewer episodes."""
+    ran = json.loads(state["config_json"])
+    done, per_update = state["counters"]["episodes"], trainer.n_envs * trainer.update_every
+    if done < ran["episodes"]:
+        return ""  # cut mid-run: it continues exactly
+    notes = []
+    if done % per_update:
+        notes.append(f"its run ended with an update on the {done % per_update} episodes pending, where one trained "
+                     f"straight to --episodes {trainer.episodes} updates every {per_update}")
+    if trainer.ppo.ent_coef_start is not None or trainer.ppo.ent_coef_end is not None:
+        if not trainer.ppo.ent_anneal_episodes:
+            notes.append(f"the entropy bonus, annealed over --episodes, goes back from its value at the end of "
+                         f"{ran['episodes']} episodes to its value after {done} of {trainer.episodes}")
+    return "; ".join(notes) + (": it continues, but not as if never stopped" if notes else "")
 
 
 def ppo_grouped(args: argparse.Namespace, env_devices: tuple[str, ...]) -> bool:

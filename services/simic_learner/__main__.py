@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, 
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.simic.learner import Learner
+from esper.simic.rewards import recorded_with
 from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
@@ -103,6 +104,10 @@ def parse(argv: list[str] | None) -> Config:
         raise UsageError("--anneal-lr: the learner cannot know how many episodes its workers will send (each plays "
                          "--episodes), so a decay over --episodes would stop it learning early; anneal in esper "
                          "train ppo")
+    if (args.entropy_coef_start is not None or args.entropy_coef_end is not None) and not args.entropy_anneal_episodes:
+        raise UsageError("--entropy-coef-start/--entropy-coef-end anneal over --episodes, which each worker plays: "
+                         "the learner counts every worker's, so the anneal would end early; give "
+                         "--entropy-anneal-episodes, the episodes of all workers together")
     run = ppo_config(args, train_config(args))
     if run.save is None:
         run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
     learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
     inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task,
-                            rewards=json.loads(json.dumps(asdict(tcfg.reward))))  # as a worker's header holds it
+                            rewards=recorded_with(tcfg.reward, tcfg.ppo.gamma))
     if state is not None:
         learner.load_state_dict(state)
         if "inbox_json" in state:  # not in an `esper train ppo` checkpoint

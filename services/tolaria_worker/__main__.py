@@ -51,6 +51,7 @@ from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import remote_act
 from esper.simic.checkpoint import changed_settings
 from esper.simic.env_process import EnvProcessError, close_all
+from esper.simic.rewards import recorded_with
 from esper.simic.trainer import RESUMABLE_CHANGES, TrainerConfig, play_episodes
 from esper.tamiyo.network import ActionCodec
 from esper.tolaria.data import DataError, load_task_data
@@ -211,7 +212,7 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                                           lambda e: Telemetry(f"{run_id}_ep{e:04d}", level, [publisher, *files]),
                                           ActionCodec(spec), act, processes=processes, grouped=cfg.run.grouped)
             sequence = sender.send(rollout, tcfg.env.task, stop.is_set, progress=episodes[-1] + 1,
-                                   rewards_json=json.dumps(asdict(tcfg.reward)))
+                                   rewards_json=json.dumps(recorded_with(tcfg.reward, tcfg.ppo.gamma)))
             sender.poll(0)
             versions = sorted(set(rollout.policy_version.flatten().tolist()))
             log.info("shipped trajectory %d: episodes %d-%d, policy versions %s", sequence, episodes[0],

@@ -156,6 +156,11 @@ def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys
     parse = importlib.import_module("services.simic_learner.__main__").parse
     with pytest.raises(UsageError, match="--anneal-lr: the learner cannot know how many episodes"):
         parse(["--anneal-lr"])
+    # The entropy bonus's anneal over --episodes likewise (it had ended after 1/W of the data); over episodes
+    # given explicitly, which the learner counts over all workers, it is taken.
+    with pytest.raises(UsageError, match="give --entropy-anneal-episodes, the episodes of all workers together"):
+        parse(["--entropy-coef-start", "0.1", "--entropy-coef-end", "0"])
+    assert parse(["--entropy-coef-start", "0.1", "--entropy-coef-end", "0", "--entropy-anneal-episodes", "400"])
     for show_help in (lambda: parse(["--help"]), lambda: main(["train", "ppo", "--help"])):
         with pytest.raises(SystemExit):
             show_help()

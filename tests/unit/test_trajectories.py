@@ -1,7 +1,6 @@
 """Distributed PPO without sockets: the learner's ack/dedup protocol, the tensor framing, and the whole
 actor -> learner -> weights -> policy loop on the toy task (the services only add sockets to this)."""
 
-import dataclasses
 import functools
 import json
 
@@ -12,10 +11,10 @@ import torch
 from esper.leyline import AckStatus, TrajectoryHeader
 from esper.nissa import Telemetry
 from esper.simic.actor import make_envs, play_round, remote_act
-from esper.simic.checkpoint import policy_from_state
+from esper.simic.checkpoint import load_policy, policy_from_state, save_checkpoint
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.learner import Learner
-from esper.simic.rewards import RewardConfig, Rewarder
+from esper.simic.rewards import RewardConfig, Rewarder, recorded_with
 from esper.simic.rollout import Rollout
 from esper.simic.toy import SimulatedTrainer
 from esper.simic.trainer import TrainerConfig
@@ -50,15 +49,18 @@ def test_a_trajectory_played_on_another_task_is_refused():
 
 
 def test_a_trajectory_whose_rewards_were_recorded_with_other_settings_is_refused():
-    """A worker records raw rewards with its own RewardConfig; a learner given other reward flags had learned
-    from them. One from a worker older than the header's rewards_json is taken as it is."""
+    """A worker records raw rewards with its own RewardConfig and discount (the shaping term's); a learner given
+    other reward flags or --gamma had learned from them. One from a worker older than the header's rewards_json
+    is taken as it is."""
     applied = []
-    ours = json.loads(json.dumps(dataclasses.asdict(RewardConfig())))
+    ours = recorded_with(RewardConfig(), 0.99)
     inbox = TrajectoryInbox(lambda rollout: applied.append(rollout), version=lambda: 0, rewards=ours)
     sparse = json.dumps(ours | {"mode": "sparse"})
     refused = inbox.handle(frames("w", 1, 0, rewards_json=sparse))
     assert refused.status == AckStatus.ACK_STATUS_REJECTED and not applied
     assert refused.reason == "rewards recorded with other settings: mode 'sparse' (this learner's: 'shaped')"
+    shaped_otherwise = inbox.handle(frames("w", 1, 4, rewards_json=json.dumps(ours | {"gamma": 0.5})))
+    assert shaped_otherwise.reason == "rewards recorded with other settings: gamma 0.5 (this learner's: 0.99)"
     assert inbox.handle(frames("w", 1, 1, rewards_json="[1]")).reason == \
         "malformed message: rewards_json is not a JSON object"
     assert inbox.handle(frames("w", 1, 2, rewards_json=json.dumps(ours))).status == AckStatus.ACK_STATUS_ACCEPTED
@@ -175,7 +177,7 @@ class LocalServer:
         return [self.policy.decide(o) for o in observations]
 
 
-def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data):
+def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data, tmp_path):
     cfg = TrainerConfig(env=TOY, n_envs=2, update_every=2, episodes=10, seed=0)  # 4 episodes per update
     learner = Learner(cfg, Telemetry("learner"), max_policy_lag=1)
     server = LocalServer(learner)
@@ -213,6 +215,13 @@ def test_actor_learner_loop_updates_and_versions_every_transition(synthetic_data
     # what a comparison must hold out.
     assert learner.trainer.trained_seeds == restored.trainer.trained_seeds == set(range(2, 10))
     assert restored.add(fresh) is None  # version 1's statistics came back with it
+    # Its checkpoint loaded as a policy (esper train learned, esper compare) is the version it served: with that
+    # version's statistics, not obs_rms, which has gone on with the rows pending since (it had been).
+    save_checkpoint(restored.state_dict(), tmp_path / "learner.pt")
+    loaded, served = load_policy(tmp_path / "learner.pt"), policy_from_state(restored.policy_state(), "2")
+    same = lambda a, b: all(torch.equal(a.state()[k], b.state()[k]) for k in a.state())  # noqa: E731
+    assert not same(restored.trainer.obs_rms, served.obs_rms)
+    assert same(loaded.obs_rms, served.obs_rms) and loaded.version == "2"
     from_train_ppo = Learner(cfg, Telemetry("from esper train ppo"), max_policy_lag=1)
     from_train_ppo.load_state_dict(learner.trainer.state_dict())  # no per-version statistics: the current only
     assert sorted(from_train_ppo.obs_stats) == [2]

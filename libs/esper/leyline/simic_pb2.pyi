@@ -81,7 +81,7 @@ class TrajectoryHeader(_message.Message):
     """features per observation (raw, not normalized)"""
     task: _builtins.str
     rewards_json: _builtins.str
-    """the RewardConfig the rewards were recorded with (JSON); empty from older workers"""
+    """the RewardConfig and discount the rewards were recorded with (JSON); empty: older"""
     def __init__(
         self,
         *,

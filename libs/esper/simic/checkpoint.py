@@ -113,9 +113,13 @@ def build_network(state: dict) -> tuple[ActorCritic, FeatureSpec]:
 
 
 def load_policy(path: Path | str, greedy: bool = True, seed: int = 0) -> NeuralPolicy:
-    """The trained policy of a checkpoint as a tamiyo Policy (for evaluation and `esper compare`)."""
+    """The trained policy of a checkpoint as a tamiyo Policy (for evaluation and `esper compare`). A
+    simic_learner's checkpoint gives its version's observation statistics, those tamiyo_server normalized
+    with (obs_stats), not obs_rms, which has gone on with the rows pending since."""
     state = load_checkpoint(Path(path))
-    return policy_from_state(state, str(state["counters"]["updates"]), greedy, seed)
+    version = state["counters"]["updates"]
+    served = dict(state.get("obs_stats", [])).get(version)
+    return policy_from_state(state | ({"obs_rms": served} if served is not None else {}), str(version), greedy, seed)
 
 
 def policy_from_state(state: dict, version: str, greedy: bool = True, seed: int = 0) -> NeuralPolicy:

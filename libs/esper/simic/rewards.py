@@ -31,6 +31,8 @@ passes PPOConfig.gamma.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -69,6 +71,13 @@ class RewardConfig:
             raise ValueError(f"--param-budget must be >= 1, got {self.param_budget}")
         if self.param_penalty < 0 or self.sparse_scale <= 0:
             raise ValueError("--param-penalty must be >= 0 and --sparse-scale > 0")
+
+
+def recorded_with(cfg: RewardConfig, gamma: float) -> dict:
+    """The settings a Rewarder's raw rewards depend on, as plain JSON values: what a worker's trajectory says it
+    recorded its rewards with, and what a learner must share to learn from them (the discount too: the
+    shaping term telescopes only under PPO's own)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg) | {"gamma": gamma}))
 
 
 class Rewarder:

@@ -578,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                 run = functools.partial(run, resume=Path(args.resume))
         if args.telemetry_level == "off" and args.db:  # the store is built from a run's telemetry
             raise UsageError("--db needs a --telemetry-level other than off: a run is recorded from its telemetry")
+        if args.telemetry_level == "off" and (watching := [f for f in ("--tui", "--dashboard")
+                                                           if getattr(args, f[2:], False)]):
+            raise UsageError(f"{watching[0]} shows the run's telemetry: it needs a --telemetry-level other than off")
         if args.telemetry_level != "off":
             run = karn_cli.recording(run, karn_cli.store_path(args.db, cfg.runs_dir))
     except (UsageError, ConfigError) as exc:  # ConfigError: a malformed ESPER_* variable

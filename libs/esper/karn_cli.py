@@ -61,6 +61,7 @@ def run_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     why = folder_refusal(args.out, "--out") if args.command == "report" and args.out else None
+    existed = Path(args.db).exists()
     try:
         db = RunsDB(args.db)
     except StoreError as exc:
@@ -69,10 +70,15 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"esper: error: {why}", file=sys.stderr)
         return 2
     try:
-        return cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)
+        status = cmd_report(db, args) if args.command == "report" else RUNS[args.runs_command](db, args)
     except sqlite3.DatabaseError as exc:  # a store damaged past its first page opens, and fails when read
         print(f"esper: error: --db {args.db} cannot be read: {exc}", file=sys.stderr)
         return 2
+    else:
+        if status and not existed and not db.runs():  # a store made for an index that failed: not left behind
+            db.close()
+            Path(args.db).unlink()
+        return status
     finally:
         db.close()
 
@@ -82,6 +88,10 @@ def watched_source(args: argparse.Namespace):
     None (after a line on stderr) when the file is missing or does not begin with a whole event (any file had
     been shown as an empty run)."""
     if args.file is not None:
+        if given := [flag for flag, value in (("--hub-sub", args.hub_sub), ("--hub-snapshot", args.hub_snapshot))
+                     if value is not None]:
+            print(f"esper: error: {' and '.join(given)}: for the bus; --file replays a file", file=sys.stderr)
+            return None
         if not args.file.is_file():
             print(f"esper: error: --file {args.file}: no such file", file=sys.stderr)
             return None
@@ -92,16 +102,16 @@ def watched_source(args: argparse.Namespace):
         events = read_jsonl(args.file)
         try:
             first = list(itertools.islice(events, 1))
-        except UnicodeDecodeError:
-            print(f"esper: error: --file {args.file}: not a telemetry JSONL file (not UTF-8 text)", file=sys.stderr)
-            return None
-        except ValueError as exc:  # read_jsonl's, naming the file and line
+        except ValueError as exc:  # read_jsonl's, naming the file (and line)
             print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
             return None
         if not first:  # empty, blank, or one line cut short
             print(f"esper: error: --file {args.file}: no telemetry event in it", file=sys.stderr)
             return None
-        return itertools.chain(first, events), str(args.file)
+        events = itertools.chain(first, events)
+        if args.run_id:  # it had been ignored: every run of the file was shown
+            return (e for e in events if e.run_id == args.run_id), f"{args.file} (run {args.run_id})"
+        return events, str(args.file)
     from esper.transport.config import fill_stack_defaults
     from esper.transport.follow import BusFollower
 

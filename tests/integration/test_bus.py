@@ -51,6 +51,19 @@ def test_late_joiner_gets_snapshot_then_live_with_nothing_lost(spawn):
     assert subscriber.snapshots == 1
     assert metric(scrape(hub.endpoints["metrics"]), "esper_bus_snapshots_total") == 1
     subscriber.close()
+
+    # Following one run takes that run only: ZeroMQ subscriptions match by prefix, and a PPO run's episodes
+    # (R_ep0000, ...) had come in too, without their history (the snapshot is the run's), as lost events.
+    for seq in range(1, 6):
+        publisher.emit(event("R_ep0000", seq))
+    following = Subscriber(ctx, hub.endpoints["subscribe"], hub.endpoints["snapshot"], run_id="R")
+    store = RunStore()
+    drain(following, store, lambda s: following.synced)
+    publisher.emit(event("R_ep0000", 6))
+    publisher.emit(event("R", 1))
+    drain(following, store, lambda s: "R" in s.runs)
+    assert list(store.runs) == ["R"] and store.runs["R"].lost == 0
+    following.close()
     publisher.shutdown()
     ctx.term()
     assert hub.stop() == 0, hub.output()

@@ -49,6 +49,9 @@ from esper.tolaria.data import load_task_data
     (["train", "ppo", "--runs-dir", "runs/seed{seed}"], "--runs-dir: {seed} names each episode's folder"),
     # A run is recorded from its telemetry: with none, the store had been left unmade without a word.
     (["train", "static", "--telemetry-level", "off", "--db", "x.db"], "--db needs a --telemetry-level other than off"),
+    # Likewise a TUI or dashboard that would wait for events for the whole run, the run's own console quiet.
+    (["train", "static", "--telemetry-level", "off", "--tui"], "--tui shows the run's telemetry: it needs a"),
+    (["train", "ppo", "--telemetry-level", "off", "--dashboard"], "--dashboard shows the run's telemetry: it needs"),
 ])
 def test_bad_flags_fail_in_one_line(argv, needle, capsys):
     assert main(argv) == 2

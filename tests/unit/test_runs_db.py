@@ -17,7 +17,8 @@ from rich.console import Console
 from esper.cli import main
 from esper.experiment import RunConfig, run
 from esper.karn.runs_db import RunsDB
-from esper.leyline import Blueprint, LifecycleTransition, SeedStage, TelemetryEvent, from_short_name
+from esper.leyline import (Blueprint, GovernorEvent, LifecycleTransition, RunStarted, SeedStage, TelemetryEvent,
+                           from_short_name)
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tamiyo import HeuristicConfig
@@ -84,6 +85,17 @@ def test_a_seed_is_culled_at_its_cull_and_a_graft_is_no_growth():
     assert seeds == {1: ("culled", 1, 5), 2: ("grafted", None, 0)}
     stats = {b["slot"]: (b["germinated"], b["fossilized"], b["culled"], b["grafted"]) for b in db.blueprint_stats()}
     assert stats == {"mid": (1, 0, 1, 0), "early": (0, 0, 0, 1)}
+
+
+def test_events_a_resume_wrote_again_are_folded_once(tmp_path):
+    """A --telemetry-file shared across a kill and a resume holds the events after the checkpoint twice: a
+    governor rollback among them had been counted twice."""
+    events = [TelemetryEvent(run_id="r", sequence=1, run_started=RunStarted(task="synthetic")),
+              TelemetryEvent(run_id="r", sequence=2, governor=GovernorEvent(epoch=3, cause="divergence"))]
+    db = RunsDB(tmp_path / "karn.db")
+    db.index_events([*events, events[1]], "shared.jsonl")  # the resumed process emits sequence 2 again
+    assert [r["governor_rollbacks"] for r in db.runs()] == [1]
+    db.close()
 
 
 def test_reindexing_replaces_rather_than_duplicates(runs_dir):
@@ -180,6 +192,14 @@ def test_a_torn_last_line_is_left_out_and_a_corrupt_one_named(runs_dir, tmp_path
         assert main([*argv, "--db", db]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("esper: error:") and needle in err[0], err
+    # A file that is not text is named too (the error had been the codec's alone), and a store made only for an
+    # index that failed is not left behind.
+    binary = tmp_path / "binary" / "telemetry.jsonl"
+    binary.parent.mkdir()
+    binary.write_bytes(b"\x80\x81\n")
+    assert main(["runs", "index", str(binary), "--db", str(tmp_path / "new.db")]) == 2
+    assert capsys.readouterr().err == f"esper: error: {binary}: not a telemetry JSONL file (not UTF-8 text)\n"
+    assert not (tmp_path / "new.db").exists()
 
 
 def test_esper_train_records_its_runs_in_the_store(tmp_path, capsys):

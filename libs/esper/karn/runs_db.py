@@ -157,11 +157,15 @@ class RunsDB:
 
     def index_events(self, events: Iterable[TelemetryEvent], source: str) -> list[str]:
         """Fold events into runs and (re)write them; returns the run ids written. PPO updates are not
-        runs of a network: they are skipped."""
+        runs of a network: they are skipped, and so is an event whose sequence number its run has had (a
+        --telemetry-file shared across a kill and a resume holds the events after the checkpoint twice, the
+        same both times: a governor rollback among them had been counted twice)."""
         runs: dict[str, _Run] = {}
+        last: dict[str, int] = {}
         for event in events:
-            if event.HasField("ppo_update"):
+            if event.HasField("ppo_update") or 0 < event.sequence <= last.get(event.run_id, 0):
                 continue
+            last[event.run_id] = event.sequence
             run = runs.get(event.run_id)
             if run is None:
                 run = runs[event.run_id] = _Run(event.run_id, source)

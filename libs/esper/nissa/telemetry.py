@@ -75,9 +75,17 @@ class JsonlSink:
 def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
     """The events of a JsonlSink's file. A last line cut short (its writer killed mid-line, or still
     writing) ends them, as JsonlSink's "a crash loses at most one line" promises; blank lines are
-    skipped; any other line that is not an event is a ValueError naming the file and line."""
+    skipped; any other line that is not an event is a ValueError naming the file and line, and so is a file
+    that is not UTF-8 text."""
     with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                number, line = next(lines, (0, ""))
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: not a telemetry JSONL file (not UTF-8 text)") from None
+            if not number:
+                return
             if not line.strip():
                 continue
             try:

@@ -286,9 +286,12 @@ class Subscriber:
             if not self.synced:  # published before the snapshot is taken, so the snapshot holds it
                 continue
             try:
-                events.append(decode(frames))
+                event = decode(frames)
             except MalformedFrame as exc:
                 self.malformed[exc.reason] += 1
+                continue
+            if not self.run_id or event.run_id == self.run_id:  # a subscription matches every id it begins
+                events.append(event)
         return events
 
     def _connect_dealer(self) -> zmq.Socket:

@@ -75,9 +75,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"esper: error: --db {args.db} cannot be read: {exc}", file=sys.stderr)
         return 2
     else:
-        if status and not existed and not db.runs():  # a store made for an index that failed: not left behind
+        if status and not existed and args.db != ":memory:" and not db.runs():  # made for an index that failed
             db.close()
-            Path(args.db).unlink()
+            Path(args.db).unlink(missing_ok=True)
         return status
     finally:
         db.close()
@@ -110,7 +110,18 @@ def watched_source(args: argparse.Namespace):
             return None
         events = itertools.chain(first, events)
         if args.run_id:  # it had been ignored: every run of the file was shown
-            return (e for e in events if e.run_id == args.run_id), f"{args.file} (run {args.run_id})"
+            from esper.transport.bus import follows
+
+            events = (e for e in events if follows(args.run_id, e.run_id))
+            try:
+                first = list(itertools.islice(events, 1))
+            except ValueError as exc:  # read_jsonl's, naming the file and line
+                print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
+                return None
+            if not first:
+                print(f"esper: error: --file {args.file}: no event of run {args.run_id} in it", file=sys.stderr)
+                return None
+            return itertools.chain(first, events), f"{args.file} (run {args.run_id})"
         return events, str(args.file)
     from esper.transport.config import fill_stack_defaults
     from esper.transport.follow import BusFollower

@@ -104,13 +104,15 @@ def parse(argv: list[str] | None) -> Config:
         raise UsageError("--anneal-lr: the learner cannot know how many episodes its workers will send (each plays "
                          "--episodes), so a decay over --episodes would stop it learning early; anneal in esper "
                          "train ppo")
-    if (args.entropy_coef_start is not None or args.entropy_coef_end is not None) and not args.entropy_anneal_episodes:
-        raise UsageError("--entropy-coef-start/--entropy-coef-end anneal over --episodes, which each worker plays: "
-                         "the learner counts every worker's, so the anneal would end early; give "
-                         "--entropy-anneal-episodes, the episodes of all workers together")
     run = ppo_config(args, train_config(args))
     if run.save is None:
         run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
+    if (args.entropy_coef_start is not None or args.entropy_coef_end is not None) and not args.entropy_anneal_episodes:
+        why = ("--entropy-coef-start/--entropy-coef-end anneal over --episodes, which each worker plays: the learner "
+               "counts every worker's, so the anneal ends early")
+        if not (run.resume or Path(run.save).is_file()):  # a new run; one trained so goes on as it was
+            raise UsageError(f"{why}; give --entropy-anneal-episodes, the episodes of all workers together")
+        print(f"simic_learner: warning: {why} (the run continued was trained so)", file=sys.stderr)
     return Config(run=run, host=args.host, port=args.port, weights_port=args.weights_port, hub_pub=args.hub_pub,
                   republish_s=args.republish_s, max_policy_lag=args.max_policy_lag, summary=args.summary,
                   metrics_port=args.metrics_port,

@@ -52,17 +52,22 @@ def test_late_joiner_gets_snapshot_then_live_with_nothing_lost(spawn):
     assert metric(scrape(hub.endpoints["metrics"]), "esper_bus_snapshots_total") == 1
     subscriber.close()
 
-    # Following one run takes that run only: ZeroMQ subscriptions match by prefix, and a PPO run's episodes
-    # (R_ep0000, ...) had come in too, without their history (the snapshot is the run's), as lost events.
+    # Following one run takes that run and, for a PPO run, its episodes, each with its history. ZeroMQ
+    # subscriptions match by prefix: another run whose id begins so (R2) had come in too, and the episodes had
+    # come without their history (the snapshot was the run's alone), as lost events.
     for seq in range(1, 6):
         publisher.emit(event("R_ep0000", seq))
+        publisher.emit(event("R2", seq))
+    wait_until(lambda: metric(scrape(hub.endpoints["metrics"]), "esper_bus_messages_forwarded_total") == 110,
+               30, "the hub to forward them")
     following = Subscriber(ctx, hub.endpoints["subscribe"], hub.endpoints["snapshot"], run_id="R")
     store = RunStore()
     drain(following, store, lambda s: following.synced)
-    publisher.emit(event("R_ep0000", 6))
-    publisher.emit(event("R", 1))
+    for name in ("R2", "R_ep0000", "R"):
+        publisher.emit(event(name, 6 if name != "R" else 1))
     drain(following, store, lambda s: "R" in s.runs)
-    assert list(store.runs) == ["R"] and store.runs["R"].lost == 0
+    assert sorted(store.runs) == ["R", "R_ep0000"] and sorted(store.runs["R_ep0000"].epochs) == list(range(1, 7))
+    assert store.runs["R_ep0000"].lost == store.runs["R"].lost == 0
     following.close()
     publisher.shutdown()
     ctx.term()

@@ -17,8 +17,8 @@ from rich.console import Console
 from esper.cli import main
 from esper.experiment import RunConfig, run
 from esper.karn.runs_db import RunsDB
-from esper.leyline import (Blueprint, GovernorEvent, LifecycleTransition, RunStarted, SeedStage, TelemetryEvent,
-                           from_short_name)
+from esper.leyline import (Blueprint, EpochReport, GovernorEvent, LifecycleTransition, RunStarted, SeedStage,
+                           TelemetryEvent, TrainingSignals, from_short_name)
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tamiyo import HeuristicConfig
@@ -87,14 +87,18 @@ def test_a_seed_is_culled_at_its_cull_and_a_graft_is_no_growth():
     assert stats == {"mid": (1, 0, 1, 0), "early": (0, 0, 0, 1)}
 
 
-def test_events_a_resume_wrote_again_are_folded_once(tmp_path):
-    """A --telemetry-file shared across a kill and a resume holds the events after the checkpoint twice: a
-    governor rollback among them had been counted twice."""
-    events = [TelemetryEvent(run_id="r", sequence=1, run_started=RunStarted(task="synthetic")),
-              TelemetryEvent(run_id="r", sequence=2, governor=GovernorEvent(epoch=3, cause="divergence"))]
+def test_events_a_resume_wrote_again_are_folded_once_the_last_standing(tmp_path):
+    """A --telemetry-file shared across a kill and a resume holds the events after the checkpoint twice (a
+    governor rollback among them had been counted twice); where the two differ (a GPU's resume, a restart from
+    the first epoch), the later ones are the run's."""
+    started = TelemetryEvent(run_id="r", sequence=1, run_started=RunStarted(task="synthetic"))
+    rollback = TelemetryEvent(run_id="r", sequence=2, governor=GovernorEvent(epoch=3, cause="divergence"))
     db = RunsDB(tmp_path / "karn.db")
-    db.index_events([*events, events[1]], "shared.jsonl")  # the resumed process emits sequence 2 again
+    db.index_events([started, rollback, rollback], "shared.jsonl")  # the resumed process emits sequence 2 again
     assert [r["governor_rollbacks"] for r in db.runs()] == [1]
+    epoch = TelemetryEvent(run_id="r", sequence=2, epoch=EpochReport(signals=TrainingSignals(epoch=3, max_epochs=5)))
+    db.index_events([started, rollback, started, epoch], "restarted.jsonl")  # begun again: no rollback then
+    assert [r["governor_rollbacks"] for r in db.runs()] == [0]
     db.close()
 
 

@@ -2,6 +2,7 @@
 and the Procfile must agree with that table."""
 
 import importlib
+import json
 import os
 import re
 import socket
@@ -149,7 +150,7 @@ def refusal(name: str, flag: str, value: str, capsys) -> str:
     return str(refused.value) if refused.type is UsageError else capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys):
+def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys, tmp_path):
     """Each worker plays --episodes, so with W workers a decay over the learner's --episodes would reach a rate
     of 0 after 1/W of the data and publish unchanged weights from then on, silently. Its --help does not offer
     the flag (it had listed it, from the shared PPO flags); `esper train ppo --help` does."""
@@ -158,9 +159,16 @@ def test_the_learner_refuses_to_anneal_over_episodes_its_workers_multiply(capsys
         parse(["--anneal-lr"])
     # The entropy bonus's anneal over --episodes likewise (it had ended after 1/W of the data); over episodes
     # given explicitly, which the learner counts over all workers, it is taken.
+    anneal = ["--entropy-coef-start", "0.1", "--entropy-coef-end", "0", "--runs-dir", str(tmp_path)]
     with pytest.raises(UsageError, match="give --entropy-anneal-episodes, the episodes of all workers together"):
-        parse(["--entropy-coef-start", "0.1", "--entropy-coef-end", "0"])
-    assert parse(["--entropy-coef-start", "0.1", "--entropy-coef-end", "0", "--entropy-anneal-episodes", "400"])
+        parse(anneal)
+    assert parse([*anneal, "--entropy-anneal-episodes", "400"])
+    # A learner trained so before this refusal restarts as it was (its --save there), with a warning.
+    (tmp_path / "simic_learner.pt").write_bytes(b"its checkpoint")
+    capsys.readouterr()
+    assert parse(anneal)
+    assert "simic_learner: warning: --entropy-coef-start/--entropy-coef-end anneal over --episodes" in \
+        capsys.readouterr().err
     for show_help in (lambda: parse(["--help"]), lambda: main(["train", "ppo", "--help"])):
         with pytest.raises(SystemExit):
             show_help()
@@ -231,8 +239,13 @@ def test_a_ppo_worker_refuses_a_spool_of_another_experiment(tmp_path, hub_stand_
     spool = Spool(tmp_path / "spool")
     worker.claim_spool(spool, worker.parse(flags).run.trainer)  # nothing played yet: a new experiment may take it
     worker.claim_spool(spool, worker.parse([*flags, "--max-epochs", "5"]).run.trainer)
+    spool.close()
     (tmp_path / "spool" / "progress.json").write_text('{"progress": 2}')  # its two episodes played and acked
+    spool = Spool(tmp_path / "spool")
     worker.claim_spool(spool, worker.parse([*flags, "--max-epochs", "5", "--episodes", "4"]).run.trainer)
+    assert json.loads((tmp_path / "spool" / "experiment.json").read_text())["episodes"] == 2  # its own, kept
+    with pytest.raises(worker.OtherExperiment, match=r"\(env.max_epochs differs\)"):
+        worker.claim_spool(spool, worker.parse([*flags, "--max-epochs", "2"]).run.trainer)
     spool.close()
     refused = service("services.tolaria_worker", *flags, "--hub-pub", hub_stand_in, "--metrics-port", "-1",
                       "--exit-when-done")

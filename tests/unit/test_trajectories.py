@@ -63,6 +63,12 @@ def test_a_trajectory_whose_rewards_were_recorded_with_other_settings_is_refused
     assert shaped_otherwise.reason == "rewards recorded with other settings: gamma 0.5 (this learner's: 0.99)"
     assert inbox.handle(frames("w", 1, 1, rewards_json="[1]")).reason == \
         "malformed message: rewards_json is not a JSON object"
+    # Hostile ones are refused, not raised: nested past the parser's depth (a RecursionError had ended the
+    # learner), or too long to keep the reason of in every checkpoint.
+    assert inbox.handle(frames("w", 1, 5, rewards_json="[" * 3000)).reason == \
+        "malformed message: rewards_json is not a JSON object"
+    assert inbox.handle(frames("w", 1, 6, rewards_json=json.dumps({"k" * 5000: 1}))).reason == \
+        "malformed message: a rewards_json of 5007 characters (at most 4096)"
     assert inbox.handle(frames("w", 1, 2, rewards_json=json.dumps(ours))).status == AckStatus.ACK_STATUS_ACCEPTED
     assert inbox.handle(frames("w", 1, 3)).status == AckStatus.ACK_STATUS_ACCEPTED and len(applied) == 2
 

@@ -351,20 +351,23 @@ def test_tui_file_must_exist(tmp_path, capsys):
 
 
 def test_a_replayed_file_shows_the_run_asked_for_only(tmp_path, capsys):
-    """`--run-id` with `--file` had been ignored (every run of the file shown); the bus's flags with it are
-    refused rather than ignored."""
+    """`--run-id` with `--file` had been ignored (every run of the file shown): it shows the run and, for a PPO
+    run, its episodes; the bus's flags with it are refused rather than ignored."""
     from esper.cli import build_parser
     from esper.karn_cli import watched_source
     from esper.nissa import JsonlSink
 
     sink = JsonlSink(tmp_path / "runs.jsonl")
-    for run_id in ("a", "b", "a", "b_ep0000"):
+    for run_id in ("a", "b", "a", "b_ep0000", "bb"):
         sink.emit(TelemetryEvent(run_id=run_id, sequence=1, run_started=RunStarted(task="synthetic")))
     sink.close()
     for command in ("tui", "dashboard"):
         events, title = watched_source(build_parser().parse_args([command, "--file", str(tmp_path / "runs.jsonl"),
                                                                   "--run-id", "b"]))
-        assert [e.run_id for e in events] == ["b"] and title == f"{tmp_path / 'runs.jsonl'} (run b)"
+        assert [e.run_id for e in events] == ["b", "b_ep0000"] and title == f"{tmp_path / 'runs.jsonl'} (run b)"
+        assert watched_source(build_parser().parse_args([command, "--file", str(tmp_path / "runs.jsonl"),
+                                                         "--run-id", "c"])) is None
+        assert capsys.readouterr().err == f"esper: error: --file {tmp_path / 'runs.jsonl'}: no event of run c in it\n"
         assert watched_source(build_parser().parse_args([command, "--file", str(tmp_path / "runs.jsonl"),
                                                          "--hub-sub", "tcp://127.0.0.1:5555"])) is None
         assert capsys.readouterr().err == "esper: error: --hub-sub: for the bus; --file replays a file\n"

@@ -157,19 +157,18 @@ class RunsDB:
 
     def index_events(self, events: Iterable[TelemetryEvent], source: str) -> list[str]:
         """Fold events into runs and (re)write them; returns the run ids written. PPO updates are not
-        runs of a network: they are skipped, and so is an event whose sequence number its run has had (a
-        --telemetry-file shared across a kill and a resume holds the events after the checkpoint twice, the
-        same both times: a governor rollback among them had been counted twice)."""
-        runs: dict[str, _Run] = {}
-        last: dict[str, int] = {}
+        runs of a network: they are skipped. Of events with the same sequence number in a run the last is
+        kept: a --telemetry-file shared across a kill and a resume (or a restart from the first epoch) holds
+        the abandoned branch's events, then the ones that stand (a governor rollback had counted twice)."""
+        by_run: dict[str, dict[int, TelemetryEvent]] = {}
         for event in events:
-            if event.HasField("ppo_update") or 0 < event.sequence <= last.get(event.run_id, 0):
-                continue
-            last[event.run_id] = event.sequence
-            run = runs.get(event.run_id)
-            if run is None:
-                run = runs[event.run_id] = _Run(event.run_id, source)
-            run.apply(event)
+            if not event.HasField("ppo_update"):
+                by_run.setdefault(event.run_id, {})[event.sequence] = event
+        runs: dict[str, _Run] = {}
+        for run_id, by_sequence in by_run.items():
+            run = runs[run_id] = _Run(run_id, source)
+            for sequence in sorted(by_sequence):
+                run.apply(by_sequence[sequence])
         with self.conn:
             for run in runs.values():
                 self._write(run)

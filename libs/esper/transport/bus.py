@@ -253,8 +253,9 @@ class Subscriber:
     private hello topic; when the hub's hello comes back the subscription is live, so a snapshot taken
     now plus the live stream after it leave no hole. Live events before the hello are dropped (the
     snapshot holds them: delivered first, they would look like a gap); events the snapshot already
-    held arrive again live after it, and consumers drop them by sequence (karn's RunStore does). Snapshots are requested again after
-    a hub restart, when the hello comes back.
+    held arrive again live after it, and consumers drop them by sequence (karn's RunStore does). Snapshots
+    are requested again after a hub restart, when the hello comes back. With `run_id`, only the events that
+    following it shows (`follows`) are given, live or from the snapshot.
     """
 
     def __init__(self, ctx: zmq.Context, sub_endpoint: str, snapshot_endpoint: str, run_id: str = "",
@@ -290,7 +291,7 @@ class Subscriber:
             except MalformedFrame as exc:
                 self.malformed[exc.reason] += 1
                 continue
-            if not self.run_id or event.run_id == self.run_id:  # a subscription matches every id it begins
+            if follows(self.run_id, event.run_id):  # a subscription matches every id it begins: others too
                 events.append(event)
         return events
 
@@ -302,7 +303,7 @@ class Subscriber:
         return dealer
 
     def _snapshot(self) -> list[TelemetryEvent]:
-        self.dealer.send(SnapshotRequest(run_id=self.run_id).SerializeToString())
+        self.dealer.send(SnapshotRequest().SerializeToString())  # every run's: a PPO run's episodes are their own
         if not self.dealer.poll(self.snapshot_timeout_ms):
             log.warning("no snapshot from the hub in %d ms: starting from live events", self.snapshot_timeout_ms)
             # A new socket (a new identity): the late reply would have been taken for the next request's answer,
@@ -320,11 +321,17 @@ class Subscriber:
             return []
         self.snapshots += 1
         self.synced = True
-        return list(reply.events)
+        return [event for event in reply.events if follows(self.run_id, event.run_id)]
 
     def close(self) -> None:
         self.socket.close()
         self.dealer.close()
+
+
+def follows(run_id: str, event_run_id: str) -> bool:
+    """Whether following `run_id` ("": every run) shows an event of `event_run_id`: the run's own and, for a
+    PPO run, its episodes' (<run_id>_epNNNN), whose slots and curves are the run's to see."""
+    return not run_id or event_run_id == run_id or event_run_id.startswith(run_id + "_ep")
 
 
 def bind_endpoint(sock: zmq.Socket, host: str, port: int) -> str:

@@ -23,6 +23,9 @@ of up to 1 MiB did not."""
 MAX_WORKER_ID_CHARS = 255
 """A trajectory's worker_id (a host name by default, and a spool directory's name): the learner keeps every
 key it decides for its lifetime, so a longer one is refused as malformed and not kept."""
+MAX_REWARDS_JSON_CHARS = 4096
+"""A trajectory header's rewards_json (its RewardConfig and discount: ~300 characters); the learner keeps the
+reason it refuses one in every checkpoint, so a longer one is refused as malformed, unread."""
 MAX_GRPC_REQUEST_BYTES = 4 * MiB
 """A Decide request (~1 KiB) or a DecideBatch of at most 1,024 observations; gRPC's own default."""
 MAX_HTTP_BODY_BYTES = 0

@@ -35,7 +35,7 @@ from esper.durable import lock_exclusively, write_durably
 from esper.leyline import AckStatus, PolicyWeights, TrajectoryAck, TrajectoryHeader
 from esper.simic.rollout import Rollout
 from esper.transport.bus import LINGER_MS, bind_endpoint
-from esper.transport.limits import MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
+from esper.transport.limits import MAX_REWARDS_JSON_CHARS, MAX_SUBSCRIPTION_BYTES, MAX_WORKER_ID_CHARS
 from esper.transport.tensors import pack, unpack
 
 POLICY_TOPIC = b"esper.policy"
@@ -101,6 +101,9 @@ class TrajectoryInbox:
             header.ParseFromString(frames[0])
             if len(header.worker_id) > MAX_WORKER_ID_CHARS:
                 raise DecodeError(f"a worker_id of {len(header.worker_id)} characters (at most {MAX_WORKER_ID_CHARS})")
+            if len(header.rewards_json) > MAX_REWARDS_JSON_CHARS:
+                raise DecodeError(f"a rewards_json of {len(header.rewards_json)} characters (at most "
+                                  f"{MAX_REWARDS_JSON_CHARS})")
         except DecodeError as exc:
             self.rejected += 1
             return TrajectoryAck(status=AckStatus.ACK_STATUS_REJECTED, reason=f"malformed message: {exc}")
@@ -138,13 +141,14 @@ def other_rewards(rewards_json: str, ours: dict) -> str | None:
     `ours`, naming each setting that differs; None when they are the same."""
     try:
         theirs = json.loads(rewards_json)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past what the parser follows ("[[[[...")
         theirs = None
     if not isinstance(theirs, dict):
         return "malformed message: rewards_json is not a JSON object"
     differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     return ("rewards recorded with other settings: " + ", ".join(
-        f"{k} {reprlib.repr(theirs.get(k))} (this learner's: {ours.get(k)!r})" for k in differ)) if differ else None
+        f"{reprlib.repr(k)[1:-1]} {reprlib.repr(theirs.get(k))} (this learner's: {ours.get(k)!r})" for k in differ)
+        ) if differ else None
 
 
 SPOOL_MAGIC = b"ESPERTJ1"

@@ -48,7 +48,7 @@ from esper.durable import write_atomic
 from esper.experiment import RunConfig, continued_grouping, run
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
-from esper.simic.actor import remote_act
+from esper.simic.actor import NotNeural, remote_act
 from esper.simic.checkpoint import changed_settings
 from esper.simic.env_process import EnvProcessError, close_all
 from esper.simic.rewards import recorded_with
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpoolBusy, SpoolCorrupt, OtherExperiment) as exc:
         status = 2
         log.error("%s", exc)
-    except (DataError, EnvProcessError) as exc:  # missing data; --env-processes: a child failed or died
+    except (DataError, EnvProcessError, NotNeural) as exc:  # missing data; --env-processes: a child died; tamiyo
         status = 1
         log.error("%s", exc)
     if status == 0 and not cfg.exit_when_done:

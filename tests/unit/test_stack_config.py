@@ -255,6 +255,32 @@ def test_a_ppo_worker_refuses_a_spool_of_another_experiment(tmp_path, hub_stand_
             ) in refused.stderr
 
 
+def test_a_ppo_worker_asking_a_server_of_another_policy_says_so_in_one_line(tmp_path, hub_stand_in):
+    """A --ppo worker pointed at a tamiyo_server of the heuristic (a real gRPC server here) had ended in a
+    ValueError traceback; it logs the one line that says what to start instead, and exits 1."""
+    import grpc
+    from concurrent import futures
+
+    from esper.leyline import tamiyo_pb2_grpc
+    from esper.tamiyo import HeuristicPolicy
+    from esper.transport.policy_service import TamiyoServicer
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tamiyo_pb2_grpc.add_TamiyoServicer_to_server(TamiyoServicer(HeuristicPolicy()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        worker = service("services.tolaria_worker", "--ppo", "--task", "synthetic", "--max-epochs", "2",
+                         "--n-envs", "1", "--episodes", "1", "--tamiyo", f"127.0.0.1:{port}", "--hub-pub",
+                         hub_stand_in, "--learner", "tcp://127.0.0.1:1", "--metrics-port", "-1", "--runs-dir",
+                         str(tmp_path), "--exit-when-done")
+    finally:
+        server.stop(None)
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
+    assert ("tolaria_worker ERROR the policy server serves heuristic, not the neural policy: PPO workers need "
+            "tamiyo_server --policy neural") in worker.stderr
+
+
 def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):
     """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
     train's do (on CUDA; not here, on the CPU)."""

@@ -100,6 +100,10 @@ def step_all(envs: list[GrowthEnv | EnvProcess], decisions: list[Decision]) -> l
     return [env.receive()[0] if isinstance(env, EnvProcess) else env.step(d)[0] for env, d in zip(envs, decisions)]
 
 
+class NotNeural(ValueError):
+    """The policy server serves another policy than the neural one a PPO actor needs."""
+
+
 class BatchPolicy(Protocol):
     def decide_batch(self, observations: list[Observation]) -> list[Decision]: ...
 
@@ -113,8 +117,8 @@ def remote_act(policy: BatchPolicy, spec: FeatureSpec) -> Act:
         decisions = policy.decide_batch(observations)
         wrong = {d.policy_name for d in decisions} - {NeuralPolicy.name}
         if wrong:
-            raise ValueError(f"the policy server serves {', '.join(sorted(wrong))}, not the neural policy: "
-                             f"PPO workers need tamiyo_server --policy neural")
+            raise NotNeural(f"the policy server serves {', '.join(sorted(wrong))}, not the neural policy: "
+                            f"PPO workers need tamiyo_server --policy neural")
         return decisions, {
             "obs": spec.encode_batch(observations),
             "actions": torch.tensor([codec.encode(d.action) for d in decisions], dtype=torch.int64),

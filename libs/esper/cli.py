@@ -175,14 +175,21 @@ def build_parser() -> Parser:
     return parser
 
 
-def resolve_device(requested: str | None) -> str:
+def resolve_device(requested: str | None, flag: str = "--device") -> str:
+    """The device to train on: `requested`, or the first GPU if there is one, else the CPU. UsageError (naming
+    `flag`) for one torch cannot name, one other than the CPU or a CUDA GPU (torch names mps, meta, ... that
+    Esper's training cannot use: they had failed once a run directory was made), or a GPU this machine lacks."""
     device = requested or ("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"--device {device!r}: {exc}") from None
+        raise UsageError(f"{flag} {device!r}: {exc}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {device}: Esper trains on cpu or cuda[:N]")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        raise UsageError(f"{flag} {device}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -158,7 +158,7 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
     if "{seed}" in base.runs_dir:  # it had made a folder named so, in which the run store found nothing
         raise UsageError("--runs-dir: {seed} names each episode's folder, and a PPO run is one folder with all its "
                          "episodes in it")
-    devices = tuple(resolve_device(d) for d in args.devices or ())
+    devices = tuple(resolve_device(d, "--devices") for d in args.devices or ())
     try:
         ppo = PPOConfig(
             lr=args.lr, anneal_lr=args.anneal_lr, clip_coef=args.clip_ratio, gamma=args.gamma,

@@ -49,6 +49,10 @@ from esper.tolaria.data import load_task_data
     (["train", "ppo", "--runs-dir", "runs/seed{seed}"], "--runs-dir: {seed} names each episode's folder"),
     # A run is recorded from its telemetry: with none, the store had been left unmade without a word.
     (["train", "static", "--telemetry-level", "off", "--db", "x.db"], "--db needs a --telemetry-level other than off"),
+    # Devices torch names but Esper cannot train on had failed with a traceback, a run directory made.
+    (["train", "static", "--task", "synthetic", "--device", "mps"], "--device mps: Esper trains on cpu or cuda[:N]"),
+    (["train", "ppo", "--task", "synthetic", "--devices", "meta"], "--devices meta: Esper trains on cpu or cuda"),
+    (["train", "ppo", "--task", "synthetic", "--devices", "bogus"], "--devices 'bogus': "),
     # Likewise a TUI or dashboard that would wait for events for the whole run, the run's own console quiet.
     (["train", "static", "--telemetry-level", "off", "--tui"], "--tui shows the run's telemetry: it needs a"),
     (["train", "ppo", "--telemetry-level", "off", "--dashboard"], "--dashboard shows the run's telemetry: it needs"),

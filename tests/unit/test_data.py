@@ -189,6 +189,29 @@ def test_truncated_tarball_is_a_data_error(tiny_dir, tmp_path):
     assert not list(tmp_path.glob("cache/*")), "nothing cached from a failed read"
 
 
+def test_a_tarball_that_is_not_cifar10_is_one_data_error(tiny_dir, tmp_path):
+    """Garbage had given tarfile's five-line message; two classes, or too few images for the validation
+    split, a traceback (ValueError) or, with enough images, training against a 10-class head without a word."""
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "cifar10-jpeg.tar.gz").write_bytes(bytes(range(256)) * 400)
+    with pytest.raises(DataError) as info:
+        load_cifar10(garbage, cache_dir=tmp_path / "cache")
+    assert str(info.value).startswith(f"could not read {garbage / 'cifar10-jpeg.tar.gz'} (") and \
+        "\n" not in str(info.value).split(". Point")[0]
+    two = tmp_path / "two"
+    two.mkdir()
+    with tarfile.open(tiny_dir / "cifar10-jpeg.tar.gz") as tar, \
+            tarfile.open(two / "cifar10-jpeg.tar.gz", "w:gz") as out:
+        for member in tar:
+            if member.name.split("/")[1] in CLASSES[:2]:
+                out.addfile(member, tar.extractfile(member))
+    with pytest.raises(DataError, match="holds 2 classes, not CIFAR-10's 10"):
+        load_cifar10(two, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="holds 40 training images, too few to hold out 5000 for validation"):
+        load_cifar10(tiny_dir, cache_dir=tmp_path / "cache")
+
+
 def test_failed_download_is_an_error_not_random_data(tmp_path, monkeypatch):
     roots = []
 
@@ -230,7 +253,7 @@ def test_validation_split_is_seeded_and_disjoint_from_train(tiny_dir, tmp_path):
     train_ids = {_decoded_id(img) for img in a.train_x}
     val_ids = {_decoded_id(img) for img in a.val_x}
     assert len(train_ids) == 30 and len(val_ids) == 10 and not train_ids & val_ids
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="holds 40 training images, too few to hold out 40"):
         load_cifar10(tiny_dir, cache_dir=cache, val_size=40)
 
 

@@ -137,7 +137,8 @@ def load_cifar10(
 
     n = len(train_x)
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+        raise DataError(_options(f"{data_dir or 'the download'} holds {n} training images, too few to hold out "
+                                 f"{val_size} for validation (CIFAR-10 has 50,000)"))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))  # [N]
     train_idx, val_idx = perm[: n - val_size], perm[n - val_size :]
     return _dataset(
@@ -247,11 +248,14 @@ def _decode_cifar10_jpeg(tarball: Path) -> tuple[torch.Tensor, ...]:
                     raw = bytearray(tar.extractfile(member).read())
                     jpegs[split][cls, fname] = torch.frombuffer(raw, dtype=torch.uint8)
     except (OSError, EOFError, tarfile.TarError) as e:  # EOFError: a truncated download
-        raise DataError(_options(f"could not read {tarball} ({e})")) from e
+        first = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile's errors run to lines
+        raise DataError(_options(f"could not read {tarball} ({first})")) from e
 
     classes = sorted({cls for cls, _ in jpegs["train"]})
     if not classes or sorted({cls for cls, _ in jpegs["test"]}) != classes:
         raise DataError(_options(f"{tarball} lacks matching train/<class>/ and test/<class>/"))
+    if len(classes) != 10:  # the host's head has 10 outputs: other data would train without a word
+        raise DataError(_options(f"{tarball} holds {len(classes)} classes, not CIFAR-10's 10"))
     label = {cls: i for i, cls in enumerate(classes)}
     from torchvision.io import ImageReadMode, decode_jpeg  # here: see _from_torchvision
 

@@ -234,7 +234,7 @@ def test_a_checkpoint_written_between_updates_resumes_exactly(tmp_path, syntheti
     (["--param-budget", "0"], "--param-budget must be >= 1"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--num-workers", "0"], "--num-workers must be >= 1"),
-    (["--devices", "tpu:7"], "--device 'tpu:7'"),
+    (["--devices", "tpu:7"], "--devices 'tpu:7'"),  # the flag given: it had said --device
 ])
 def test_bad_ppo_flags_fail_in_one_line(argv, needle, capsys):
     assert main(["train", "ppo", "--task", "synthetic", *argv]) == 2

@@ -642,7 +642,7 @@ def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
     if lock is None:
         raise CompareBusy(f"{out} is being written by another esper compare: let it finish, or stop it and "
                           f"--resume {out}")
-    try:
+    with lock:
         write_atomic(out / "compare.json", json.dumps(asdict(cfg), indent=2))
         if cfg.policy:
             copy_policy(cfg, out)
@@ -684,5 +684,3 @@ def compare(cfg: CompareConfig, log=print, resume: bool = False) -> Path:
         finally:
             wall()
         return out / "results.md"
-    finally:
-        lock.close()

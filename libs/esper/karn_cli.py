@@ -100,29 +100,20 @@ def watched_source(args: argparse.Namespace):
         from esper.nissa import read_jsonl
 
         events = read_jsonl(args.file)
+        if args.run_id:  # it had been ignored: every run of the file was shown
+            from esper.transport.bus import follows
+
+            events = (e for e in events if follows(args.run_id, e.run_id))
         try:
             first = list(itertools.islice(events, 1))
         except ValueError as exc:  # read_jsonl's, naming the file (and line)
             print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
             return None
-        if not first:  # empty, blank, or one line cut short
-            print(f"esper: error: --file {args.file}: no telemetry event in it", file=sys.stderr)
+        if not first:  # empty, blank, one line cut short, or none of the run asked for
+            what = f"event of run {args.run_id}" if args.run_id else "telemetry event"
+            print(f"esper: error: --file {args.file}: no {what} in it", file=sys.stderr)
             return None
-        events = itertools.chain(first, events)
-        if args.run_id:  # it had been ignored: every run of the file was shown
-            from esper.transport.bus import follows
-
-            events = (e for e in events if follows(args.run_id, e.run_id))
-            try:
-                first = list(itertools.islice(events, 1))
-            except ValueError as exc:  # read_jsonl's, naming the file and line
-                print(f"esper: error: --file {str(exc).splitlines()[0]}", file=sys.stderr)
-                return None
-            if not first:
-                print(f"esper: error: --file {args.file}: no event of run {args.run_id} in it", file=sys.stderr)
-                return None
-            return itertools.chain(first, events), f"{args.file} (run {args.run_id})"
-        return events, str(args.file)
+        return itertools.chain(first, events), f"{args.file} (run {args.run_id})" if args.run_id else str(args.file)
     from esper.transport.config import fill_stack_defaults
     from esper.transport.follow import BusFollower
 

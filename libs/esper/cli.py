@@ -485,18 +485,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def check_outputs(cfg) -> None:
     """UsageError for an output folder that cannot be one (a file in its place or on the way to it, or a
     place no folder can be made), found before anything trains: the folders are made here."""
-    telemetry_file = Path(cfg.telemetry_file) if cfg.telemetry_file else None
     for flag, folder in (("--runs-dir", karn_cli.store_path(None, cfg.runs_dir).parent),
-                         ("--telemetry-dir", cfg.telemetry_dir and Path(cfg.telemetry_dir)),
-                         ("--telemetry-file", telemetry_file and telemetry_file.parent)):
+                         ("--telemetry-dir", cfg.telemetry_dir and Path(cfg.telemetry_dir))):
         if folder and (why := karn_cli.folder_refusal(folder, flag)):
             raise UsageError(why)
         try:
             folder and folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"{flag} {folder}: no folder can be made there ({exc.strerror})") from None
-    if telemetry_file and telemetry_file.is_dir():
-        raise UsageError(f"--telemetry-file {telemetry_file} is a folder")
+    if cfg.telemetry_file:
+        check_output_file("--telemetry-file", Path(cfg.telemetry_file))
+
+
+def check_output_file(flag: str, path: Path, what: str = "a file") -> None:
+    """UsageError for a file that cannot be written where `path` says (a folder there, a file on the way to
+    it, or a folder that takes no new entry), before anything runs; a service's output files too."""
+    if why := karn_cli.folder_refusal(path.parent, flag, path):
+        raise UsageError(why)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: name {what}")
 
 
 def cmd_compare(cfg, resume: bool) -> int:

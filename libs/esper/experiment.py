@@ -117,11 +117,11 @@ class Interrupted(KeyboardInterrupt):
 
 def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = None,
         sinks: tuple[Sink, ...] = (), resume: Path | None = None, continue_runs: bool = False,
-        on_finished: Callable[[dict], None] = lambda summary: None) -> list[dict]:
+        on_finished: Callable[[Path, dict], None] = lambda run_dir, summary: None) -> list[dict]:
     """Run `cfg.episodes` episodes; returns their summaries (also written to each run directory), each
-    also given to `on_finished` as its episode ends (the run store records it then). `policy` replaces the
-    one `cfg.mode` names and `sinks` get every event too: the tolaria worker service passes a remote policy
-    and the bus publisher here. Ctrl-C raises Interrupted.
+    also given to `on_finished` with its run directory as its episode ends (the run store records it then).
+    `policy` replaces the one `cfg.mode` names and `sinks` get every event too: the tolaria worker service
+    passes a remote policy and the bus publisher here. Ctrl-C raises Interrupted.
 
     `resume`, a run directory of this config, continues that episode from its checkpoint, then the
     episodes after it, in the run directories the same experiment began for them (its id, `group` in each
@@ -145,15 +145,22 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
         data = data.to(device)
     summaries: dict[int, dict] = {}
     todo: list[tuple[int, Path | None]] = []  # (episode, the run directory it continues in)
+    continued: dict[int, Path] = {}  # a resumed run's may lie outside --runs-dir
+
+    def run_dir_of(episode: int) -> Path:
+        return continued.get(episode) or run_parent(cfg.runs_dir, cfg.seed + episode) / summaries[episode]["run_id"]
+
     for episode in range(0 if cfg.grouped else resumed or 0, cfg.episodes):
         run_dir = resume if episode == resumed else find_run(cfg, cfg.seed + episode, group) if continue_runs else None
         if resume is not None and group is None and not cfg.grouped and run_dir and run_dir.name < resume.name:
             run_dir = None  # an earlier experiment's (a run directory's name begins with its time)
+        if run_dir is not None:
+            continued[episode] = run_dir
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
             summaries[episode] = read_summary(run_dir / "summary.json")
-            on_finished(summaries[episode])  # recorded again: whatever stopped its recording before
+            on_finished(run_dir, summaries[episode])  # recorded again: whatever stopped its recording before
         else:
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
@@ -165,20 +172,19 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
                 trained = run_grouped(cfg, data, device, console, group_todo, policy, sinks, new_id)
                 summaries |= trained
                 for episode in sorted(trained):
-                    on_finished(trained[episode])
+                    on_finished(run_dir_of(episode), trained[episode])
         else:
             for episode, run_dir in todo:
                 summaries[episode] = run_one(cfg, data, device, cfg.seed + episode, console, policy, sinks,
                                              run_dir, new_id)
-                on_finished(summaries[episode])
+                on_finished(run_dir_of(episode), summaries[episode])
     except Interrupted:
         raise
     except KeyboardInterrupt:  # between episodes (or groups): say how to go on, as a cut episode does
         if not summaries:
             raise
-        last = max(summaries)
-        run_dir = run_parent(cfg.runs_dir, cfg.seed + last) / summaries[last]["run_id"]
-        raise Interrupted(f"continue the episodes after it with the same flags and --resume {run_dir}") from None
+        raise Interrupted(f"continue the episodes after it with the same flags and --resume "
+                          f"{run_dir_of(max(summaries))}") from None
     return [summaries[episode] for episode in sorted(summaries)]
 
 

@@ -230,12 +230,26 @@ def add_db_flag(p: argparse.ArgumentParser) -> None:
 
 
 def folder_refusal(path: Path, flag: str, given: Path | None = None) -> str | None:
-    """Why `path` cannot be an output folder (it, or a folder on the way to it, is a file), else None:
-    checked before anything runs, so a mistyped path costs no training. `given`: the flag's value, when
-    `path` is the folder of that file."""
+    """Why `path` cannot be an output folder (it, or a folder on the way to it, is a file, or the nearest
+    folder of it that exists takes no new entry), else None: checked before anything runs, so a mistyped
+    path costs no training. The last is tried, not deduced from permission bits (root passes those, and
+    /proc takes no folder even from root): a probe folder is made there and removed. `given`: the flag's
+    value, when `path` is the folder of that file."""
+    import tempfile
+
     for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else f"{flag} {given or path}: {p} is a file, not a folder"
+        try:
+            exists = p.exists()
+        except OSError as exc:  # a name too long to be one
+            return f"{flag} {given or path}: no folder can be there ({exc.strerror})"
+        if exists:
+            if not p.is_dir():
+                return f"{flag} {given or path}: {p} is a file, not a folder"
+            try:
+                Path(tempfile.mkdtemp(prefix=".esper-probe-", dir=p)).rmdir()
+            except OSError as exc:
+                return f"{flag} {given or path}: nothing can be written in {p} ({exc.strerror})"
+            return None
     return None
 
 
@@ -271,21 +285,18 @@ def store_path(db: str | None, runs_dir: str) -> Path:
 
 def recording(run, db: Path):
     """`run(cfg, ...)` that records each run directory in the store `db` as the run ends (run's
-    `on_finished`: an episode's summary, or a PPO run's), so `esper runs list` shows the episodes that
+    `on_finished`: an episode's directory and summary, or a PPO run's), so `esper runs list` shows the episodes that
     finished before a later one failed or was interrupted. The store is checked here, before anything
     trains (check_store); one that fails later is a warning: the runs are whole on disk."""
     import functools
 
-    from esper.experiment import run_parent
     from esper.karn.runs_db import RunsDB, StoreError
 
     check_store(db)
 
     @functools.wraps(run)
     def recorded(cfg, *args, **kwargs):
-        def record(summary: dict) -> None:
-            # An episode's folder may carry its seed (experiment.run_parent); a PPO run's is runs_dir itself.
-            run_dir = run_parent(cfg.runs_dir, summary.get("seed", 0)) / summary["run_id"]
+        def record(run_dir: Path, summary: dict) -> None:
             try:
                 store = RunsDB(db)
                 try:

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from esper import karn_cli
-from esper.cli import UsageError, chosen_grouping, resolve_device
+from esper.cli import UsageError, check_output_file, chosen_grouping, resolve_device
 from esper.durable import write_atomic
 from esper.experiment import Interrupted
 from esper.leyline import RunStarted, TelemetryLevel, from_short_name
@@ -238,18 +237,16 @@ def check_save(save: Path, resume: str | None) -> None:
     """UsageError, before `esper train ppo` trains, for a --save path that cannot take the checkpoint (a
     folder, or a file on the way to it) or that holds another one: a policy is written over only by the run
     that continues it (--resume the same path). Not simic_learner's: it continues its --save by design."""
-    if why := karn_cli.folder_refusal(save.parent, "--save", save):
-        raise UsageError(why)
-    if save.is_dir():
-        raise UsageError(f"--save {save} is a folder: name the checkpoint file")
+    check_output_file("--save", save, "the checkpoint file")
     if save.exists() and not (resume and save.resolve() == Path(resume).resolve()):
         raise UsageError(f"--save {save} holds a checkpoint already: choose another path, or continue that one "
                          f"with --resume {save}")
 
 
 def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvFactory = GrowthEnv,
-            sinks: tuple[Sink, ...] = (), on_finished: Callable[[dict], None] = lambda summary: None) -> dict:
-    """Train; returns the summary (also in the run directory, and given to `on_finished`: the run store
+            sinks: tuple[Sink, ...] = (),
+            on_finished: Callable[[Path, dict], None] = lambda run_dir, summary: None) -> dict:
+    """Train; returns the summary (also in the run directory, and given with it to `on_finished`: the run store
     records it). Raises DataError (missing data) before anything is written, ResumeError for a checkpoint
     from other settings (ppo_config checks first), Interrupted on Ctrl-C. `sinks` get every event too (the
     learner's and every episode's): `--tui` passes the app's queue."""
@@ -306,13 +303,13 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     except KeyboardInterrupt:
         # Recorded as far as it went: a --resume is a run of its own (a new directory, its episodes numbered on
         # from the checkpoint), and the episodes before it had never reached the run store.
-        on_finished(summary())
+        on_finished(run_dir, summary())
         raise Interrupted(f"continue it with the same flags and --resume {checkpoint}" if checkpoint.is_file()
                           else "no round had ended, so nothing was saved") from None
     finally:
         close_all(trainer.env_processes)
     telemetry.close()
-    on_finished(summary())
+    on_finished(run_dir, summary())
     return summary()
 
 

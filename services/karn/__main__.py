@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 from prometheus_client import REGISTRY
 
 from esper.karn import RunStore, RunStoreCollector
 from esper.karn.store import EventJournal
+from esper.karn_cli import folder_refusal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
 from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, metrics_url
@@ -53,7 +55,11 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--max-runs", type=at_least(1), default=64, help="runs kept in the store")
     p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
     add_token_flag(p)
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.journal and (why := folder_refusal(Path(cfg.journal).parent, "--journal", Path(cfg.journal))
+                        or Path(cfg.journal).is_dir() and f"--journal {cfg.journal} is a folder: name a file"):
+        p.error(why)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

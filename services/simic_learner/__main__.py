@@ -31,7 +31,7 @@ import torch
 import zmq
 from prometheus_client import REGISTRY
 
-from esper.cli import Parser, UsageError, add_train_flags, train_config
+from esper.cli import Parser, UsageError, add_train_flags, check_output_file, check_outputs, train_config
 from esper.durable import write_atomic
 from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
@@ -107,6 +107,10 @@ def parse(argv: list[str] | None) -> Config:
     run = ppo_config(args, train_config(args))
     if run.save is None:
         run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
+    check_outputs(run)
+    check_output_file("--save", Path(run.save), "the checkpoint file")
+    if args.summary:
+        check_output_file("--summary", Path(args.summary))
     if (args.entropy_coef_start is not None or args.entropy_coef_end is not None) and not args.entropy_anneal_episodes:
         why = ("--entropy-coef-start/--entropy-coef-end anneal over --episodes, which each worker plays: the learner "
                "counts every worker's, so the anneal ends early")

@@ -43,9 +43,11 @@ from pathlib import Path
 import torch
 from prometheus_client import REGISTRY
 
-from esper.cli import Parser, UsageError, add_checkpoint_flag, add_grouped_flag, add_train_flags, train_config
+from esper.cli import (Parser, UsageError, add_checkpoint_flag, add_grouped_flag, add_train_flags, check_outputs,
+                       train_config)
 from esper.durable import write_atomic
 from esper.experiment import RunConfig, continued_grouping, run
+from esper.karn_cli import folder_refusal
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import NotNeural, remote_act
@@ -143,6 +145,7 @@ def parse(argv: list[str] | None) -> Config:
     # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
     args.mode = "ppo" if args.ppo else "heuristic"
     base = train_config(args)
+    check_outputs(base)
     continue_runs = not getattr(args, "fresh", False)
     if not args.ppo and args.grouped is None and continue_runs:  # a run keeps its own way, as under --resume
         base = continued_grouping(base)
@@ -152,6 +155,8 @@ def parse(argv: list[str] | None) -> Config:
         if not 0 < len(args.worker_id) <= MAX_WORKER_ID_CHARS:  # the learner refuses the trajectories of any other
             raise UsageError(f"--worker-id must be 1 to {MAX_WORKER_ID_CHARS} characters, got {len(args.worker_id)}")
         spool_dir = args.spool_dir or os.path.join(args.runs_dir, "spool", args.worker_id)
+        if why := folder_refusal(Path(spool_dir), "--spool-dir"):
+            raise UsageError(why)
         shipping = Shipping(learner=args.learner, worker_id=args.worker_id, resend_s=args.resend_s, spool_dir=spool_dir,
                             window=args.window)
     return Config(run=base, tamiyo=args.tamiyo, hub_pub=args.hub_pub, host=args.host,

@@ -314,3 +314,22 @@ def test_off_loopback_needs_a_token(monkeypatch, capsys):
     assert links and all(link.endswith(f"?token={TOKEN}") for link in links)
     assert any("127.0.0.1" in link for link in links)
     assert list(statuses) == [401, 200, 401, None]
+
+
+def test_a_request_that_is_not_http_is_answered_400_without_a_traceback(caplog):
+    """aiohttp answers what it cannot parse (a URL past 8190 bytes, bytes that are not HTTP) with 400 itself,
+    then had logged the parser's traceback on the terminal the dashboard shares with `esper train`."""
+    import socket
+    from urllib.parse import urlsplit
+
+    server = DashboardThread(Dashboard(DashboardConfig(port=0), title="replay"), [])
+    address = urlsplit(server.start()[0])
+    try:
+        for request in (b"GARBAGE\r\n\r\n", b"GET /?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+                conn.sendall(request)
+                assert re.match(rb"HTTP/1\.[01] 400 ", conn.recv(64)), request[:10]
+        assert asyncio.run(get(f"{address.scheme}://{address.netloc}/")) == 200
+    finally:
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

@@ -218,9 +218,10 @@ def test_a_graft_is_no_germination(tmp_path):
 
 
 def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trains(tmp_path, capsys):
-    """A file where an output folder goes, or a --db that is not a run store, is one line and exit 2 before
-    any training; it used to be a traceback, for --db after the whole run had trained. The files are left
-    as they were."""
+    """A file where an output folder goes, a folder that takes no new entry (/proc: even root's writes fail
+    there, where permission bits would not stop a root test), or a --db that is not a run store, is one line
+    and exit 2 before any training; each used to be a traceback, for --db after the whole run had trained,
+    for an existing /proc after its run directory failed. The files are left as they were."""
     afile, notdb = tmp_path / "afile", tmp_path / "notdb.txt"
     afile.write_text("x")
     notdb.write_text("hello")
@@ -232,10 +233,15 @@ def test_an_output_that_cannot_be_written_fails_in_one_line_before_anything_trai
                          ([*train, runs, "--telemetry-dir", str(afile / "t")], f"{afile} is a file"),
                          ([*train, runs, "--telemetry-file", str(afile / "t.jsonl")], f"{afile} is a file"),
                          ([*train, runs, "--telemetry-file", str(tmp_path)], "is a folder"),
-                         ([*train, "/proc/esper-runs"], "--runs-dir /proc/esper-runs: no folder can be made there"),
+                         ([*train, "/proc/esper-runs"], "--runs-dir /proc/esper-runs: nothing can be written in /proc"),
+                         ([*train, "/proc"], "--runs-dir /proc: nothing can be written in /proc"),  # it exists
+                         ([*train, runs, "--telemetry-dir", "/proc/sys"], "nothing can be written in /proc/sys"),
+                         ([*train, runs, "--telemetry-file", "/proc/t.jsonl"], "--telemetry-file /proc/t.jsonl: noth"),
+                         ([*train, str(tmp_path / ("x" * 300))], "no folder can be there (File name too long)"),
                          ([*train, runs, "--db", str(notdb)], f"--db {notdb} cannot be a run store"),
                          ([*train, runs, "--db", str(afile / "k.db")], f"{afile} is a file, not a folder"),
                          ([*compare, "--out", str(afile)], f"--out {afile}: {afile} is a file"),
+                         ([*compare, "--out", "/proc"], "--out /proc: nothing can be written in /proc"),
                          ([*compare, "--out", str(tmp_path / "c"), "--db", str(notdb)], "cannot be a run store"),
                          (["runs", "index", runs, "--db", str(notdb)], "cannot be a run store"),
                          (["report", runs, "--out", str(afile / "r"), "--db", str(tmp_path / "k.db")], "is a file")):
@@ -271,15 +277,14 @@ def test_a_store_whose_writer_was_killed_mid_transaction_records_the_next_run(tm
     assert [r["mode"] for r in store.runs()] == ["static"]  # the killed transaction's rows rolled back
 
 
-def test_a_store_that_cannot_be_made_is_a_warning_after_a_run_that_stays_whole(tmp_path, capsys):
-    """A --db whose folder cannot be made is found only when the store is written: the run ends well and
-    says how to record it later."""
+def test_a_store_whose_folder_takes_nothing_is_refused_before_the_run_trains(tmp_path, capsys):
+    """A --db in a folder that cannot be made (under /proc) had been found only when the store was written,
+    after the run: a warning then. The folder is tried first now, as every output folder is."""
     assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1", "--runs-dir",
-                 str(tmp_path), "--db", "/proc/esper/karn.db"]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("esper: warning: --db /proc/esper/karn.db cannot be a run store")
-    assert "runs index" in err[-1]
-    assert len(list(tmp_path.glob("*/summary.json"))) == 1
+                 str(tmp_path), "--db", "/proc/esper/karn.db"]) == 2
+    assert capsys.readouterr().err == ("esper: error: --db /proc/esper/karn.db cannot be a run store: its folder "
+                                       "/proc/esper: nothing can be written in /proc (No such file or directory)\n")
+    assert not list(tmp_path.iterdir())
 
 
 def test_episodes_in_seed_folders_share_one_store(tmp_path, capsys):

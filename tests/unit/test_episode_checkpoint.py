@@ -170,7 +170,7 @@ def test_a_learned_experiment_is_decided_by_the_policy_it_started_with(grouping,
     assert main([*flags, "--runs-dir", str(tmp_path / "kept" / "seed{seed}")]) == 0
     other = state | {"network": {k: v.flip(0) if v.dim() else v for k, v in state["network"].items()}}
     cfg = train_config(build_parser().parse_args([*flags, "--runs-dir", str(tmp_path / "rewritten" / "seed{seed}")]))
-    run(cfg, console=Console(file=io.StringIO()), on_finished=lambda summary: save_checkpoint(other, policy))
+    run(cfg, console=Console(file=io.StringIO()), on_finished=lambda run_dir, summary: save_checkpoint(other, policy))
     assert main([*flags, "--runs-dir", str(tmp_path / "other" / "seed{seed}"), "--seed", "43",
                  "--episodes", "1"]) == 0  # the rewritten policy's own run of the second episode
     kept, rewritten, by_other = summaries("kept"), summaries("rewritten"), summaries("other")

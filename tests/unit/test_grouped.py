@@ -733,7 +733,7 @@ def test_ctrl_c_between_groups_or_episodes_says_how_to_go_on(grouping, tmp_path,
     cut = [*flags, "--runs-dir", str(tmp_path / "cut" / "seed{seed}")]
     cfg = train_config(build_parser().parse_args(cut))
 
-    def ctrl_c(summary: dict) -> None:
+    def ctrl_c(run_dir, summary) -> None:
         raise KeyboardInterrupt
 
     hint = None

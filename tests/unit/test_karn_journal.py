@@ -159,3 +159,26 @@ def test_replay_reads_the_journal_a_record_at_a_time(tmp_path):
     print(f"replayed {replayed} events of a {journal_bytes / 1e6:.0f} MB journal: peak {peak / 1e6:.2f} MB traced")
     assert replayed == records and len(store.runs) == 2
     assert peak < 1_000_000
+
+
+def test_events_of_a_newer_build_are_counted_as_unknown_and_every_scrape_still_answers(tmp_path):
+    """proto3 enums and oneofs are open: a journal a newer karn wrote (a payload kind this build lacks), or a
+    worker of a newer build (a stage, blueprint or operation it lacks), reaches the store. A payload-less
+    event had been counted under kind None, and every later scrape of /metrics failed on that label."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from esper.karn import RunStoreCollector
+    from esper.leyline import Action, Decision, SlotState
+
+    store = RunStore(max_runs=4)
+    newer = epoch_event("r", 1)
+    newer.epoch.slots.append(SlotState(slot="mid", stage=99, blueprint=77))
+    for event in (newer, TelemetryEvent(run_id="r", sequence=2),
+                  TelemetryEvent(run_id="r", sequence=3, decision=Decision(action=Action(operation=42)))):
+        assert store.apply(event)
+    registry = CollectorRegistry()
+    registry.register(RunStoreCollector(store))
+    scraped = generate_latest(registry).decode()
+    assert 'esper_karn_events_received_total{kind="unknown"} 1.0' in scraped
+    assert 'esper_run_seeds{run_id="r",stage="unknown"} 1.0' in scraped
+    assert 'esper_run_decisions_total{operation="unknown",run_id="r"} 1.0' in scraped

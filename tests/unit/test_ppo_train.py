@@ -164,7 +164,9 @@ def test_save_never_writes_over_another_policy_and_is_checked_before_training(tm
                                 f"that one with --resume {policy}"),
                        (tmp_path, f"--save {tmp_path} is a folder: name the checkpoint file"),
                        (tmp_path / "afile" / "x.pt", f"--save {tmp_path / 'afile' / 'x.pt'}: {tmp_path / 'afile'} "
-                                                     "is a file, not a folder")):
+                                                     "is a file, not a folder"),
+                       (Path("/proc/p.pt"), "--save /proc/p.pt: nothing can be written in /proc (No such file or "
+                                            "directory)")):
         assert main(["train", "ppo", *flags, "--episodes", "2", "--save", str(save)]) == 2
         assert capsys.readouterr().err == f"esper: error: {said}\n"
     assert policy.read_bytes() == before

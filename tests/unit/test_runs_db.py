@@ -234,6 +234,25 @@ def test_esper_train_records_its_runs_in_the_store(tmp_path, capsys):
         db.close()
 
 
+def test_a_run_resumed_from_outside_its_runs_dir_is_recorded_where_it_lies(tmp_path, capsys):
+    """`--resume A/RUN --runs-dir B` continues RUN in A and the episodes after it in B; the store (B's) had
+    looked for RUN in B, warned that it could not record it, and left it out."""
+    tiny = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "2", "--slots", "mid", "--episodes", "2"]
+    assert main(["train", "heuristic", *tiny, "--runs-dir", str(tmp_path / "a")]) == 0
+    first, second = sorted((tmp_path / "a").glob("*/summary.json"))
+    first.unlink()  # as if stopped in its last epoch (a finished run drops its checkpoint: it starts again)
+    second.parent.rename(tmp_path / "elsewhere")  # the episode after it is trained again, in B
+    capsys.readouterr()
+    assert main(["train", "heuristic", *tiny, "--runs-dir", str(tmp_path / "b"), "--resume", str(first.parent)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (again,) = (tmp_path / "b").glob("*/summary.json")
+    db = RunsDB(tmp_path / "b" / "karn.db")
+    try:
+        assert sorted(r["run_id"] for r in db.runs()) == sorted([first.parent.name, again.parent.name])
+    finally:
+        db.close()
+
+
 def test_runs_of_one_name_started_in_the_same_second_get_different_ids_in_start_order(monkeypatch):
     """Run ids once ended at the second: two runs started in one second were one run to karn (and a CI
     failure of the resume test, whose cut and straight runs shared an id)."""

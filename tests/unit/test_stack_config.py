@@ -140,6 +140,24 @@ def test_a_service_refuses_a_count_or_duration_it_cannot_use_in_one_line(name, f
     assert said.endswith(f"argument {flag}: must be {expected}, got {value}"), said
 
 
+@pytest.mark.parametrize("name, flag, value", [
+    ("tolaria_worker", "--runs-dir", "/proc"), ("tolaria_worker", "--spool-dir", "/proc/spool"),
+    ("tolaria_worker", "--telemetry-file", "/proc/t.jsonl"), ("simic_learner", "--runs-dir", "/proc"),
+    ("simic_learner", "--save", "/proc/policy.pt"), ("simic_learner", "--summary", "/proc/summary.json"),
+    ("karn", "--journal", "/proc/journal.db"),
+])
+def test_a_service_refuses_an_output_it_cannot_write_in_one_line(name, flag, value, capsys):
+    """Each had ended in a traceback when it first wrote there: the worker after its first episode trained.
+    /proc takes no new entry, even from root (whom permission bits would not stop)."""
+    said = refusal(name, flag, value, capsys)
+    assert said.endswith(f"{flag} {value}: nothing can be written in /proc (No such file or directory)"), said
+
+
+def test_karn_refuses_a_journal_that_is_a_folder(tmp_path, capsys):
+    said = refusal("karn", "--journal", str(tmp_path), capsys)
+    assert said.endswith(f"--journal {tmp_path} is a folder: name a file"), said
+
+
 def refusal(name: str, flag: str, value: str, capsys) -> str:
     """What the service's flag parser says to `flag value`: argparse's exit 2, or esper's Parser's UsageError
     (which the service's main turns into exit 2)."""

@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def screen_text(app) -> str:
 async def replay(events, pilot_fn, size=SIZE):
     app = make_app(iter(events), title="test")
     async with app.run_test(size=size) as pilot:
-        while not app.source_ended:
+        deadline = time.monotonic() + 60
+        while not app.source_ended:  # an app that crashed reads no more: fail, not wait forever
+            assert time.monotonic() < deadline, f"the app read only part of its source: {app.return_code=}"
             await pilot.pause(0.02)
         await pilot.pause()
         await pilot_fn(app, pilot)
@@ -69,7 +72,7 @@ def test_replay_fills_every_panel(run_events):
         assert table.row_count == 3
         for slot in last.epoch.slots:
             row = table.get_row(f"tiny/{slot.slot}")
-            assert row[1] == slot.slot
+            assert str(row[1]) == slot.slot
             assert str(row[2]) == short_name(SeedStage, slot.stage)
             assert row[3] == f"{slot.alpha:.2f}"
             assert row[4] == short_name(Blueprint, slot.blueprint)
@@ -457,3 +460,31 @@ def test_a_training_episode_is_shown_as_not_tested_not_as_0_percent():
     untested = TelemetryEvent(run_id="r", run_finished=RunFinished(val_accuracy=50, epochs=3))
     assert "test 48.50%" in describe(tested) and "not tested" in describe(untested)
     assert "test 0.00%" in describe(TelemetryEvent(run_id="r", run_finished=RunFinished(test_accuracy=0.0)))
+
+
+def test_names_from_the_wire_are_shown_as_sent_and_values_of_a_newer_build_as_unknown():
+    """A run id is free text (a worker's --worker-id), and proto3 enums are open (a worker of a newer build):
+    brackets in a run id or gate had been read as Rich markup ("node[a]" shown as "node", "w[/]" a
+    MarkupError that ended the app), and a stage number this build lacks a ValueError that ended it."""
+    runs = ("node[a]_ep0000", "w[/]")
+    events = []
+    for run_id in runs:
+        events += [
+            TelemetryEvent(run_id=run_id, sequence=1, run_started=RunStarted(mode="heuristic", task="[/b]synthetic")),
+            TelemetryEvent(run_id=run_id, sequence=2, epoch=EpochReport(
+                signals=TrainingSignals(epoch=1, max_epochs=5, val_accuracy=40.0),
+                slots=[SlotState(slot="mid[/]", stage=99, blueprint=77)])),
+            TelemetryEvent(run_id=run_id, sequence=3, gate=GateCheck(gate="[/b]", slot="[/]", passed=True)),
+            TelemetryEvent(run_id=run_id, sequence=4, decision=Decision(action=Action(operation=42, slot="[/]"))),
+        ]
+
+    async def check(app, pilot):
+        text = screen_text(app)
+        assert "w[/]" in text and "[/b]synthetic" in text, text  # the header: the run shown last
+        table = app.query_one(SlotTable)
+        for run_id in runs:
+            row = table.get_row(f"{run_id}/mid[/]")
+            assert [str(cell) for cell in row[:3]] == [run_id, "mid[/]", "unknown"]
+        assert "[/b] [/] #0 pass" in "\n".join(str(line.text) for line in app.query_one(EventLog).lines)
+
+    asyncio.run(replay(events, check))

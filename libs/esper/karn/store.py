@@ -58,7 +58,7 @@ class RunRecord:
     def seeds_by_stage(self) -> Counter:
         """Stage short name -> slots in that stage at the last reported epoch."""
         last = self.last_epoch
-        return Counter(_name(SeedStage, s.stage) for s in last.slots) if last else Counter()
+        return Counter(enum_name(SeedStage, s.stage) for s in last.slots) if last else Counter()
 
 
 class RunStore:
@@ -83,7 +83,7 @@ class RunStore:
             self.runs.move_to_end(event.run_id)  # applied (and journaled): the run reported last
             run.lost += event.sequence - run.last_sequence - 1
             run.last_sequence = event.sequence
-            kind = event.WhichOneof("payload")
+            kind = event.WhichOneof("payload") or "unknown"  # a payload of a newer build (a journal it wrote)
             self.received[kind] += 1
             if kind == "run_started":
                 run.started = event.run_started
@@ -92,7 +92,7 @@ class RunStore:
                 if len(run.epochs) > MAX_EPOCHS:
                     del run.epochs[next(iter(run.epochs))]
             elif kind == "decision":
-                run.decisions[_name(Operation, event.decision.action.operation)] += 1
+                run.decisions[enum_name(Operation, event.decision.action.operation)] += 1
             elif kind == "run_finished":
                 run.finished = event.run_finished
             return True
@@ -188,6 +188,6 @@ class EventJournal:
                 yield event, header + data
 
 
-def _name(enum, value: int) -> str:
+def enum_name(enum, value: int) -> str:
     """short_name, but a value this build does not know (proto3 enums are open) is "unknown"."""
     return short_name(enum, value) if value in enum.values() else "unknown"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -54,6 +55,19 @@ class DashboardConfig:
         refusal = bind_refusal(self.host, self.token or "")
         if refusal:
             raise ValueError(f"--dashboard-host: {refusal.replace('--token', '--dashboard-token')}")
+
+
+class _AnsweredBadRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (a URL or header past 8190 bytes, bytes that are not HTTP) with
+    400 itself, then logs the parser's traceback at ERROR: keep it out of the terminal the dashboard shares."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+logging.getLogger("aiohttp.server").addFilter(_AnsweredBadRequests())
 
 
 class Dashboard:

@@ -25,7 +25,7 @@ from collections import deque
 
 from rich.text import Text
 
-from esper.karn.store import RunRecord, RunStore
+from esper.karn.store import RunRecord, RunStore, enum_name
 from esper.karn.tui.widgets.event_log import describe
 from esper.karn.tui.widgets.policy_health import health_colour
 from esper.leyline import (
@@ -34,7 +34,6 @@ from esper.leyline import (
     PPOUpdate,
     SeedStage,
     TelemetryEvent,
-    short_name,
 )
 
 
@@ -116,9 +115,9 @@ def epoch_message(run_id: str, report: EpochReport) -> dict:
     return {"type": "epoch", "run": run_id, "epoch": s.epoch, "max_epochs": s.max_epochs,
             "val_accuracy": s.val_accuracy, "train_accuracy": s.train_accuracy, "val_loss": s.val_loss,
             "train_loss": s.train_loss, "total_params": s.total_params,
-            "slots": [{"slot": slot.slot, "stage": short_name(SeedStage, slot.stage), "alpha": slot.alpha,
-                       "trained_stage": short_name(SeedStage, report.trained_stages.get(slot.slot, slot.stage)),
-                       "blueprint": short_name(Blueprint, slot.blueprint) if slot.blueprint else None,
+            "slots": [{"slot": slot.slot, "stage": enum_name(SeedStage, slot.stage), "alpha": slot.alpha,
+                       "trained_stage": enum_name(SeedStage, report.trained_stages.get(slot.slot, slot.stage)),
+                       "blueprint": enum_name(Blueprint, slot.blueprint) if slot.blueprint else None,
                        "seed_id": slot.seed_id, "epochs_in_stage": slot.epochs_in_stage,
                        "contribution": slot.contribution if slot.has_contribution else None,
                        "contribution_se": slot.contribution_se if slot.has_contribution else None}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from rich.markup import escape
 from textual.widgets import RichLog
 
-from esper.leyline import Blueprint, Operation, SeedStage, TelemetryEvent, short_name
+from esper.karn.store import enum_name
+from esper.leyline import Blueprint, Operation, SeedStage, TelemetryEvent
 
 
 class EventLog(RichLog):
@@ -27,17 +28,17 @@ def describe(event: TelemetryEvent) -> str | None:
     kind = event.WhichOneof("payload")
     if kind == "decision":
         action = event.decision.action
-        words = [short_name(Operation, action.operation), action.slot,
-                 short_name(Blueprint, action.blueprint) if action.blueprint else ""]
-        return f"[bold]{' '.join(filter(None, words))}[/]: {escape(event.decision.reason)}"
+        words = [enum_name(Operation, action.operation), action.slot,
+                 enum_name(Blueprint, action.blueprint) if action.blueprint else ""]
+        return f"[bold]{escape(' '.join(filter(None, words)))}[/]: {escape(event.decision.reason)}"
     if kind == "gate":
         g = event.gate
         verdict = "[green]pass[/]" if g.passed else "[red]fail[/]"
-        return f"{g.gate} {g.slot} #{g.seed_id} {verdict}: {escape(g.reason)}"
+        return f"{escape(g.gate)} {escape(g.slot)} #{g.seed_id} {verdict}: {escape(g.reason)}"
     if kind == "transition":
         t = event.transition
-        return (f"[magenta]{t.slot} #{t.seed_id} {short_name(Blueprint, t.blueprint)}[/] "
-                f"{short_name(SeedStage, t.from_stage)} -> {short_name(SeedStage, t.to_stage)} "
+        return (f"[magenta]{escape(t.slot)} #{t.seed_id} {enum_name(Blueprint, t.blueprint)}[/] "
+                f"{enum_name(SeedStage, t.from_stage)} -> {enum_name(SeedStage, t.to_stage)} "
                 f"(epoch {t.epoch}): {escape(t.reason)}")
     if kind == "governor":
         g = event.governor
@@ -46,7 +47,7 @@ def describe(event: TelemetryEvent) -> str | None:
                 f"restored epoch {g.restored_epoch}{culled}")
     if kind == "run_started":
         s = event.run_started
-        return f"[bold]run started[/]: {s.mode} on {s.task}, seed {s.seed}, {s.device}"
+        return f"[bold]run started[/]: {escape(f'{s.mode} on {s.task}, seed {s.seed}, {s.device}')}"
     if kind == "run_finished":
         f = event.run_finished
         return (f"[bold]run finished[/] after {f.epochs} epochs: val {f.val_accuracy:.2f}%, "

@@ -13,6 +13,7 @@ Thresholds (`HEALTH`), from CleanRL's and Stable-Baselines3's guidance on readin
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.widgets import Static
 
 from esper.leyline import PPOUpdate
@@ -74,4 +75,5 @@ class PolicyHealth(Static):
 
 
 def _counts(counts, total: int) -> str:
-    return "  ".join(f"{op} {n} ({n / total:.0%})" if total else f"{op} {n}" for op, n in sorted(counts.items()))
+    return "  ".join(f"{escape(op)} {n} ({n / total:.0%})" if total else f"{escape(op)} {n}"
+                     for op, n in sorted(counts.items()))

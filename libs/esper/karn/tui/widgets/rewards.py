@@ -9,6 +9,7 @@ is this figure times max_epochs.
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Sparkline
@@ -41,4 +42,4 @@ class Rewards(Vertical):
         self.query_one("#reward-curve", Sparkline).data = finite(self.per_step)
         self.query_one("#reward-label", Label).update(latest_and_best("per step", "{:+.4f}", self.per_step, max))
         self.query_one("#reward-components", Label).update(
-            "\n".join(f"{name} {value:+.4f}" for name, value in components.items()))
+            "\n".join(f"{escape(name)} {value:+.4f}" for name, value in components.items()))

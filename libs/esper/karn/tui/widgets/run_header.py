@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.widgets import Static
 
 from esper.karn.store import RunRecord
@@ -11,9 +12,9 @@ from esper.karn.tui.widgets.event_log import tested
 class RunHeader(Static):
     def show_run(self, run: RunRecord, source_status: str = "") -> None:
         """`source_status`: markup saying the source ended or failed, empty while it delivers."""
-        parts = [f"[bold]{run.run_id}[/]"]
+        parts = [f"[bold]{escape(run.run_id)}[/]"]
         if run.started is not None:
-            parts.append(f"{run.started.mode} · {run.started.task} · seed {run.started.seed}")
+            parts.append(escape(f"{run.started.mode} · {run.started.task} · seed {run.started.seed}"))
         last = run.last_epoch
         if last is not None:
             s = last.signals

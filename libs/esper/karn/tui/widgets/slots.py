@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from esper.leyline import Blueprint, EpochReport, SeedStage, SlotState, short_name
+from esper.karn.store import enum_name
+from esper.leyline import Blueprint, EpochReport, SeedStage, SlotState
 
 STAGE_STYLE = {
     "DORMANT": "dim", "GERMINATED": "cyan", "TRAINING": "blue", "BLENDING": "magenta",
@@ -46,8 +47,9 @@ class SlotTable(DataTable):
 
 
 def slot_cells(run_id: str, slot: SlotState) -> tuple:
-    stage = short_name(SeedStage, slot.stage)
-    blueprint = short_name(Blueprint, slot.blueprint) if slot.blueprint else "-"
+    stage = enum_name(SeedStage, slot.stage)
+    blueprint = enum_name(Blueprint, slot.blueprint) if slot.blueprint else "-"
     contribution = (f"{slot.contribution:+.2f} ± {slot.contribution_se:.2f}" if slot.has_contribution else "-")
-    return (run_id, slot.slot, Text(stage, style=STAGE_STYLE.get(stage, "")), f"{slot.alpha:.2f}", blueprint,
-            contribution, str(slot.epochs_in_stage))
+    # Text, not str: a DataTable reads a str cell as markup, and a run id ("w[/]") or slot name may hold brackets
+    return (Text(run_id), Text(slot.slot), Text(stage, style=STAGE_STYLE.get(stage, "")), f"{slot.alpha:.2f}",
+            blueprint, contribution, str(slot.epochs_in_stage))

@@ -454,6 +454,11 @@ def cmd_blueprints(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_TEMPERATURE = 1e-6
+"""The coldest `esper sample` divides logits by: the logits of a trained model are far below 1e32, so none
+overflows to inf there."""
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Print samples from the run's exported model, each cut at the first end of story."""
     from esper.kasmina.transformer import generate
@@ -463,6 +468,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         ("--temperature", args.temperature), ("--top-k", args.top_k)):
         if not value > 0 or value == math.inf:  # a NaN temperature passes `<= 0`
             raise UsageError(f"{flag} must be a number > 0, got {value}")
+    if args.temperature < MIN_TEMPERATURE:  # logits / 1e-39 overflow: softmax of inf is NaN, and sampling fails
+        raise UsageError(f"--temperature must be at least {MIN_TEMPERATURE}, got {args.temperature} (--top-k 1 "
+                         "samples the likeliest token always)")
+    if args.seed not in SEED_RANGE:
+        raise UsageError(f"--seed must be from {SEED_RANGE.start} to {SEED_RANGE.stop - 1}, got {args.seed}")
     model_dir = Path(args.run_dir) / "model"
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"{args.run_dir}: no model/tokenizer.json (not a language-model run directory)")

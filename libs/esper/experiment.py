@@ -18,12 +18,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from esper.durable import write_atomic
+from esper.durable import lock_exclusively, write_atomic
 from esper.kasmina import save_exported
 from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
@@ -84,11 +85,11 @@ GROUP_EPISODES = MAX_GROUP
 """Episodes a grouped experiment trains at once: 0 to 7, then 8 to 15, and so on; a group holds every run's
 model, batches and telemetry open at once. A resume forms the same groups: a cut group's runs all stopped
 after the same step (save_together), and the groups before it had finished."""
-RESUMABLE_CHANGES = ("episodes", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
+RESUMABLE_CHANGES = ("episodes", "policy", "device", "data_dir", "gpu_preload", "runs_dir", "telemetry_file",
                      "telemetry_dir", "checkpoint_every", "env.train.cudnn_benchmark",
                      "env.train.cuda_graph")
-"""RunConfig fields a resumed run may change: how many episodes, where and with which extra copies; not
-what it trains."""
+"""RunConfig fields a resumed run may change: how many episodes, where and with which extra copies, the path
+its policy file is given by (its bytes are policy_sha256's); not what it trains."""
 
 
 def make_policy(cfg: RunConfig) -> Policy:
@@ -130,6 +131,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     under `runs_dir`, and does not run again one that finished: how a restarted worker picks up its
     experiment. Either raises ResumeError for a run of other settings."""
     console = console or Console(stderr=True)
+    # The directory itself, not a name for it: `--resume .` or a `latest` symlink named no run (run_dir.name)
+    resume = None if resume is None else Path(os.path.realpath(resume))
     resumed = None if resume is None else episode_of(cfg, resume)
     # An experiment's episodes share an id, so that a resume continues its own siblings, not those of
     # another experiment with the same flags (None: a restarted worker's, which continues whatever it
@@ -140,7 +143,7 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
     # Read once: every episode is decided by the policy policy_sha256 records, though PPO may rewrite its file
     policy = policy or make_policy(cfg)
     device = torch.device(cfg.device)
-    data = load_task_data(cfg.env.task, cfg.data_dir)
+    data = load_task_data(cfg.env.task, cfg.data_dir, batch_size=cfg.env.train.batch_size)
     if cfg.gpu_preload:
         data = data.to(device)
     summaries: dict[int, dict] = {}
@@ -165,6 +168,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
     try:
+        for _, run_dir in todo:  # before settle_saves or a trim rewrites a file another process may be writing
+            run_dir and hold(run_dir)
         if cfg.grouped:
             for first in range(0, cfg.episodes, GROUP_EPISODES):
                 if not (group_todo := [(e, d) for e, d in todo if first <= e < first + GROUP_EPISODES]):
@@ -185,7 +190,32 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
             raise
         raise Interrupted(f"continue the episodes after it with the same flags and --resume "
                           f"{run_dir_of(max(summaries))}") from None
+    finally:
+        for _, run_dir in todo:  # those not begun yet; a begun one is let go as it finishes or is interrupted
+            run_dir and release(run_dir)
     return [summaries[episode] for episode in sorted(summaries)]
+
+
+TRAINING_LOCK = "train.lock"
+_held: dict[Path, TextIO] = {}
+"""The run directories this process trains (resolved: one key however the path is spelled), each with its flock
+on TRAINING_LOCK, held until the run finishes or is interrupted, or the process ends."""
+
+
+def hold(run_dir: Path) -> None:
+    """This process's exclusive lock on `run_dir`, or ResumeError when another process holds it: two processes
+    continuing one run (a --resume of a run still training, two workers of one experiment) had each trimmed and
+    rewritten its files, the events of one going to a deleted telemetry.jsonl."""
+    if run_dir.resolve() in _held:
+        return
+    if (lock := lock_exclusively(run_dir / TRAINING_LOCK)) is None:
+        raise ResumeError(f"{run_dir} is being trained by another process")
+    _held[run_dir.resolve()] = lock
+
+
+def release(run_dir: Path) -> None:
+    if lock := _held.pop(run_dir.resolve(), None):
+        lock.close()
 
 
 def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int, str | None]:
@@ -291,10 +321,13 @@ class Episode:
         if run_dir is None:
             run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
             run_dir.mkdir(parents=True, exist_ok=False)
+            hold(run_dir)
             config = dataclasses.asdict(cfg) | {"episode_seed": seed} | ({"group": group} if group else {})
             write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         elif (run_dir / CHECKPOINT).is_file():
             self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
+            if (saved := self.state.get("env", {}).get("run_id")) != run_dir.name:  # refused before the trim below
+                raise ResumeError(f"{run_dir / CHECKPOINT} is the checkpoint of run {saved}, not of {run_dir.name}")
             console.print(f"{run_dir.name}: resuming after epoch {self.state['env']['signals']['epoch']}")
         else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
             console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
@@ -372,6 +405,7 @@ class Episode:
         summary |= {"curve": self.curve}
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        release(run_dir)
         self.console.print(
             f"{run_dir.name}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  "
             f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  "
@@ -406,6 +440,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
             obs = run_episode(episode.env, policy, seed, save_when_due, episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
+        release(episode.run_dir)
         raise Interrupted(resume_hint(cfg, [episode], "it")) from None
 
 
@@ -461,6 +496,8 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     except KeyboardInterrupt:  # any of the group's runs resumes them all
         # Settled as the resume will settle it, so that the hint says what the resume does
         settle_saves([e.run_dir for e in episodes.values() if not (e.run_dir / "summary.json").is_file()])
+        for e in episodes.values():
+            release(e.run_dir)
         raise Interrupted(resume_hint(cfg, list(episodes.values()), "them")) from None
 
 

@@ -255,7 +255,8 @@ def run_ppo(cfg: PPORunConfig, console: Console | None = None, env_factory: EnvF
     if cfg.num_workers is not None:
         torch.set_num_threads(cfg.num_workers)
     resume_state = load_checkpoint(Path(cfg.resume)) if cfg.resume else None
-    data = load_task_data(tcfg.env.task, cfg.data_dir)  # loaded here even for --env-processes: a clear error
+    # loaded here even for --env-processes: a clear error
+    data = load_task_data(tcfg.env.task, cfg.data_dir, batch_size=tcfg.env.train.batch_size)
 
     run_id = new_run_id(f"ppo_{tcfg.env.task}_s{tcfg.seed}")
     run_dir = Path(cfg.runs_dir) / run_id

@@ -19,7 +19,7 @@ import zmq
 from prometheus_client import REGISTRY
 
 from esper.karn import RunStore, RunStoreCollector
-from esper.karn.store import EventJournal
+from esper.karn.store import EventJournal, JournalBusy
 from esper.karn_cli import folder_refusal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
@@ -67,11 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if refuse_bind("karn", cfg.host, cfg.token):
         return 2
     log = setup_logging("karn")
-    stop = StopSignal()
     store = RunStore(cfg.max_runs)
     journal = EventJournal(cfg.journal) if cfg.journal else None
     if journal is not None:
-        log.info("replayed %d events of %s", journal.replay(store), cfg.journal)
+        try:
+            log.info("replayed %d events of %s", journal.replay(store), cfg.journal)
+        except JournalBusy as exc:
+            log.error("%s", exc)
+            return 2
+    stop = StopSignal()
     ctx = make_context(cfg.token)
     subscriber = Subscriber(ctx, cfg.hub_sub, cfg.hub_snapshot)
     REGISTRY.register(RunStoreCollector(store, subscriber.malformed))

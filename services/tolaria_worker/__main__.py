@@ -51,7 +51,7 @@ from esper.karn_cli import folder_refusal
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import NotNeural, remote_act
-from esper.simic.checkpoint import changed_settings
+from esper.simic.checkpoint import ResumeError, changed_settings
 from esper.simic.env_process import EnvProcessError, close_all
 from esper.simic.rewards import recorded_with
 from esper.simic.trainer import RESUMABLE_CHANGES, TrainerConfig, play_episodes
@@ -192,7 +192,7 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
                   log: logging.Logger) -> None:
     """--ppo: rounds of n_envs episodes (episode i uses seed + i), each shipped as one trajectory."""
     tcfg, ship = cfg.run.trainer, cfg.shipping
-    data = cfg.run.data_by_device(load_task_data(tcfg.env.task, cfg.run.data_dir))
+    data = cfg.run.data_by_device(load_task_data(tcfg.env.task, cfg.run.data_dir, batch_size=tcfg.env.train.batch_size))
     spec = tcfg.feature_spec
     level = from_short_name(TelemetryLevel, cfg.run.telemetry_level)
     ctx = make_context(cfg.token)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except PolicyUnavailable as exc:  # stopping mid-episode, or tamiyo gone for longer than patience
         status = 0 if stop.is_set() else 1
         log.log(logging.INFO if status == 0 else logging.ERROR, "episode abandoned: %s", exc)
-    except (SpoolBusy, SpoolCorrupt, OtherExperiment) as exc:
+    except (SpoolBusy, SpoolCorrupt, OtherExperiment, ResumeError) as exc:  # ResumeError: a run another trains
         status = 2
         log.error("%s", exc)
     except (DataError, EnvProcessError, NotNeural) as exc:  # missing data; --env-processes: a child died; tamiyo

@@ -36,6 +36,9 @@ from esper.tolaria.data import load_task_data
     (["train", "ppo", "--grouped", "--task", "tinystories"], "leave out --task tinystories"),
     (["train"], "required"),
     (["sample", "runs/x", "--temperature", "nan"], "--temperature must be a number > 0, got nan"),
+    # Tracebacks in sampling: logits over a tiny temperature overflow (NaN probabilities), a seed past int64
+    (["sample", "runs/x", "--temperature", "1e-39"], "--temperature must be at least 1e-06, got 1e-39 (--top-k 1"),
+    (["sample", "runs/x", "--seed", "18446744073709551616"], "--seed must be from -2147483648 to 2147483647, got 1844"),
     # A seed is an int32 in every run's RunStarted: one past it had failed there, its run directory made.
     (["train", "static", "--seed", "2147483648"], "every seed, 2147483648 to 2147483648, must be from -2147483648"),
     (["train", "static", "--seed", "2147483647", "--episodes", "2"], "every seed, 2147483647 to 2147483648"),

@@ -145,3 +145,22 @@ def test_a_training_seed_leaves_the_sharpness_as_it_was(synthetic_data):
     print("stages", stages, "sharpness with the seed", grown, "without", alone)
     assert stages[1:] == ["TRAINING"] * 3 and all(s > 0 for s in alone)
     assert grown == alone
+
+
+def test_debug_sharpness_measures_a_language_model(tiny_lm_registered):
+    """The transformer's attention runs a fused kernel (flash on the CPU) that has no double backward: the
+    sharpness probe must take the math kernel, or `--task tinystories --telemetry-level debug` fails at
+    its first measurement (a RuntimeError from autograd, epoch 5)."""
+    from support import TINY_LM
+    from esper.tolaria.data import Dataset
+
+    windows = torch.randint(TINY_LM.num_classes, (32, TINY_LM.context), generator=torch.Generator().manual_seed(0))
+    data = Dataset("tokens", windows, windows.roll(-1, 1), windows[:16], windows[:16].roll(-1, 1), windows[:16],
+                   windows[:16].roll(-1, 1), num_classes=TINY_LM.num_classes, mean=(), std=(), kind="tokens")
+    cfg = EnvConfig(task=TINY_LM.name, max_epochs=2, slots=("mid",), sharpness_every=1,
+                    train=TrainConfig(batch_size=8, max_batches=1, optimizer="adamw", lr=1e-3, eval_batch_size=16))
+    sink = ListSink()
+    env = GrowthEnv(cfg, data, torch.device("cpu"), Telemetry("t", TelemetryLevel.TELEMETRY_LEVEL_DEBUG, sinks=[sink]))
+    run_episode(env, HeuristicPolicy(), 0)
+    sharpness = [e.epoch.sharpness for e in sink.events if e.HasField("epoch")]
+    assert len(sharpness) == 2 and all(s != 0.0 for s in sharpness)

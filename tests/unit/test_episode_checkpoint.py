@@ -427,3 +427,96 @@ def test_an_experiment_from_before_ids_resumes_its_later_episodes_too(tmp_path, 
     assert sorted(runs.glob("*_s*")) == [first, second, third] and (third / "summary.json").is_file()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esper: warning:")]
     assert len(warnings) == 1 and f"could not record {first.name}" in warnings[0]
+
+
+HOLDS_THE_LOCK = """
+import sys
+from pathlib import Path
+from esper.durable import lock_exclusively
+lock = lock_exclusively(Path(sys.argv[1]) / "train.lock")
+print("held" if lock else "refused", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_run_another_process_trains_is_refused_and_left_alone(tmp_path, monkeypatch, capsys):
+    """A --resume of a run still training (or two workers of one experiment) had trimmed and rewritten its
+    files under the process training it, whose later events went to a deleted telemetry.jsonl. Training holds
+    the run directory's lock (train.lock) from its start to its summary; the other process is refused."""
+    import subprocess
+    import sys
+
+    class Probe:  # the eager heuristic, trying the lock as the run trains
+        tried: list = []
+
+        def decide(self, obs):
+            Probe.tried.append(experiment.lock_exclusively(run_dir / "train.lock"))
+            return EAGER.decide(obs)
+
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDS_THE_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.undo()
+        capsys.readouterr()
+        assert main([*argv, "--resume", str(run_dir)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            f"esper: error: --resume {run_dir} is being trained by another process"
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    finally:
+        holder.communicate("")
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: Probe())
+    assert main([*argv, "--resume", str(run_dir)]) == 0
+    assert Probe.tried and not any(Probe.tried)  # held at every decision
+    assert experiment.lock_exclusively(run_dir / "train.lock") is not None  # and let go when the run finished
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_the_telemetry_is_touched(tmp_path, monkeypatch, capsys):
+    """Another run's checkpoint.pt copied in had cut the run's telemetry.jsonl back to that run's sequence, then
+    ended in a ValueError traceback."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path / "a", monkeypatch)
+    _, other = interrupted_at_epoch_2(tmp_path / "b", monkeypatch, "--max-batches", "1")
+    (run_dir / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
+    events = (run_dir / "telemetry.jsonl").read_bytes()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {run_dir / 'checkpoint.pt'} " \
+        f"is the checkpoint of run {other.name}, not of {run_dir.name}"
+    assert (run_dir / "telemetry.jsonl").read_bytes() == events
+
+
+@pytest.mark.parametrize("spelling", ["dot", "symlink"])
+def test_a_run_resumed_by_another_name_for_its_folder_continues_as_itself(spelling, tmp_path, monkeypatch):
+    """`--resume .` and `--resume runs/latest` (a symlink) had taken the name given for the run's id: a ValueError
+    traceback, its telemetry cut first."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    monkeypatch.undo()
+    if spelling == "dot":
+        monkeypatch.chdir(run_dir)
+        given = "."
+    else:
+        (tmp_path / "latest").symlink_to(run_dir)
+        given = str(tmp_path / "latest")
+    assert main([*argv, "--resume", given]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()] == [run_dir.name]
+
+
+def test_a_learned_run_resumes_with_its_policy_file_named_another_way(tmp_path, monkeypatch, saved_policy):
+    """The policy's path had been compared as a string: `./p.pt` or an absolute path for the `p.pt` a run began
+    with was "other settings: policy differ", though policy_sha256 guards what the file holds."""
+    (tmp_path / "pol").mkdir()
+    save_checkpoint({k: v for k, v in load_checkpoint(saved_policy).items() if k != "format"},
+                    tmp_path / "pol" / "p.pt")
+    monkeypatch.chdir(tmp_path)
+    flags = ["train", "learned", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "2", "--slots", "mid",
+             "--telemetry-level", "minimal", "--runs-dir", "runs"]
+    cfg = train_config(build_parser().parse_args([*flags, "--policy", "pol/p.pt"]))
+    with pytest.raises(Interrupted):
+        run(cfg, policy=StopsAt(2, make_policy(cfg)))
+    (run_dir,) = (tmp_path / "runs").glob("*_s42")
+    assert main([*flags, "--policy", str(tmp_path / "pol" / "p.pt"), "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4

@@ -4,6 +4,8 @@ keeps, which are the runs that reported last."""
 
 import tracemalloc
 
+import pytest
+
 from support import recorded_syncs
 
 from esper.karn import store as karn_store
@@ -182,3 +184,21 @@ def test_events_of_a_newer_build_are_counted_as_unknown_and_every_scrape_still_a
     assert 'esper_karn_events_received_total{kind="unknown"} 1.0' in scraped
     assert 'esper_run_seeds{run_id="r",stage="unknown"} 1.0' in scraped
     assert 'esper_run_decisions_total{operation="unknown",run_id="r"} 1.0' in scraped
+
+
+def test_a_second_karn_on_one_journal_is_refused_and_the_first_loses_nothing(tmp_path, caplog):
+    """A second karn's replay compacted (swapped) the file under the first, whose appends from then on went to
+    a deleted file: a restart replayed 2 of 4 events. The journal is held (flock) from replay to close."""
+    from services.karn.__main__ import main as karn_main
+
+    path = tmp_path / "events.binpb"
+    first = EventJournal(path)
+    first.replay(RunStore())
+    first.append([epoch_event("r", 1), epoch_event("r", 2)])
+    with pytest.raises(karn_store.JournalBusy):
+        EventJournal(path).replay(RunStore())
+    assert karn_main(["--journal", str(path), "--metrics-port", "-1"]) == 2
+    assert f"{path} is kept by another karn" in caplog.text
+    first.append([epoch_event("r", 3), epoch_event("r", 4)])
+    first.close()
+    assert EventJournal(path).replay(RunStore()) == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,9 +197,22 @@ def test_cli_reports_missing_text_with_status_1(tmp_path, capsys):
     assert code == 1 and "TinyStories" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["static", "ppo"])
+def test_text_of_less_than_one_batch_is_one_line_before_any_run_directory(mode, tmp_path, capsys):
+    """40 stories make 10 training windows, fewer than a batch of 16: a ValueError traceback at the first
+    step had followed, a run directory made for each try."""
+    write_stories(tmp_path / "few.txt", n=40)
+    code = main(["train", mode, "--task", "tinystories", "--data-dir", str(tmp_path), "--max-epochs", "1",
+                 "--max-batches", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"esper: error: {tmp_path}: its training split holds 10 items, fewer than one batch of 16"
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+
+
 def test_task_loader_fits_the_data_to_the_host(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(text, "load_tinystories", lambda d, **kw: calls.append((d, kw)))
+    monkeypatch.setattr(text, "load_tinystories", lambda d, **kw: calls.append((d, kw)) or SimpleNamespace(train_x=[0]))
     load_task_data("tinystories", "some/dir", cache_dir=tmp_path)
     assert calls == [("some/dir", {"cache_dir": tmp_path, "vocab_size": 2048, "context": 128})]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from esper.durable import write_durably
+from esper.durable import lock_exclusively, write_durably
 from esper.leyline import (
     EpochReport,
     Operation,
@@ -114,6 +114,10 @@ that is more: a long-lived karn watching run after run (a PPO campaign's episode
 every run it ever applied until its next start, and that start had read the whole file into memory."""
 
 
+class JournalBusy(RuntimeError):
+    """Another process keeps the journal."""
+
+
 class EventJournal:
     """Applied events as length-prefixed protobuf records (a 4-byte little-endian size, then a serialized
     TelemetryEvent) in one append-only file. Each batch is flushed to the OS, so a SIGKILL loses nothing
@@ -135,10 +139,16 @@ class EventJournal:
         """The size at which `append` compacts the file next."""
         self.store: RunStore | None = None
         self._file = None
+        self._lock = None
 
     def replay(self, store: RunStore) -> int:
         """Apply every recorded event to `store`, then compact the file; returns the events replayed. Opens the
-        journal for `append`, which keeps it to the runs of `store`."""
+        journal for `append`, which keeps it to the runs of `store`. JournalBusy when another karn keeps it: its
+        compaction had swapped the file under the first, whose events from then on went to a deleted file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_exclusively(self.path.with_name(self.path.name + ".lock"))
+        if self._lock is None:
+            raise JournalBusy(f"{self.path} is kept by another karn: give this one its own --journal")
         replayed = 0
         for event, _ in self._records():
             store.apply(event)
@@ -154,13 +164,14 @@ class EventJournal:
             self._compact()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        for held in (self._file, self._lock):
+            if held is not None:
+                held.close()
 
     def _compact(self) -> None:
         """Rewrite the file with the records of the store's runs, then append to the new one."""
-        self.close()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._file is not None:
+            self._file.close()
         # Durably: a rename not yet on disk at a power cut could have left an empty journal for the whole one.
         write_durably(self.path, lambda f: f.writelines(record for event, record in self._records()
                                                          if event.run_id in self.store.runs))

@@ -94,9 +94,19 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 
 
 def load_task_data(
-    task: str, data_dir: str | Path | None, *, cache_dir: Path | None = None
+    task: str, data_dir: str | Path | None, *, cache_dir: Path | None = None, batch_size: int = 1
 ) -> Dataset:
-    """The dataset a training task runs on; both CIFAR-10 hosts share the same data."""
+    """The dataset a training task runs on; both CIFAR-10 hosts share the same data. DataError when its
+    training split holds less than one `batch_size` batch (a small text folder): found here, before a run
+    directory is made, not at the first step."""
+    data = read_task_data(task, data_dir, cache_dir)
+    if len(data.train_x) < batch_size:
+        raise DataError(f"{data_dir or task}: its training split holds {len(data.train_x)} items, fewer than one "
+                        f"batch of {batch_size}")
+    return data
+
+
+def read_task_data(task: str, data_dir: str | Path | None, cache_dir: Path | None) -> Dataset:
     if task in ("cifar10", "cifar10_deep"):
         return load_cifar10(data_dir, cache_dir=cache_dir)
     if task == "synthetic":

@@ -301,7 +301,8 @@ class Trainer:
         self.model.eval()
         xb, yb = next(eval_batches(self.data.train_x, self.data.train_y, batch_size=self.cfg.batch_size,
                                    device=self.device, mean=self.mean, std=self.std, memory_format=self.layout))
-        with torch.compiler.set_stance("force_eager"):
+        # The math attention kernel: the fused ones (flash on the CPU) have no double backward.
+        with torch.compiler.set_stance("force_eager"), sdpa_kernel(SDPBackend.MATH):
             return cross_entropy(self.model(xb), yb)
 
     def seed_grad_norms(self) -> dict[str, float]:

@@ -259,7 +259,7 @@ def test_validation_split_is_seeded_and_disjoint_from_train(tiny_dir, tmp_path):
 
 def test_load_task_data_dispatches_and_rejects_unknown_tasks(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "load_cifar10", lambda d, cache_dir: calls.append((d, cache_dir)))
+    monkeypatch.setattr(data, "load_cifar10", lambda d, cache_dir: calls.append((d, cache_dir)) or make_synthetic())
     for task in ("cifar10", "cifar10_deep"):
         load_task_data(task, "some/dir", cache_dir=tmp_path)
     assert calls == [("some/dir", tmp_path)] * 2

@@ -190,3 +190,19 @@ def test_a_deep_compiled_host_trains_and_evaluates_without_falling_back():
     t.train_epoch()
     t.evaluate("val")
     assert counters["stats"]["unique_graphs"] >= 12
+
+
+def test_a_training_steps_flops_count_its_backward_pass():
+    """A training step is the forward pass and a backward pass of about twice its FLOPs (a gradient for each
+    layer's input and one for its weights; the first layer's input needs none): between 2x and 3x the
+    forward's. Every other FLOP test compares two counts made the same way, which a count of the forward
+    alone would pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = trainer(TrainConfig(batch_size=32))
+    xb = torch.randn(32, *t.data.train_x.shape[1:])
+    yb = torch.randint(t.data.num_classes, (32,))
+    step = t.step_flops(xb, yb)
+    with FlopCounterMode(display=False) as counter:
+        t.model(xb)
+    assert 2.0 * counter.get_total_flops() < step < 3.0 * counter.get_total_flops()

@@ -62,7 +62,17 @@ def seed_changing_mid_episode(r: Rollout) -> None:
     r.seeds[2:] = 7  # only row 0 would be recorded as learned from
 
 
-BAD = {"NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
+def float64_obs(r: Rollout) -> None:
+    r.obs = r.obs.double()  # the right shape: had crashed the learner's index_put (a RuntimeError) in add()
+
+
+def not_terminated_at_the_end(r: Rollout) -> None:
+    r.terminated[-1] = False  # the episode goes on past the trajectory: no return to learn from
+
+
+BAD = {"float64 obs": (float64_obs, "obs is torch.float64 (4, 1,"),
+       "last step not terminated": (not_terminated_at_the_end, "not whole 4-epoch episodes (4 steps of 1 episodes)"),
+       "NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
        "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
        "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid"),
        "seed -5": (negative_seed, "seeds that are not one per episode"),

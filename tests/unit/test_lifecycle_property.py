@@ -160,6 +160,8 @@ contribution_strategy = st.one_of(
     st.none(),
     st.tuples(st.floats(-3.0, 6.0), st.floats(0.0, 2.0)),
     st.tuples(st.floats(1.0, 6.0), st.floats(0.0, 0.4)),  # clearly helpful: the gates should pass
+    st.tuples(st.floats(-8.0, -4.0), st.floats(0.0, 2.0)),  # around G_blend's default threshold (-5)
+    st.tuples(st.just(-5.0), st.floats(0.0, 2.0)),  # exactly on it: must be refused (strict >)
 )
 
 
@@ -173,13 +175,15 @@ contribution_strategy = st.one_of(
     embargo_epochs=st.integers(0, 3),
     schedule=st.sampled_from(["linear", "cosine"]),
     epochs=st.integers(5, 25),
+    fossilize_k_se=st.sampled_from([0.0, 0.0, 1.0, 2.0]),
 )
 def test_random_operation_sequences_follow_the_contract(
-    data, slots, max_seeds, min_training_epochs, blend_epochs, embargo_epochs, schedule, epochs
+    data, slots, max_seeds, min_training_epochs, blend_epochs, embargo_epochs, schedule, epochs, fossilize_k_se
 ):
     """Random legal and illegal actions against an independent shadow of the lifecycle contract."""
     cfg = LifecycleConfig(min_training_epochs=min_training_epochs, blend_epochs=blend_epochs,
-                          embargo_epochs=embargo_epochs, blend_schedule=schedule)
+                          embargo_epochs=embargo_epochs, blend_schedule=schedule,
+                          fossilize_k_se=fossilize_k_se)
     torch.manual_seed(0)
     model = MorphogeneticModel(build_host("synthetic"), slots, cfg, max_seeds)
     shadow = Shadow(list(model.slots), cfg, max_seeds)
@@ -384,3 +388,15 @@ def test_refused_advance_stays_put_and_reports_why():
     slot.contribution = (0.0, 0.5)
     out = model.execute(Action(operation=OP.OPERATION_ADVANCE, slot="late"), 3)
     assert out.gates[0].passed and slot.stage == S.SEED_STAGE_BLENDING
+
+
+@pytest.mark.parametrize("mean, se, passed", [(1.5, 0.5, True), (3.0, 2.0, False), (4.0, 2.0, False),
+                                              (4.5, 2.0, True)])
+def test_g_fossilize_asks_for_k_standard_errors(mean, se, passed):
+    """With fossilize_k_se=2 the contribution must exceed 2 x its standard error, strictly: 1.5 passes at se 0.5
+    and 3.0 fails at se 2.0, either of which k alone (without se) would judge the other way."""
+    model = MorphogeneticModel(build_host("synthetic"), ["late"], LifecycleConfig(fossilize_k_se=2.0))
+    slot = model.slots["late"]
+    slot.stage, slot.alpha, slot.contribution = S.SEED_STAGE_BLENDING, 1.0, (mean, se)
+    check = model.advance_gate(slot)
+    assert (check.gate, check.passed, dict(check.thresholds)["contribution"]) == ("G_fossilize", passed, 2 * se)

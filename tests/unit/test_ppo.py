@@ -153,3 +153,46 @@ def test_a_minibatch_whose_gradient_is_not_finite_is_not_stepped_on():
     stats = ppo_update(agent, optimizer, tiny_rollout(agent), cfg, 0.0, torch.Generator().manual_seed(0))
     assert stats.nonfinite_skipped == 0 and stats.minibatch_steps == 20 and math.isfinite(stats.grad_norm)
     assert all(p.isfinite().all() and not torch.equal(p, b) for p, b in zip(agent.parameters(), before))
+
+
+def test_one_minibatch_step_is_cleanrls_loss_written_out():
+    """One update of one minibatch against CleanRL's loss written out here: the clipped surrogate (the larger
+    of the two losses), advantages centred and scaled, the clipped value loss, the entropy bonus, clipfrac,
+    and the step itself (SGD at lr 1: the weights move by the loss's gradient). Log-probs and values are moved
+    past clip_coef both ways and the advantages have a non-zero mean, so that every clip and the centring
+    matter: a min for a max, a sign, or a missing mean each changes a number checked here."""
+    import copy
+
+    torch.manual_seed(0)
+    agent = ActorCritic(5, 3, 2)
+    g = torch.Generator().manual_seed(1)
+    r = tiny_rollout(agent)
+    r = dataclasses.replace(r, logprobs=r.logprobs + 0.6 * torch.randn(r.logprobs.shape, generator=g),
+                            values=r.values + 0.6 * torch.randn(r.values.shape, generator=g), rewards=r.rewards + 1.0)
+    cfg = PPOConfig(target_kl=None, update_epochs=1, num_minibatches=1, ent_coef=0.3, max_grad_norm=1e9)
+    ref = copy.deepcopy(agent)
+    stats = ppo_update(agent, torch.optim.SGD(agent.parameters(), lr=1.0), r, cfg, 0.3,
+                       torch.Generator().manual_seed(0))
+
+    adv, ret = compute_gae(r.rewards, r.values, r.next_values, r.terminated, cfg.gamma, cfg.gae_lambda)
+    adv, ret = adv.flatten(), ret.flatten()
+    _, newlogp, entropy, newv, _ = ref.get_action_and_value(r.obs.flatten(0, 1), r.legal.flatten(0, 1),
+                                                            r.actions.flatten(0, 1))
+    ratio = (newlogp - r.logprobs.flatten()).exp()
+    a = (adv - adv.mean()) / (adv.std() + 1e-8)
+    c = cfg.clip_coef
+    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - c, 1 + c)).mean()
+    old_v = r.values.flatten()
+    v = 0.5 * torch.max((newv - ret) ** 2, (old_v + (newv - old_v).clamp(-c, c) - ret) ** 2).mean()
+    loss = pg - 0.3 * entropy.mean() + cfg.vf_coef * v
+    ref.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= p.grad
+    torch.testing.assert_close(torch.tensor(stats.value_loss), v.detach())
+    torch.testing.assert_close(torch.tensor(stats.policy_loss), pg.detach())
+    assert stats.clipfrac == float(((ratio - 1).abs() > c).float().mean())
+    assert 0.1 < stats.clipfrac < 0.9  # the ratio clip is active for some samples, not all
+    for p, q in zip(agent.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

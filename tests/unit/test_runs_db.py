@@ -17,8 +17,8 @@ from rich.console import Console
 from esper.cli import main
 from esper.experiment import RunConfig, run
 from esper.karn.runs_db import RunsDB
-from esper.leyline import (Blueprint, EpochReport, GovernorEvent, LifecycleTransition, RunStarted, SeedStage,
-                           TelemetryEvent, TrainingSignals, from_short_name)
+from esper.leyline import (Blueprint, EpochReport, GovernorEvent, LifecycleTransition, RunFinished, RunStarted,
+                           SeedStage, SlotState, TelemetryEvent, TrainingSignals, from_short_name)
 from esper.nissa import new_run_id
 from esper.simic import EnvConfig
 from esper.tamiyo import HeuristicConfig
@@ -85,6 +85,27 @@ def test_a_seed_is_culled_at_its_cull_and_a_graft_is_no_growth():
     assert seeds == {1: ("culled", 1, 5), 2: ("grafted", None, 0)}
     stats = {b["slot"]: (b["germinated"], b["fossilized"], b["culled"], b["grafted"]) for b in db.blueprint_stats()}
     assert stats == {"mid": (1, 0, 1, 0), "early": (0, 0, 0, 1)}
+
+
+def test_a_seeds_contribution_is_its_last_measured_one_and_an_untested_run_has_no_test_accuracy():
+    """An epoch that measured no contribution (has_contribution unset) leaves the seed's last measured one; a
+    run that finished untested (a PPO training episode) stores NULL, not 0.0%."""
+    def epoch(sequence: int, **contribution) -> TelemetryEvent:
+        return TelemetryEvent(run_id="r", sequence=sequence, epoch=EpochReport(
+            signals=TrainingSignals(epoch=sequence - 1, max_epochs=5),
+            slots=[SlotState(slot="mid", seed_id=1, stage=SeedStage.SEED_STAGE_TRAINING, **contribution)]))
+
+    germinated = TelemetryEvent(run_id="r", sequence=1, transition=LifecycleTransition(
+        slot="mid", seed_id=1, blueprint=Blueprint.BLUEPRINT_NORM, from_stage=SeedStage.SEED_STAGE_DORMANT,
+        to_stage=SeedStage.SEED_STAGE_GERMINATED, epoch=1))
+    db = RunsDB(":memory:")
+    db.index_events([germinated, epoch(2, has_contribution=True, contribution=2.5, contribution_se=0.5), epoch(3),
+                     TelemetryEvent(run_id="r", sequence=4, run_finished=RunFinished(val_accuracy=40.0, epochs=3))],
+                    "test")
+    (seed,) = db.seeds("r")
+    assert (seed["contribution"], seed["contribution_se"]) == (2.5, 0.5)
+    (run,) = db.runs()
+    assert run["test_accuracy"] is None and run["val_accuracy"] == 40.0
 
 
 def test_events_a_resume_wrote_again_are_folded_once_the_last_standing(tmp_path):

@@ -18,6 +18,7 @@ from esper.simic.rewards import RewardConfig, Rewarder, recorded_with
 from esper.simic.rollout import Rollout
 from esper.simic.toy import SimulatedTrainer
 from esper.simic.trainer import TrainerConfig
+from esper.transport.limits import MAX_REWARDS_JSON_CHARS, MAX_WORKER_ID_CHARS
 from esper.transport.tensors import pack, unpack
 from esper.transport.trajectories import (SPOOL_HEAD, Spool, SpoolBusy, SpoolCorrupt, TrajectoryInbox, decode_weights,
                                          weights_frames)
@@ -71,6 +72,23 @@ def test_a_trajectory_whose_rewards_were_recorded_with_other_settings_is_refused
         "malformed message: a rewards_json of 5007 characters (at most 4096)"
     assert inbox.handle(frames("w", 1, 2, rewards_json=json.dumps(ours))).status == AckStatus.ACK_STATUS_ACCEPTED
     assert inbox.handle(frames("w", 1, 3)).status == AckStatus.ACK_STATUS_ACCEPTED and len(applied) == 2
+
+
+def test_the_header_limits_hold_at_their_boundaries_and_a_message_is_two_frames():
+    """A worker_id of MAX_WORKER_ID_CHARS (a 255-character hostname) and a rewards_json of MAX_REWARDS_JSON_CHARS
+    are taken; one character more is refused; and a third frame is refused, not ignored."""
+    applied = []
+    inbox = TrajectoryInbox(lambda rollout: applied.append(rollout), version=lambda: 0)
+    at_most = json.dumps({"k": "x" * (MAX_REWARDS_JSON_CHARS - 9)})
+    assert len(at_most) == MAX_REWARDS_JSON_CHARS
+    for sequence, (worker, rewards) in enumerate([("w" * MAX_WORKER_ID_CHARS, ""), ("w", at_most)]):
+        assert inbox.handle(frames(worker, 1, sequence, rewards_json=rewards)).status == AckStatus.ACK_STATUS_ACCEPTED
+    assert inbox.handle(frames("w" * (MAX_WORKER_ID_CHARS + 1), 1, 9)).reason == \
+        f"malformed message: a worker_id of {MAX_WORKER_ID_CHARS + 1} characters (at most {MAX_WORKER_ID_CHARS})"
+    assert inbox.handle(frames("w", 1, 9, rewards_json=at_most + " ")).reason == "malformed message: a " \
+        f"rewards_json of {MAX_REWARDS_JSON_CHARS + 1} characters (at most {MAX_REWARDS_JSON_CHARS})"
+    assert inbox.handle([*frames("w", 1, 9), b""]).reason == "malformed message: 3 frames"
+    assert len(applied) == 2
 
 
 def test_a_resent_trajectory_is_acked_again_but_applied_once():

@@ -72,10 +72,10 @@ class TrainConfig:
     lifecycle move and every alpha step of a blend."""
     memory_format: str = "auto"
     """auto | channels_last | contiguous: how image batches and convolution weights lie in memory.
-    channels_last trained the cifar10 host 1.5x faster on a 2-core CPU, in fp32, with nothing else
-    changed (bench/fast_path.py); auto takes it on the CPU and stays contiguous on CUDA, where on an
-    H100 channels_last trained the host at 0.90x and a blending model at 1.02x. Token windows have no
-    channels: a language model ignores this."""
+    channels_last trained the cifar10 host 1.63x faster on a 2-core CPU (1.52x with a seed blending), in
+    fp32, with nothing else changed (bench/results/cpu_fast_path.txt); auto takes it on the CPU and stays
+    contiguous on CUDA, where on an H100 channels_last trained the host at 0.90x and a blending model at
+    1.02x. Token windows have no channels: a language model ignores this."""
     cudnn_benchmark: bool = False
     """cuDNN's benchmark mode on CUDA: each convolution shape times cuDNN's algorithms once and keeps the
     fastest, instead of cuDNN's guess. A process-wide switch (torch.backends.cudnn.benchmark), turned on by

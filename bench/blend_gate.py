@@ -1,15 +1,14 @@
-"""G_blend's evidence: a seed's prospective contribution at the gate, per run, and what a lower
-threshold would have made of the runs it changes.
+"""G_blend's evidence: a seed's prospective contribution at the gate, per run.
 
-A TRAINING seed may blend once its prospective contribution (validation accuracy with its alpha
-forced to 1, minus without it, paired per image) exceeds `LifecycleConfig.blend_min_contribution`.
-Probe: run the heuristic on cifar10 with every training batch (the 40-epoch comparison's setting) for
-each seed until the first seed leaves TRAINING, printing its prospective contribution (accuracy
-points, and the validation loss it removes) after each TRAINING epoch, and what became of it.
-With `--branch-to T`, a run whose first gate check fails at `--threshold` but would pass at T is
-saved at that epoch boundary, before the decision; `--continue` then finishes it under a given
-threshold, so both thresholds continue the same run from the same state (paired, the shared epochs
-trained once).
+Also what a lower threshold would have made of the runs it changes. A TRAINING seed may blend once its
+prospective contribution (validation accuracy with its alpha forced to 1, minus without it, paired per
+image) exceeds `LifecycleConfig.blend_min_contribution`. Probe: run the heuristic on cifar10 with every
+training batch (the 40-epoch comparison's setting) for each seed until the first seed leaves TRAINING,
+printing its prospective contribution (accuracy points, and the validation loss it removes) after each
+TRAINING epoch, and what became of it. With `--branch-to T`, a run whose first gate check fails at
+`--threshold` but would pass at T is saved at that epoch boundary, before the decision; `--continue` then
+finishes it under a given threshold, so both thresholds continue the same run from the same state
+(paired, the shared epochs trained once).
 
     python bench/blend_gate.py --seeds 42 43 44 --threshold -1 --branch-to -5 --state-dir /tmp/gate
     python bench/blend_gate.py --continue /tmp/gate/seed42.pt --threshold -1   # and --threshold -5
@@ -23,14 +22,19 @@ from pathlib import Path
 
 import torch
 
+from esper.cli import SEED_RANGE
+from esper.karn_cli import folder_refusal
 from esper.kasmina.lifecycle import LifecycleConfig
 from esper.leyline import Blueprint, SeedStage, short_name
 from esper.nissa import Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
-from esper.simic.checkpoint import load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.trainer import TrainConfig
+from esper.transport.config import at_least, finite
+
+from growth_overhead import checked_device
 
 S = SeedStage
 DEFAULT = LifecycleConfig().blend_min_contribution
@@ -64,13 +68,13 @@ def probe(args, data, seed: int) -> None:
                 print(f"seed {seed}: fails at {args.threshold}, passes at {args.branch_to}: saved {path}", flush=True)
                 return
         elif slot.stage not in (S.SEED_STAGE_GERMINATED, S.SEED_STAGE_TRAINING):
-            print(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} -> {short_name(S, slot.stage)}", flush=True)
+            print(f"seed {seed} epoch {obs.signals.epoch:>2} {blueprint:<10} -> {short_name(S, slot.stage)}",
+                  flush=True)
             return
 
 
-def finish(args, data) -> None:
-    """Continue a saved run to its last epoch under `--threshold`; its seeds' fates and accuracies."""
-    state = load_checkpoint(Path(args.resume))
+def finish(args, data, state: dict) -> None:
+    """Continue a saved run (`state`) to its last epoch under `--threshold`; its seeds' fates and accuracies."""
     env = env_for(args, data, args.threshold, state["run_id"])
     obs = run_episode(env, HeuristicPolicy(), 0, state=state)
     fates = ", ".join(f"{r.blueprint} {r.fate} (germinated {r.history[0]['epoch']})" for r in env.model.records)
@@ -80,21 +84,33 @@ def finish(args, data) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    p.add_argument("--seeds", type=at_least(SEED_RANGE.start, most=SEED_RANGE.stop - 1), nargs="+",
+                   default=[42, 43, 44])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-epochs", type=int, default=40)
-    p.add_argument("--branch-to", type=float, default=None, help="save runs this lower threshold would change")
+    p.add_argument("--max-epochs", type=at_least(1), default=40)
+    p.add_argument("--branch-to", type=finite, default=None, help="save runs this lower threshold would change")
     p.add_argument("--state-dir", default="blend_gate_states")
     p.add_argument("--continue", dest="resume", default=None, help="a state saved by --branch-to: finish it")
-    p.add_argument("--threshold", type=float, default=DEFAULT, help="G_blend's threshold (default: LifecycleConfig's)")
+    p.add_argument("--threshold", type=finite, default=DEFAULT, help="G_blend's threshold (default: LifecycleConfig's)")
     args = p.parse_args()
+    checked_device(p, args.device)
+    if args.branch_to is not None and (why := folder_refusal(Path(args.state_dir), "--state-dir")):
+        p.error(why)
+    state = None
+    if args.resume:  # read before the data loads, so a wrong path costs nothing
+        try:
+            state = load_checkpoint(Path(args.resume))
+        except FileNotFoundError:
+            p.error(f"--continue {args.resume}: no such file")
+        except ResumeError as exc:
+            p.error(f"--continue {exc}")
     data = load_task_data("cifar10", args.data_dir).to(args.device)
     print(f"# G_blend on {args.device}, torch {torch.__version__}, {args.max_epochs}-epoch budget, all batches; "
           f"threshold {args.threshold} points")
     start = time.perf_counter()
     if args.resume:
-        finish(args, data)
+        finish(args, data, state)
     else:
         for seed in args.seeds:
             probe(args, data, seed)

@@ -24,6 +24,7 @@ import zmq
 from esper.karn import RunStore
 from esper.leyline import EpochReport, TelemetryEvent, TrainingSignals
 from esper.transport.bus import PublisherSink, Subscriber, decode, encode, make_context
+from esper.transport.config import at_least
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,8 @@ def consume(sub: Subscriber, store: RunStore, total: int, done: threading.Event)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--events", type=int, default=50_000)
-    p.add_argument("--window", type=int, default=500)
+    p.add_argument("--events", type=at_least(1), default=50_000)  # 0 had waited forever for the first
+    p.add_argument("--window", type=at_least(1), default=500)
     args = p.parse_args()
     events = [event(i) for i in range(1, args.events + 1)]
 

@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 
+from esper.kasmina import HOSTS
 from esper.tolaria.data import load_task_data
+from esper.transport.config import at_least
+
+from growth_overhead import checked_device
 
 
 def compare(args, out: Path, grouped: bool) -> tuple[float, dict[str, float]]:
@@ -49,14 +53,16 @@ def compare(args, out: Path, grouped: bool) -> tuple[float, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--task", default="cifar10")
-    parser.add_argument("--arms", nargs="+", default=["static", "heuristic", "from-scratch"])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=5, help="processes at once, both ways")
-    parser.add_argument("--max-epochs", type=int, default=5)
-    parser.add_argument("--max-batches", type=int, default=0)
+    parser.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
+    parser.add_argument("--arms", nargs="+", choices=["static", "heuristic", "from-scratch"],
+                        default=["static", "heuristic", "from-scratch"])
+    parser.add_argument("--seeds", type=at_least(1), default=5)
+    parser.add_argument("--workers", type=at_least(1), default=5, help="processes at once, both ways")
+    parser.add_argument("--max-epochs", type=at_least(1), default=5)
+    parser.add_argument("--max-batches", type=at_least(0), default=0, help="training batches per epoch (0 = all)")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
+    checked_device(parser, args.device)
 
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     print(f"# esper compare --arms {' '.join(args.arms)} on {name}, torch {torch.__version__}: {args.task}, "

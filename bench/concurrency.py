@@ -248,17 +248,22 @@ def threaded_rate(k: int, args) -> float:
 
 
 def main() -> None:
+    import torch
+
+    from esper.transport.config import at_least
+    from growth_overhead import STEPS, STEPS_HELP, checked_device
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--k", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=STEPS, default=300, help=STEPS_HELP)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--mechanism", choices=["processes", "grouped", "vmap", "threads"], default="processes")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmark mode in every run")
     parser.add_argument("--stage", choices=["none", "TRAINING", "BLENDING", "FOSSILIZED"], nargs="+", default=["none"],
                         help="a conv_heavy seed in every run's mid slot, in this stage; several: run i in the i-th "
                              "(cyclically); vmap: none only")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=at_least(1), default=1,
                         help="timed epochs per K (and of the plain run), their median (not processes: one each)")
     parser.add_argument("--profile", action="store_true",
                         help="grouped: also print where the largest K's epoch spent the device's time")
@@ -269,16 +274,13 @@ def main() -> None:
                              "a table each")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    checked_device(parser, args.device)
     if args.mechanism == "vmap" and args.stage != ["none"]:
         parser.error("--mechanism vmap batches identical models: --stage none only")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if (args.profile or args.cuda_graph != ["on"]) and args.mechanism != "grouped":
         parser.error("--profile and --cuda-graph are --mechanism grouped's")
     if args.child:
         return child(args.device, args.steps, args.data_dir, args.cudnn_benchmark, args.stage[0], args.memory_format)
-    import torch
-
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     how = {"processes": "one process per run", "grouped": "the runs as groups of one network",

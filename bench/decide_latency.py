@@ -1,5 +1,6 @@
-"""Decide latency over loopback gRPC (unary, batched, streaming) against the same heuristic called
-in-process, which is the baseline: every figure is also printed as a ratio to it.
+"""Decide latency over loopback gRPC (unary, batched, streaming) against the same heuristic in-process.
+
+The heuristic called in-process is the baseline: every figure is also printed as a ratio to it.
 
     .venv/bin/python bench/decide_latency.py [--calls 2000] [--batch 16]
 
@@ -24,6 +25,8 @@ import torch
 from esper.leyline import Blueprint, DecideBatchRequest, DecideRequest, Observation, SeedStage, SlotState, \
     TrainingSignals, tamiyo_pb2_grpc
 from esper.tamiyo import HeuristicPolicy
+from esper.transport.config import at_least
+from esper.transport.policy_service import MAX_BATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,9 +57,12 @@ def report(name: str, seconds: list[float], per_call: int, baseline_p50: float) 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--calls", type=at_least(2), default=2000, help="calls of each kind (DecideBatch: calls // batch)")
+    p.add_argument("--batch", type=at_least(1, most=MAX_BATCH), default=16, help="observations per DecideBatch")
     args = p.parse_args()
+    if args.calls // args.batch < 2:  # percentiles need two timings
+        p.error(f"--calls {args.calls} makes {args.calls // args.batch} DecideBatch call(s) of --batch {args.batch}: "
+                f"give at least {2 * args.batch} calls")
     server = subprocess.Popen([sys.executable, "-m", "services.tamiyo_server", "--port", "0", "--metrics-port", "-1"],
                               cwd=REPO, stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     try:
@@ -72,12 +78,13 @@ def main() -> int:
 
         local = timed(lambda: policy.decide(obs), args.calls)
         base = statistics.median(local)
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
-              f"grpcio {grpc.__version__}, torch {torch.__version__}, {args.calls} calls each")
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+              f"python {platform.python_version()}, grpcio {grpc.__version__}, torch {torch.__version__}, "
+              f"{args.calls} calls each")
         report("in-process (baseline)", local, 1, base)
         report("unary Decide", timed(lambda: stub.Decide(request, timeout=5), args.calls), 1, base)
         report(f"DecideBatch x{args.batch}", timed(lambda: stub.DecideBatch(batch, timeout=5),
-                                                  max(1, args.calls // args.batch)), args.batch, base)
+                                                  args.calls // args.batch), args.batch, base)
 
         # Streaming: one call, each request answered before the next is sent (a worker's rhythm).
         requests: queue.Queue = queue.Queue()

@@ -23,7 +23,7 @@ import torch
 from esper.kasmina import MorphogeneticModel, build_host
 from esper.tolaria.trainer import Trainer, TrainConfig
 
-from growth_overhead import cifar10_on_device, grown_model, sync
+from growth_overhead import STEPS, STEPS_HELP, cifar10_on_device, grown_model, sync
 
 SETTINGS = {  # every layout named: the default, auto, differs by device
     "fp32": dict(memory_format="contiguous"),
@@ -65,7 +65,7 @@ def timed(fn, device: torch.device, setting: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=STEPS, default=100, help=STEPS_HELP)
     parser.add_argument("--cases", nargs="+", choices=["host", "blending"], default=["host", "blending"])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="fp32 is always timed: it is the baseline")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 5 in one call on a lent device machine (torch, scipy and matplotlib
-# preinstalled there). It expects the CIFAR-10 tarball in .devdata/ and wheels of protobuf, pyzmq and pytest
-# (with their dependencies) in .whl/, for whichever Python the machine has; prepare both here (git ignores
-# them; the call carries them):
+# preinstalled there). It expects the CIFAR-10 tarball in .devdata/ and wheels of protobuf, pyzmq, pytest, rich
+# and prometheus_client (esper.cli imports the last two; each with its dependencies) in .whl/, for whichever
+# Python the machine has; prepare both here (git ignores them; the call carries them):
 #   mkdir -p .devdata && cp ../shared/data/cifar10/cifar10-jpeg.tar.gz .devdata/
 #   for v in 3.10 3.11 3.12 3.13; do .venv/bin/pip download -q -d .whl --only-binary=:all: --implementation cp \
-#     --python-version $v --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 pytest protobuf pyzmq; done
+#     --python-version $v --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 pytest protobuf pyzmq \
+#     rich prometheus_client; done
 # PART picks what runs, in its order (default: compare speed ppo); BUDGET_S (default 580) is the whole
 # script's time: no step runs past it, so a call's limit is never what ends it. On an H100, compare took
 # 318 s (303 s on an H200, a process per run; 209 s grouped, the default, on an H100) and speed some 230 s
@@ -29,7 +30,8 @@
 #   captured concurrency by grouped with static runs, the step eager and as a CUDA graph (one process, the median
 #            of 5 timed epochs per K), each K = 8 epoch profiled
 #   onerun   one `esper train heuristic` run end to end: the plain Trainer against a group of one, eager and as a
-#            CUDA graph (bench/one_run.py), at esper train's defaults (5 epochs) and in whole epochs, data preloaded
+#            CUDA graph (bench/one_run.py), at one_run.py's defaults (5 epochs of 50 batches) and in whole
+#            epochs, data preloaded
 #   convs    each host block's convolution at K = 8 in the forms grouped runs' convolutions can take
 #            (bench/grouped_convs.py), cuDNN's benchmark mode off and on
 #   groupedseeds  concurrency by grouped with a seed in every run (one SeedGroup) and with four kinds of run
@@ -44,10 +46,11 @@
 #   envs     a PPO round with its environments in one process against a process each and grouped
 #            (n_envs 2, 4, 8)
 #   ppo      PPO on CIFAR-10 for PPO_S seconds, then its policy against heuristic and static on held-out seeds
-#   cudatests  the tests marked gpu that need no more than torch and pytest (host syncs, host data on the GPU)
+#   cudatests  the tests marked gpu (host syncs, host data on the GPU): torch, pytest and what esper imports
 set -uo pipefail
 export PYTHONUNBUFFERED=1 ESPER_DATA_DIR=$PWD/.devdata ESPER_CACHE_DIR=/tmp/esper-cache
-python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site pytest protobuf pyzmq || exit 1
+python3 -m pip install -q --no-index --find-links .whl --no-compile --target /tmp/site pytest protobuf pyzmq rich \
+  prometheus_client || exit 1
 export PYTHONPATH=/tmp/site:$PWD/libs
 OUT=${OUT:-/tmp}
 PART=${PART:-compare speed ppo}

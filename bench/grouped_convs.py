@@ -1,5 +1,6 @@
-"""Where a grouped step's GPU time can go: each cifar10 host block's convolution, forward and backward,
-in the forms K runs' convolutions can take, timed alone (CUDA graph replays: no launch gaps).
+"""Where a grouped step's GPU time can go: each cifar10 host block's convolution, timed alone.
+
+Forward and backward, in the forms K runs' convolutions can take, as CUDA graph replays (no launch gaps):
 
 - grouped: Conv2d(K c_in, K c_out, groups=K), what esper.tolaria.grouped trains (contiguous, channels_last)
 - block-diagonal: a dense Conv2d(K c_in, K c_out) whose weight is zero off the K diagonal blocks (K times
@@ -24,6 +25,9 @@ import torch
 from torch import nn
 
 from esper.kasmina.hosts import HOSTS
+from esper.transport.config import at_least
+
+from growth_overhead import checked_device
 
 
 def replay_ms(fn, repeats: int) -> float:
@@ -74,15 +78,15 @@ def block_diagonal(conv: nn.Conv2d, k: int) -> nn.Conv2d:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=at_least(1), default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--cudnn-benchmark", action="store_true")
     args = parser.parse_args()
     if not args.device.startswith("cuda"):
         parser.error("this benchmark times CUDA graph replays: --device cuda")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    device, k, b = torch.device(args.device), args.k, args.batch_size
+    device, k, b = checked_device(parser, args.device), args.k, args.batch_size
     spec = HOSTS["cifar10"]
     print(f"# grouped convolutions on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, K = {k}, "
           f"batch {b}, forward + backward, ms (median of {args.repeats} x 50 graph replays)"

@@ -22,13 +22,21 @@ import time
 import torch
 import torch.nn.functional as F
 
+from esper.cli import UsageError, resolve_device
 from esper.kasmina import MorphogeneticModel, build_host, export_model
 from esper.leyline import Action, Blueprint, Operation, SeedStage
 from esper.tolaria.augment import train_batches
 from esper.tolaria.data import load_cifar10
 from esper.tolaria.trainer import Trainer, TrainConfig, layout
+from esper.transport.config import at_least
 
 STAGES = {"TRAINING": 1, "BLENDING": 2, "FOSSILIZED": 3}  # ADVANCEs after germination
+MAX_STEPS = 351
+"""Full batches of 128 in CIFAR-10's 45,000 training images: an epoch stops there, so a --steps above it had
+trained 351 batches and overstated images/s, computed as steps x 128 / seconds."""
+STEPS = at_least(1, most=MAX_STEPS)
+"""argparse type of a --steps: 1 to MAX_STEPS (0, TrainConfig's "all", had counted no images)."""
+STEPS_HELP = f"batches of 128 per timed epoch, 1 to {MAX_STEPS}: CIFAR-10's epoch ends there (45,000 images)"
 
 
 def grown_model(stage: str, device: torch.device) -> MorphogeneticModel:
@@ -89,15 +97,25 @@ def images_per_s(epoch, device, steps: int) -> float:
     return steps * 128 / (time.perf_counter() - start)
 
 
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """--device `name`, or the parser's one-line error for a device torch cannot name, one Esper does not train
+    on, CUDA on a machine without it, or a GPU it lacks (esper.cli.resolve_device's checks): these had been
+    tracebacks, some after the data had loaded."""
+    try:
+        return torch.device(resolve_device(name))
+    except UsageError as exc:
+        parser.error(str(exc))
+
+
 def cifar10_on_device(parser: argparse.ArgumentParser, timed: bool = True):
     """Parse --device/--data-dir, and --repeats for a `timed` benchmark (besides the caller's own flags),
     and put CIFAR-10 on the device: (args, device, data, the device's name for the header)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     if timed:
-        parser.add_argument("--repeats", type=int, default=3)
+        parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--data-dir", default=None, help="as for esper train (default: $ESPER_DATA_DIR)")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     data = load_cifar10(args.data_dir).to(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return args, device, data, name
@@ -105,7 +123,7 @@ def cifar10_on_device(parser: argparse.ArgumentParser, timed: bool = True):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=STEPS, default=100, help=STEPS_HELP)
     args, device, data, name = cifar10_on_device(parser)
     print(f"# growth overhead on {name}, torch {torch.__version__}, {args.steps} steps of 128, "
           f"{args.repeats} alternating pairs: median (min-max) of each pair's ratio")

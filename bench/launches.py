@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from esper.kasmina import MorphogeneticModel, build_host, export_model
 from esper.tolaria.grouped import GroupMember, TrainerGroup
+from esper.transport.config import at_least
 
 from concurrency import esper_trainer, vmapped_trainer
 from growth_overhead import cifar10_on_device, grown_model, plain_epoch
@@ -70,7 +71,7 @@ def plain_per_step(stage: str, data, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--k", type=at_least(1), nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--stage", choices=["none", "TRAINING", "BLENDING", "FOSSILIZED"], nargs="+", default=["none"],
                         help="a conv_heavy seed in every run's mid slot, in this stage; several: run i in the i-th "
                              "(cyclically), against one run in each")

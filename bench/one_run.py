@@ -27,8 +27,12 @@ import tempfile
 import torch
 from rich.console import Console
 
-from esper.cli import build_parser, train_config
+from esper.cli import SEED_RANGE, build_parser, train_config
 from esper.experiment import run
+from esper.kasmina import HOSTS
+from esper.transport.config import at_least
+
+from growth_overhead import checked_device
 
 
 def ways(device: str) -> dict[str, list[str]]:
@@ -54,14 +58,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mode", choices=["static", "heuristic"], default="heuristic")
-    parser.add_argument("--task", default="cifar10")
-    parser.add_argument("--max-epochs", type=int, default=5)
-    parser.add_argument("--max-batches", type=int, default=50, help="training batches per epoch (0 = all)")
+    parser.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
+    parser.add_argument("--max-epochs", type=at_least(1), default=5)
+    parser.add_argument("--max-batches", type=at_least(0), default=50, help="training batches per epoch (0 = all)")
     parser.add_argument("--gpu-preload", action="store_true", help="the whole dataset on the device")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=at_least(SEED_RANGE.start, most=SEED_RANGE.stop - 1), default=42)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
+    checked_device(parser, args.device)
 
     cuda = torch.device(args.device).type == "cuda"
     name = torch.cuda.get_device_name(args.device) if cuda else f"CPU ({os.cpu_count()} cores)"

@@ -19,12 +19,16 @@ import time
 
 import torch
 
+from esper.kasmina import HOSTS
 from esper.nissa import Telemetry
 from esper.simic.env import EnvConfig
 from esper.simic.env_process import close_all, start_env_processes
 from esper.simic.trainer import PPOTrainer, TrainerConfig
 from esper.tolaria.data import load_task_data
 from esper.tolaria.trainer import TrainConfig
+from esper.transport.config import at_least
+
+from growth_overhead import checked_device
 
 WAYS = ("one", "processes", "grouped")
 
@@ -41,16 +45,16 @@ def round_seconds(trainer: PPOTrainer) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--task", default="cifar10")
-    parser.add_argument("--n-envs", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--max-epochs", type=int, default=3)
-    parser.add_argument("--max-batches", type=int, default=100)
+    parser.add_argument("--task", choices=sorted(HOSTS), default="cifar10")
+    parser.add_argument("--n-envs", type=at_least(1), nargs="+", default=[2, 4])
+    parser.add_argument("--max-epochs", type=at_least(1), default=3)
+    parser.add_argument("--max-batches", type=at_least(0), default=100, help="training batches per epoch (0 = all)")
     parser.add_argument("--ways", nargs="+", choices=WAYS[1:], default=list(WAYS[1:]),
                         help="timed against environments one after another")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     data = load_task_data(args.task, args.data_dir)
     preload = device.type == "cuda"
     on_device = {str(device): data.to(device) if preload else data}

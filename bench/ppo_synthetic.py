@@ -1,5 +1,7 @@
-"""PPO on the synthetic task: a learning curve against random, WAIT-only and heuristic controllers on
-held-out seeds, and environment steps/s with n_envs 1, 4, 8 in this process.
+"""PPO on the synthetic task: a learning curve against baseline controllers, and environment steps/s.
+
+The controllers are random, WAIT-only and heuristic, on held-out seeds; steps/s with n_envs 1, 4, 8, in
+this process.
 
 1. Learning curve. PPO trains on episodes with seeds seed, seed+1, ... and, every `--eval-every`
    rounds, its greedy policy runs `--eval-seeds` held-out episodes (seeds from 100000); the baselines
@@ -22,6 +24,7 @@ import time
 
 import torch
 
+from esper.cli import SEED_RANGE, UsageError, checked_host
 from esper.leyline import Decision
 from esper.nissa import Telemetry
 from esper.simic import EnvConfig, GrowthEnv, PPOConfig, PPOTrainer, RewardConfig, TrainerConfig, run_episode
@@ -29,6 +32,7 @@ from esper.simic.rewards import MODES
 from esper.tamiyo import HeuristicPolicy, Policy, WaitPolicy
 from esper.tamiyo.network import OPERATIONS, observation_legal_actions
 from esper.tolaria.data import make_synthetic
+from esper.transport.config import at_least, finite
 
 HELD_OUT = 100_000
 
@@ -118,21 +122,32 @@ def steps_per_second(args, data) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--max-epochs", type=at_least(1), default=20)
     p.add_argument("--slots", nargs="+", default=["mid"])
-    p.add_argument("--n-envs", type=int, default=4)
-    p.add_argument("--update-every", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-envs", type=at_least(1), default=4)
+    p.add_argument("--update-every", type=at_least(1), default=1)
+    p.add_argument("--lr", type=finite, default=1e-3)
     p.add_argument("--reward-mode", choices=MODES, default="shaped")
-    p.add_argument("--rounds", type=int, default=40, help="training rounds of n_envs episodes")
-    p.add_argument("--eval-every", type=int, default=10, help="rounds between evaluations")
-    p.add_argument("--eval-seeds", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speed-epochs", type=int, default=5)
-    p.add_argument("--speed-runs", type=int, default=2)
+    p.add_argument("--rounds", type=at_least(1), default=40, help="training rounds of n_envs episodes")
+    p.add_argument("--eval-every", type=at_least(1), default=10, help="rounds between evaluations")
+    p.add_argument("--eval-seeds", type=at_least(1), default=8)
+    p.add_argument("--seed", type=at_least(SEED_RANGE.start, most=SEED_RANGE.stop - 1), default=0)
+    p.add_argument("--speed-epochs", type=at_least(1), default=5)
+    p.add_argument("--speed-runs", type=at_least(1), default=2)
     p.add_argument("--skip-curve", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
     args = p.parse_args()
+    try:
+        checked_host("synthetic", args.slots)
+    except UsageError as exc:
+        p.error(str(exc))
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    training = range(args.seed, args.seed + args.rounds * args.n_envs)
+    held_out = range(HELD_OUT, HELD_OUT + args.eval_seeds)
+    if not args.skip_curve and training.start < held_out.stop and held_out.start < training.stop:
+        p.error(f"--seed {args.seed}: the training seeds, {training[0]} to {training[-1]}, must miss the held-out "
+                f"ones, {held_out[0]} to {held_out[-1]}")
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
           f"torch {torch.__version__}, CPU")

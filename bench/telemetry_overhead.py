@@ -1,7 +1,8 @@
-"""Slowdown of a training epoch at each telemetry level (`minimal`, `normal`, `debug`; events to a JSONL
-file and a bus publisher, as the tolaria worker runs) against `off`, the baseline, in the same
-process. Target for `normal`: under 3%. `debug` pays for what only it computes: every layer's gradient
-norms each batch and, every 5th epoch, the loss sharpness (20 double-backward passes).
+"""Slowdown of a training epoch at each telemetry level against `off`, the baseline, in the same process.
+
+The levels are `minimal`, `normal` and `debug`, their events to a JSONL file and a bus publisher, as the
+tolaria worker runs. Target for `normal`: under 3%. `debug` pays for what only it computes: every layer's
+gradient norms each batch and, every 5th epoch, the loss sharpness (20 double-backward passes).
 
     .venv/bin/python bench/telemetry_overhead.py [--task synthetic] [--epochs 10] [--rounds 3]
         [--levels off minimal normal debug] [--device cpu] [--max-batches 50]
@@ -25,13 +26,17 @@ from pathlib import Path
 
 import torch
 
-from esper.leyline import TelemetryLevel, from_short_name
+from esper.kasmina import HOSTS
+from esper.leyline import TelemetryLevel, from_short_name, short_names
 from esper.nissa import JsonlSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv
 from esper.tamiyo import HeuristicPolicy
 from esper.tolaria.data import load_task_data
 from esper.tolaria.trainer import TrainConfig
 from esper.transport.bus import PublisherSink
+from esper.transport.config import at_least
+
+from growth_overhead import checked_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,22 +54,23 @@ def epoch_times(env: GrowthEnv, epochs: int) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="synthetic")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--levels", nargs="+", default=["off", "minimal", "normal", "debug"])
+    p.add_argument("--task", choices=sorted(HOSTS), default="synthetic")
+    p.add_argument("--epochs", type=at_least(2), default=10, help="per run; the first is untimed (a warm-up)")
+    p.add_argument("--rounds", type=at_least(1), default=3)
+    p.add_argument("--levels", nargs="+", choices=short_names(TelemetryLevel), default=short_names(TelemetryLevel))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-batches", type=int, default=50, help="training batches per epoch")
+    p.add_argument("--max-batches", type=at_least(0), default=50, help="training batches per epoch (0 = all)")
     args = p.parse_args()
+    device = checked_device(p, args.device)
     levels = ["off", *[level for level in args.levels if level != "off"]]  # off: always, the baseline
     torch.set_num_threads(1)
     hub = subprocess.Popen([sys.executable, "-m", "services.nissa_hub", "--pub-port", "0", "--sub-port", "0",
-                            "--snapshot-port", "0", "--metrics-port", "-1"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                            "--snapshot-port", "0", "--metrics-port", "-1"], cwd=REPO, stderr=subprocess.PIPE,
+                           text=True)
     try:
         publish = next(line.split()[-1] for line in hub.stderr if " bound publish " in line)
         publisher = PublisherSink(publish)
         assert publisher.wait_attached(30)
-        device = torch.device(args.device)
         data = load_task_data(args.task, None).to(device)
         cfg = EnvConfig(task=args.task, max_epochs=args.epochs,
                         train=TrainConfig.for_task(args.task, max_batches=args.max_batches))

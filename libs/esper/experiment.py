@@ -297,7 +297,7 @@ def trim_jsonl(path: Path, last_sequence: int) -> None:
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
             sequence = int(json.loads(line)["sequence"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):  # TypeError: JSON that is not an object (a hand edit)
             break
         if sequence > last_sequence or not line.endswith("\n"):
             break
@@ -395,6 +395,7 @@ class Episode:
         test_accuracy = test.accuracy
         wall = time.perf_counter() - self.start
         self.telemetry.emit(run_finished=RunFinished(val_accuracy=obs.signals.val_accuracy, test_accuracy=test_accuracy,
+                                                     test_loss=test.loss,
                                                      total_params=obs.signals.total_params, wall_seconds=wall,
                                                      epochs=obs.signals.epoch))
         self.telemetry.close()
@@ -408,7 +409,7 @@ class Episode:
         release(run_dir)
         self.console.print(
             f"{run_dir.name}: val {summary['val_accuracy']:.2f}% (loss {summary['val_loss']:.3f})  "
-            f"test {test_accuracy:.2f}%  params {summary['total_params']:,}  "
+            f"test {test_accuracy:.2f}% (loss {test.loss:.3f})  params {summary['total_params']:,}  "
             f"seeds: {fates_in_words(summary['seed_counts'])}  "
             f"{wall:.1f}s  -> {run_dir}"
         )

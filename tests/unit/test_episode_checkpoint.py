@@ -525,3 +525,15 @@ def test_a_learned_run_resumes_with_its_policy_file_named_another_way(tmp_path, 
     (run_dir,) = (tmp_path / "runs").glob("*_s42")
     assert main([*flags, "--policy", str(tmp_path / "pol" / "p.pt"), "--resume", str(run_dir)]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
+def test_a_telemetry_line_that_is_not_an_object_is_cut_as_a_torn_one_is(tmp_path, monkeypatch):
+    """A line of JSON that is no object ("5", a hand edit) after the checkpoint's events had ended the resume in
+    a TypeError traceback; like a torn line, it and what follows are cut."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    with (run_dir / "telemetry.jsonl").open("a") as f:
+        f.write("5\n")
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run_dir)]) == 0
+    lines = (run_dir / "telemetry.jsonl").read_text().splitlines()
+    assert "5" not in lines and all(json.loads(line)["runId"] == run_dir.name for line in lines)

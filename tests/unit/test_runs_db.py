@@ -282,3 +282,36 @@ def test_runs_of_one_name_started_in_the_same_second_get_different_ids_in_start_
     first, second = new_run_id("static_cifar10_s0"), new_run_id("static_cifar10_s0")
     assert first != second and sorted([second, first]) == [first, second]
     assert first.endswith(".250000_static_cifar10_s0") and second.endswith(".750000_static_cifar10_s0")
+
+
+def test_a_runs_losses_reach_the_store_and_its_tables_and_an_older_store_gains_their_columns(tmp_path):
+    """A language model is judged by its loss, and the store had kept accuracies only (RunFinished had no test
+    loss): `esper runs list` showed a tinystories run as 3.93% test accuracy and nothing else. A store made
+    before the loss columns is given them as it is opened, its rows NULL there until indexed again."""
+    import sqlite3
+
+    from esper.karn.report import runs_table
+    from esper.karn.runs_db import SCHEMA
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.executescript("\n".join(line for line in SCHEMA.splitlines() if "val_loss REAL, test_loss REAL" not in line))
+    conn.execute("INSERT INTO runs (run_id, source, finished, governor_rollbacks) VALUES ('before', 'x', 0, 0)")
+    conn.commit()
+    conn.close()
+    events = [TelemetryEvent(run_id="lm", sequence=1, run_started=RunStarted(mode="static", task="tinystories")),
+              TelemetryEvent(run_id="lm", sequence=2, epoch=EpochReport(signals=TrainingSignals(
+                  epoch=1, max_epochs=1, val_accuracy=3.98, val_loss=7.173))),
+              TelemetryEvent(run_id="lm", sequence=3, run_finished=RunFinished(
+                  val_accuracy=3.98, test_accuracy=3.93, test_loss=6.978, epochs=1))]
+    db = RunsDB(old)
+    try:
+        db.index_events(events, "lm.jsonl")
+        rows = {r["run_id"]: r for r in db.runs()}
+        assert rows["before"]["val_loss"] is None and rows["before"]["test_loss"] is None
+        assert rows["lm"]["val_loss"] == pytest.approx(7.173) and rows["lm"]["test_loss"] == pytest.approx(6.978)
+        header, (row,) = runs_table(db, ["lm"])
+        shown = dict(zip(header, row, strict=True))
+        assert (shown["test %"], shown["val loss"], shown["test loss"]) == ("3.93", "7.173", "6.978")
+    finally:
+        db.close()

@@ -411,3 +411,23 @@ def test_karn_runs_with_its_metrics_switched_off():
     finally:
         karn.terminate()
         assert karn.wait(30) == 0 and "Traceback" not in karn.stderr.read()
+
+
+def test_metrics_keeps_a_client_that_hung_up_off_the_services_stderr(capsys):
+    """socketserver had printed a ConnectionResetError traceback for a client that sent a long request line
+    and hung up before reading the 414; what else a request's thread raises is still printed."""
+    from prometheus_client import CollectorRegistry
+
+    from esper.transport.metrics_http import start_metrics
+
+    server = start_metrics("127.0.0.1", 0, registry=CollectorRegistry())
+    try:
+        for error in (ConnectionResetError("peer"), BrokenPipeError("pipe"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "ValueError: a bug" in err and "ConnectionResetError" not in err and "BrokenPipeError" not in err

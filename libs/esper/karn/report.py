@@ -30,7 +30,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def runs_table(db: RunsDB, run_ids: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "mode", "task", "epochs", "val %", "best val %", "test %", "params", "seeds (fossilized/culled)"]
+    header = ["run", "mode", "task", "epochs", "val %", "best val %", "test %", "val loss", "test loss", "params",
+              "seeds (fossilized/culled)"]
     rows = []
     for r in db.runs(run_ids):
         seeds = db.seeds(r["run_id"])
@@ -39,7 +40,8 @@ def runs_table(db: RunsDB, run_ids: list[str]) -> tuple[list[str], list[list[str
         grown += f", {fates['grafted']} grafted" if fates["grafted"] else ""
         rows.append([r["run_id"], r["mode"] or "-", r["task"] or "-", _fmt(r["epochs"], "d"),
                      _fmt(r["val_accuracy"], ".2f"), _fmt(r["best_val_accuracy"], ".2f"),
-                     _fmt(r["test_accuracy"], ".2f") if r["finished"] else "-", _fmt(r["total_params"], ",d"), grown])
+                     _fmt(r["test_accuracy"], ".2f") if r["finished"] else "-", _fmt(r["val_loss"], ".3f"),
+                     _fmt(r["test_loss"], ".3f") if r["finished"] else "-", _fmt(r["total_params"], ",d"), grown])
     return header, rows
 
 
@@ -53,13 +55,16 @@ def blueprint_table(db: RunsDB, run_ids: list[str] | None) -> tuple[list[str], l
 def write_report(db: RunsDB, run_ids: list[str], out_dir: Path) -> Path:
     """Write `out_dir/report.md` and its plots; returns the Markdown file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_curves(db, run_ids, out_dir / "val_accuracy.png")
+    _plot_curves(db, run_ids, out_dir / "val_accuracy.png", "val_accuracy", "validation accuracy (%)")
+    _plot_curves(db, run_ids, out_dir / "val_loss.png", "val_loss", "validation loss")
     _plot_accuracy_vs_params(db, run_ids, out_dir / "accuracy_vs_params.png")
     _plot_fates(db, run_ids, out_dir / "seed_fates.png")
     sections = [
         f"# Esper report: {len(run_ids)} run{'s' if len(run_ids) != 1 else ''}",
         "## Runs", markdown_table(*runs_table(db, run_ids)),
         "## Validation accuracy", "![validation accuracy per epoch](val_accuracy.png)",
+        "## Validation loss", "A language model is judged by its loss (its perplexity is exp of it), not by how often "
+        "its likeliest next token is right.", "![validation loss per epoch](val_loss.png)",
         "## Accuracy against parameters", "![accuracy against parameters](accuracy_vs_params.png)",
         "## Seeds by blueprint and slot",
         "A seed's contribution is the last one measured for it: validation accuracy with it minus without it.",
@@ -82,14 +87,14 @@ def _figure(path: Path, width: float):
     plt.close(fig)
 
 
-def _plot_curves(db: RunsDB, run_ids: list[str], path: Path) -> None:
+def _plot_curves(db: RunsDB, run_ids: list[str], path: Path, column: str, label: str) -> None:
     with _figure(path, width=11) as ax:  # the legend names runs: room for their ids
         for run_id in run_ids:
             curve = db.curve(run_id)
             if not curve:  # a PPO learner's own run: its episodes are the runs with epochs
                 continue
-            ax.plot([c["epoch"] for c in curve], [c["val_accuracy"] for c in curve], label=run_id)
-        ax.set(xlabel="epoch", ylabel="validation accuracy (%)")
+            ax.plot([c["epoch"] for c in curve], [c[column] for c in curve], label=run_id)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
 

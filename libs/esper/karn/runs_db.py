@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS runs (
     mode TEXT, task TEXT, seed INTEGER, device TEXT,
     epochs INTEGER, max_epochs INTEGER,
     val_accuracy REAL, best_val_accuracy REAL, test_accuracy REAL,   -- percent; test only once finished
+    val_loss REAL, test_loss REAL,   -- mean cross-entropy: a language model's measure (its perplexity is exp)
     host_params INTEGER, total_params INTEGER,
     wall_seconds REAL,
     finished INTEGER NOT NULL,       -- 1 when a RunFinished was recorded
@@ -53,6 +54,8 @@ CREATE TABLE IF NOT EXISTS seeds (
     PRIMARY KEY (run_id, seed_id)
 );
 """
+ADDED_RUN_COLUMNS = ("val_loss", "test_loss")
+"""Columns of `runs` younger than the store format: added to an older store as it is opened."""
 FATES = {S.SEED_STAGE_FOSSILIZED: "fossilized", S.SEED_STAGE_CULLED: "culled", S.SEED_STAGE_EMBARGOED: "culled",
          S.SEED_STAGE_DORMANT: "culled"}
 
@@ -89,6 +92,7 @@ class _Run:
             self.epochs[sig.epoch] = (sig.train_loss, sig.train_accuracy, sig.val_loss, sig.val_accuracy,
                                       sig.total_params)
             self.row.update(epochs=sig.epoch, max_epochs=sig.max_epochs, val_accuracy=sig.val_accuracy,
+                            val_loss=sig.val_loss,
                             best_val_accuracy=sig.best_val_accuracy, host_params=sig.host_params,
                             total_params=sig.total_params)
             for slot in event.epoch.slots:
@@ -112,6 +116,7 @@ class _Run:
             f = event.run_finished
             self.row.update(val_accuracy=f.val_accuracy,
                             test_accuracy=f.test_accuracy if f.HasField("test_accuracy") else None,
+                            test_loss=f.test_loss if f.HasField("test_loss") else None,
                             total_params=f.total_params, wall_seconds=f.wall_seconds, epochs=f.epochs)
             self.row["finished"] = 1
 
@@ -149,6 +154,14 @@ class RunsDB:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA foreign_keys = ON")
             self.conn.executescript(SCHEMA)
+            have = {row["name"] for row in self.conn.execute("PRAGMA table_info(runs)")}
+            for column in ADDED_RUN_COLUMNS:  # a store made before them: its rows read NULL there until reindexed
+                if column not in have:
+                    try:
+                        self.conn.execute(f"ALTER TABLE runs ADD COLUMN {column} REAL")
+                    except sqlite3.OperationalError as exc:  # a comparison's other run added it first
+                        if "duplicate column" not in str(exc):
+                            raise
         except (OSError, sqlite3.DatabaseError) as exc:  # OperationalError (a folder) is a DatabaseError
             raise StoreError(f"{path} cannot be a run store: {exc}") from None
 

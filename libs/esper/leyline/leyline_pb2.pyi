@@ -729,12 +729,15 @@ class RunFinished(_message.Message):
     TOTAL_PARAMS_FIELD_NUMBER: _builtins.int
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
+    TEST_LOSS_FIELD_NUMBER: _builtins.int
     val_accuracy: _builtins.float
     test_accuracy: _builtins.float
     """unset for a PPO training episode: only evaluation runs are tested"""
     total_params: _builtins.int
     wall_seconds: _builtins.float
     epochs: _builtins.int
+    test_loss: _builtins.float
+    """mean cross-entropy on the test split, set with test_accuracy: a language"""
     def __init__(
         self,
         *,
@@ -743,14 +746,20 @@ class RunFinished(_message.Message):
         total_params: _builtins.int = ...,
         wall_seconds: _builtins.float = ...,
         epochs: _builtins.int = ...,
+        test_loss: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "test_accuracy", b"test_accuracy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "_test_loss", b"_test_loss", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "epochs", b"epochs", "test_accuracy", b"test_accuracy", "total_params", b"total_params", "val_accuracy", b"val_accuracy", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy", "_test_loss", b"_test_loss", "epochs", b"epochs", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "total_params", b"total_params", "val_accuracy", b"val_accuracy", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__test_accuracy: _TypeAlias = _typing.Literal["test_accuracy"]  # noqa: Y015
     _WhichOneofArgType__test_accuracy: _TypeAlias = _typing.Literal["_test_accuracy", b"_test_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__test_loss: _TypeAlias = _typing.Literal["test_loss"]  # noqa: Y015
+    _WhichOneofArgType__test_loss: _TypeAlias = _typing.Literal["_test_loss", b"_test_loss"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__test_accuracy) -> _WhichOneofReturnType__test_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__test_loss) -> _WhichOneofReturnType__test_loss | None: ...
 
 Global___RunFinished: _TypeAlias = RunFinished  # noqa: Y015
 

@@ -9,6 +9,7 @@ WSGI app and thread-per-request server with those gaps closed (issue 8, promises
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -59,11 +60,19 @@ def count_refusals(app):
     return counted
 
 
+def quiet_on_hangup(server: ThreadingWSGIServer, request, client_address) -> None:
+    """socketserver prints the traceback of whatever a request's thread raised on the service's stderr: a
+    client that hung up before its answer was written (ConnectionResetError, BrokenPipeError) is not news."""
+    if not isinstance(sys.exc_info()[1], ConnectionError):
+        ThreadingWSGIServer.handle_error(server, request, client_address)
+
+
 def start_metrics(host: str, port: int, token: str = "", registry=REGISTRY) -> WSGIServer:
     """Serve `registry` on http://host:port/ (port 0: any free port) from a daemon thread, refusing
     requests without the token (401) or with a body (413). Returns the server: `.server_port`, `.shutdown()`."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family,
+                                                                   "handle_error": quiet_on_hangup})
     app = count_refusals(wsgi_guard(refuse_bodies(make_wsgi_app(registry)), token))
     server = make_server(host, port, app, server_class, handler_class=_Handler)
     # serve_forever checks for shutdown() every poll_interval (0.5 s by default): part of every exit.

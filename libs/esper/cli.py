@@ -492,24 +492,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_outputs(cfg) -> None:
+def check_outputs(cfg, make: bool = True) -> None:
     """UsageError for an output folder that cannot be one (a file in its place or on the way to it, or a
-    place no folder can be made), found before anything trains: the folders are made here."""
+    place no folder can be made), found before anything trains: the folders are made here, unless not to
+    `make` them (a service checks as it parses: its run makes what it uses)."""
     for flag, folder in (("--runs-dir", karn_cli.store_path(None, cfg.runs_dir).parent),
                          ("--telemetry-dir", cfg.telemetry_dir and Path(cfg.telemetry_dir))):
         if folder and (why := karn_cli.folder_refusal(folder, flag)):
             raise UsageError(why)
         try:
-            folder and folder.mkdir(parents=True, exist_ok=True)
+            folder and make and folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"{flag} {folder}: no folder can be made there ({exc.strerror})") from None
     if cfg.telemetry_file:
-        check_output_file("--telemetry-file", Path(cfg.telemetry_file))
+        check_output_file("--telemetry-file", Path(cfg.telemetry_file), appends=True)
 
 
-def check_output_file(flag: str, path: Path, what: str = "a file") -> None:
+def check_output_file(flag: str, path: Path, what: str = "a file", appends: bool = False) -> None:
     """UsageError for a file that cannot be written where `path` says (a folder there, a file on the way to
-    it, or a folder that takes no new entry), before anything runs; a service's output files too."""
+    it, or a folder that takes no new entry), before anything runs; a service's output files too. A file that
+    is only `appends` to (a telemetry file) and exists already needs no new entry: it need only open so."""
+    if appends and path.is_file():
+        try:
+            path.open("a").close()
+        except OSError as exc:
+            raise UsageError(f"{flag} {path} cannot be appended to ({exc.strerror})") from None
+        return
     if why := karn_cli.folder_refusal(path.parent, flag, path):
         raise UsageError(why)
     if path.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -167,6 +168,7 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
         else:
             todo.append((episode, run_dir))
     new_id = group or uuid.uuid4().hex[:12]
+    held_before = set(_held)
     try:
         for _, run_dir in todo:  # before settle_saves or a trim rewrites a file another process may be writing
             run_dir and hold(run_dir)
@@ -190,16 +192,17 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
             raise
         raise Interrupted(f"continue the episodes after it with the same flags and --resume "
                           f"{run_dir_of(max(summaries))}") from None
-    finally:
-        for _, run_dir in todo:  # those not begun yet; a begun one is let go as it finishes or is interrupted
-            run_dir and release(run_dir)
+    finally:  # whatever ended it (an error, Ctrl-C, even one inside an Episode's making): a run finished let go
+        for run_dir in [d for d, (_, thread) in _held.items() if thread == threading.get_ident()
+                        and d not in held_before]:
+            release(run_dir)
     return [summaries[episode] for episode in sorted(summaries)]
 
 
 TRAINING_LOCK = "train.lock"
-_held: dict[Path, TextIO] = {}
+_held: dict[Path, tuple[TextIO, int]] = {}
 """The run directories this process trains (resolved: one key however the path is spelled), each with its flock
-on TRAINING_LOCK, held until the run finishes or is interrupted, or the process ends."""
+on TRAINING_LOCK and the thread that took it, held until the run finishes or the `run` that began it ends."""
 
 
 def hold(run_dir: Path) -> None:
@@ -210,12 +213,12 @@ def hold(run_dir: Path) -> None:
         return
     if (lock := lock_exclusively(run_dir / TRAINING_LOCK)) is None:
         raise ResumeError(f"{run_dir} is being trained by another process")
-    _held[run_dir.resolve()] = lock
+    _held[run_dir.resolve()] = lock, threading.get_ident()
 
 
 def release(run_dir: Path) -> None:
-    if lock := _held.pop(run_dir.resolve(), None):
-        lock.close()
+    if held := _held.pop(run_dir.resolve(), None):
+        held[0].close()
 
 
 def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int, str | None]:
@@ -441,7 +444,6 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
             obs = run_episode(episode.env, policy, seed, save_when_due, episode.state["env"] if episode.state else None)
         return episode.finish(obs)
     except KeyboardInterrupt:
-        release(episode.run_dir)
         raise Interrupted(resume_hint(cfg, [episode], "it")) from None
 
 
@@ -497,8 +499,6 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     except KeyboardInterrupt:  # any of the group's runs resumes them all
         # Settled as the resume will settle it, so that the hint says what the resume does
         settle_saves([e.run_dir for e in episodes.values() if not (e.run_dir / "summary.json").is_file()])
-        for e in episodes.values():
-            release(e.run_dir)
         raise Interrupted(resume_hint(cfg, list(episodes.values()), "them")) from None
 
 

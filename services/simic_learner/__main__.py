@@ -107,7 +107,7 @@ def parse(argv: list[str] | None) -> Config:
     run = ppo_config(args, train_config(args))
     if run.save is None:
         run = replace(run, save=str(Path(run.runs_dir) / CHECKPOINT_NAME))
-    check_outputs(run)
+    check_outputs(run, make=False)
     check_output_file("--save", Path(run.save), "the checkpoint file")
     if args.summary:
         check_output_file("--summary", Path(args.summary))

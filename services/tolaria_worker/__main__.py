@@ -145,7 +145,7 @@ def parse(argv: list[str] | None) -> Config:
     # The run is labelled by its controller: tamiyo_server serves the heuristic, or the PPO policy.
     args.mode = "ppo" if args.ppo else "heuristic"
     base = train_config(args)
-    check_outputs(base)
+    check_outputs(base, make=False)
     continue_runs = not getattr(args, "fresh", False)
     if not args.ppo and args.grouped is None and continue_runs:  # a run keeps its own way, as under --resume
         base = continued_grouping(base)

@@ -537,3 +537,23 @@ def test_a_telemetry_line_that_is_not_an_object_is_cut_as_a_torn_one_is(tmp_path
     assert main([*argv, "--resume", str(run_dir)]) == 0
     lines = (run_dir / "telemetry.jsonl").read_text().splitlines()
     assert "5" not in lines and all(json.loads(line)["runId"] == run_dir.name for line in lines)
+
+
+def test_a_run_that_fails_lets_go_of_its_directory(tmp_path, monkeypatch):
+    """A run that failed with anything but Ctrl-C had kept its train.lock for the life of the process (an app
+    left open after `esper train --tui` failed): a --resume from another process was refused."""
+    class Fails:
+        def decide(self, obs):
+            if obs.signals.epoch == 2:
+                raise RuntimeError("a policy's bug")
+            return EAGER.decide(obs)
+
+    monkeypatch.setattr(experiment, "make_policy", lambda cfg: Fails())
+    argv = ["train", "heuristic", "--task", "synthetic", "--max-epochs", "4", "--max-batches", "1",
+            "--runs-dir", str(tmp_path / "runs")]
+    with pytest.raises(RuntimeError, match="a policy's bug"):
+        main(argv)
+    (run_dir,) = (tmp_path / "runs").glob("*_s42")
+    lock = experiment.lock_exclusively(run_dir / "train.lock")
+    assert lock is not None
+    lock.close()

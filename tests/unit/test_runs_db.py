@@ -315,3 +315,30 @@ def test_a_runs_losses_reach_the_store_and_its_tables_and_an_older_store_gains_t
         assert (shown["test %"], shown["val loss"], shown["test loss"]) == ("3.93", "7.173", "6.978")
     finally:
         db.close()
+
+
+def test_an_older_store_that_is_read_only_is_listed_with_its_losses_unknown(tmp_path, monkeypatch):
+    """Opening an older store adds the loss columns; a store SQLite may only read (here opened mode=ro) had
+    then been refused outright, `esper runs list` and `esper report` with it."""
+    import sqlite3
+
+    from esper.karn import runs_db
+    from esper.karn.report import runs_table
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.executescript("\n".join(line for line in runs_db.SCHEMA.splitlines() if "val_loss REAL" not in line))
+    conn.execute("INSERT INTO runs (run_id, source, finished, governor_rollbacks, test_accuracy) "
+                 "VALUES ('before', 'x', 1, 0, 61.5)")
+    conn.commit()
+    conn.close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(runs_db.sqlite3, "connect",
+                        lambda path, timeout: connect(f"file:{path}?mode=ro", uri=True, timeout=timeout))
+    db = runs_db.RunsDB(old)
+    try:
+        header, (row,) = runs_table(db, ["before"])
+        shown = dict(zip(header, row, strict=True))
+        assert (shown["test %"], shown["val loss"], shown["test loss"]) == ("61.50", "-", "-")
+    finally:
+        db.close()

@@ -153,6 +153,16 @@ def test_a_service_refuses_an_output_it_cannot_write_in_one_line(name, flag, val
     assert said.endswith(f"{flag} {value}: nothing can be written in /proc (No such file or directory)"), said
 
 
+@pytest.mark.parametrize("name, argv", [("tolaria_worker", ["--ppo", "--spool-dir", "spool"]),
+                                        ("tolaria_worker", []), ("simic_learner", [])])
+def test_a_service_checks_its_outputs_as_it_parses_and_makes_none(name, argv, tmp_path, monkeypatch):
+    """The check as the flags are parsed makes no folder: a PPO worker whose spool lies elsewhere writes nothing
+    under --runs-dir, and had left an empty runs/ wherever it was started."""
+    monkeypatch.chdir(tmp_path)
+    importlib.import_module(f"services.{name}.__main__").parse(["--task", "synthetic", *argv])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_karn_refuses_a_journal_that_is_a_folder(tmp_path, capsys):
     said = refusal("karn", "--journal", str(tmp_path), capsys)
     assert said.endswith(f"--journal {tmp_path} is a folder: name a file"), said

@@ -476,6 +476,7 @@ def test_names_from_the_wire_are_shown_as_sent_and_values_of_a_newer_build_as_un
                 slots=[SlotState(slot="mid[/]", stage=99, blueprint=77)])),
             TelemetryEvent(run_id=run_id, sequence=3, gate=GateCheck(gate="[/b]", slot="[/]", passed=True)),
             TelemetryEvent(run_id=run_id, sequence=4, decision=Decision(action=Action(operation=42, slot="[/]"))),
+            TelemetryEvent(run_id=run_id, sequence=5, governor=GovernorEvent(epoch=1, cause="x", culled_slots=["[/]"])),
         ]
 
     async def check(app, pilot):
@@ -485,6 +486,7 @@ def test_names_from_the_wire_are_shown_as_sent_and_values_of_a_newer_build_as_un
         for run_id in runs:
             row = table.get_row(f"{run_id}/mid[/]")
             assert [str(cell) for cell in row[:3]] == [run_id, "mid[/]", "unknown"]
-        assert "[/b] [/] #0 pass" in "\n".join(str(line.text) for line in app.query_one(EventLog).lines)
+        log = "\n".join(str(line.text) for line in app.query_one(EventLog).lines)
+        assert "[/b] [/] #0 pass" in log and "culled [/]" in log, log
 
     asyncio.run(replay(events, check))

@@ -155,12 +155,16 @@ class RunsDB:
             self.conn.execute("PRAGMA foreign_keys = ON")
             self.conn.executescript(SCHEMA)
             have = {row["name"] for row in self.conn.execute("PRAGMA table_info(runs)")}
+            self.unadded: list[str] = []
+            """ADDED_RUN_COLUMNS a read-only older store lacks: read as NULL."""
             for column in ADDED_RUN_COLUMNS:  # a store made before them: its rows read NULL there until reindexed
                 if column not in have:
                     try:
                         self.conn.execute(f"ALTER TABLE runs ADD COLUMN {column} REAL")
-                    except sqlite3.OperationalError as exc:  # a comparison's other run added it first
-                        if "duplicate column" not in str(exc):
+                    except sqlite3.OperationalError as exc:
+                        if "readonly" in str(exc):  # listed and reported all the same
+                            self.unadded.append(column)
+                        elif "duplicate column" not in str(exc):  # a comparison's other run added it first
                             raise
         except (OSError, sqlite3.DatabaseError) as exc:  # OperationalError (a folder) is a DatabaseError
             raise StoreError(f"{path} cannot be a run store: {exc}") from None
@@ -220,7 +224,8 @@ class RunsDB:
 
     def runs(self, run_ids: list[str] | None = None) -> list[sqlite3.Row]:
         where, args = _among(run_ids)
-        return self.conn.execute(f"SELECT * FROM runs {where} ORDER BY run_id", args).fetchall()
+        missing = "".join(f", NULL AS {column}" for column in self.unadded)
+        return self.conn.execute(f"SELECT *{missing} FROM runs {where} ORDER BY run_id", args).fetchall()
 
     def seeds(self, run_id: str) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM seeds WHERE run_id = ? ORDER BY seed_id", (run_id,)).fetchall()

@@ -42,7 +42,7 @@ def describe(event: TelemetryEvent) -> str | None:
                 f"(epoch {t.epoch}): {escape(t.reason)}")
     if kind == "governor":
         g = event.governor
-        culled = f", culled {' '.join(g.culled_slots)}" if g.culled_slots else ""
+        culled = f", culled {escape(' '.join(g.culled_slots))}" if g.culled_slots else ""
         return (f"[bold red]governor[/] epoch {g.epoch}: {escape(g.cause)} (train loss {g.train_loss:.3g}), "
                 f"restored epoch {g.restored_epoch}{culled}")
     if kind == "run_started":

@@ -509,19 +509,9 @@ def check_outputs(cfg, make: bool = True) -> None:
 
 
 def check_output_file(flag: str, path: Path, what: str = "a file", appends: bool = False) -> None:
-    """UsageError for a file that cannot be written where `path` says (a folder there, a file on the way to
-    it, or a folder that takes no new entry), before anything runs; a service's output files too. A file that
-    is only `appends` to (a telemetry file) and exists already needs no new entry: it need only open so."""
-    if appends and path.is_file():
-        try:
-            path.open("a").close()
-        except OSError as exc:
-            raise UsageError(f"{flag} {path} cannot be appended to ({exc.strerror})") from None
-        return
-    if why := karn_cli.folder_refusal(path.parent, flag, path):
+    """UsageError, before anything runs, for an output file that cannot be written (karn_cli.file_refusal)."""
+    if why := karn_cli.file_refusal(path, flag, what, appends):
         raise UsageError(why)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder: name {what}")
 
 
 def cmd_compare(cfg, resume: bool) -> int:

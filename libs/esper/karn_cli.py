@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 from esper.karn.dashboard.launch import add_dashboard_flags, dashboard_config, serve_forever
@@ -235,8 +236,6 @@ def folder_refusal(path: Path, flag: str, given: Path | None = None) -> str | No
     path costs no training. The last is tried, not deduced from permission bits (root passes those, and
     /proc takes no folder even from root): a probe folder is made there and removed. `given`: the flag's
     value, when `path` is the folder of that file."""
-    import tempfile
-
     for p in (path, *path.parents):
         try:
             exists = p.exists()
@@ -251,6 +250,21 @@ def folder_refusal(path: Path, flag: str, given: Path | None = None) -> str | No
                 return f"{flag} {given or path}: nothing can be written in {p} ({exc.strerror})"
             return None
     return None
+
+
+def file_refusal(path: Path, flag: str, what: str = "a file", appends: bool = False) -> str | None:
+    """Why no file can be written at `path` (a folder there, a file on the way to it, or a folder that takes no
+    new entry), else None. A file only ever appended to (a telemetry file) that exists already needs no new
+    entry in its folder: it need only open for appending."""
+    if appends and path.is_file():
+        try:
+            path.open("a").close()
+        except OSError as exc:
+            return f"{flag} {path} cannot be appended to ({exc.strerror})"
+        return None
+    if why := folder_refusal(path.parent, flag, path):
+        return why
+    return f"{flag} {path} is a folder: name {what}" if path.is_dir() else None
 
 
 def check_store(db: Path) -> None:

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from esper.karn import RunStore, RunStoreCollector
 from esper.karn.store import EventJournal, JournalBusy
-from esper.karn_cli import folder_refusal
+from esper.karn_cli import file_refusal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
 from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, metrics_url
@@ -56,8 +56,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--journal", default="", help="keep the store in this file across restarts (default: none)")
     add_token_flag(p)
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.journal and (why := folder_refusal(Path(cfg.journal).parent, "--journal", Path(cfg.journal))
-                        or Path(cfg.journal).is_dir() and f"--journal {cfg.journal} is a folder: name a file"):
+    if cfg.journal and (why := file_refusal(Path(cfg.journal), "--journal")):
         p.error(why)
     return cfg
 

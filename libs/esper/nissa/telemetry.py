@@ -78,23 +78,19 @@ def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
     skipped; any other line that is not an event is a ValueError naming the file and line, and so is a file
     that is not UTF-8 text."""
     with path.open(encoding="utf-8") as f:
-        lines = enumerate(f, 1)
-        while True:
-            try:
-                number, line = next(lines, (0, ""))
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}: not a telemetry JSONL file (not UTF-8 text)") from None
-            if not number:
-                return
-            if not line.strip():
-                continue
-            try:
-                event = json_format.Parse(line, TelemetryEvent())
-            except json_format.ParseError as exc:
-                if not line.endswith("\n"):
-                    return
-                raise ValueError(f"{path}:{number}: not a telemetry event ({exc})") from None
-            yield event
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    event = json_format.Parse(line, TelemetryEvent())
+                except json_format.ParseError as exc:
+                    if not line.endswith("\n"):
+                        return
+                    raise ValueError(f"{path}:{number}: not a telemetry event ({exc})") from None
+                yield event
+        except UnicodeDecodeError:  # reading the next line: the ValueError above is not one
+            raise ValueError(f"{path}: not a telemetry JSONL file (not UTF-8 text)") from None
 
 
 class Telemetry:

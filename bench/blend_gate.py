@@ -76,7 +76,7 @@ def probe(args, data, seed: int) -> None:
 def finish(args, data, state: dict) -> None:
     """Continue a saved run (`state`) to its last epoch under `--threshold`; its seeds' fates and accuracies."""
     env = env_for(args, data, args.threshold, state["run_id"])
-    obs = run_episode(env, HeuristicPolicy(), 0, state=state)
+    obs = run_episode(env, HeuristicPolicy(), 0, start=env.resume(state))
     fates = ", ".join(f"{r.blueprint} {r.fate} (germinated {r.history[0]['epoch']})" for r in env.model.records)
     print(f"{Path(args.resume).name} threshold {args.threshold}: val {obs.signals.val_accuracy:.2f}, "
           f"test {env.evaluate_test().accuracy:.2f}; seeds: {fates}", flush=True)

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from esper.durable import lock_exclusively, write_atomic
+from esper.durable import lock_exclusively, write_atomic, write_durably
 from esper.kasmina import save_exported
-from esper.leyline import Observation, RunFinished, RunStarted, SeedStage, TelemetryLevel, from_short_name, short_name
-from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id, read_jsonl
+from esper.leyline import (Observation, RunFinished, RunStarted, SeedStage, TelemetryEvent, TelemetryLevel,
+                           from_short_name, short_name)
+from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.env import fates_in_words, step_together
 from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
@@ -285,27 +287,49 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
+def resumed(env: GrowthEnv, state: dict, run_dir: Path) -> tuple[Observation, list[dict], float]:
+    """`env` continued from `state`, the checkpoint of `run_dir` (Episode.checkpoint_state): the observation
+    it steps on from, the curve so far and the wall seconds spent. ResumeError for a checkpoint of another
+    run, or one of the right format that cannot be continued (made or damaged by hand: a key missing, a tensor
+    of another shape)."""
+    path = run_dir / CHECKPOINT
+    try:
+        if (saved := state["env"]["run_id"]) != run_dir.name:
+            raise ResumeError(f"{path} is the checkpoint of run {saved}, not of {run_dir.name}")
+        return env.resume(state["env"]), list(state["curve"]), float(state["wall_seconds"])
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        if isinstance(exc, ResumeError):
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ResumeError(f"{path} cannot be continued ({type(exc).__name__}: {why})") from None
+
+
 def run_parent(runs_dir: str, seed: int) -> Path:
     """The folder episode `seed`'s run directory goes in: `runs_dir` with "{seed}" in it replaced (esper
     compare keeps each seed's run in <out>/runs/<arm>/seed<seed>, whether one process trains it or a group)."""
     return Path(runs_dir.replace("{seed}", str(seed)))
 
 
-def trim_jsonl(path: Path, last_sequence: int) -> None:
-    """Keep a run's JSONL events up to `last_sequence` (its checkpoint's): the resumed run emits the rest
-    again under the same numbers. A line cut short by a kill ends what is kept."""
+def trim_jsonl(path: Path, last_sequence: int) -> list[TelemetryEvent]:
+    """Keep a run's JSONL events up to `last_sequence` (its checkpoint's), and return them: the resumed run
+    emits the rest again under the same numbers. A line that is no event of this build (cut short by a kill,
+    or a hand edit) ends what is kept, as a later sequence number does."""
     if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        return []
+    kept, events = [], []
+    for line in path.read_bytes().splitlines(keepends=True):
         try:
-            sequence = int(json.loads(line)["sequence"])
-        except (ValueError, KeyError, TypeError):  # TypeError: JSON that is not an object (a hand edit)
+            event = json_format.Parse(line.decode("utf-8"), TelemetryEvent())
+        except (UnicodeDecodeError, json_format.ParseError):
             break
-        if sequence > last_sequence or not line.endswith("\n"):
+        if not (0 < event.sequence <= last_sequence and line.endswith(b"\n")):
             break
         kept.append(line)
-    write_atomic(path, "".join(kept))
+        events.append(event)
+    write_durably(path, lambda f: f.write(b"".join(kept)))
+    return events
 
 
 class Episode:
@@ -320,7 +344,7 @@ class Episode:
         """A new run directory (of the experiment `group`: its id), or `run_dir` continued from its
         checkpoint (from the start, under the same run id, when it has none yet)."""
         self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
-        self.state = None
+        state = None
         if run_dir is None:
             run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -328,10 +352,7 @@ class Episode:
             config = dataclasses.asdict(cfg) | {"episode_seed": seed} | ({"group": group} if group else {})
             write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         elif (run_dir / CHECKPOINT).is_file():
-            self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
-            if (saved := self.state.get("env", {}).get("run_id")) != run_dir.name:  # refused before the trim below
-                raise ResumeError(f"{run_dir / CHECKPOINT} is the checkpoint of run {saved}, not of {run_dir.name}")
-            console.print(f"{run_dir.name}: resuming after epoch {self.state['env']['signals']['epoch']}")
+            state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
         else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
             console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
         self.run_dir = run_dir
@@ -339,36 +360,42 @@ class Episode:
         config_json = (run_dir / "config.json").read_text()
 
         level = from_short_name(TelemetryLevel, cfg.telemetry_level)
+        self.telemetry = Telemetry(run_id, level)  # its sinks once the run is resumed
+        self.env = GrowthEnv(episode_env(cfg, seed), data, device, self.telemetry, trainer_factory)
+        self.obs: Observation
+        """The observation the episode steps on from: its first, or the resumed run's."""
+        self.curve: list[dict]
+        if state:  # before the telemetry is cut back to the checkpoint below: a checkpoint refused cuts nothing
+            self.obs, self.curve, wall = resumed(self.env, state, run_dir)
+            console.print(f"{run_id}: resuming after epoch {self.obs.signals.epoch}")
         sinks = list(extra_sinks)
         if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
             own = [run_dir / "telemetry.jsonl"]
             own += [Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else []
-            for path in own:
-                trim_jsonl(path, self.state["env"]["sequence"] if self.state else 0)
-            if self.state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
+            so_far = [trim_jsonl(path, self.telemetry.sequence) for path in own][0]
+            if state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
                 console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")
             # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
             # fills in, and consumers drop what they had by sequence number.
-            for event in read_jsonl(own[0]) if self.state and own[0].is_file() else ():
+            for event in so_far:
                 for sink in extra_sinks:
                     sink.emit(event)
             sinks += [JsonlSink(path) for path in own]
             if cfg.telemetry_file:  # shared by runs: a resumed run's events after its checkpoint appear twice
                 sinks.append(JsonlSink(Path(cfg.telemetry_file)))
-        self.telemetry = Telemetry(run_id, level, sinks)
-        if self.state is None:
+        self.telemetry.sinks = sinks
+        if state is None:
             self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
                                                        device=str(device), config_json=config_json))
-        self.env = GrowthEnv(episode_env(cfg, seed), data, device, self.telemetry, trainer_factory)
-        self.start = time.perf_counter() - (self.state["wall_seconds"] if self.state else 0.0)
-        self.curve: list[dict] = list(self.state["curve"]) if self.state else []
+            self.obs, self.curve, wall = self.env.reset(seed), [], 0.0
+        self.start = time.perf_counter() - wall
         self.progress: Progress | None = None
 
     def show_in(self, progress: Progress) -> None:
         """A bar of this episode in `progress`, moved on by every epoch_done."""
         self.progress = progress
         self.bar = progress.add_task(self.run_dir.name, total=self.cfg.env.max_epochs, acc="-", loss="-", slots="",
-                                     completed=self.state["env"]["signals"]["epoch"] if self.state else 0)
+                                     completed=self.obs.signals.epoch)
 
     def epoch_done(self, obs: Observation) -> bool:
         """After each step: the progress bar and the curve; returns whether a checkpoint is due (every
@@ -441,7 +468,7 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
     try:
         with progress_bars(console) as progress:
             episode.show_in(progress)
-            obs = run_episode(episode.env, policy, seed, save_when_due, episode.state["env"] if episode.state else None)
+            obs = run_episode(episode.env, policy, seed, save_when_due, episode.obs)
         return episode.finish(obs)
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(cfg, [episode], "it")) from None
@@ -479,8 +506,7 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     settle_saves([run_dir for _, run_dir in todo if run_dir is not None])
     episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember, group)
                 for episode, run_dir in todo}
-    last = {episode: e.env.reset(e.seed) if e.state is None else e.env.resume(e.state["env"])
-            for episode, e in episodes.items()}
+    last = {episode: e.obs for episode, e in episodes.items()}
     try:
         with progress_bars(console) as progress:
             for e in episodes.values():

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from esper import cli
 from esper.karn.dashboard.server import Dashboard, DashboardConfig, DashboardThread
+from esper.karn.dashboard.state import DashboardState
 from esper.karn.tui import QueueSource
 from esper.leyline import (
     EpochReport,
@@ -172,6 +173,41 @@ def test_a_statistic_that_is_not_finite_shows_as_a_dash_and_stops_no_panel():
             server.stop()
     print(f"gauges: {gauges!r}; page errors: {errors}")
     assert "explained variance-" in gauges and "clip fraction0.100" in gauges and errors == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
+def test_the_page_forgets_runs_as_the_server_does():
+    """The page had kept every run it was sent, and the timeline's list every run it had shown: a PPO session's
+    episodes, a run each, grew both without end. It keeps the server's number of runs, the one that reported
+    least recently forgotten first."""
+    from playwright.sync_api import sync_playwright
+
+    source = QueueSource(poll_s=0.02)
+    dashboard = Dashboard(DashboardConfig(port=0), title="live")
+    dashboard.state = DashboardState(max_runs=3)
+    server = DashboardThread(dashboard, source)
+    link = server.start()[0]
+    runs = [f"ep{i}" for i in range(6)]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            page.goto(link)
+            page.wait_for_selector("#status[data-state=open]", timeout=30_000)
+            for run in runs:  # live, one after another, as a PPO round's episodes report
+                source.emit(event(run, 1, run_started=RunStarted(mode="ppo", task="synthetic")))
+                source.emit(epoch_event(run, 2, 1))
+            page.wait_for_selector("#watched-run:has-text('ep5')", timeout=30_000)
+            listed = page.eval_on_selector_all("#timeline-run option", "options => options.map(o => o.value)")
+            curves = page.locator("#acc-chart polyline").count()
+            page.reload()  # the snapshot the server keeps: the same runs
+            page.wait_for_selector("#watched-run:has-text('ep5')", timeout=30_000)
+            listed_anew = page.eval_on_selector_all("#timeline-run option", "options => options.map(o => o.value)")
+        finally:
+            browser.close()
+            server.stop()
+    print(f"timeline runs {listed}, after a reload {listed_anew}; accuracy curves {curves}")
+    assert listed == listed_anew == ["", "ep3", "ep4", "ep5"] and curves == 3
 
 
 def event(run: str, sequence: int, **payload) -> TelemetryEvent:

@@ -557,3 +557,45 @@ def test_a_run_that_fails_lets_go_of_its_directory(tmp_path, monkeypatch):
     lock = experiment.lock_exclusively(run_dir / "train.lock")
     assert lock is not None
     lock.close()
+
+
+@pytest.mark.parametrize("damage", ["a key missing", "a tensor of another shape"])
+def test_a_checkpoint_that_cannot_be_continued_is_refused_before_the_telemetry_is_touched(damage, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A checkpoint of the right format made or damaged by hand had failed in a KeyError (or RuntimeError)
+    traceback as the run resumed, after its telemetry.jsonl had been cut back to the checkpoint's events."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    checkpoint = run_dir / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, experiment.EPISODE_FORMAT)
+    if damage == "a key missing":
+        del state["env"]["rng"]
+        why = "KeyError: 'rng'"
+    else:
+        name = next(k for k, v in state["env"]["model"].items() if v.dim() == 4)
+        state["env"]["model"][name] = state["env"]["model"][name][:1]
+        why = "RuntimeError: Error(s) in loading state_dict for MorphogeneticModel:"
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, checkpoint, experiment.EPISODE_FORMAT)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"esper: error: --resume {checkpoint} cannot be continued ({why})"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_an_event_this_build_cannot_read_ends_what_a_resume_keeps(tmp_path, monkeypatch):
+    """An event line with a field this build lacks (a hand edit, or a newer build's) among the checkpoint's
+    events was kept by the trim, then failed the replay of the run so far in a ValueError traceback; like a
+    torn line, it and what follows are cut, and the run resumes."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    telemetry = run_dir / "telemetry.jsonl"
+    lines = telemetry.read_text().splitlines(keepends=True)
+    unknown = json.dumps(json.loads(lines[2]) | {"fieldOfANewerBuild": 1}) + "\n"
+    telemetry.write_text("".join(lines[:2]) + unknown + "".join(lines[3:]))
+    monkeypatch.undo()
+    assert main([*argv, "--resume", str(run_dir)]) == 0
+    sequences = [int(json.loads(line)["sequence"]) for line in telemetry.read_text().splitlines()]
+    assert "fieldOfANewerBuild" not in telemetry.read_text()
+    assert sequences[:2] == [1, 2] and sequences[2] > 3  # the checkpoint's epoch 2 ended later than event 3
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4

@@ -298,10 +298,12 @@ def gradient_groups(model: MorphogeneticModel) -> dict[str, list[torch.nn.Parame
     return {name: params for name, params in groups.items() if params}
 
 
-def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, state: dict | None = None) -> Observation:
+def run_episode(env: GrowthEnv, policy: Policy, seed: int, on_epoch=None, start: Observation | None = None
+                ) -> Observation:
     """Drive one episode with `policy`; `on_epoch(obs)` after every step (progress bars, checkpoints).
-    With `state` (GrowthEnv.state_dict) the episode continues from it instead of starting at `seed`."""
-    obs = env.reset(seed) if state is None else env.resume(state)
+    With `start`, the observation of `env` already reset or resumed (GrowthEnv.resume), the episode steps on
+    from it instead of starting at `seed`."""
+    obs = env.reset(seed) if start is None else start
     done = env.epoch >= env.cfg.max_epochs
     while not done:
         obs, done = env.step(policy.decide(obs))

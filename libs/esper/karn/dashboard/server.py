@@ -142,7 +142,8 @@ class Dashboard:
         self._broadcast(self._source_message())
 
     def _source_message(self) -> dict:
-        return {"type": "source", "status": self.source_status, "title": self.title}
+        return {"type": "source", "status": self.source_status, "title": self.title,
+                "max_runs": self.state.store.max_runs}
 
     def _broadcast(self, message: dict) -> None:
         for ws, queue in list(self.clients.items()):

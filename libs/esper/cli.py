@@ -30,15 +30,7 @@ from esper.simic.env_process import EnvProcessError
 from esper.tolaria.data import DataError
 from esper.tolaria.trainer import TrainConfig
 from esper.karn.runs_db import StoreError
-from esper.transport.config import ConfigError
-
-class UsageError(Exception):
-    """A bad flag or combination: reported in one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's default prints the whole usage block first
-        raise UsageError(message)
+from esper.transport.config import ConfigError, Parser, UsageError
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:

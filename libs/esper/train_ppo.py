@@ -98,10 +98,11 @@ class PPORunConfig:
 
 
 def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/checkpoint.pt",
-                  offer_anneal_lr: bool = True) -> None:
+                  steps_environments: bool = True) -> None:
     """The PPO flags, on top of the shared training flags (cli.add_train_flags); `save_default` is what
-    --save's help names (simic_learner keeps its checkpoint elsewhere). Without `offer_anneal_lr` --help does
-    not list --anneal-lr, which is still parsed so that the command can say why it refuses it (simic_learner)."""
+    --save's help names (simic_learner keeps its checkpoint elsewhere). Without `steps_environments` (simic_learner,
+    whose workers step them) --help lists neither --anneal-lr, still parsed so that the learner can say why it
+    refuses it, nor --grouped, off: the learner has no environments' epochs to group."""
     ppo, reward = PPOConfig(), RewardConfig()
     p.set_defaults(episodes=TrainerConfig.episodes)
     p.add_argument("--n-envs", type=int, default=TrainerConfig.n_envs,
@@ -110,8 +111,8 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
                    help="episodes per environment between PPO updates (and one after the last)")
     p.add_argument("--lr", type=finite, default=ppo.lr, help="Adam learning rate")
     p.add_argument("--anneal-lr", action="store_true",
-                   help=("decay the learning rate linearly over --episodes (CleanRL's anneal_lr)" if offer_anneal_lr
-                         else argparse.SUPPRESS))
+                   help=("decay the learning rate linearly over --episodes (CleanRL's anneal_lr)"
+                         if steps_environments else argparse.SUPPRESS))
     p.add_argument("--clip-ratio", type=finite, default=ppo.clip_coef, help="PPO clip coefficient")
     p.add_argument("--gamma", type=finite, default=ppo.gamma, help="discount per epoch")
     p.add_argument("--entropy-coef", type=finite, default=None,
@@ -138,7 +139,9 @@ def add_ppo_flags(p: argparse.ArgumentParser, save_default: str = "<run dir>/che
                         "each one's seeds on its group (CNN hosts, fp32; see README); default: on when the "
                         "environments are on CUDA and not --env-processes, where it was measured faster than one "
                         "after another, and the other flags allow it (under --no-cuda-graph: 2 or more to each "
-                        "device); off on the CPU")
+                        "device); off on the CPU" if steps_environments else argparse.SUPPRESS)
+    if not steps_environments:
+        p.set_defaults(grouped=False)
     p.add_argument("--save", default=None, help=f"checkpoint path (default: {save_default})")
     p.add_argument("--resume", default=None, help="continue this checkpoint up to --episodes in all")
     p.add_argument("--no-telemetry", action="store_true",

@@ -11,7 +11,7 @@ MiB), so it grows to twice that at most.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from esper.karn.store import EventJournal, JournalBusy
 from esper.karn_cli import file_refusal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
-from esper.transport.config import StackEndpoints, at_least, endpoint, metrics_port, metrics_url
+from esper.transport.config import Parser, StackEndpoints, UsageError, at_least, endpoint, metrics_port, metrics_url
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -47,7 +47,7 @@ class Config:
 
 def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
-    p = argparse.ArgumentParser(prog="python -m services.karn", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m services.karn", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface for /metrics ($ESPER_HOST)")
     p.add_argument("--hub-sub", type=endpoint, default=env.tcp(env.hub_sub), help="hub subscribe endpoint")
     p.add_argument("--hub-snapshot", type=endpoint, default=env.tcp(env.hub_snapshot), help="hub snapshot endpoint")
@@ -62,7 +62,11 @@ def parse(argv: list[str] | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    try:
+        cfg = parse(argv)
+    except UsageError as exc:
+        print(f"karn: error: {exc}", file=sys.stderr)
+        return 2
     if refuse_bind("karn", cfg.host, cfg.token):
         return 2
     log = setup_logging("karn")

@@ -8,7 +8,7 @@ socket demands it (ZeroMQ PLAIN) and /metrics answers 401 without it; off loopba
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY
@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
-from esper.transport.config import StackEndpoints, at_least, metrics_port, metrics_url, port
+from esper.transport.config import Parser, StackEndpoints, UsageError, at_least, metrics_port, metrics_url, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -40,7 +40,7 @@ class Config:
 
 def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
-    p = argparse.ArgumentParser(prog="python -m services.nissa_hub", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m services.nissa_hub", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
     p.add_argument("--pub-port", type=port, default=env.hub_pub, help="$ESPER_HUB_PUB_PORT")
     p.add_argument("--sub-port", type=port, default=env.hub_sub, help="$ESPER_HUB_SUB_PORT")
@@ -74,7 +74,11 @@ class HubCollector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    try:
+        cfg = parse(argv)
+    except UsageError as exc:
+        print(f"nissa_hub: error: {exc}", file=sys.stderr)
+        return 2
     if refuse_bind("nissa_hub", cfg.host, cfg.token):
         return 2
     log = setup_logging("nissa_hub")

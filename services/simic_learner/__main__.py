@@ -82,8 +82,7 @@ def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
     p = Parser(prog="python -m services.simic_learner", description=__doc__.splitlines()[0])
     add_train_flags(p)
-    add_ppo_flags(p, save_default=f"<runs-dir>/{CHECKPOINT_NAME}", offer_anneal_lr=False)
-    p.set_defaults(grouped=False)  # the learner steps no environments: nothing of theirs to group by default
+    add_ppo_flags(p, save_default=f"<runs-dir>/{CHECKPOINT_NAME}", steps_environments=False)
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
     p.add_argument("--port", type=port, default=env.learner, help="trajectories ($ESPER_LEARNER_PORT; 0 = any)")
     p.add_argument("--weights-port", type=port, default=env.learner_weights,

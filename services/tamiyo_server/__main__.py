@@ -15,7 +15,7 @@ NOT_SERVING, in-flight calls get --grace-s to finish, then the rest are cancelle
 
 from __future__ import annotations
 
-import argparse
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,8 +29,8 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import (MAX_DEADLINE_S, StackEndpoints, at_least, endpoint, host_port, metrics_port,
-                                    metrics_url, port)
+from esper.transport.config import (MAX_DEADLINE_S, Parser, StackEndpoints, UsageError, at_least, endpoint,
+                                    host_port, metrics_port, metrics_url, port)
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
 from esper.transport.policy_service import (
@@ -69,7 +69,7 @@ class Config:
 
 def parse(argv: list[str] | None) -> Config:
     env = StackEndpoints.from_env()
-    p = argparse.ArgumentParser(prog="python -m services.tamiyo_server", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m services.tamiyo_server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=env.host, help="interface to bind ($ESPER_HOST)")
     p.add_argument("--port", type=port, default=env.tamiyo, help="gRPC port ($ESPER_TAMIYO_PORT; 0 = any)")
     p.add_argument("--metrics-port", type=metrics_port, default=env.tamiyo_metrics,
@@ -86,7 +86,11 @@ def parse(argv: list[str] | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    try:
+        cfg = parse(argv)
+    except UsageError as exc:
+        print(f"tamiyo_server: error: {exc}", file=sys.stderr)
+        return 2
     if refuse_bind("tamiyo_server", cfg.host, cfg.token):
         return 2
     log = setup_logging("tamiyo_server")

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from textual.widgets import HelpPanel, Sparkline
+from textual.widgets import HelpPanel, Label, Sparkline
 
 from esper.karn.tui import QueueSource, make_app
 from esper.karn.dashboard.state import DashboardState
 from esper.karn.tui.widgets import Curves, EventLog, GradientHealth, PolicyHealth, Rewards, RunHeader, SlotTable
 from esper.karn.tui.widgets.policy_health import health_colour
-from esper.leyline import (Action, Blueprint, Decision, EpochReport, GateCheck, GovernorEvent, LifecycleTransition,
-                           Operation, PPOUpdate, RunStarted, SeedStage, SlotState, TelemetryEvent, TrainingSignals,
-                           short_name)
+from esper.leyline import (Action, Blueprint, Decision, EpochReport, GateCheck, GovernorEvent, LayerGradient,
+                           LifecycleTransition, Operation, PPOUpdate, RunStarted, SeedStage, SlotState, TelemetryEvent,
+                           TrainingSignals, short_name)
 from esper.nissa import ListSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy
@@ -141,8 +141,6 @@ def test_the_dashboard_alerts_an_update_whose_minibatches_were_skipped():
 def test_gradient_health_panel_shows_debug_epochs_with_their_flags():
     """Hidden while epochs carry no gradients (NORMAL telemetry); a DEBUG epoch shows every layer's
     norms with its flag."""
-    from esper.leyline import LayerGradient
-
     plain = TelemetryEvent(run_id="dbg", sequence=1, epoch=EpochReport(signals=TrainingSignals(epoch=1, max_epochs=5)))
     debug = TelemetryEvent(run_id="dbg", sequence=2, epoch=EpochReport(
         signals=TrainingSignals(epoch=2, max_epochs=5),
@@ -310,6 +308,20 @@ def test_a_diverged_epoch_is_shown_not_drawn():
     asyncio.run(replay([epoch(1, 1, 2.0), epoch(2, 2, float("nan")), epoch(3, 3, float("inf"))], check))
 
 
+def test_rewards_too_far_apart_for_one_scale_are_shown_not_drawn():
+    """Two finite per-step rewards whose spread is past a float's range (1.7e308 and -1.7e308) had ended the
+    app in the sparkline's int(NaN)."""
+    def update(sequence: int, reward: float) -> TelemetryEvent:
+        return TelemetryEvent(run_id="ppo", sequence=sequence, ppo_update=PPOUpdate(
+            update=sequence, rollout_steps=1, reward_components={"a": reward}))
+
+    async def check(app, pilot):
+        assert app.query_one("#reward-curve", Sparkline).data == [0.5]
+        assert str(app.query_one("#reward-label", Label).render()).endswith("(best +0.5000)")
+
+    asyncio.run(replay([update(1, 0.5), update(2, 1.7e308), update(3, -1.7e308)], check))
+
+
 def test_each_ppo_run_is_judged_against_its_own_first_update():
     """A second PPO run's entropy is a fraction of its own first, not the first run's, and its rewards
     are drawn on their own, as the dashboard keeps them."""
@@ -473,7 +485,7 @@ def test_names_from_the_wire_are_shown_as_sent_and_values_of_a_newer_build_as_un
             TelemetryEvent(run_id=run_id, sequence=1, run_started=RunStarted(mode="heuristic", task="[/b]synthetic")),
             TelemetryEvent(run_id=run_id, sequence=2, epoch=EpochReport(
                 signals=TrainingSignals(epoch=1, max_epochs=5, val_accuracy=40.0),
-                slots=[SlotState(slot="mid[/]", stage=99, blueprint=77)])),
+                slots=[SlotState(slot="mid[/]", stage=99, blueprint=77)], gradients=[LayerGradient(layer="[/]")])),
             TelemetryEvent(run_id=run_id, sequence=3, gate=GateCheck(gate="[/b]", slot="[/]", passed=True)),
             TelemetryEvent(run_id=run_id, sequence=4, decision=Decision(action=Action(operation=42, slot="[/]"))),
             TelemetryEvent(run_id=run_id, sequence=5, governor=GovernorEvent(epoch=1, cause="x", culled_slots=["[/]"])),
@@ -488,5 +500,6 @@ def test_names_from_the_wire_are_shown_as_sent_and_values_of_a_newer_build_as_un
             assert [str(cell) for cell in row[:3]] == [run_id, "mid[/]", "unknown"]
         log = "\n".join(str(line.text) for line in app.query_one(EventLog).lines)
         assert "[/b] [/] #0 pass" in log and "culled [/]" in log, log
+        assert app.query_one(GradientHealth).flags == {"[/]": "ok"} and "w[/] epoch 1" in text, text
 
     asyncio.run(replay(events, check))

@@ -64,6 +64,17 @@ def bind_refusal(host: str, token: str) -> str | None:
     return None
 
 
+class UsageError(Exception):
+    """A bad flag or combination: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's, but a bad flag raises UsageError (esper's commands and every service say it in one line)."""
+
+    def error(self, message: str):  # argparse's default prints the whole usage block first
+        raise UsageError(message)
+
+
 class ConfigError(ValueError):
     """An ESPER_* variable that does not hold what it names: one line for the user, not a traceback."""
 

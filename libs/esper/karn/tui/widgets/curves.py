@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -19,10 +18,16 @@ SERIES = (
 )
 
 
+DRAWABLE = 1e300
+"""The largest magnitude a Sparkline is given: two values past it (a reward of 1.7e308 and one of -1.7e308) span
+more than a float, and the line's scale (inf / inf) had ended the app in int(NaN)."""
+
+
 def finite(values: list[float]) -> list[float]:
     """What a Sparkline can draw (it takes int() of every value) and a best can be taken over: a diverged
-    epoch's NaN or inf loss is left out of the line, and shown in the label as the latest value."""
-    return [v for v in values if math.isfinite(v)]
+    epoch's NaN or inf loss, or a value past DRAWABLE, is left out of the line, and shown in the label as the
+    latest value."""
+    return [v for v in values if abs(v) <= DRAWABLE]
 
 
 def latest_and_best(title: str, fmt: str, values: list[float], best) -> str:

@@ -4,6 +4,7 @@ Only DEBUG telemetry measures it, so the panel stays hidden until a report carri
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual.widgets import Static
 
 from esper.leyline import EpochReport, LayerGradient
@@ -17,8 +18,9 @@ class GradientHealth(Static):
 
     def update_epoch(self, run_id: str, report: EpochReport) -> None:
         self.flags = {g.layer: flag(g) for g in report.gradients}
-        lines = [f"[dim]{run_id} epoch {report.signals.epoch}: L2 norm of each gradient, mean (max) over the epoch[/]"]
-        lines += [f"{g.layer:<12} {g.mean_norm:9.3g} ({g.max_norm:9.3g})  {STYLE[self.flags[g.layer]]}"
+        lines = [f"[dim]{escape(run_id)} epoch {report.signals.epoch}: L2 norm of each gradient, mean (max) over "
+                 "the epoch[/]"]
+        lines += [f"{escape(f'{g.layer:<12}')} {g.mean_norm:9.3g} ({g.max_norm:9.3g})  {STYLE[self.flags[g.layer]]}"
                   for g in report.gradients]
         self.update("\n".join(lines))
 

@@ -40,6 +40,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import torch
 from prometheus_client import REGISTRY
 
@@ -48,6 +49,7 @@ from esper.cli import (Parser, UsageError, add_checkpoint_flag, add_grouped_flag
 from esper.durable import write_atomic
 from esper.experiment import RunConfig, continued_grouping, run
 from esper.karn_cli import folder_refusal
+from esper.kasmina.lifecycle import IllegalAction
 from esper.leyline import TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
 from esper.simic.actor import NotNeural, remote_act
@@ -281,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EnvProcessError, NotNeural) as exc:  # missing data; --env-processes: a child died; tamiyo
         status = 1
         log.error("%s", exc)
+    except IllegalAction as exc:  # the run is left at its last checkpoint (a PPO round: played again on restart)
+        status = 1
+        log.error("tamiyo at %s decided an action the run cannot take: %s", cfg.tamiyo, exc)
+    except grpc.RpcError as exc:  # an answer RemotePolicy does not wait out (UNAVAILABLE, DEADLINE_EXCEEDED it does)
+        status = 1
+        log.error("tamiyo at %s refused the decision: %s: %s", cfg.tamiyo, exc.code().name, exc.details())
     if status == 0 and not cfg.exit_when_done:
         stop.wait()
 

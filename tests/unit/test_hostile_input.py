@@ -33,7 +33,9 @@ from esper.leyline import (
 )
 from esper.simic.rollout import Rollout
 from esper.tamiyo.validate import observation_problems
+from esper.nissa import new_run_id
 from esper.transport.bus import MalformedFrame, decode, encode
+from esper.transport.limits import MAX_RUN_ID_CHARS, MAX_WORKER_ID_CHARS
 from esper.transport.tensors import pack
 from esper.transport.trajectories import TrajectoryInbox, decode_weights, weights_frames
 
@@ -108,6 +110,17 @@ def test_decoders_take_10000_hostile_inputs(name):
     print(f"{name}: {dict(outcomes)}, slowest {slowest * 1e3:.2f} ms")
     assert sum(outcomes.values()) == N and outcomes["decode error"] > 0
     assert slowest < BOUND_S
+
+
+def test_a_run_id_past_its_limit_is_malformed():
+    """Every consumer keeps each run's id, and karn repeats it in every /metrics label of the run: 64 runs of 1 MB
+    ids had made one scrape 1 GB. The longest a PPO worker makes (its longest --worker-id) still passes."""
+    longest = new_run_id("w" * MAX_WORKER_ID_CHARS) + "_ep99999"
+    assert len(longest) <= MAX_RUN_ID_CHARS
+    assert decode(encode(TelemetryEvent(run_id=longest, sequence=1, epoch=EpochReport()))).run_id == longest
+    with pytest.raises(MalformedFrame) as refused:
+        decode(encode(TelemetryEvent(run_id="w" * (MAX_RUN_ID_CHARS + 1), sequence=1, epoch=EpochReport())))
+    assert refused.value.reason == "payload"
 
 
 def test_the_trajectory_inbox_takes_10000_hostile_inputs():

@@ -112,6 +112,32 @@ def test_a_run_flooded_with_epochs_keeps_its_last_max_epochs(monkeypatch):
     assert list(run.epochs) == [4, 5, 6, 7, 8] and run.epochs[6].signals.val_accuracy == 59.0
 
 
+def test_a_sequence_past_any_a_run_could_reach_is_dropped_and_counted():
+    """One event at sequence 2**64-1 (a corrupt or hostile peer's) had been taken: 1.8e19 events counted lost,
+    and every later event of the run dropped as a duplicate, for good (it was journaled). It is dropped, counted
+    on /metrics, and the run goes on; a gap of MAX_SEQUENCE_GAP (events a restart missed) is still taken."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from esper.karn import RunStoreCollector
+
+    def at(run_id: str, sequence: int) -> TelemetryEvent:  # an epoch's report, whatever its number
+        event = epoch_event(run_id, 1)
+        event.sequence = sequence
+        return event
+
+    store = RunStore()
+    assert store.apply(at("victim", 1))
+    assert not store.apply(at("victim", 2**64 - 1))
+    assert not store.apply(at("stranger", 2**63))  # a run first heard of so: not made either
+    assert all(store.apply(at("victim", sequence)) for sequence in (2, 3))
+    assert store.apply(at("victim", 3 + karn_store.MAX_SEQUENCE_GAP))
+    run = store.runs["victim"]
+    assert list(store.runs) == ["victim"] and run.lost == karn_store.MAX_SEQUENCE_GAP - 1 and store.duplicates == 0
+    registry = CollectorRegistry()
+    registry.register(RunStoreCollector(store))
+    assert "esper_karn_events_implausible_total 2.0" in generate_latest(registry).decode()
+
+
 def test_a_running_journal_keeps_to_the_runs_the_store_keeps(tmp_path):
     """karn watching run after run (a PPO campaign's episodes) had journaled every event of every run until its
     next start. Compacted whenever it doubles (from a floor of 2,000 bytes here), the file stays under the

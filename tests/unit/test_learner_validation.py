@@ -66,6 +66,14 @@ def float64_obs(r: Rollout) -> None:
     r.obs = r.obs.double()  # the right shape: had crashed the learner's index_put (a RuntimeError) in add()
 
 
+def huge_obs(r: Rollout) -> None:
+    r.obs[:] = 3e38  # finite: it had taken the observation normalizer's variance to 1e76 for good
+
+
+def huge_reward(r: Rollout) -> None:
+    r.rewards[1, 0] = -3e38  # the reward normalizer's: every real reward had normalized to 0 after it
+
+
 def not_terminated_at_the_end(r: Rollout) -> None:
     r.terminated[-1] = False  # the episode goes on past the trajectory: no return to learn from
 
@@ -73,6 +81,7 @@ def not_terminated_at_the_end(r: Rollout) -> None:
 BAD = {"float64 obs": (float64_obs, "obs is torch.float64 (4, 1,"),
        "last step not terminated": (not_terminated_at_the_end, "not whole 4-epoch episodes (4 steps of 1 episodes)"),
        "NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
+       "obs 3e38": (huge_obs, "obs past 100 in magnitude"), "reward -3e38": (huge_reward, "rewards past 1e+06"),
        "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
        "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid"),
        "seed -5": (negative_seed, "seeds that are not one per episode"),

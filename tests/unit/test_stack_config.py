@@ -320,6 +320,56 @@ def test_a_ppo_worker_asking_a_server_of_another_policy_says_so_in_one_line(tmp_
             "tamiyo_server --policy neural") in worker.stderr
 
 
+class Misdecides:
+    """A policy server's policy that answers an action the run cannot take, or fails (gRPC's UNKNOWN)."""
+
+    name, version = "misdecides", ""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def decide(self, obs):
+        from esper.leyline import Action, Decision, Operation
+
+        if self.answer == "fails":
+            raise RuntimeError("a policy's bug")
+        action = {"a slot the run lacks": Action(operation=Operation.OPERATION_CULL, slot="nope"),
+                  "a blueprint this build lacks": Action(operation=Operation.OPERATION_GERMINATE, slot="mid",
+                                                         blueprint=99)}[self.answer]
+        return Decision(action=action)
+
+
+@pytest.mark.parametrize("answer, said", [
+    ("a slot the run lacks", "decided an action the run cannot take: unknown or disabled slot 'nope'"),
+    ("a blueprint this build lacks", "decided an action the run cannot take: blueprint unknown (99) does not fit"),
+    ("fails", "refused the decision: UNKNOWN: Exception calling application: a policy's bug"),
+])
+def test_a_worker_told_what_it_cannot_do_says_so_in_one_line(answer, said, tmp_path, hub_stand_in):
+    """Each had ended the worker in a traceback (IllegalAction, a ValueError naming blueprint 99, gRPC's
+    _InactiveRpcError); it logs one line and exits 1, its run left unfinished for a restart to continue."""
+    from concurrent import futures
+
+    import grpc
+
+    from esper.leyline import tamiyo_pb2_grpc
+    from esper.transport.policy_service import TamiyoServicer
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tamiyo_pb2_grpc.add_TamiyoServicer_to_server(TamiyoServicer(Misdecides(answer)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        worker = service("services.tolaria_worker", "--task", "synthetic", "--max-epochs", "2", "--max-batches", "1",
+                         "--tamiyo", f"127.0.0.1:{port}", "--hub-pub", hub_stand_in, "--metrics-port", "-1",
+                         "--runs-dir", str(tmp_path), "--exit-when-done")
+    finally:
+        server.stop(None)
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
+    assert f"tolaria_worker ERROR tamiyo at 127.0.0.1:{port} {said}" in worker.stderr, worker.stderr
+    (run_dir,) = tmp_path.glob("*_s42")
+    assert not (run_dir / "summary.json").exists() and (run_dir / "telemetry.jsonl").is_file()
+
+
 def test_a_worker_groups_its_episodes_as_esper_train_does(tmp_path):
     """tolaria_worker takes --grouped with esper train's refusals; by default its runs group where esper
     train's do (on CUDA; not here, on the CPU)."""

@@ -55,11 +55,14 @@ class RunStoreCollector:
                 lost.add_metric([run.run_id], run.lost)
             for kind, n in store.received.items():
                 received.add_metric([kind], n)
-            duplicates = store.duplicates
+            duplicates, implausible = store.duplicates, store.implausible
         yield from gauges.values()
         yield from (seeds, decisions, finished, lost, received)
         yield CounterMetricFamily("esper_karn_events_duplicate", "Events seen twice (snapshot overlap), dropped.",
                                   value=duplicates)
+        yield CounterMetricFamily("esper_karn_events_implausible",
+                                  "Events dropped: a sequence number past any its run could reach (a corrupt peer).",
+                                  value=implausible)
         dropped = CounterMetricFamily("esper_karn_frames_malformed", "Bus frames dropped as malformed.",
                                       labels=["reason"])
         for reason, n in self.malformed.items():

@@ -28,7 +28,7 @@ from esper.leyline import (
     RunStarted,
     SeedStage,
     TelemetryEvent,
-    short_name,
+    enum_name,
 )
 
 
@@ -36,6 +36,11 @@ MAX_EPOCHS = 10_000
 """Epoch reports kept per run. No run Esper trains reports so many (a run is --max-epochs long: 40 to 75 by
 default), so only a peer flooding one run with epochs reaches it; past it the run's first reported epoch
 is forgotten, and karn's memory stays bounded."""
+
+MAX_SEQUENCE_GAP = 1_000_000
+"""How far past its run's last event an event may be. A run emits a few thousand (75 epochs at DEBUG level), so
+a jump past this is a corrupt or hostile peer's number: dropped and counted (RunStore.implausible). Taken, a
+sequence of 2**64-1 had made every later event of its run a duplicate, and 1.8e19 events lost."""
 
 
 @dataclass
@@ -72,14 +77,21 @@ class RunStore:
         self.received: Counter = Counter()
         """Payload kind -> events applied (duplicates excluded)."""
         self.duplicates = 0
+        self.implausible = 0
+        """Events dropped for a sequence number more than MAX_SEQUENCE_GAP past their run's last."""
 
     def apply(self, event: TelemetryEvent) -> bool:
-        """Fold one event into its run; False when it was a duplicate (already applied)."""
+        """Fold one event into its run; False when it was a duplicate (already applied) or implausible."""
         with self.lock:
-            run = self._run(event.run_id)
-            if event.sequence <= run.last_sequence:
+            known = self.runs.get(event.run_id)
+            last = known.last_sequence if known else 0
+            if event.sequence <= last:
                 self.duplicates += 1
                 return False
+            if event.sequence - last > MAX_SEQUENCE_GAP:
+                self.implausible += 1
+                return False
+            run = known or self._run(event.run_id)
             self.runs.move_to_end(event.run_id)  # applied (and journaled): the run reported last
             run.lost += event.sequence - run.last_sequence - 1
             run.last_sequence = event.sequence
@@ -197,8 +209,3 @@ class EventJournal:
                 except DecodeError:
                     return
                 yield event, header + data
-
-
-def enum_name(enum, value: int) -> str:
-    """short_name, but a value this build does not know (proto3 enums are open) is "unknown"."""
-    return short_name(enum, value) if value in enum.values() else "unknown"

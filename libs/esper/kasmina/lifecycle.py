@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from esper.leyline import Action, GateCheck, Operation, SeedStage
+from esper.leyline import Action, GateCheck, Operation, SeedStage, enum_name
 
 S = SeedStage
 OP = Operation
@@ -69,7 +69,7 @@ def next_stage(stage: int, operation: int) -> int:
         return TRANSITIONS[(stage, operation)]
     except KeyError:
         raise IllegalAction(
-            f"{Operation.Name(operation)} is illegal from {SeedStage.Name(stage)}"
+            f"{enum_name(Operation, operation)} is illegal from {enum_name(SeedStage, stage)}"
         ) from None
 
 

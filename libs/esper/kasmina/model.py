@@ -30,6 +30,7 @@ from esper.leyline import (
     Operation,
     SeedStage,
     SlotState,
+    enum_name,
     short_name,
 )
 
@@ -172,10 +173,11 @@ class MorphogeneticModel(nn.Module):
         next_stage(slot.stage, action.operation)  # raises when the table has no such move
         if action.operation == OP.OPERATION_GERMINATE:
             if action.blueprint not in self.blueprints:
-                raise IllegalAction(f"blueprint {Blueprint.Name(action.blueprint)} does not fit this host")
+                raise IllegalAction(f"blueprint {enum_name(Blueprint, action.blueprint)} ({action.blueprint}) does "
+                                    "not fit this host")
             if not self.budget_left():
                 raise IllegalAction(f"seed budget exhausted ({self.max_seeds} germinated)")
-        raise IllegalAction(f"{Operation.Name(action.operation)} takes a slot and no blueprint")
+        raise IllegalAction(f"{enum_name(OP, action.operation)} takes a slot and no blueprint")
 
     # ---------------------------------------------------------------- gates
     def advance_gate(self, slot: SeedSlot) -> GateCheck:

@@ -62,6 +62,12 @@ def from_short_name(enum: EnumTypeWrapper, name: str) -> int:
         raise ValueError(f"unknown {enum.DESCRIPTOR.name} {name!r} (choices: {choices})") from None
 
 
+def enum_name(enum: EnumTypeWrapper, value: int) -> str:
+    """short_name, but a value this build does not know (proto3 enums are open: a peer of a newer build, or a
+    hostile one) is "unknown"."""
+    return short_name(enum, value) if value in enum.values() else "unknown"
+
+
 def short_names(enum: EnumTypeWrapper) -> list[str]:
     """Every value but UNSPECIFIED, by short name, in declaration order."""
     return [short_name(enum, v) for v in enum.values() if v != 0]
@@ -98,6 +104,7 @@ __all__ = [
     "TrainingSignals",
     "TrajectoryAck",
     "TrajectoryHeader",
+    "enum_name",
     "from_short_name",
     "short_name",
     "short_names",

@@ -28,7 +28,11 @@ from esper.simic.ppo import UpdateStats
 from esper.simic.rewards import COMPONENTS
 from esper.simic.rollout import Rollout
 from esper.simic.trainer import PPOTrainer, TrainerConfig
-from esper.tamiyo.features import RunningMeanStd
+from esper.tamiyo.features import FEATURE_LIMIT, RunningMeanStd
+
+REWARD_LIMIT = 1e6
+"""The largest reward (and reward component) learned from. A step's reward is a few units at the default scales
+(an accuracy fraction, contribution points / 100)."""
 
 
 class Learner:
@@ -70,6 +74,11 @@ class Learner:
             # later update would fail on it, across restarts.
             if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                 return f"{f.name} is not finite"
+        # Nor one finite value past any real one: a 3e38 had taken the normalizers' variances to 1e76, after
+        # which every real observation normalized alike and every real reward to 0, for good (checkpointed).
+        for name, limit in (("obs", FEATURE_LIMIT), ("rewards", REWARD_LIMIT), ("reward_parts", REWARD_LIMIT)):
+            if bool((getattr(rollout, name).abs() > limit).any()):
+                return f"{name} past {limit:g} in magnitude"
         if steps != trainer.env_cfg.max_epochs or envs == 0 or not bool(rollout.terminated[-1].all()):
             return f"not whole {trainer.env_cfg.max_epochs}-epoch episodes ({steps} steps of {envs} episodes)"
         ops, slots, blueprints = trainer.codec.shape

@@ -67,6 +67,8 @@ from esper.kasmina.blueprints import blueprints_for
 from esper.kasmina.lifecycle import LIVE_STAGES, budget_left
 from esper.leyline import Blueprint, Observation, SeedStage, SlotState, from_short_name, short_name
 
+FEATURE_LIMIT = 100.0
+"""No feature is larger in magnitude: the largest, log1p of a loss, is at most 89 (a float32 loss's)."""
 HISTORY_LAGS = 5
 """val_acc_delta_k / val_loss_delta_k for k = 1 .. HISTORY_LAGS."""
 RECENT_CULLS = 5

@@ -19,6 +19,7 @@ from esper.transport.auth import zmq_context
 from esper.transport.config import bracketed, host_port
 from esper.transport.limits import (
     MAX_RETAINED_BYTES,
+    MAX_RUN_ID_CHARS,
     MAX_SNAPSHOT_REPLY_BYTES,
     MAX_SNAPSHOT_REQUEST_BYTES,
     MAX_SUBSCRIPTION_BYTES,
@@ -70,7 +71,7 @@ def decode(frames: list[bytes]) -> TelemetryEvent:
         event.ParseFromString(payload)
     except DecodeError:
         raise MalformedFrame("payload") from None
-    if (event.sequence < 1 or event.WhichOneof("payload") is None
+    if (event.sequence < 1 or event.WhichOneof("payload") is None or len(event.run_id) > MAX_RUN_ID_CHARS
             or topic != TELEMETRY_PREFIX + event.run_id.encode()):
         raise MalformedFrame("payload")
     return event

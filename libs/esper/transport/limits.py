@@ -23,6 +23,11 @@ of up to 1 MiB did not."""
 MAX_WORKER_ID_CHARS = 255
 """A trajectory's worker_id (a host name by default, and a spool directory's name): the learner keeps every
 key it decides for its lifetime, so a longer one is refused as malformed and not kept."""
+MAX_RUN_ID_CHARS = 320
+"""A telemetry event's run_id (`<start time>_<name>`: a PPO worker's episodes are `<time>_<worker id>_epNNNN`,
+at most ~290 characters): every consumer keeps the id of each run it holds, and karn repeats it in every
+/metrics label of the run, so a longer one is dropped as malformed. 64 runs of 1 MB ids had made one scrape
+1 GB, 15 s."""
 MAX_REWARDS_JSON_CHARS = 4096
 """A trajectory header's rewards_json (its RewardConfig and discount: ~300 characters); the learner keeps the
 reason it refuses one in every checkpoint, so a longer one is refused as malformed, unread."""

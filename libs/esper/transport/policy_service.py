@@ -26,7 +26,7 @@ from esper.leyline import (
     Operation,
     PolicyInfo,
     PolicyInfoRequest,
-    short_name,
+    enum_name,
 )
 from esper.leyline import tamiyo_pb2_grpc
 from esper.tamiyo import Policy
@@ -149,7 +149,7 @@ class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServicer):
             except PolicyNotReady as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         DECIDE_SECONDS.observe(time.perf_counter() - start)
-        DECISIONS.labels(short_name(Operation, decision.action.operation)).inc()
+        DECISIONS.labels(enum_name(Operation, decision.action.operation)).inc()
         return decision
 
     def Decide(self, request: DecideRequest, context) -> DecideResponse:

@@ -25,7 +25,7 @@ from collections import deque
 
 from rich.text import Text
 
-from esper.karn.store import RunRecord, RunStore, enum_name
+from esper.karn.store import RunRecord, RunStore
 from esper.karn.tui.widgets.event_log import describe
 from esper.karn.tui.widgets.policy_health import health_colour
 from esper.leyline import (
@@ -34,6 +34,7 @@ from esper.leyline import (
     PPOUpdate,
     SeedStage,
     TelemetryEvent,
+    enum_name,
 )
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from rich.markup import escape
 from textual.widgets import RichLog
 
-from esper.karn.store import enum_name
-from esper.leyline import Blueprint, Operation, SeedStage, TelemetryEvent
+from esper.leyline import Blueprint, Operation, SeedStage, TelemetryEvent, enum_name
 
 
 class EventLog(RichLog):

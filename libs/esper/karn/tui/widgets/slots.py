@@ -5,8 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from esper.karn.store import enum_name
-from esper.leyline import Blueprint, EpochReport, SeedStage, SlotState
+from esper.leyline import Blueprint, EpochReport, SeedStage, SlotState, enum_name
 
 STAGE_STYLE = {
     "DORMANT": "dim", "GERMINATED": "cyan", "TRAINING": "blue", "BLENDING": "magenta",

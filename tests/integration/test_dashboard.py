@@ -152,7 +152,7 @@ def test_a_statistic_that_is_not_finite_shows_as_a_dash_and_stops_no_panel():
 
     events = [
         event("ppo", 1, run_started=RunStarted(mode="ppo", task="synthetic")),
-        epoch_event("ppo_ep0000", 1, 1),
+        epoch_event("ppo_ep0000", 1, 1, alpha=float("nan")),  # a peer's: it reaches the page as null
         event("ppo", 2, ppo_update=PPOUpdate(update=1, entropy=1.0, approx_kl=0.01, clipfrac=0.1,
                                              explained_variance=float("nan"))),
         event("ppo_ep0000", 2, governor=GovernorEvent(epoch=2, cause="divergence", train_loss=9.0, restored_epoch=1)),
@@ -168,11 +168,13 @@ def test_a_statistic_that_is_not_finite_shows_as_a_dash_and_stops_no_panel():
             page.goto(link)
             page.wait_for_selector("#alerts :text('divergence')", timeout=30_000)
             gauges = page.text_content("#gauges")
+            cells = page.eval_on_selector_all("#timeline rect title", "titles => titles.map(t => t.textContent)")
         finally:
             browser.close()
             server.stop()
-    print(f"gauges: {gauges!r}; page errors: {errors}")
+    print(f"gauges: {gauges!r}; timeline: {cells}; page errors: {errors}")
     assert "explained variance-" in gauges and "clip fraction0.100" in gauges and errors == []
+    assert cells == ["mid epoch 1: TRAINING conv_heavy alpha -"]  # its timeline had stopped at alpha.toFixed
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
@@ -214,10 +216,10 @@ def event(run: str, sequence: int, **payload) -> TelemetryEvent:
     return TelemetryEvent(run_id=run, sequence=sequence, wall_time=time.time(), **payload)
 
 
-def epoch_event(run: str, sequence: int, epoch: int) -> TelemetryEvent:
+def epoch_event(run: str, sequence: int, epoch: int, alpha: float = 0.0) -> TelemetryEvent:
     return event(run, sequence, epoch=EpochReport(
         signals=TrainingSignals(epoch=epoch, max_epochs=10, val_accuracy=50.0 + epoch),
-        slots=[SlotState(slot="mid", stage=3, blueprint=5, seed_id=1, alpha=0.0)]))
+        slots=[SlotState(slot="mid", stage=3, blueprint=5, seed_id=1, alpha=alpha)]))
 
 
 async def get(url: str, headers: dict | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import reprlib
 import threading
 import time
 import uuid
@@ -164,8 +165,8 @@ def run(cfg: RunConfig, console: Console | None = None, policy: Policy | None = 
             continued[episode] = run_dir
         if run_dir is not None and (run_dir / "summary.json").is_file():
             console.print(f"{run_dir.name}: finished already")
+            summaries[episode] = read_summary(run_dir / "summary.json")  # refused, it leaves the checkpoint be
             (run_dir / CHECKPOINT).unlink(missing_ok=True)  # a kill between the summary and this unlink left it
-            summaries[episode] = read_summary(run_dir / "summary.json")
             on_finished(run_dir, summaries[episode])  # recorded again: whatever stopped its recording before
         else:
             todo.append((episode, run_dir))
@@ -231,7 +232,7 @@ def config_differences(cfg: RunConfig, run_dir: Path) -> tuple[list[str], int, s
         saved = json.loads((run_dir / "config.json").read_text())
         differ = changed_settings(cfg, saved, (*RESUMABLE_CHANGES, "episode_seed", "group"))
         return differ, int(saved["episode_seed"]), saved.get("group")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # OSError: a folder, a broken link
         raise ResumeError(f"{run_dir} is not a run directory of esper train heuristic|static|learned "
                           f"(config.json: {type(exc).__name__})") from None
 
@@ -296,7 +297,16 @@ def resumed(env: GrowthEnv, state: dict, run_dir: Path) -> tuple[Observation, li
     try:
         if (saved := state["env"]["run_id"]) != run_dir.name:
             raise ResumeError(f"{path} is the checkpoint of run {saved}, not of {run_dir.name}")
-        return env.resume(state["env"]), list(state["curve"]), float(state["wall_seconds"])
+        if not (type(sequence := state["env"]["sequence"]) is int and sequence >= 0):
+            raise ValueError(f"telemetry sequence {sequence!r}")
+        obs, curve = env.resume(state["env"]), state["curve"]
+        if not 0 <= obs.signals.epoch <= env.cfg.max_epochs:
+            raise ValueError(f"epoch {obs.signals.epoch} of {env.cfg.max_epochs}")
+        if not (isinstance(curve, list) and all(isinstance(point, dict) for point in curve)):
+            raise TypeError("its curve is no list of epochs")
+        if unknown := [slot.slot for slot in obs.slots if slot.stage not in SeedStage.values()]:
+            raise ValueError(f"slots {unknown} in no stage this build knows")
+        return obs, list(curve), float(state["wall_seconds"])
     except torch.OutOfMemoryError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
@@ -339,42 +349,49 @@ class Episode:
     episode; run_grouped steps a group in lockstep)."""
 
     def __init__(self, cfg: RunConfig, data, device: torch.device, seed: int, console: Console,
-                 extra_sinks: tuple[Sink, ...] = (), run_dir: Path | None = None, trainer_factory=Trainer,
-                 group: str | None = None):
+                 run_dir: Path | None = None, trainer_factory=Trainer, group: str | None = None):
         """A new run directory (of the experiment `group`: its id), or `run_dir` continued from its
-        checkpoint (from the start, under the same run id, when it has none yet)."""
+        checkpoint (from the start, under the same run id, when it has none yet). Nothing of a continued
+        run's is written before `begin`: a group's runs are all resumed first, so that a checkpoint refused
+        leaves every run of the group as it was."""
         self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
-        state = None
+        self.state = None
         if run_dir is None:
             run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
             run_dir.mkdir(parents=True, exist_ok=False)
             hold(run_dir)
             config = dataclasses.asdict(cfg) | {"episode_seed": seed} | ({"group": group} if group else {})
             write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
-        elif (run_dir / CHECKPOINT).is_file():
-            state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
+        elif os.path.lexists(run_dir / CHECKPOINT):  # a folder or a broken link there is no "no checkpoint"
+            if not (run_dir / CHECKPOINT).is_file():
+                raise ResumeError(f"{run_dir / CHECKPOINT} is not a file: move it away to train the run again "
+                                  "from its first epoch")
+            self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
         else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
             console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
         self.run_dir = run_dir
-        run_id = run_dir.name
-        config_json = (run_dir / "config.json").read_text()
-
-        level = from_short_name(TelemetryLevel, cfg.telemetry_level)
-        self.telemetry = Telemetry(run_id, level)  # its sinks once the run is resumed
+        self.telemetry = Telemetry(run_dir.name, from_short_name(TelemetryLevel, cfg.telemetry_level))
+        """Its sinks once the episode begins."""
         self.env = GrowthEnv(episode_env(cfg, seed), data, device, self.telemetry, trainer_factory)
         self.obs: Observation
         """The observation the episode steps on from: its first, or the resumed run's."""
         self.curve: list[dict]
-        if state:  # before the telemetry is cut back to the checkpoint below: a checkpoint refused cuts nothing
-            self.obs, self.curve, wall = resumed(self.env, state, run_dir)
-            console.print(f"{run_id}: resuming after epoch {self.obs.signals.epoch}")
+        self.wall = 0.0
+        if self.state:
+            self.obs, self.curve, self.wall = resumed(self.env, self.state, run_dir)
+            console.print(f"{run_dir.name}: resuming after epoch {self.obs.signals.epoch}")
+
+    def begin(self, extra_sinks: tuple[Sink, ...] = ()) -> None:
+        """Its telemetry cut back to the checkpoint's events (those replayed to `extra_sinks`, the bus) and
+        opened, or a new run's first events; the clock started."""
+        cfg, run_id, state = self.cfg, self.run_dir.name, self.state
         sinks = list(extra_sinks)
-        if level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
-            own = [run_dir / "telemetry.jsonl"]
+        if self.telemetry.level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
+            own = [self.run_dir / "telemetry.jsonl"]
             own += [Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else []
             so_far = [trim_jsonl(path, self.telemetry.sequence) for path in own][0]
             if state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
-                console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")
+                self.console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")
             # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
             # fills in, and consumers drop what they had by sequence number.
             for event in so_far:
@@ -385,10 +402,11 @@ class Episode:
                 sinks.append(JsonlSink(Path(cfg.telemetry_file)))
         self.telemetry.sinks = sinks
         if state is None:
-            self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=seed,
-                                                       device=str(device), config_json=config_json))
-            self.obs, self.curve, wall = self.env.reset(seed), [], 0.0
-        self.start = time.perf_counter() - wall
+            self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=self.seed,
+                                                       device=str(self.device),
+                                                       config_json=(self.run_dir / "config.json").read_text()))
+            self.obs, self.curve = self.env.reset(self.seed), []
+        self.start = time.perf_counter() - self.wall
         self.progress: Progress | None = None
 
     def show_in(self, progress: Progress) -> None:
@@ -459,7 +477,8 @@ def run_one(cfg: RunConfig, data, device: torch.device, seed: int, console: Cons
             group: str | None = None) -> dict:
     """One episode in a new run directory (of the experiment `group`), or continued in `run_dir` from its
     checkpoint."""
-    episode = Episode(cfg, data, device, seed, console, extra_sinks, run_dir, group=group)
+    episode = Episode(cfg, data, device, seed, console, run_dir, group=group)
+    episode.begin(extra_sinks)
 
     def save_when_due(obs: Observation) -> None:
         if episode.epoch_done(obs):
@@ -504,8 +523,10 @@ def run_grouped(cfg: RunConfig, data, device: torch.device, console: Console, to
     every run that stepped saves one, together (save_together): a resume then finds them all after the same
     step, as they were stepped, whatever epoch each is at."""
     settle_saves([run_dir for _, run_dir in todo if run_dir is not None])
-    episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, sinks, run_dir, GroupMember, group)
+    episodes = {episode: Episode(cfg, data, device, cfg.seed + episode, console, run_dir, GroupMember, group)
                 for episode, run_dir in todo}
+    for e in episodes.values():  # every run resumed first: one refused, none of the group is touched
+        e.begin(sinks)
     last = {episode: e.obs for episode, e in episodes.items()}
     try:
         with progress_bars(console) as progress:
@@ -558,6 +579,8 @@ def settle_saves(run_dirs: list[Path]) -> None:
                  if (run_dir / NEXT_CHECKPOINT).is_file()}
     if not cut_short:
         return  # the usual resume: no checkpoint need be read here
+    if bare := [run_dir for run_dir, save in cut_short.items() if not save]:
+        raise ResumeError(f"{bare[0] / NEXT_CHECKPOINT} holds no group save it can be settled by")
     tokens_held = {run_dir.name: {saved_by(run_dir / CHECKPOINT).get("token"), cut_short.get(run_dir, {}).get("token")}
                    for run_dir in run_dirs}
     for run_dir, save in cut_short.items():
@@ -568,8 +591,13 @@ def settle_saves(run_dirs: list[Path]) -> None:
 
 
 def saved_by(path: Path) -> dict:
-    """The save_together that wrote the checkpoint at `path` ({"token", "runs"}); {} for none, or no file."""
-    return load_checkpoint(path, EPISODE_FORMAT).get("group_save", {}) if path.is_file() else {}
+    """The save_together that wrote the checkpoint at `path` ({"token", "runs"}); {} for none, or no file;
+    ResumeError for a record that is not one."""
+    save = load_checkpoint(path, EPISODE_FORMAT).get("group_save", {}) if path.is_file() else {}
+    if save and not (isinstance(save, dict) and isinstance(save.get("token"), str) and isinstance(save.get("runs"), list)
+                     and all(isinstance(name, str) for name in save["runs"])):
+        raise ResumeError(f"{path} holds no group save it can be settled by (group_save {reprlib.repr(save)})")
+    return save
 
 
 def summarize(env: GrowthEnv, obs: Observation, run_id: str, cfg: RunConfig, seed: int, device: str,

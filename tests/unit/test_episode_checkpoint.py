@@ -559,29 +559,91 @@ def test_a_run_that_fails_lets_go_of_its_directory(tmp_path, monkeypatch):
     lock.close()
 
 
-@pytest.mark.parametrize("damage", ["a key missing", "a tensor of another shape"])
-def test_a_checkpoint_that_cannot_be_continued_is_refused_before_the_telemetry_is_touched(damage, tmp_path, monkeypatch,
-                                                                                          capsys):
-    """A checkpoint of the right format made or damaged by hand had failed in a KeyError (or RuntimeError)
-    traceback as the run resumed, after its telemetry.jsonl had been cut back to the checkpoint's events."""
-    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
-    checkpoint = run_dir / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, experiment.EPISODE_FORMAT)
+def spoil(state: dict, damage: str) -> str:
+    """`state` (an episode checkpoint's) damaged as a hand might; what the refusal says of it."""
+    env = state["env"]
     if damage == "a key missing":
-        del state["env"]["rng"]
-        why = "KeyError: 'rng'"
-    else:
-        name = next(k for k, v in state["env"]["model"].items() if v.dim() == 4)
-        state["env"]["model"][name] = state["env"]["model"][name][:1]
-        why = "RuntimeError: Error(s) in loading state_dict for MorphogeneticModel:"
+        del env["rng"]
+        return "KeyError: 'rng'"
+    if damage == "a tensor of another shape":
+        name = next(k for k, v in env["model"].items() if v.dim() == 4)
+        env["model"][name] = env["model"][name][:1]
+        return "RuntimeError: Error(s) in loading state_dict for MorphogeneticModel:"
+    if damage == "a sequence below 0":  # had cut the telemetry to nothing, then a ValueError at the first event
+        env["sequence"] = -5
+        return "ValueError: telemetry sequence -5"
+    if damage == "a stage this build lacks":  # had failed in the progress bar, after the trim
+        env["lifecycle"]["slots"]["mid"]["stage"] = 99
+        return "ValueError: slots ['mid'] in no stage this build knows"
+    if damage == "momentum of another shape":  # taken by torch, to fail mid-epoch
+        buffers = env["trainer"]["host_opt"]["state"][0]
+        buffers["momentum_buffer"] = buffers["momentum_buffer"].flatten()[:3]
+        return "ValueError: optimizer state {'momentum_buffer': (3,)} for a parameter of shape"
+    raise AssertionError(damage)
+
+
+DAMAGES = ["a key missing", "a tensor of another shape", "a sequence below 0", "a stage this build lacks",
+           "momentum of another shape"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("grouping", [[], ["--episodes", "2", "--grouped"]])
+def test_a_checkpoint_that_cannot_be_continued_is_refused_and_nothing_is_touched(damage, grouping, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """A checkpoint of the right format made or damaged by hand had failed in a traceback as the run resumed,
+    after its telemetry.jsonl had been cut back to the checkpoint's events (or to none); in a group, the second
+    run's refused checkpoint had come after the first run's telemetry was cut. Nothing of any run is touched."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch, *grouping)
+    damaged = sorted((tmp_path / "runs").iterdir())[-1]  # the group's second run, or the only one
+    checkpoint = damaged / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, experiment.EPISODE_FORMAT)
+    why = spoil(state, damage)
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, checkpoint, experiment.EPISODE_FORMAT)
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    for telemetry in (tmp_path / "runs").glob("*/telemetry.jsonl"):  # an event after each run's checkpoint, as
+        last = json.loads(telemetry.read_text().splitlines()[-1])    # a run checkpointed every 2 epochs has
+        with telemetry.open("a") as f:                               # (a resume cuts it, once it is sure to go on)
+            f.write(json.dumps(last | {"sequence": str(int(last["sequence"]) + 1)}) + "\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "runs").glob("*/*")}
     monkeypatch.undo()
     capsys.readouterr()
     assert main([*argv, "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"esper: error: --resume {checkpoint} cannot be continued ({why})"
-    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith(f"esper: error: --resume {checkpoint} cannot be continued ({why}"), said
+    assert {p: p.read_bytes() for p in (tmp_path / "runs").glob("*/*")} == before
+    assert len({p.parent for p in before if p.name == "telemetry.jsonl"}) == (2 if grouping else 1)
+
+
+@pytest.mark.parametrize("what", ["a folder", "a link to nothing"])
+def test_a_checkpoint_that_is_no_file_is_refused_not_taken_for_none(what, tmp_path, monkeypatch, capsys):
+    """It had been taken for "no checkpoint": the run trained again from epoch 1, its telemetry cut to nothing
+    (a folder then failed at the first save)."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
+    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint.unlink()
+    checkpoint.mkdir() if what == "a folder" else checkpoint.symlink_to(tmp_path / "nowhere.pt")
+    events = (run_dir / "telemetry.jsonl").read_bytes()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {checkpoint} is not a " \
+        "file: move it away to train the run again from its first epoch"
+    assert (run_dir / "telemetry.jsonl").read_bytes() == events
+
+
+def test_a_group_save_that_is_no_record_of_one_is_refused(tmp_path, monkeypatch, capsys):
+    """A next checkpoint (a group's save a kill cut short) whose group_save is not {"token", "runs"} had ended
+    the resume in a KeyError or TypeError traceback."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch, "--episodes", "2", "--grouped")
+    state = load_checkpoint(run_dir / "checkpoint.pt", experiment.EPISODE_FORMAT)
+    next_checkpoint = run_dir / experiment.NEXT_CHECKPOINT
+    save_checkpoint({k: v for k, v in state.items() if k != "format"} | {"group_save": {"runs": 5}}, next_checkpoint,
+                    experiment.EPISODE_FORMAT)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {next_checkpoint} holds " \
+        "no group save it can be settled by (group_save {'runs': 5})"
+    assert next_checkpoint.is_file()
 
 
 def test_an_event_this_build_cannot_read_ends_what_a_resume_keeps(tmp_path, monkeypatch):

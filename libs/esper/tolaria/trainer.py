@@ -233,6 +233,11 @@ class Trainer:
             if seed_id in live:
                 self.seed_opts[seed_id] = make_optimizer(live[seed_id].seed.parameters(), self.cfg, self.cfg.seed_lr)
                 self.seed_opts[seed_id].load_state_dict(opt_state)
+        for opt in (self.host_opt, *self.seed_opts.values()):  # torch takes buffers of any shape, to fail mid-epoch
+            for param, buffers in opt.state.items():
+                if shapes := {k: tuple(v.shape) for k, v in buffers.items() if torch.is_tensor(v) and v.dim()
+                              and v.shape != param.shape}:
+                    raise ValueError(f"optimizer state {shapes} for a parameter of shape {tuple(param.shape)}")
         self.generator.set_state(state["generator"])
         self.train_flops = state["train_flops"]
         self._step_flops = dict(state["step_flops"])

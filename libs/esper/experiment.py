@@ -594,8 +594,8 @@ def saved_by(path: Path) -> dict:
     """The save_together that wrote the checkpoint at `path` ({"token", "runs"}); {} for none, or no file;
     ResumeError for a record that is not one."""
     save = load_checkpoint(path, EPISODE_FORMAT).get("group_save", {}) if path.is_file() else {}
-    if save and not (isinstance(save, dict) and isinstance(save.get("token"), str) and isinstance(save.get("runs"), list)
-                     and all(isinstance(name, str) for name in save["runs"])):
+    if save and not (isinstance(save, dict) and isinstance(save.get("token"), str)
+                     and isinstance(save.get("runs"), list) and all(isinstance(name, str) for name in save["runs"])):
         raise ResumeError(f"{path} holds no group save it can be settled by (group_save {reprlib.repr(save)})")
     return save
 

@@ -329,17 +329,16 @@ def grouping_refusals(args: argparse.Namespace) -> list[str]:
 def policy_spec(path: str, task: str):
     """The FeatureSpec of a saved policy, checked against the host it is to drive, and the policy built once
     (weights that are not finite had failed as the run built it, its run directory made)."""
-    from esper.simic.checkpoint import load_checkpoint, policy_from_state
+    from esper.simic.checkpoint import contents_checked, load_policy
     from esper.tamiyo.features import FeatureSpec
 
     if not Path(path).is_file():
         raise UsageError(f"--policy {path}: no such file")
     try:
-        spec = policy_from_state(load_checkpoint(Path(path)), "").spec
+        with contents_checked(path, "used"):  # a key missing, a value of another type: one line, before any run
+            spec = load_policy(path).spec
     except ResumeError as exc:
         raise UsageError(f"--policy {exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"--policy {path}: {exc}") from None
     host = FeatureSpec.for_host(task, spec.param_budget, spec.telemetry)
     if (spec.slots, spec.blueprints) != (host.slots, host.blueprints):
         raise UsageError(f"--policy {path}: trained for a host with slots {spec.slots}, not --task {task}")
@@ -350,10 +349,14 @@ def check_held_out(policy: str, first_seed: int, seeds: int) -> None:
     """UsageError when a comparison's seeds include episodes the policy learned from (a PPO episode of seed
     s is the run `esper train --seed s` makes: the same host initialization and data order), so the
     learned arm is measured against the heuristic on held-out seeds only."""
-    from esper.simic.checkpoint import load_checkpoint
+    from esper.simic.checkpoint import contents_checked, load_checkpoint
     from esper.simic.trainer import trained_seeds
 
-    trained = trained_seeds(load_checkpoint(Path(policy)))
+    try:
+        with contents_checked(policy, "used"):
+            trained = trained_seeds(load_checkpoint(Path(policy)))
+    except ResumeError as exc:
+        raise UsageError(f"--policy {exc}") from None
     if -1 in trained:
         raise UsageError(f"--policy {policy}: it learned from episodes whose seeds were not recorded (a learner "
                          "checkpoint from before they were, or trajectories of an older worker), so no seed can be "

@@ -34,7 +34,7 @@ from esper.leyline import (Observation, RunFinished, RunStarted, SeedStage, Tele
 from esper.nissa import JsonlSink, Sink, Telemetry, new_run_id
 from esper.simic import EnvConfig, GrowthEnv, load_policy, run_episode
 from esper.simic.env import fates_in_words, step_together
-from esper.simic.checkpoint import ResumeError, changed_settings, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, changed_settings, contents_checked, load_checkpoint, save_checkpoint
 from esper.tamiyo import HeuristicConfig, HeuristicPolicy, Policy, WaitPolicy, decide_all
 from esper.tolaria.data import load_task_data
 from esper.tolaria.grouped import MAX_GROUP, GroupMember
@@ -294,7 +294,7 @@ def resumed(env: GrowthEnv, state: dict, run_dir: Path) -> tuple[Observation, li
     run, or one of the right format that cannot be continued (made or damaged by hand: a key missing, a tensor
     of another shape)."""
     path = run_dir / CHECKPOINT
-    try:
+    with contents_checked(path):
         if (saved := state["env"]["run_id"]) != run_dir.name:
             raise ResumeError(f"{path} is the checkpoint of run {saved}, not of {run_dir.name}")
         if not (type(sequence := state["env"]["sequence"]) is int and sequence >= 0):
@@ -307,13 +307,6 @@ def resumed(env: GrowthEnv, state: dict, run_dir: Path) -> tuple[Observation, li
         if unknown := [slot.slot for slot in obs.slots if slot.stage not in SeedStage.values()]:
             raise ValueError(f"slots {unknown} in no stage this build knows")
         return obs, list(curve), float(state["wall_seconds"])
-    except torch.OutOfMemoryError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        if isinstance(exc, ResumeError):
-            raise
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ResumeError(f"{path} cannot be continued ({type(exc).__name__}: {why})") from None
 
 
 def run_parent(runs_dir: str, seed: int) -> Path:

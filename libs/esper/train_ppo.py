@@ -32,7 +32,7 @@ from esper.simic.env import GrowthEnv
 from esper.simic.env_process import EnvProcess, close_all, start_env_processes
 from esper.simic.ppo import PPOConfig
 from esper.simic.rewards import MODES, RewardConfig
-from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_resumable
+from esper.simic.trainer import EnvFactory, PPOTrainer, TrainerConfig, check_loadable
 from esper.tolaria.data import Dataset, load_task_data
 from esper.transport.config import finite
 
@@ -183,7 +183,7 @@ def ppo_config(args: argparse.Namespace, base) -> PPORunConfig:
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
         try:
             state = load_checkpoint(Path(args.resume))
-            check_resumable(trainer, state)
+            check_loadable(trainer, state, args.resume)
         except ResumeError as exc:
             raise UsageError(f"--resume {args.resume}: {exc}") from None
         if state["counters"]["episodes"] >= trainer.episodes:

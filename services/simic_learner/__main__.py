@@ -35,10 +35,9 @@ from esper.cli import Parser, UsageError, add_train_flags, check_output_file, ch
 from esper.durable import write_atomic
 from esper.leyline import AckStatus, TrajectoryAck, RunStarted, TelemetryLevel, from_short_name
 from esper.nissa import Telemetry, new_run_id
-from esper.simic.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from esper.simic.checkpoint import ResumeError, contents_checked, load_checkpoint, save_checkpoint
 from esper.simic.learner import Learner
 from esper.simic.rewards import recorded_with
-from esper.simic.trainer import check_resumable
 from esper.train_ppo import PPORunConfig, add_ppo_flags, ppo_config
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import PublisherSink, bind_endpoint, make_context
@@ -142,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     if source == checkpoint and cfg.run.resume and Path(cfg.run.resume).resolve() != checkpoint.resolve():
         log.warning("--resume %s is not read: this learner continues its own --save %s (move that away to begin "
                     "again from %s)", cfg.run.resume, checkpoint, cfg.run.resume)
+    run_id = new_run_id(f"ppo-learner_{tcfg.env.task}_s{tcfg.seed}")
+    telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level))  # sinks once resumed
+    learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
+    inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task,
+                            rewards=recorded_with(tcfg.reward, tcfg.ppo.gamma))
     try:
         state = load_checkpoint(source) if source else None
         if state is not None:
-            check_resumable(tcfg, state)
+            with contents_checked(source):  # other settings, or a checkpoint damaged by hand: one line, exit 2
+                learner.load_state_dict(state)
+                if "inbox_json" in state:  # not in an `esper train ppo` checkpoint
+                    inbox.load(json.loads(state["inbox_json"]))
     except ResumeError as exc:
         log.error("cannot resume from %s: %s", source, exc)
         stop.close()
@@ -157,17 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(PublisherSink(cfg.hub_pub, token=cfg.token))
         if not sinks[0].wait_attached(timeout_s=5.0):
             log.warning("hub at %s not attached after 5 s: PPOUpdate events are lost until it is", cfg.hub_pub)
-    run_id = new_run_id(f"ppo-learner_{tcfg.env.task}_s{tcfg.seed}")
-    telemetry = Telemetry(run_id, from_short_name(TelemetryLevel, cfg.run.telemetry_level),
-                          [*sinks, *cfg.run.file_sinks(run_id)])  # closed with it; the bus's shut down below
+    telemetry.sinks = [*sinks, *cfg.run.file_sinks(run_id)]  # closed with it; the bus's shut down below
     telemetry.emit(run_started=RunStarted(mode="ppo", task=tcfg.env.task, seed=tcfg.seed, device=tcfg.device))
-    learner = Learner(tcfg, telemetry, cfg.max_policy_lag)
-    inbox = TrajectoryInbox(learner.add, lambda: learner.version, task=tcfg.env.task,
-                            rewards=recorded_with(tcfg.reward, tcfg.ppo.gamma))
     if state is not None:
-        learner.load_state_dict(state)
-        if "inbox_json" in state:  # not in an `esper train ppo` checkpoint
-            inbox.load(json.loads(state["inbox_json"]))
         log.info("resumed from %s: version %d, %d trajectories accepted, %d episodes pending", source,
                  learner.version, len(inbox.accepted), learner.pending_episodes)
     commits = 0

@@ -184,19 +184,37 @@ def test_a_learned_experiment_is_decided_by_the_policy_it_started_with(grouping,
     assert by_other[0]["seeds"] != kept[1]["seeds"], "the two policies decide alike: the test could not fail"
 
 
-def test_a_policy_that_is_not_finite_is_refused_before_anything_trains(tmp_path, capsys, saved_policy):
-    """Its weights built as the run started: a traceback, its run directory made (and a comparison had trained
-    its other arms first)."""
+POLICY_DAMAGES = {  # how a policy file is damaged -> what the refusal says, after "cannot be used ("
+    "weights not finite": (lambda state: state.update(network={k: torch.full_like(v, float("nan"))
+                                                               for k, v in state["network"].items()}),
+                           "ValueError: policy weights that are not finite: "),
+    "network missing": (lambda state: state.pop("network"), "KeyError: 'network'"),
+    "hidden size a string": (lambda state: state.update(hidden_size="64"), "TypeError: "),
+    "clip_obs a string": (lambda state: state.update(clip_obs="5"), "ValueError: clip_obs '5' is no positive number"),
+    "counters missing": (lambda state: state.pop("counters"), "KeyError: 'counters'"),
+    "trained seeds a string": (lambda state: state.update(trained_seeds="abc"),
+                               "ValueError: trained_seeds 'abc' is no list of seeds"),
+}
+
+
+@pytest.mark.parametrize("damage", list(POLICY_DAMAGES))
+def test_a_damaged_policy_is_refused_in_one_line_before_anything_trains(damage, tmp_path, capsys, saved_policy):
+    """Weights not finite had failed as the run built them: a traceback, its run directory made (and a comparison
+    had trained its other arms first); a key missing or a value of another type had ended either command in a
+    traceback, or (trained_seeds "abc") been taken for the seeds a, b and c."""
+    spoil, why = POLICY_DAMAGES[damage]
     state = load_checkpoint(saved_policy)
-    state["network"] = {k: torch.full_like(v, float("nan")) for k, v in state["network"].items()}
-    nan = tmp_path / "nan.pt"
-    save_checkpoint({k: v for k, v in state.items() if k != "format"}, nan)
+    spoil(state)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, bad)
     runs = tmp_path / "runs"
-    for argv in (["train", "learned", "--runs-dir", str(runs)], ["compare", "--arms", "static", "--seed", "1000",
-                                                                  "--out", str(tmp_path / "cmp")]):
-        assert main([*argv, "--task", "synthetic", "--slots", "early", "mid", "--policy", str(nan)]) == 2
+    commands = [["compare", "--arms", "static", "--seed", "1000", "--out", str(tmp_path / "cmp")]]
+    if damage != "trained seeds a string":  # a learned run does not ask which seeds it learned from
+        commands.append(["train", "learned", "--runs-dir", str(runs)])
+    for argv in commands:
+        assert main([*argv, "--task", "synthetic", "--slots", "early", "mid", "--policy", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith(f"esper: error: --policy {nan}: policy weights that are not finite: "), err
+        assert err[-1].startswith(f"esper: error: --policy {bad} cannot be used ({why}"), err
     assert not runs.exists() and not (tmp_path / "cmp").exists()
 
 

@@ -174,6 +174,37 @@ def test_save_never_writes_over_another_policy_and_is_checked_before_training(tm
     assert checkpoint(policy)["counters"]["episodes"] == 4
 
 
+PPO_DAMAGES = {  # a PPO checkpoint damaged by hand -> what the refusal says after "cannot be continued ("
+    "config missing": (lambda state: state.pop("config_json"), "KeyError: 'config_json'"),
+    "counters a string": (lambda state: state.update(counters="many"), "TypeError: "),
+    "network of another shape": (lambda state: state["network"].update(
+        {k: v[:1] for k, v in state["network"].items() if v.dim() == 2}), "RuntimeError: "),
+    "pending without its steps": (lambda state: state.update(pending={"rewards": torch.zeros(3, 1)}), "KeyError: "),
+    "episode log not JSON": (lambda state: state.update(episode_log_json="{"), "JSONDecodeError: "),
+}
+
+
+@pytest.mark.parametrize("damage", list(PPO_DAMAGES))
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_a_run_directory_is_made(damage, tmp_path, capsys):
+    """Each had ended `esper train ppo --resume` in a traceback, some after its run directory was made (a
+    config.json and a RunStarted left behind)."""
+    spoil, why = PPO_DAMAGES[damage]
+    flags = [*TINY, "--update-every", "1", "--telemetry-level", "off"]
+    half = tmp_path / "half.pt"
+    assert main(["train", "ppo", *flags, "--episodes", "2", "--save", str(half), "--runs-dir",
+                 str(tmp_path / "a")]) == 0
+    state = load_checkpoint(half)
+    spoil(state)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, half)
+    capsys.readouterr()
+    assert main(["train", "ppo", *flags, "--episodes", "4", "--resume", str(half), "--runs-dir",
+                 str(tmp_path / "b")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith(f"esper: error: --resume {half}: {half} cannot be continued ({why}"), said
+    assert not (tmp_path / "b").exists()
+
+
 def test_resume_takes_a_ppo_runs_directory(tmp_path):
     """`--resume RUN_DIR` had said "no such checkpoint" beside RUN_DIR/checkpoint.pt."""
     flags = [*TINY, "--update-every", "1", "--telemetry-level", "off"]

@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from esper.cli import UsageError, main
+from esper.simic.checkpoint import load_checkpoint, save_checkpoint
 from esper.transport.config import HOST_DEFAULT, PORTS, StackEndpoints, endpoint, grpc_target
 from esper.transport.trajectories import Spool
 
@@ -230,6 +231,28 @@ def test_a_restarted_learner_continues_its_save_not_the_checkpoint_it_began_from
                       "--port", "0", "--weights-port", "0", "--metrics-port", "-1", "--hub-pub", "")
     assert learner.returncode == 2 and f"cannot resume from {save}:" in learner.stderr, learner.stderr
     assert f"--resume {began} is not read: this learner continues its own --save {save}" in learner.stderr
+
+
+@pytest.mark.parametrize("damage, why", [("inbox_json", "JSONDecodeError: "),
+                                         ("config_json", "KeyError: 'config_json'")])
+def test_a_learner_refuses_a_damaged_checkpoint_in_one_line(damage, why, tmp_path):
+    """A checkpoint of the right format whose inbox or config is damaged had ended the learner in a traceback
+    (exit 1) after it had announced its run; it says so in one line, exit 2, and keeps the file."""
+    began = tmp_path / "began.pt"
+    flags = ["--task", "synthetic", "--max-epochs", "2", "--max-batches", "1", "--n-envs", "1"]
+    assert main(["train", "ppo", *flags, "--episodes", "1", "--save", str(began), "--runs-dir", str(tmp_path / "runs"),
+                 "--telemetry-level", "off"]) == 0
+    state = load_checkpoint(began)
+    state.pop("format")
+    save = tmp_path / "learner.pt"
+    save_checkpoint(state | {"inbox_json": "{"} if damage == "inbox_json" else
+                    {k: v for k, v in state.items() if k != "config_json"}, save)
+    kept = save.read_bytes()
+    learner = service("services.simic_learner", *flags, "--episodes", "4", "--save", str(save), "--port", "0",
+                      "--weights-port", "0", "--metrics-port", "-1", "--hub-pub", "")
+    assert learner.returncode == 2 and "Traceback" not in learner.stderr, learner.stderr
+    assert f"cannot resume from {save}: {save} cannot be continued ({why}" in learner.stderr, learner.stderr
+    assert save.read_bytes() == kept
 
 
 @pytest.fixture

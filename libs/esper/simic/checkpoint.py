@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,20 @@ FORMAT = "esper.simic.ppo/1"
 
 class ResumeError(ValueError):
     """--resume names a checkpoint this run cannot continue (another format or another config)."""
+
+
+@contextmanager
+def contents_checked(path: Path | str, use: str = "continued") -> Iterator[None]:
+    """Whatever reading the checkpoint at `path` raises inside, as a ResumeError ("<path> cannot be <use>
+    (...)"): a file of the right format made or damaged by hand (a key missing, a value of another type, a
+    tensor of another shape) is refused in one line, where the reading is done before anything is written."""
+    try:
+        yield
+    except (ResumeError, torch.OutOfMemoryError):
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise ResumeError(f"{path} cannot be {use} ({type(exc).__name__}: {why})") from None
 
 
 def changed_settings(cfg, saved: dict, may_change: tuple[str, ...]) -> list[str]:
@@ -128,4 +145,6 @@ def policy_from_state(state: dict, version: str, greedy: bool = True, seed: int 
     network, spec = build_network(state)
     obs_rms = RunningMeanStd((spec.dim,))
     obs_rms.load(state["obs_rms"])
-    return NeuralPolicy(network, spec, obs_rms, state["clip_obs"], version=version, greedy=greedy, seed=seed)
+    if not (isinstance(clip := state["clip_obs"], (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip_obs {clip!r} is no positive number")
+    return NeuralPolicy(network, spec, obs_rms, float(clip), version=version, greedy=greedy, seed=seed)

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from esper.leyline import Decision, Observation, Operation, PPOUpdate, RunFinished, RunStarted, short_name
 from esper.nissa import Telemetry
 from esper.simic.actor import Act, EnvFactory, make_envs, play_round
-from esper.simic.checkpoint import ResumeError, build_network, changed_settings
+from esper.simic.checkpoint import ResumeError, build_network, changed_settings, contents_checked
 from esper.simic.env import EnvConfig, GrowthEnv
 from esper.simic.env_process import EnvProcess
 from esper.simic.ppo import PPOConfig, RewardNormalizer, UpdateStats, ent_coef_at, lr_at, ppo_update
@@ -292,12 +294,26 @@ def trained_seeds(state: dict) -> set[int]:
     recorded: for `esper train ppo` its episode i was seed + i (those still pending left out); for a
     simic_learner, whose workers choose their own seeds, unknown ({-1})."""
     if "trained_seeds" in state:
-        return set(state["trained_seeds"])
+        if not (isinstance(seeds := state["trained_seeds"], list) and all(type(s) is int for s in seeds)):
+            raise ValueError(f"trained_seeds {reprlib.repr(seeds)} is no list of seeds")
+        return set(seeds)
     if "inbox_json" in state:
         return {-1}
     pending = 0 if state["pending"] is None else state["pending"]["terminated"].shape[1]
     start = json.loads(state["config_json"])["seed"]
     return set(range(start, start + state["counters"]["episodes"] - pending))
+
+
+def check_loadable(cfg: TrainerConfig, state: dict, path: Path | str) -> None:
+    """ResumeError unless a PPOTrainer of `cfg` continues `state`, the checkpoint at `path`: its settings
+    (check_resumable), then every part of it loaded into a trainer made for the purpose, so that a checkpoint
+    made or damaged by hand is refused before a run directory is made, not as the run starts."""
+    with contents_checked(path), torch.random.fork_rng(devices=[]):  # the trial leaves no RNG drawn or set
+        trial = Telemetry("check")  # no sinks: it emits nothing
+        PPOTrainer(cfg, data={}, telemetry=trial, env_telemetry=lambda episode: trial).load_state_dict(state)
+        if not all(type(state["counters"][k]) is int for k in ("episodes", "updates", "global_step")):
+            raise TypeError(f"counters {reprlib.repr(state['counters'])} are no counts")
+        trained_seeds(state)
 
 
 def check_resumable(cfg: TrainerConfig, state: dict) -> None:

@@ -275,12 +275,14 @@ def check_store(db: Path) -> None:
     is only found when the store is written (a folder that cannot be made) is a warning then (`recording`)."""
     import contextlib
 
-    from esper.karn.runs_db import StoreError
+    from esper.karn.runs_db import StoreError, foreign
 
     if db.exists():
         try:
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True)) as conn:
                 problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]  # every page, not the first
+                if problems == ["ok"] and (why := foreign(conn, db)):
+                    raise StoreError(why)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{db} cannot be a run store: {exc}") from None
         if problems != ["ok"]:

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import shutil
+import sqlite3
 import time
 from collections import Counter
 
@@ -175,6 +176,23 @@ def test_a_store_damaged_past_its_first_page_is_refused_in_one_line(runs_dir, tm
     assert not list((tmp_path / "runs").glob("*_s42"))  # refused before any run
 
 
+def test_another_programs_sqlite_database_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """`esper runs list --db` on another program's SQLite file had refused it only after giving it esper's
+    tables and columns, and `esper train --db` had trained, then altered it."""
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    for argv in (["runs", "list"], ["train", "static", "--task", "synthetic", "--max-epochs", "1", "--runs-dir",
+                                   str(tmp_path / "runs")]):
+        assert main([*argv, "--db", str(foreign)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --db {foreign} is another SQLite " \
+            "database, not a run store (its tables: runs)", argv
+    assert foreign.read_bytes() == before and not list((tmp_path / "runs").glob("*_s42"))
+
+
 def test_a_comparisons_folder_indexes_its_runs_at_any_depth(runs_dir, tmp_path, capsys):
     """`esper compare` keeps runs at <out>/runs/<arm>/seed<N>/<run>/: its folder indexes whole, symlinked
     folders too (a loop of links ends), and a run named twice in `esper report` is one run."""
@@ -210,8 +228,12 @@ def test_a_torn_last_line_is_left_out_and_a_corrupt_one_named(runs_dir, tmp_path
     corrupt = tmp_path / "corrupt" / "telemetry.jsonl"
     corrupt.parent.mkdir()
     corrupt.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    newer = tmp_path / "newer" / "telemetry.jsonl"  # a field this build lacks: protobuf's error lists every field
+    newer.parent.mkdir()
+    newer.write_text(lines[0] + json.dumps(json.loads(lines[1]) | {"fieldOfANewerBuild": 1}) + "\n")
     (tmp_path / "empty").mkdir()
     for argv, needle in ((["runs", "index", str(corrupt.parent)], f"{corrupt}:2: not a telemetry event"),
+                         (["runs", "index", str(newer.parent)], f"{newer}:2: not a telemetry event"),
                          (["report", str(corrupt.parent)], f"{corrupt}:2: not a telemetry event"),
                          (["report", str(tmp_path / "empty")], "no telemetry.jsonl in it")):
         assert main([*argv, "--db", db]) == 2

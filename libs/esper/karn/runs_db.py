@@ -141,6 +141,15 @@ class StoreError(ValueError):
     one line for the user, found before a run trains, not after."""
 
 
+def foreign(conn: sqlite3.Connection, path) -> str | None:
+    """Why the database `conn` has open is another program's, not a run store (it has tables, and no runs
+    table with a run_id), or None. Such a file is neither read nor given esper's tables: it had been altered."""
+    tables = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    if tables and "run_id" not in {row[1] for row in conn.execute("PRAGMA table_info(runs)")}:
+        return f"{path} is another SQLite database, not a run store (its tables: {', '.join(tables)})"
+    return None
+
+
 class RunsDB:
     """The store over one SQLite file (":memory:" works too)."""
 
@@ -153,6 +162,8 @@ class RunsDB:
             self.conn = sqlite3.connect(str(path), timeout=60)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA foreign_keys = ON")
+            if why := foreign(self.conn, path):
+                raise StoreError(why)
             self.conn.executescript(SCHEMA)
             have = {row["name"] for row in self.conn.execute("PRAGMA table_info(runs)")}
             self.unadded: list[str] = []

@@ -87,7 +87,8 @@ def read_jsonl(path: Path) -> Iterator[TelemetryEvent]:
                 except json_format.ParseError as exc:
                     if not line.endswith("\n"):
                         return
-                    raise ValueError(f"{path}:{number}: not a telemetry event ({exc})") from None
+                    why = str(exc).splitlines()[0]  # protobuf's next line lists every field
+                    raise ValueError(f"{path}:{number}: not a telemetry event ({why})") from None
                 yield event
         except UnicodeDecodeError:  # reading the next line: the ValueError above is not one
             raise ValueError(f"{path}: not a telemetry JSONL file (not UTF-8 text)") from None

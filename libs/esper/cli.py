@@ -474,8 +474,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         tokenizer = BPETokenizer.load(model_dir / "tokenizer.json")
         net = load_exported(model_dir)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:  # damaged since
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError) as exc:  # damaged
         raise UsageError(f"{model_dir} cannot be loaded ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if tokenizer.vocab_size > (rows := net[0].tok.num_embeddings):  # another run's, copied in: ids past the model's
+        raise UsageError(f"{model_dir}: its tokenizer has {tokenizer.vocab_size} tokens, its model {rows}: not the "
+                         "tokenizer this model was trained with")
     try:
         prompt = torch.tensor([[tokenizer.eot, *tokenizer.encode(args.prompt)]] * args.num_samples)  # [S, T0]
     except UnicodeEncodeError:  # a command line's bytes that are not UTF-8 arrive as lone surrogates

@@ -233,13 +233,34 @@ SUMMARY_KEYS = ("seed", "host_params", "seeds", "seed_counts", "train_flops", "w
 """What the report reads of each run's summary, besides its headline figure."""
 
 
+def reportable(summary: dict, key: str) -> bool:
+    """Whether the report can read `summary`: its headline figure `key` and SUMMARY_KEYS, each of the type the
+    report reads it as. A summary damaged by hand ("test_accuracy": "high") had passed, to fail the report in
+    a traceback after every other run had trained."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def point(p) -> bool:  # an epoch of the curve, as the plots read it
+        return isinstance(p, dict) and all(number(p.get(k)) for k in ("epoch", "total_params"))
+
+    def seed(s) -> bool:
+        return isinstance(s, dict) and isinstance(s.get("fate"), str) and number(s.get("params"))
+
+    return (all(k in summary for k in (key, *SUMMARY_KEYS))
+            and all(number(summary[k]) for k in (key, "seed", "host_params", "train_flops", "wall_seconds"))
+            and isinstance(summary["seeds"], list) and all(seed(s) for s in summary["seeds"])
+            and isinstance(summary["seed_counts"], dict) and all(number(n) for n in summary["seed_counts"].values())
+            and isinstance(summary["curve"], list) and all(point(p) for p in summary["curve"]))
+
+
 def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dict[int, dict], log) -> list[list[int]]:
     """The arm's blocks of seeds (seed_blocks) still to train.
     The runs of the blocks that the comparison this one resumes finished go into `results` (seed -> summary).
     A block with a run cut off trains again whole: a grouped run's numbers depend, at float-summation level,
     on the runs in its group. A summary without the headline figure or any of SUMMARY_KEYS (written by an
     older version: a language model's run from before summaries held the test loss) trains again too, where
-    the report would have failed on it after the training. The folders of a block to train again are cleared, and
+    the report would have failed on it after the training, and so does one of a value of another type
+    (reportable). The folders of a block to train again are cleared, and
     their runs dropped from the store (--db), where a grouped run that had finished had recorded itself:
     the store holds the comparison's runs, not the ones it threw away."""
     todo, cleared = [], []
@@ -247,7 +268,7 @@ def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dic
     for block in seed_blocks(cfg, seeds):
         found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
         done = [read_summary(path) if path else {} for path in found]
-        if all(all(k in summary for k in (key, *SUMMARY_KEYS)) for summary in done):
+        if all(reportable(summary, key) for summary in done):
             for seed, summary in zip(block, done):
                 results[seed] = summary
                 log(f"{arm.name:>13} seed {seed}: finished already")

@@ -475,15 +475,18 @@ def test_every_arm_records_the_comparisons_telemetry_level():
             assert ("--db" in cmd) == (level != "off")
 
 
-def test_a_resume_trains_again_a_run_whose_summary_the_report_cannot_read(tmp_path):
-    """A summary from an older version, without a figure the report reads (here train_flops), had passed as
-    finished and failed the report, after everything else had trained, with a KeyError."""
+@pytest.mark.parametrize("damage", [{"train_flops": None}, {"test_accuracy": "high"}, {"seeds": "x"}, {"curve": 5},
+                                    {"seed_counts": []}, {"curve": [{"epoch": 1}]}])
+def test_a_resume_trains_again_a_run_whose_summary_the_report_cannot_read(damage, tmp_path):
+    """A summary from an older version, without a figure the report reads (here train_flops: None drops it),
+    or one damaged by hand (a value of another type), had passed as finished and failed the report, after
+    everything else had trained, with a KeyError, ValueError or TypeError."""
     cfg = CompareConfig(task="synthetic", seeds=2, out_dir=str(tmp_path))
     static = arms_for(cfg.budget, cfg.max_epochs, ["static"])[0]
-    for seed, lacking in ((42, None), (43, "train_flops")):
+    for seed, spoil in ((42, {}), (43, damage)):
         run = compare.runs_dir(cfg, static, seed) / f"run{seed}"
         run.mkdir(parents=True)
-        written = {k: v for k, v in summary(seed, 50.0, []).items() if k != lacking}
+        written = {k: v for k, v in (summary(seed, 50.0, []) | spoil).items() if v is not None}
         (run / "summary.json").write_text(json.dumps(written))
     results, said = {}, []
     assert compare.blocks_to_train(cfg, static, [42, 43], results, said.append) == [[43]]

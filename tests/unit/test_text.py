@@ -252,14 +252,30 @@ def test_train_then_sample_on_the_shared_sample(tmp_path, monkeypatch, capsys):
     assert "--prompt is not UTF-8 text" in capsys.readouterr().err
     # A model folder damaged since: one line naming it (tracebacks before), whichever file it is.
     model = run_dir / "model"
-    weights = (model / "weights.pt").read_bytes()
-    for damage, kind in ((lambda: (model / "weights.pt").write_bytes(weights[:1000]), "ValueError"),
-                         (lambda: (model / "architecture.json").unlink(), "FileNotFoundError"),
-                         (lambda: (model / "tokenizer.json").write_text("{"), "JSONDecodeError")):
+    originals = {path: path.read_bytes() for path in model.iterdir()}
+    weights = originals[model / "weights.pt"]
+    tokenizer = json.loads(originals[model / "tokenizer.json"])
+    nan = {k: v.float().fill_(float("nan")) for k, v in torch.load(model / "weights.pt", weights_only=True).items()}
+
+    def with_merges(merges) -> None:
+        (model / "tokenizer.json").write_text(json.dumps(tokenizer | {"merges": merges}))
+
+    for damage, said in ((lambda: (model / "weights.pt").write_bytes(weights[:1000]),
+                          " cannot be loaded (ValueError: "),
+                         (lambda: (model / "architecture.json").unlink(), " cannot be loaded (FileNotFoundError: "),
+                         (lambda: (model / "tokenizer.json").write_text("{"), " cannot be loaded (JSONDecodeError: "),
+                         # Each of these had been a traceback, the last two as the samples were drawn.
+                         (lambda: with_merges([[5000, 1]]), " cannot be loaded (IndexError: "),
+                         (lambda: with_merges(tokenizer["merges"] + [[104, 101]] * 9), ": its tokenizer has 2057 "
+                          "tokens, its model 2048: not the tokenizer this model was trained with"),
+                         (lambda: torch.save(nan, model / "weights.pt"), " cannot be loaded (ValueError: weights that "
+                          "are not finite: ")):
+        for path, content in originals.items():
+            path.write_bytes(content)
         damage()
         assert main(["sample", str(run_dir)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"esper: error: {model} cannot be loaded ({kind}: "), err
+        assert len(err) == 1 and err[0].startswith(f"esper: error: {model}{said}"), err
 
 
 @pytest.mark.skipif(not any(TINYSTORIES_DIR.glob("*.txt.gz")), reason="no shared data")

@@ -162,18 +162,29 @@ def test_the_spool_gives_a_restarted_worker_its_unacked_trajectories_and_progres
     again.close()
 
 
-@pytest.mark.parametrize("content", [b"abc", b"\0" * 40, b"cut short"])
+@pytest.mark.parametrize("content", [b"abc", b"\0" * 40, b"cut short", "a folder", "a link to nothing"])
 def test_a_spooled_file_that_is_not_a_whole_trajectory_is_named(tmp_path, content):
-    """Cut short, not the spool's own, or a header of another format: one error naming the file (the
-    worker stops on it in one line, exit 2), not a struct.error or DecodeError traceback."""
+    """Cut short, not the spool's own, a header of another format, or no file at all: one error naming it (the
+    worker stops on it in one line, exit 2), not a struct.error, DecodeError or IsADirectoryError traceback."""
     spool = Spool(tmp_path)
     spool.put(("w", 9, 0), frames("w", 9, 0), progress=1)
     path = next(tmp_path.glob("*.traj"))
     whole = path.read_bytes()
-    path.write_bytes(whole[:SPOOL_HEAD.size + 2] if content == b"cut short" else content)  # in its header frame
+    if isinstance(content, str):
+        path.unlink()
+        path.mkdir() if content == "a folder" else path.symlink_to(tmp_path / "nowhere")
+    else:
+        path.write_bytes(whole[:SPOOL_HEAD.size + 2] if content == b"cut short" else content)  # in its header frame
     with pytest.raises(SpoolCorrupt, match=f"^{path} is not a whole spooled trajectory"):
         spool.load()
     spool.close()
+
+
+def test_a_torn_write_that_is_no_file_is_named(tmp_path):
+    """A folder where a kill leaves a torn write (*.tmp) had ended the worker in an IsADirectoryError traceback."""
+    (tmp_path / "x.tmp").mkdir()
+    with pytest.raises(SpoolCorrupt, match=f"^{tmp_path / 'x.tmp'} is not a file: move it out of the spool"):
+        Spool(tmp_path)
 
 
 def test_tensor_frames_round_trip_and_refuse_what_is_not_a_tensor():

@@ -91,4 +91,6 @@ def load_exported(directory: Path, map_location: str | torch.device = "cpu") -> 
         raise ValueError(f"{directory / 'weights.pt'} is not a weights file (torch.load: {type(exc).__name__})") \
             from None
     net.load_state_dict(weights)
+    if not_finite := [name for name, tensor in net.state_dict().items() if not tensor.isfinite().all()]:
+        raise ValueError(f"weights that are not finite: {', '.join(not_finite[:3])}")  # sampling had failed on them
     return net.eval()

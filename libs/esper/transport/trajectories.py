@@ -184,6 +184,8 @@ class Spool:
             raise SpoolBusy(f"{directory} is in use by another worker (give each worker its own "
                             f"--worker-id or --spool-dir)")
         for torn in directory.glob("*.tmp"):  # a write that a kill interrupted: never an entry
+            if not torn.is_file():  # nothing a write leaves: a folder had been an IsADirectoryError traceback
+                raise SpoolCorrupt(f"{torn} is not a file: move it out of the spool to start")
             torn.unlink()
         self.progress = self._read_progress(directory / "progress.json")
         self.entries: dict[Key, tuple[int, int]] = {}  # key -> (bytes on disk, progress)
@@ -206,15 +208,15 @@ class Spool:
     def load(self) -> dict[Key, list[bytes]]:
         """Every spooled trajectory's frames, by key (oldest first); SpoolCorrupt names a file that is not one."""
         found = {}
-        for path in sorted(self.directory.glob("*.traj"), key=lambda p: p.stat().st_mtime_ns):
-            blob = path.read_bytes()
+        for path in sorted(self.directory.glob("*.traj"), key=lambda p: p.lstat().st_mtime_ns):
             try:
+                blob = path.read_bytes()
                 magic, progress, length = SPOOL_HEAD.unpack_from(blob)
                 if magic != SPOOL_MAGIC or SPOOL_HEAD.size + length > len(blob):
                     raise ValueError("another format, or cut short")
                 frames = [blob[SPOOL_HEAD.size:SPOOL_HEAD.size + length], blob[SPOOL_HEAD.size + length:]]
                 header = TrajectoryHeader.FromString(frames[0])
-            except (struct.error, ValueError, DecodeError) as exc:
+            except (OSError, struct.error, ValueError, DecodeError) as exc:  # OSError: a folder, a broken link
                 raise SpoolCorrupt(f"{path} is not a whole spooled trajectory ({exc}): move it out of the spool "
                                    "to start (its episodes were played but never reached the learner)") from None
             key = (header.worker_id, header.incarnation, header.sequence)

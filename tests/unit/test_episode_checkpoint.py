@@ -346,11 +346,13 @@ def test_ctrl_c_names_the_run_to_resume_and_resuming_an_earlier_episode_finishes
 
 
 def test_a_store_that_fails_to_record_an_episode_is_a_warning_and_the_experiment_goes_on(tmp_path, capsys):
-    """An SQLite file whose `runs` table is another program's: recording the first episode fails, which had
-    stopped the experiment there with a traceback."""
+    """A store that takes no run (here a trigger refuses every one; another program's `runs` table once did,
+    before such a file was refused up front): recording the first episode fails, which had stopped the
+    experiment there with a traceback."""
     db = tmp_path / "other.db"
+    RunsDB(db).close()
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("CREATE TABLE runs (x)")
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'no runs here'); END")
     runs = tmp_path / "runs"
     assert main(["train", "static", "--task", "synthetic", "--max-epochs", "1", "--max-batches", "1",
                  "--episodes", "2", "--runs-dir", str(runs), "--db", str(db)]) == 0

@@ -233,15 +233,17 @@ SUMMARY_KEYS = ("seed", "host_params", "seeds", "seed_counts", "train_flops", "w
 """What the report reads of each run's summary, besides its headline figure."""
 
 
-def reportable(summary: dict, key: str) -> bool:
-    """Whether the report can read `summary`: its headline figure `key` and SUMMARY_KEYS, each of the type the
-    report reads it as. A summary damaged by hand ("test_accuracy": "high") had passed, to fail the report in
-    a traceback after every other run had trained."""
+def reportable(summary: dict, key: str, epochs: int) -> bool:
+    """Whether the report can read `summary`, a run of `epochs` epochs: its headline figure `key` and
+    SUMMARY_KEYS, each of the type the report reads it as, and a curve of every epoch. A summary damaged by
+    hand ("test_accuracy": "high") had passed, to fail the report in a traceback after every other run trained."""
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     def point(p) -> bool:  # an epoch of the curve, as the plots read it
-        return isinstance(p, dict) and all(number(p.get(k)) for k in ("epoch", "total_params"))
+        return (isinstance(p, dict) and all(number(p.get(k)) for k in ("epoch", "total_params", "val_accuracy",
+                                                                          "val_loss"))
+                and isinstance(p.get("stages"), dict) and all(s in STAGE_COLOURS for s in p["stages"].values()))
 
     def seed(s) -> bool:
         return isinstance(s, dict) and isinstance(s.get("fate"), str) and number(s.get("params"))
@@ -250,7 +252,8 @@ def reportable(summary: dict, key: str) -> bool:
             and all(number(summary[k]) for k in (key, "seed", "host_params", "train_flops", "wall_seconds"))
             and isinstance(summary["seeds"], list) and all(seed(s) for s in summary["seeds"])
             and isinstance(summary["seed_counts"], dict) and all(number(n) for n in summary["seed_counts"].values())
-            and isinstance(summary["curve"], list) and all(point(p) for p in summary["curve"]))
+            and isinstance(summary["curve"], list) and len(summary["curve"]) == epochs
+            and all(point(p) for p in summary["curve"]))
 
 
 def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dict[int, dict], log) -> list[list[int]]:
@@ -268,7 +271,7 @@ def blocks_to_train(cfg: CompareConfig, arm: Arm, seeds: list[int], results: dic
     for block in seed_blocks(cfg, seeds):
         found = [next(runs_dir(cfg, arm, seed).glob("*/summary.json"), None) for seed in block]
         done = [read_summary(path) if path else {} for path in found]
-        if all(reportable(summary, key) for summary in done):
+        if all(reportable(summary, key, arm.max_epochs) for summary in done):
             for seed, summary in zip(block, done):
                 results[seed] = summary
                 log(f"{arm.name:>13} seed {seed}: finished already")

@@ -363,6 +363,9 @@ class Episode:
         else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
             console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
         self.run_dir = run_dir
+        for path in self.own_files():  # refused now, not as the group's other runs are cut back in begin
+            if os.path.lexists(path) and not path.is_file():
+                raise ResumeError(f"{path} is not a file: move it away to continue the run")
         self.telemetry = Telemetry(run_dir.name, from_short_name(TelemetryLevel, cfg.telemetry_level))
         """Its sinks once the episode begins."""
         self.env = GrowthEnv(episode_env(cfg, seed), data, device, self.telemetry, trainer_factory)
@@ -374,14 +377,18 @@ class Episode:
             self.obs, self.curve, self.wall = resumed(self.env, self.state, run_dir)
             console.print(f"{run_dir.name}: resuming after epoch {self.obs.signals.epoch}")
 
+    def own_files(self) -> list[Path]:
+        """The run's own telemetry files: its telemetry.jsonl, and its copy in --telemetry-dir."""
+        own = [self.run_dir / "telemetry.jsonl"]
+        return own + ([Path(self.cfg.telemetry_dir) / f"{self.run_dir.name}.jsonl"] if self.cfg.telemetry_dir else [])
+
     def begin(self, extra_sinks: tuple[Sink, ...] = ()) -> None:
         """Its telemetry cut back to the checkpoint's events (those replayed to `extra_sinks`, the bus) and
         opened, or a new run's first events; the clock started."""
         cfg, run_id, state = self.cfg, self.run_dir.name, self.state
         sinks = list(extra_sinks)
         if self.telemetry.level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
-            own = [self.run_dir / "telemetry.jsonl"]
-            own += [Path(cfg.telemetry_dir) / f"{run_id}.jsonl"] if cfg.telemetry_dir else []
+            own = self.own_files()
             so_far = [trim_jsonl(path, self.telemetry.sequence) for path in own][0]
             if state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
                 self.console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")

@@ -475,13 +475,18 @@ def test_every_arm_records_the_comparisons_telemetry_level():
             assert ("--db" in cmd) == (level != "off")
 
 
+POINT = summary(42, 50.0, [])["curve"][0]
+
+
 @pytest.mark.parametrize("damage", [{"train_flops": None}, {"test_accuracy": "high"}, {"seeds": "x"}, {"curve": 5},
-                                    {"seed_counts": []}, {"curve": [{"epoch": 1}]}])
+                                    {"seed_counts": []}, {"curve": [{"epoch": 1}]}, {"curve": []},
+                                    {"curve": [POINT | {"val_accuracy": "high"}]},
+                                    {"curve": [POINT | {"stages": {"mid": "SPROUTING"}}]}])
 def test_a_resume_trains_again_a_run_whose_summary_the_report_cannot_read(damage, tmp_path):
     """A summary from an older version, without a figure the report reads (here train_flops: None drops it),
     or one damaged by hand (a value of another type), had passed as finished and failed the report, after
     everything else had trained, with a KeyError, ValueError or TypeError."""
-    cfg = CompareConfig(task="synthetic", seeds=2, out_dir=str(tmp_path))
+    cfg = CompareConfig(task="synthetic", seeds=2, out_dir=str(tmp_path), max_epochs=1)  # summary()'s one epoch
     static = arms_for(cfg.budget, cfg.max_epochs, ["static"])[0]
     for seed, spoil in ((42, {}), (43, damage)):
         run = compare.runs_dir(cfg, static, seed) / f"run{seed}"

@@ -650,6 +650,25 @@ def test_a_checkpoint_that_is_no_file_is_refused_not_taken_for_none(what, tmp_pa
     assert (run_dir / "telemetry.jsonl").read_bytes() == events
 
 
+def test_a_telemetry_file_that_is_no_file_is_refused_before_the_group_is_touched(tmp_path, monkeypatch, capsys):
+    """A folder in the place of a grouped run's telemetry.jsonl had been an IsADirectoryError traceback, after
+    the group's first run had had its telemetry cut back."""
+    argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch, "--episodes", "2", "--grouped")
+    first, second = sorted((tmp_path / "runs").glob("*_s4*"))
+    with (first / "telemetry.jsonl").open("a") as f:  # an event after its checkpoint: a cut would drop it
+        last = json.loads((first / "telemetry.jsonl").read_text().splitlines()[-1])
+        f.write(json.dumps(last | {"sequence": str(int(last["sequence"]) + 1)}) + "\n")
+    kept = (first / "telemetry.jsonl").read_bytes()
+    (second / "telemetry.jsonl").unlink()
+    (second / "telemetry.jsonl").mkdir()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {second / 'telemetry.jsonl'} " \
+        "is not a file: move it away to continue the run"
+    assert (first / "telemetry.jsonl").read_bytes() == kept
+
+
 def test_a_group_save_that_is_no_record_of_one_is_refused(tmp_path, monkeypatch, capsys):
     """A next checkpoint (a group's save a kill cut short) whose group_save is not {"token", "runs"} had ended
     the resume in a KeyError or TypeError traceback."""

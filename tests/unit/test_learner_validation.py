@@ -10,7 +10,7 @@ import torch
 from esper.nissa import Telemetry
 from esper.simic.env import EnvConfig
 from esper.simic.learner import Learner
-from esper.simic.rewards import COMPONENTS
+from esper.simic.rewards import COMPONENTS, RewardConfig
 from esper.simic.rollout import Rollout
 from esper.simic.trainer import TrainerConfig
 
@@ -81,7 +81,7 @@ def not_terminated_at_the_end(r: Rollout) -> None:
 BAD = {"float64 obs": (float64_obs, "obs is torch.float64 (4, 1,"),
        "last step not terminated": (not_terminated_at_the_end, "not whole 4-epoch episodes (4 steps of 1 episodes)"),
        "NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
-       "obs 3e38": (huge_obs, "obs past 100 in magnitude"), "reward -3e38": (huge_reward, "rewards past 1e+06"),
+       "obs 3e38": (huge_obs, "obs past 100 in magnitude"), "reward -3e38": (huge_reward, "rewards past 2.01e+08"),
        "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
        "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid"),
        "seed -5": (negative_seed, "seeds that are not one per episode"),
@@ -103,6 +103,17 @@ def test_a_refused_trajectory_leaves_the_learner_able_to_update(case):
     assert learner.version == 1 and torch.isfinite(torch.tensor(stats.policy_loss))
     assert all(bool(p.isfinite().all()) for p in learner.trainer.agent.parameters())
     assert all(bool(v.isfinite().all()) for v in learner.trainer.obs_rms.state().values())
+
+
+def test_the_rewards_a_large_sparse_scale_makes_are_learned_from():
+    """The reward limit scales with the rewards' own settings: a fixed 1e6 had refused every trajectory of a
+    stack run with --sparse-scale 5e6, which `esper train ppo` trains with."""
+    cfg = TrainerConfig(env=TOY, n_envs=1, update_every=1, episodes=10, seed=0,
+                        reward=RewardConfig(mode="sparse", sparse_scale=5e6))
+    learner = Learner(cfg, Telemetry("l"))
+    big = rollout(learner)
+    big.rewards[-1] = 2.7e6  # a terminal reward of 54% accuracy at that scale
+    assert learner.add(big) is None
 
 
 @pytest.mark.parametrize("steps, episodes", [(0, 1), (TOY.max_epochs, 0), (0, 0), (2, 1)])

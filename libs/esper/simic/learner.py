@@ -25,14 +25,10 @@ import torch
 
 from esper.nissa import Telemetry
 from esper.simic.ppo import UpdateStats
-from esper.simic.rewards import COMPONENTS
+from esper.simic.rewards import COMPONENTS, reward_limit
 from esper.simic.rollout import Rollout
 from esper.simic.trainer import PPOTrainer, TrainerConfig
 from esper.tamiyo.features import FEATURE_LIMIT, RunningMeanStd
-
-REWARD_LIMIT = 1e6
-"""The largest reward (and reward component) learned from. A step's reward is a few units at the default scales
-(an accuracy fraction, contribution points / 100)."""
 
 
 class Learner:
@@ -76,7 +72,8 @@ class Learner:
                 return f"{f.name} is not finite"
         # Nor one finite value past any real one: a 3e38 had taken the normalizers' variances to 1e76, after
         # which every real observation normalized alike and every real reward to 0, for good (checkpointed).
-        for name, limit in (("obs", FEATURE_LIMIT), ("rewards", REWARD_LIMIT), ("reward_parts", REWARD_LIMIT)):
+        most = reward_limit(trainer.cfg.reward)
+        for name, limit in (("obs", FEATURE_LIMIT), ("rewards", most), ("reward_parts", most)):
             if bool((getattr(rollout, name).abs() > limit).any()):
                 return f"{name} past {limit:g} in magnitude"
         if steps != trainer.env_cfg.max_epochs or envs == 0 or not bool(rollout.terminated[-1].all()):

@@ -73,6 +73,18 @@ class RewardConfig:
             raise ValueError("--param-penalty must be >= 0 and --sparse-scale > 0")
 
 
+PARAMS_CEILING = 1e9
+"""More parameters than any network Esper grows: the largest parameter penalty reward_limit allows for."""
+
+
+def reward_limit(cfg: RewardConfig) -> float:
+    """The largest reward (and reward component) a learner takes from a worker under `cfg`: a million times what
+    a step could earn or be charged at these scales, so that only a corrupt or hostile value is refused (a
+    finite 3e38 had ruined the reward normalizer for good), never what a large --sparse-scale makes."""
+    terminal = cfg.sparse_scale * (1 + cfg.param_penalty * PARAMS_CEILING / cfg.param_budget)
+    return 1e6 * max(1.0, terminal, cfg.contribution_scale, cfg.young_cull_penalty)
+
+
 def recorded_with(cfg: RewardConfig, gamma: float) -> dict:
     """The settings a Rewarder's raw rewards depend on, as plain JSON values: what a worker's trajectory says it
     recorded its rewards with, and what a learner must share to learn from them (the discount too: the

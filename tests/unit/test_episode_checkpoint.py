@@ -386,6 +386,22 @@ def interrupted_at_epoch_2(tmp_path, monkeypatch, *flags: str) -> tuple[list[str
     return argv, run_dir
 
 
+def resume_refused(argv: list[str], run_dir: Path, monkeypatch, capsys) -> str:
+    """What `--resume run_dir` says as it refuses (exit 2), the Ctrl-C policy undone: its last line."""
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(run_dir)]) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def event_after_checkpoint(telemetry: Path) -> None:
+    """Append the event a run checkpointed every 2 epochs has after its checkpoint (a resume cuts it back, once
+    it is sure to go on): a refusal that cut the telemetry first would drop it."""
+    last = json.loads(telemetry.read_text().splitlines()[-1])
+    with telemetry.open("a") as f:
+        f.write(json.dumps(last | {"sequence": str(int(last["sequence"]) + 1)}) + "\n")
+
+
 def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch)
     checkpoint = run_dir / "checkpoint.pt"
@@ -505,11 +521,9 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_telemetry_is_touched(
     _, other = interrupted_at_epoch_2(tmp_path / "b", monkeypatch, "--max-batches", "1")
     (run_dir / "checkpoint.pt").write_bytes((other / "checkpoint.pt").read_bytes())
     events = (run_dir / "telemetry.jsonl").read_bytes()
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*argv, "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {run_dir / 'checkpoint.pt'} " \
-        f"is the checkpoint of run {other.name}, not of {run_dir.name}"
+    said = resume_refused(argv, run_dir, monkeypatch, capsys)
+    assert said == f"esper: error: --resume {run_dir / 'checkpoint.pt'} is the checkpoint of run {other.name}, not " \
+        f"of {run_dir.name}"
     assert (run_dir / "telemetry.jsonl").read_bytes() == events
 
 
@@ -619,15 +633,10 @@ def test_a_checkpoint_that_cannot_be_continued_is_refused_and_nothing_is_touched
     state = load_checkpoint(checkpoint, experiment.EPISODE_FORMAT)
     why = spoil(state, damage)
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, checkpoint, experiment.EPISODE_FORMAT)
-    for telemetry in (tmp_path / "runs").glob("*/telemetry.jsonl"):  # an event after each run's checkpoint, as
-        last = json.loads(telemetry.read_text().splitlines()[-1])    # a run checkpointed every 2 epochs has
-        with telemetry.open("a") as f:                               # (a resume cuts it, once it is sure to go on)
-            f.write(json.dumps(last | {"sequence": str(int(last["sequence"]) + 1)}) + "\n")
+    for telemetry in (tmp_path / "runs").glob("*/telemetry.jsonl"):
+        event_after_checkpoint(telemetry)
     before = {p: p.read_bytes() for p in (tmp_path / "runs").glob("*/*")}
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*argv, "--resume", str(run_dir)]) == 2
-    said = capsys.readouterr().err.strip().splitlines()[-1]
+    said = resume_refused(argv, run_dir, monkeypatch, capsys)
     assert said.startswith(f"esper: error: --resume {checkpoint} cannot be continued ({why}"), said
     assert {p: p.read_bytes() for p in (tmp_path / "runs").glob("*/*")} == before
     assert len({p.parent for p in before if p.name == "telemetry.jsonl"}) == (2 if grouping else 1)
@@ -642,10 +651,7 @@ def test_a_checkpoint_that_is_no_file_is_refused_not_taken_for_none(what, tmp_pa
     checkpoint.unlink()
     checkpoint.mkdir() if what == "a folder" else checkpoint.symlink_to(tmp_path / "nowhere.pt")
     events = (run_dir / "telemetry.jsonl").read_bytes()
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*argv, "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {checkpoint} is not a " \
+    assert resume_refused(argv, run_dir, monkeypatch, capsys) == f"esper: error: --resume {checkpoint} is not a " \
         "file: move it away to train the run again from its first epoch"
     assert (run_dir / "telemetry.jsonl").read_bytes() == events
 
@@ -655,17 +661,12 @@ def test_a_telemetry_file_that_is_no_file_is_refused_before_the_group_is_touched
     the group's first run had had its telemetry cut back."""
     argv, run_dir = interrupted_at_epoch_2(tmp_path, monkeypatch, "--episodes", "2", "--grouped")
     first, second = sorted((tmp_path / "runs").glob("*_s4*"))
-    with (first / "telemetry.jsonl").open("a") as f:  # an event after its checkpoint: a cut would drop it
-        last = json.loads((first / "telemetry.jsonl").read_text().splitlines()[-1])
-        f.write(json.dumps(last | {"sequence": str(int(last["sequence"]) + 1)}) + "\n")
+    event_after_checkpoint(first / "telemetry.jsonl")
     kept = (first / "telemetry.jsonl").read_bytes()
     (second / "telemetry.jsonl").unlink()
     (second / "telemetry.jsonl").mkdir()
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*argv, "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {second / 'telemetry.jsonl'} " \
-        "is not a file: move it away to continue the run"
+    assert resume_refused(argv, run_dir, monkeypatch, capsys) == \
+        f"esper: error: --resume {second / 'telemetry.jsonl'} is not a file: move it away to continue the run"
     assert (first / "telemetry.jsonl").read_bytes() == kept
 
 
@@ -677,10 +678,7 @@ def test_a_group_save_that_is_no_record_of_one_is_refused(tmp_path, monkeypatch,
     next_checkpoint = run_dir / experiment.NEXT_CHECKPOINT
     save_checkpoint({k: v for k, v in state.items() if k != "format"} | {"group_save": {"runs": 5}}, next_checkpoint,
                     experiment.EPISODE_FORMAT)
-    monkeypatch.undo()
-    capsys.readouterr()
-    assert main([*argv, "--resume", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"esper: error: --resume {next_checkpoint} holds " \
+    assert resume_refused(argv, run_dir, monkeypatch, capsys) == f"esper: error: --resume {next_checkpoint} holds " \
         "no group save it can be settled by (group_save {'runs': 5})"
     assert next_checkpoint.is_file()
 

@@ -78,3 +78,15 @@ def test_divergence_is_a_verdict():
     assert governor.verdict(4.9) is None
     assert governor.verdict(5.1) == "divergence"
     assert governor.verdict(float("inf")) == "non-finite loss"
+
+
+def test_a_resumed_governor_judges_divergence_against_the_lowest_loss_it_had_seen():
+    """Its state had been restored without the lowest loss (a mutation that dropped it survived every test): a
+    resumed run would then take a loss 10x its best for healthy, where the run never stopped rolled back."""
+    governor = Governor()
+    governor.verdict(1.0)
+    governor.snapshot(torch.nn.Linear(2, 2), 3)
+    resumed = Governor()
+    resumed.load_state_dict(governor.state_dict())
+    assert resumed.verdict(10.0) == governor.verdict(10.0) == "divergence"
+    assert resumed.snapshot_epoch == 3

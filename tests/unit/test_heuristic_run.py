@@ -1,6 +1,7 @@
 """A whole heuristic episode on the synthetic task exercises every lifecycle path, with reasons."""
 
-from esper.leyline import Blueprint, Observation, Operation, SeedStage, SlotState, TrainingSignals, short_name
+from esper.leyline import (Blueprint, Observation, Operation, SeedStage, SlotState, TrainingSignals,
+                           from_short_name, short_name)
 from esper.nissa import ListSink, Telemetry
 from esper.simic import EnvConfig, GrowthEnv, run_episode
 from esper.simic.env import HISTORY
@@ -84,3 +85,51 @@ def test_a_blend_that_costs_accuracy_is_culled_however_long_it_has_run():
         decision = HeuristicPolicy(cfg).decide(obs)
         assert decision.action.operation == Operation.OPERATION_CULL, (k, decision.reason)
         assert decision.reason == "validation accuracy 10.00 points below its level before blending", k
+
+
+def decide(slot: SlotState) -> tuple[int, str, str]:
+    """The heuristic's (operation, slot, reason) on an observation of `slot` at a steady epoch."""
+    obs = Observation(signals=TrainingSignals(epoch=20, max_epochs=75, val_accuracy_history=[70.0] * 16),
+                      slots=[slot], blueprints=list(Blueprint.values())[1:])
+    decision = HeuristicPolicy().decide(obs)
+    return decision.action.operation, decision.action.slot, decision.reason
+
+
+def blending(contribution: float, se: float, epochs: int = 3) -> SlotState:
+    return SlotState(slot="mid", stage=SeedStage.SEED_STAGE_BLENDING, blueprint=Blueprint.BLUEPRINT_CONV_HEAVY,
+                     epochs_in_stage=epochs, alpha=0.5, has_contribution=True, contribution=contribution,
+                     contribution_se=se)
+
+
+def test_a_blending_seed_is_culled_below_the_larger_of_k_errors_and_the_least_harm():
+    """cull_k_se (2) standard errors, but never less than cull_min_harm (1 point): with few discordant images
+    the error is tiny, and a test on it alone would cull on noise (a mutation taking the smaller survived)."""
+    CULL, WAIT = Operation.OPERATION_CULL, Operation.OPERATION_WAIT
+    assert decide(blending(-0.9, 0.1))[0] == WAIT  # 9 errors below 0, but less than a point of harm
+    assert decide(blending(-1.1, 0.1))[:2] == (CULL, "mid")
+    assert decide(blending(-2.9, 1.5))[0] == WAIT  # past the point, within 2 errors
+    assert decide(blending(-3.1, 1.5)) == (CULL, "mid", "contribution -3.10 < -3.00 points")
+
+
+def test_a_seed_is_culled_once_it_has_sat_its_stages_limit():
+    """max_training_epochs (2) in TRAINING, max_stage_epochs (12) in BLENDING, counted from the epoch it entered:
+    culled at the limit, not an epoch later (a mutation of >= to > survived)."""
+    training = [SlotState(slot="mid", stage=SeedStage.SEED_STAGE_TRAINING, blueprint=Blueprint.BLUEPRINT_NORM,
+                          epochs_in_stage=epochs) for epochs in (1, 2)]
+    assert [decide(slot)[0] for slot in training] == [Operation.OPERATION_WAIT, Operation.OPERATION_CULL]
+    assert [decide(blending(0.0, 0.1, epochs))[0] for epochs in (11, 12)] == [Operation.OPERATION_WAIT,
+                                                                            Operation.OPERATION_CULL]
+    assert decide(blending(0.0, 0.1, 12))[2] == "12 epochs in BLENDING"
+
+
+def test_only_the_last_cull_memory_culled_blueprints_are_skipped():
+    """The next blueprint skips those among the last cull_memory (2) culled; one culled before them may come
+    again (a mutation that skipped every culled blueprint survived)."""
+    first, second, third = [from_short_name(Blueprint, name) for name in HeuristicConfig().blueprint_rotation[:3]]
+    obs = Observation(signals=TrainingSignals(epoch=20, max_epochs=75, plateau_epochs=10),
+                      slots=[SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT)],
+                      blueprints=list(Blueprint.values())[1:], recently_culled=[first, second, third])
+    decision = HeuristicPolicy().decide(obs)  # the rotation's first, culled before the last two
+    assert decision.action.operation == Operation.OPERATION_GERMINATE and decision.action.blueprint == first
+    obs.recently_culled[:] = [second, first]
+    assert HeuristicPolicy().decide(obs).action.blueprint == third

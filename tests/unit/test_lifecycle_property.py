@@ -400,3 +400,22 @@ def test_g_fossilize_asks_for_k_standard_errors(mean, se, passed):
     slot.stage, slot.alpha, slot.contribution = S.SEED_STAGE_BLENDING, 1.0, (mean, se)
     check = model.advance_gate(slot)
     assert (check.gate, check.passed, dict(check.thresholds)["contribution"]) == ("G_fossilize", passed, 2 * se)
+
+
+def test_a_move_forgets_the_contribution_measured_in_the_stage_before():
+    """A contribution is measured for a seed in a stage: after any move it is unknown until measured again. A
+    mutation that kept it past the move survived every other test; it left a slot DORMANT again after a cull
+    and its embargo reporting the culled seed's -7 points (to observations, features, the next seed's gates)."""
+    model = MorphogeneticModel(build_host("synthetic"), ["mid"], LifecycleConfig(min_training_epochs=0))
+    slot = model.slots["mid"]
+    model.execute(Action(operation=OP.OPERATION_GERMINATE, slot="mid", blueprint=Blueprint.BLUEPRINT_NORM), 1)
+    for operation in (OP.OPERATION_ADVANCE, OP.OPERATION_CULL):
+        slot.contribution = (-7.0, 1.0)
+        model.execute(Action(operation=operation, slot="mid"), 1)
+        assert slot.contribution is None, SeedStage.Name(slot.stage)
+    epoch = 1
+    while slot.stage != S.SEED_STAGE_DORMANT:
+        model.begin_epoch()
+        model.end_epoch(epoch)
+        epoch += 1
+    assert slot.contribution is None and not model.slot_states()[0].has_contribution

@@ -123,6 +123,23 @@ def test_a_run_id_past_its_limit_is_malformed():
     assert refused.value.reason == "payload"
 
 
+@pytest.mark.parametrize("spoil", ["another run's topic", "sequence 0", "no payload"])
+def test_an_event_that_contradicts_its_frame_or_numbers_nothing_is_malformed(spoil):
+    """Subscribers filter by topic, and consumers order by sequence from 1: an event whose topic names another
+    run, numbered 0 or carrying nothing is dropped and counted (mutations that let two of these through
+    survived every test)."""
+    frames = encode(EVENT)
+    if spoil == "another run's topic":
+        frames[0] = encode(TelemetryEvent(run_id="other", sequence=1))[0]
+    else:
+        event = TelemetryEvent.FromString(frames[1])
+        event.ClearField("payload") if spoil == "no payload" else setattr(event, "sequence", 0)
+        frames[1] = event.SerializeToString()
+    with pytest.raises(MalformedFrame) as refused:
+        decode(frames)
+    assert refused.value.reason == "payload"
+
+
 def test_the_trajectory_inbox_takes_10000_hostile_inputs():
     """The learner ROUTER's path: every input gets an ack, and the inbox counts each as accepted or
     rejected (a fresh inbox per input: one inbox would answer every repeat of a key as a duplicate

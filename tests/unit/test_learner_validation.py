@@ -74,6 +74,10 @@ def huge_reward(r: Rollout) -> None:
     r.rewards[1, 0] = -3e38  # the reward normalizer's: every real reward had normalized to 0 after it
 
 
+def huge_reward_part(r: Rollout) -> None:
+    r.reward_parts[1, 0, 0] = 3e38  # it reaches the update's reward components and the episode's return
+
+
 def not_terminated_at_the_end(r: Rollout) -> None:
     r.terminated[-1] = False  # the episode goes on past the trajectory: no return to learn from
 
@@ -82,6 +86,7 @@ BAD = {"float64 obs": (float64_obs, "obs is torch.float64 (4, 1,"),
        "last step not terminated": (not_terminated_at_the_end, "not whole 4-epoch episodes (4 steps of 1 episodes)"),
        "NaN obs": (nan_obs, "obs is not finite"), "inf value": (inf_value, "values is not finite"),
        "obs 3e38": (huge_obs, "obs past 100 in magnitude"), "reward -3e38": (huge_reward, "rewards past 2.01e+08"),
+       "reward part 3e38": (huge_reward_part, "reward_parts past 2.01e+08"),
        "action 10**6": (huge_action, "outside the heads' ranges"), "action -1": (negative_action, "outside"),
        "illegal action": (illegal_action, "legal masks forbid"), "empty mask": (nothing_legal, "legal masks forbid"),
        "seed -5": (negative_seed, "seeds that are not one per episode"),

@@ -134,13 +134,16 @@ def test_a_refused_trajectory_is_never_applied_and_stays_refused():
 
 def test_the_decided_keys_survive_a_restart_through_state():
     """What the learner's checkpoint holds: a restored inbox answers DUPLICATE for what it had accepted."""
-    inbox = TrajectoryInbox(lambda rollout: None, version=lambda: 0)
+    answers = iter([None, "too old"])  # the first applied, the second refused
+    inbox = TrajectoryInbox(lambda rollout: next(answers), version=lambda: 0)
     inbox.handle(frames("w", 1, 0))
     inbox.handle(frames("w", 1, 0))
+    inbox.handle(frames("w", 1, 1))
     restored = TrajectoryInbox(lambda rollout: pytest.fail("applied twice"), version=lambda: 0)
     restored.load(inbox.state())
     assert restored.handle(frames("w", 1, 0)).status == AckStatus.ACK_STATUS_DUPLICATE
-    assert restored.accepted == [("w", 1, 0)] and restored.duplicates == 2
+    assert restored.handle(frames("w", 1, 1)).status == AckStatus.ACK_STATUS_REJECTED  # still refused
+    assert restored.accepted == [("w", 1, 0)] and restored.duplicates == 3 and restored.rejected == 1
 
 
 def test_the_spool_gives_a_restarted_worker_its_unacked_trajectories_and_progress(tmp_path):

@@ -43,7 +43,7 @@ from esper.tolaria.trainer import TrainConfig
 from esper.transport.policy_service import RemotePolicy, TamiyoServicer
 from esper.transport.trajectories import weights_frames
 
-from procs import metric, scrape, start_tamiyo, wait_until
+from procs import free_ports, metric, scrape, start_tamiyo, wait_until
 
 BLUEPRINTS = [b for b in Blueprint.values() if b]
 accuracy = st.floats(0, 100, width=32)
@@ -352,3 +352,69 @@ def test_a_grouped_experiment_asks_a_remote_policy_once_an_epoch_for_all_its_run
     for a, b in zip(asked, local, strict=True):
         assert {k: v for k, v in a.items() if k not in ("run_id", "wall_seconds")} == \
             {k: v for k, v in b.items() if k not in ("run_id", "wall_seconds")}
+
+
+OBS = Observation(signals=TrainingSignals(epoch=9, max_epochs=20, plateau_epochs=4),
+                  slots=[SlotState(slot="mid", stage=SeedStage.SEED_STAGE_DORMANT)], blueprints=BLUEPRINTS)
+
+
+class CountedStop(threading.Event):
+    """A stop event whose waits (the retry backoffs) return at once, recorded; set after `after` of them."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.waits: list[float] = []
+        self.after = after
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) == self.after:
+            self.set()
+        return self.is_set()
+
+
+def test_a_policy_unanswered_backs_off_to_at_most_2_s_and_stops_when_told():
+    """Retries double from 0.05 s to at most 2 s (jittered down), so a tamiyo restarted is found within about 2 s
+    (uncapped, the wait had grown to ~50 s within the patience); the stop event ends them at once, not the
+    patience (120 s) later (a mutation of each survived every test)."""
+    from esper.transport.policy_service import PolicyUnavailable
+
+    (port,) = free_ports()  # nothing listens there: every call fails, as for a tamiyo that is down
+    stop = CountedStop(after=12)
+    policy = RemotePolicy(f"127.0.0.1:{port}", deadline_s=0.02, patience_s=120.0, stop=stop)
+    started = time.monotonic()
+    try:
+        with pytest.raises(PolicyUnavailable, match="stopping"):
+            policy.decide(OBS)
+    finally:
+        policy.close()
+    print(f"waits {[round(w, 3) for w in stop.waits]}, stopped after {time.monotonic() - started:.2f} s")
+    assert len(stop.waits) == 12 and time.monotonic() - started < 10
+    assert max(stop.waits) <= 2.0 and stop.waits[-1] >= 1.0  # capped at 2 s, jittered by 0.5..1
+
+
+class ShortBatches(TamiyoServicer):
+    """A server that answers a DecideBatch with one decision fewer than it was asked."""
+
+    def DecideBatch(self, request, context):
+        answer = super().DecideBatch(request, context)
+        del answer.decisions[-1]
+        return answer
+
+
+def test_a_batch_answered_short_is_no_answer():
+    """Runs are decided by position in a batch: an answer short of one decision is PolicyUnavailable, never
+    decisions handed to the wrong runs (a mutation dropping the check survived every test)."""
+    from esper.transport.policy_service import PolicyUnavailable
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    tamiyo_pb2_grpc.add_TamiyoServicer_to_server(ShortBatches(HeuristicPolicy()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    policy = RemotePolicy(f"127.0.0.1:{port}", deadline_s=10)
+    try:
+        with pytest.raises(PolicyUnavailable, match="answered 1 decisions to 2 observations"):
+            policy.decide_batch([OBS, OBS])
+    finally:
+        policy.close()
+        server.stop(None)

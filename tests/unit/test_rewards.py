@@ -136,3 +136,19 @@ def test_bad_reward_config_is_refused():
     for bad in ({"param_penalty": float("nan")}, {"sparse_scale": float("inf")}):
         with pytest.raises(ValueError, match="must be finite"):
             RewardConfig(**bad)
+
+
+@pytest.mark.parametrize("age, charged", [(4, True), (5, False)])
+def test_a_cull_is_young_below_young_cull_epochs_after_its_germination(age, charged):
+    """minimal: a cull chosen `age` epochs after the germination (both decided at an epoch's start) is young
+    below young_cull_epochs (5); at 5 it is not (a mutation of < to <=, and one counting the germination an
+    epoch late, survived every test)."""
+    rewarder = Rewarder(RewardConfig(mode="minimal"), GAMMA)
+    dormant = observation(10, [slot(S.SEED_STAGE_DORMANT)])
+    rewarder.reset(dormant)
+    germinate = Action(operation=OP.OPERATION_GERMINATE, slot="mid", blueprint=Blueprint.BLUEPRINT_CONV_HEAVY)
+    rewarder.step(dormant, germinate, observation(11, [slot(S.SEED_STAGE_GERMINATED)]), terminal=False)
+    before = observation(10 + age, [slot(S.SEED_STAGE_TRAINING)])
+    parts = rewarder.step(before, Action(operation=OP.OPERATION_CULL, slot="mid"),
+                          observation(11 + age, [slot(S.SEED_STAGE_CULLED)]), terminal=False)
+    assert parts[COMPONENTS.index("young_cull")] == (-RewardConfig().young_cull_penalty if charged else 0.0)

@@ -5,6 +5,7 @@ hub's memory (found by a review; the decoders alone are in tests/unit/test_wire_
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -112,6 +113,28 @@ def test_an_ack_of_an_unknown_status_leaves_the_trajectory_spooled_and_unacked(c
         sender.poll(5.0)  # returns once the ack is read
         settled = status == AckStatus.ACK_STATUS_ACCEPTED
         assert (not sender.unacked, not list(tmp_path.glob("*.traj")), sender.acked) == (settled, settled, settled)
+    sender.close()
+
+
+def test_a_refused_trajectory_is_counted_and_said_as_an_error(ctx, tmp_path: Path, caplog):
+    """The learner's refusal (its reason) is the worker's one way to learn its episodes were not learned from:
+    it is logged as an error and counted apart from the acked (a mutation counting it acked survived)."""
+    learner = ctx.socket(zmq.ROUTER)
+    endpoint = bind_endpoint(learner, "127.0.0.1", 0)
+    sender = TrajectorySender(ctx, endpoint, "w", resend_s=0.2, spool=Spool(tmp_path))
+    rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
+    rollout.rewards = torch.zeros(2, 1)
+    sender.poll(5.0)  # the handshake
+    sequence = sender.send(rollout, "synthetic", stop=lambda: False)
+    wait_until(lambda: sender.poll(0.05) or learner.poll(0), 5, "the trajectory")
+    identity, _, _ = learner.recv_multipart()
+    learner.send_multipart([identity, TrajectoryAck(worker_id="w", incarnation=sender.incarnation, sequence=sequence,
+                                                    status=AckStatus.ACK_STATUS_REJECTED,
+                                                    reason="rewards past 2.01e+08 in magnitude").SerializeToString()])
+    with caplog.at_level(logging.ERROR):
+        sender.poll(5.0)
+    assert (sender.rejected, sender.acked, len(sender.unacked)) == (1, 0, 0)
+    assert f"trajectory {sequence} rejected by the learner: rewards past 2.01e+08 in magnitude" in caplog.text
     sender.close()
 
 

@@ -3,6 +3,7 @@ actor -> learner -> weights -> policy loop on the toy task (the services only ad
 
 import functools
 import json
+import os
 
 import msgpack
 import pytest
@@ -162,6 +163,20 @@ def test_the_spool_gives_a_restarted_worker_its_unacked_trajectories_and_progres
     assert again.progress == 3 and again.bytes > 0
     again.remove(("w", 9, 1))
     assert again.bytes == 0 and not list(tmp_path.glob("*.traj")) and not (tmp_path / "torn.tmp").exists()
+    again.close()
+
+
+def test_a_restarted_worker_resends_the_spooled_trajectories_oldest_first(tmp_path):
+    """Each process's incarnation is random, so the files' names do not order them: their times do (a mutation
+    ordering by name survived). The learner then meets a worker's trajectories in the order they were played."""
+    spool = Spool(tmp_path)
+    older, newer = ("w", 0xFFFF, 0), ("w", 0x0001, 0)  # a killed process's, then its successor's
+    for i, key in enumerate((older, newer)):
+        spool.put(key, frames(*key), progress=i + 1)
+        os.utime(spool._path(key), ns=(i * 10**9, i * 10**9))
+    spool.close()
+    again = Spool(tmp_path)
+    assert list(again.load()) == [older, newer]
     again.close()
 
 

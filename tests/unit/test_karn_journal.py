@@ -189,6 +189,26 @@ def test_a_running_journal_keeps_to_the_runs_the_store_keeps(tmp_path):
         assert (sorted(run.epochs), run.last_sequence, run.lost) == ([1, 2, 3, 4, 5], 5, 0)
 
 
+def test_a_journal_past_its_floor_is_compacted_when_it_doubles_not_at_every_append(tmp_path, monkeypatch):
+    """A store of runs that all stay (one long run): each compaction rewrites and fsyncs the whole file, so the
+    next waits until the file has doubled; compacting at every append past the floor (a mutation that survived)
+    is quadratic work. 400 epochs in batches of one: about log2(size / floor) compactions, not hundreds."""
+    path = tmp_path / "events.binpb"
+    journal = EventJournal(path, compact_floor=1000)
+    store = RunStore()
+    journal.replay(store)
+    compactions = []
+    compact = journal._compact
+    monkeypatch.setattr(journal, "_compact", lambda: compactions.append(path.stat().st_size) or compact())
+    for sequence in range(1, 401):
+        event = epoch_event("long", sequence)
+        journal.append([event] if store.apply(event) else [])
+    journal.close()
+    print(f"compacted at sizes {compactions} of a final {path.stat().st_size}")
+    assert 3 <= len(compactions) <= 8
+    assert all(b > 1.9 * a for a, b in zip(compactions, compactions[1:]))
+
+
 def test_replay_reads_the_journal_a_record_at_a_time(tmp_path):
     """A start had read the whole file into memory, then parsed every event into a list: a journal of runs the
     store forgot long ago cost its size several times over. 20 MB of them now replay within 1 MB of Python

@@ -151,6 +151,11 @@ def test_retained_events_fit_one_snapshot_reply_by_dropping_the_oldest_first():
         retained.add(event(run, 1))
         retained.add(event("learner", i + 2))
     assert list(retained.runs) == ["ep2", "ep3", "learner"] and len(retained.runs["learner"]) == 6
+    # Past max_events a run's oldest events go, whatever their size (the reply's framing bound below counts on it).
+    retained = RetainedEvents(max_events=3)
+    for sequence in range(1, 6):
+        retained.add(TelemetryEvent(run_id="a", sequence=sequence, run_started=RunStarted()))
+    assert [e.sequence for e in retained.snapshot(SnapshotRequest()).events] == [3, 4, 5]
     # At the defaults a full snapshot fits, with each event's field tag and length (at most 4 bytes under 2 MiB).
     defaults = RetainedEvents()
     assert limits.MAX_RETAINED_BYTES + defaults.max_runs * defaults.max_events * 4 < limits.MAX_SNAPSHOT_REPLY_BYTES

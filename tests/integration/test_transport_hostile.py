@@ -226,6 +226,24 @@ def test_the_hub_drops_snapshot_replies_a_peer_does_not_read_and_serves_the_othe
     assert reader.poll(5000) and [e.sequence for e in SnapshotReply.FromString(reader.recv()).events] == [1]
 
 
+def test_the_hubs_subscriptions_go_down_as_subscribers_leave(ctx, serve):
+    """esper_bus_subscriptions had only to be at least 1 in the tests: a mutation that never took one off
+    survived. Two subscribers come (to two runs: XPUB passes on a topic's first subscription and its last
+    unsubscription only), then one unsubscribes and the other closes."""
+    hub = Hub(ctx, "127.0.0.1", 0, 0, 0, RetainedEvents())
+    serve(hub.serve)
+    subscribers = [ctx.socket(zmq.SUB) for _ in range(2)]
+    for sub, run in zip(subscribers, (b"a", b"b")):
+        sub.connect(hub.endpoints["subscribe"])
+        sub.subscribe(b"esper.telemetry." + run)
+    wait_until(lambda: hub.subscriptions == 2, 10, "two subscriptions")
+    subscribers[0].unsubscribe(b"esper.telemetry.a")
+    wait_until(lambda: hub.subscriptions == 1, 10, f"one left (the hub counts {hub.subscriptions})")
+    subscribers[1].close(linger=0)
+    wait_until(lambda: hub.subscriptions == 0, 10, f"none left (the hub counts {hub.subscriptions})")
+    subscribers[0].close(linger=0)
+
+
 def test_a_worker_refuses_a_worker_id_the_learner_would_refuse():
     """The learner refuses a worker_id over MAX_WORKER_ID_CHARS (it keeps every key it decides): a worker
     started with one would play episodes whose trajectories are all refused, so it exits 2 at once instead."""

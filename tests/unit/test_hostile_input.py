@@ -140,6 +140,15 @@ def test_an_event_that_contradicts_its_frame_or_numbers_nothing_is_malformed(spo
     assert refused.value.reason == "payload"
 
 
+def test_weights_under_another_topic_are_no_weights():
+    """tamiyo's SUB subscribes by prefix: esper.policy also matches esper.policy-anything, which is not a policy's
+    weights (a mutation that took any such topic survived)."""
+    frames = weights()
+    assert decode_weights(frames)[0] == 1
+    with pytest.raises(ValueError, match="not a policy weights message"):
+        decode_weights([frames[0] + b"-draft", *frames[1:]])
+
+
 def test_the_trajectory_inbox_takes_10000_hostile_inputs():
     """The learner ROUTER's path: every input gets an ack, and the inbox counts each as accepted or
     rejected (a fresh inbox per input: one inbox would answer every repeat of a key as a duplicate

@@ -27,6 +27,7 @@ from esper.leyline import (
     SnapshotRequest,
     TelemetryEvent,
     TrajectoryAck,
+    TrajectoryHeader,
 )
 from esper.simic.rollout import Rollout
 from esper.transport.bus import Hub, RetainedEvents, Subscriber, bind_endpoint, make_context
@@ -138,6 +139,29 @@ def test_a_refused_trajectory_is_counted_and_said_as_an_error(ctx, tmp_path: Pat
         sender.poll(5.0)
     assert (sender.rejected, sender.acked, len(sender.unacked)) == (1, 0, 0)
     assert f"trajectory {sequence} rejected by the learner: rewards past 2.01e+08 in magnitude" in caplog.text
+    sender.close()
+
+
+def test_a_restarted_learner_gets_the_unacked_trajectories_as_soon_as_it_is_connected(ctx, tmp_path: Path):
+    """The sender resends every unacked trajectory on each new connection, not --resend-s later (30 s here): a
+    mutation that left them to the timer survived even the partition chaos test."""
+    learner = ctx.socket(zmq.ROUTER)
+    endpoint = bind_endpoint(learner, "127.0.0.1", 0)
+    sender = TrajectorySender(ctx, endpoint, "w", resend_s=30.0, spool=Spool(tmp_path))
+    rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
+    rollout.rewards = torch.zeros(2, 1)
+    sender.poll(5.0)  # the handshake
+    sequence = sender.send(rollout, "synthetic", stop=lambda: False)
+    assert learner.poll(5000)  # it arrived, and the learner went away before acking it
+    learner.close(linger=0)
+    wait_until(lambda: sender.poll(0.05) or not sender.socket.poll(0, zmq.POLLOUT), 10, "the sender to see it go")
+    restarted = ctx.socket(zmq.ROUTER)
+    restarted.bind(endpoint)
+    started = time.monotonic()
+    wait_until(lambda: sender.poll(0.05) or restarted.poll(0), 10, "the trajectory at the restarted learner")
+    _, header, _ = restarted.recv_multipart()
+    assert TrajectoryHeader.FromString(header).sequence == sequence and time.monotonic() - started < 10
+    restarted.close(linger=0)
     sender.close()
 
 

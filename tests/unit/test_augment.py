@@ -223,3 +223,16 @@ def test_a_pass_of_host_data_never_waits_for_the_gpu():
     assert len(alone) == len(stacked) == 16
     assert all(xb.is_cuda and yb.is_cuda for xb, yb in alone + stacked)
     assert _items(alone[0][0]) == alone[0][1].tolist()  # each image still with its label
+
+
+def test_a_training_crop_shifts_by_up_to_the_recipes_4_pixels():
+    """The standard CIFAR-10 recipe's RandomCrop(32, padding=4): over a pass of white images, the black border a
+    crop brings in is 0 to 4 pixels on each side, every width drawn (a pad of 2 passed every other test)."""
+    x = torch.full((512, 3, 32, 32), 255, dtype=torch.uint8)
+    (xb, _), = train_batches(x, torch.zeros(512, dtype=torch.long), batch_size=512, max_batches=0, generator=_gen(),
+                             device="cpu", augment=True, **IDENTITY)
+    white = xb[:, 0] > 0  # [B, H, W]
+    rows, cols = white.any(2).float(), white.any(1).float()  # [B, H], [B, W]: the rows and columns a crop kept
+    top = 32 - rows.sum(1).long()  # black rows: at the top or bottom, by the crop's dy
+    left = 32 - cols.sum(1).long()
+    assert set(top.tolist()) == set(left.tolist()) == {0, 1, 2, 3, 4}

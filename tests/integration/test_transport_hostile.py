@@ -100,15 +100,21 @@ def test_the_weights_receiver_lives_through_malformed_weights(ctx, serve):
     assert received == [1, 2], received
 
 
-def test_an_ack_of_an_unknown_status_leaves_the_trajectory_spooled_and_unacked(ctx, tmp_path: Path):
-    """It used to delete the spooled trajectory, then raise ValueError out of poll (AckStatus.Name)."""
+def one_sent(ctx: zmq.Context, tmp_path: Path, resend_s: float) -> tuple[zmq.Socket, str, TrajectorySender, int]:
+    """A learner's ROUTER, and a sender spooling in `tmp_path` that has sent it one trajectory: (learner, its
+    endpoint, sender, the trajectory's sequence)."""
     learner = ctx.socket(zmq.ROUTER)
     endpoint = bind_endpoint(learner, "127.0.0.1", 0)
-    sender = TrajectorySender(ctx, endpoint, "w", resend_s=0.2, spool=Spool(tmp_path))
+    sender = TrajectorySender(ctx, endpoint, "w", resend_s=resend_s, spool=Spool(tmp_path))
     rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
     rollout.rewards = torch.zeros(2, 1)
     sender.poll(5.0)  # the handshake
-    sequence = sender.send(rollout, "synthetic", stop=lambda: False)
+    return learner, endpoint, sender, sender.send(rollout, "synthetic", stop=lambda: False)
+
+
+def test_an_ack_of_an_unknown_status_leaves_the_trajectory_spooled_and_unacked(ctx, tmp_path: Path):
+    """It used to delete the spooled trajectory, then raise ValueError out of poll (AckStatus.Name)."""
+    learner, endpoint, sender, sequence = one_sent(ctx, tmp_path, resend_s=0.2)
     for status in (7, AckStatus.ACK_STATUS_UNSPECIFIED, AckStatus.ACK_STATUS_ACCEPTED):  # 7: from a newer build
         wait_until(lambda: sender.poll(0.05) or learner.poll(0), 5, "the trajectory (resent after an unknown ack)")
         identity, _, _ = learner.recv_multipart()
@@ -123,13 +129,7 @@ def test_an_ack_of_an_unknown_status_leaves_the_trajectory_spooled_and_unacked(c
 def test_a_refused_trajectory_is_counted_and_said_as_an_error(ctx, tmp_path: Path, caplog):
     """The learner's refusal (its reason) is the worker's one way to learn its episodes were not learned from:
     it is logged as an error and counted apart from the acked (a mutation counting it acked survived)."""
-    learner = ctx.socket(zmq.ROUTER)
-    endpoint = bind_endpoint(learner, "127.0.0.1", 0)
-    sender = TrajectorySender(ctx, endpoint, "w", resend_s=0.2, spool=Spool(tmp_path))
-    rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
-    rollout.rewards = torch.zeros(2, 1)
-    sender.poll(5.0)  # the handshake
-    sequence = sender.send(rollout, "synthetic", stop=lambda: False)
+    learner, endpoint, sender, sequence = one_sent(ctx, tmp_path, resend_s=0.2)
     wait_until(lambda: sender.poll(0.05) or learner.poll(0), 5, "the trajectory")
     identity, _, _ = learner.recv_multipart()
     learner.send_multipart([identity, TrajectoryAck(worker_id="w", incarnation=sender.incarnation, sequence=sequence,
@@ -145,13 +145,7 @@ def test_a_refused_trajectory_is_counted_and_said_as_an_error(ctx, tmp_path: Pat
 def test_a_restarted_learner_gets_the_unacked_trajectories_as_soon_as_it_is_connected(ctx, tmp_path: Path):
     """The sender resends every unacked trajectory on each new connection, not --resend-s later (30 s here): a
     mutation that left them to the timer survived even the partition chaos test."""
-    learner = ctx.socket(zmq.ROUTER)
-    endpoint = bind_endpoint(learner, "127.0.0.1", 0)
-    sender = TrajectorySender(ctx, endpoint, "w", resend_s=30.0, spool=Spool(tmp_path))
-    rollout = Rollout(**{name: torch.zeros((2, 1, 3), dtype=dtype) for name, dtype in Rollout.DTYPES.items()})
-    rollout.rewards = torch.zeros(2, 1)
-    sender.poll(5.0)  # the handshake
-    sequence = sender.send(rollout, "synthetic", stop=lambda: False)
+    learner, endpoint, sender, sequence = one_sent(ctx, tmp_path, resend_s=30.0)
     assert learner.poll(5000)  # it arrived, and the learner went away before acking it
     learner.close(linger=0)
     wait_until(lambda: sender.poll(0.05) or not sender.socket.poll(0, zmq.POLLOUT), 10, "the sender to see it go")

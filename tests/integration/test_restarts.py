@@ -168,12 +168,13 @@ def test_a_killed_grouped_worker_resumes_its_group(spawn, tmp_path):
         return {d.name.rsplit("_", 1)[1]: d for d in run_dirs}
 
     def epochs_done() -> list[int]:
-        """Each run's last epoch in its telemetry file so far (its whole lines: the worker may be writing one)."""
-        def last_epoch(text: str) -> int:
+        """Each run's last epoch in its telemetry file so far (its whole lines: the worker may be writing one); 0
+        for a run whose file is not there yet (a group's run directories are all made before any begins)."""
+        def last_epoch(path: Path) -> int:
+            text = path.read_text() if path.is_file() else ""
             events = [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
             return max((e["epoch"]["signals"].get("epoch", 0) for e in events if "epoch" in e), default=0)
-        return [last_epoch((d / "telemetry.jsonl").read_text()) for d in by_seed(runs).values()] if runs.is_dir() \
-            else []
+        return [last_epoch(d / "telemetry.jsonl") for d in by_seed(runs).values()] if runs.is_dir() else []
 
     worker = start_worker()
     wait_until(lambda: len(done := epochs_done()) == 2 and min(done) >= 3, 120, "both runs past epoch 3")

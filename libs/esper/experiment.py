@@ -348,7 +348,7 @@ class Episode:
         run's is written before `begin`: a group's runs are all resumed first, so that a checkpoint refused
         leaves every run of the group as it was."""
         self.cfg, self.data, self.device, self.seed, self.console = cfg, data, device, seed, console
-        self.state = None
+        state = None
         if run_dir is None:
             run_dir = run_parent(cfg.runs_dir, seed) / new_run_id(f"{cfg.mode}_{cfg.env.task}_s{seed}")
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -359,7 +359,7 @@ class Episode:
             if not (run_dir / CHECKPOINT).is_file():
                 raise ResumeError(f"{run_dir / CHECKPOINT} is not a file: move it away to train the run again "
                                   "from its first epoch")
-            self.state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
+            state = load_checkpoint(run_dir / CHECKPOINT, EPISODE_FORMAT)
         else:  # stopped before its first checkpoint (or with --checkpoint-every 0)
             console.print(f"{run_dir.name}: no checkpoint; starting it again from its first epoch")
         self.run_dir = run_dir
@@ -373,8 +373,10 @@ class Episode:
         """The observation the episode steps on from: its first, or the resumed run's."""
         self.curve: list[dict]
         self.wall = 0.0
-        if self.state:
-            self.obs, self.curve, self.wall = resumed(self.env, self.state, run_dir)
+        self.continued = state is not None
+        """Continued from a checkpoint (the checkpoint itself is not kept: the env holds what it held)."""
+        if state:
+            self.obs, self.curve, self.wall = resumed(self.env, state, run_dir)
             console.print(f"{run_dir.name}: resuming after epoch {self.obs.signals.epoch}")
 
     def own_files(self) -> list[Path]:
@@ -385,12 +387,12 @@ class Episode:
     def begin(self, extra_sinks: tuple[Sink, ...] = ()) -> None:
         """Its telemetry cut back to the checkpoint's events (those replayed to `extra_sinks`, the bus) and
         opened, or a new run's first events; the clock started."""
-        cfg, run_id, state = self.cfg, self.run_dir.name, self.state
+        cfg, run_id = self.cfg, self.run_dir.name
         sinks = list(extra_sinks)
         if self.telemetry.level != TelemetryLevel.TELEMETRY_LEVEL_OFF:
             own = self.own_files()
             so_far = [trim_jsonl(path, self.telemetry.sequence) for path in own][0]
-            if state and not own[0].is_file():  # deleted since: the run goes on, its record from here on
+            if self.continued and not own[0].is_file():  # deleted since: the run goes on, its record from here on
                 self.console.print(f"{run_id}: its telemetry.jsonl is gone; it keeps the events from this epoch on")
             # The extra sinks (the bus) get the run so far again: whatever they missed when the stack stopped
             # fills in, and consumers drop what they had by sequence number.
@@ -401,7 +403,7 @@ class Episode:
             if cfg.telemetry_file:  # shared by runs: a resumed run's events after its checkpoint appear twice
                 sinks.append(JsonlSink(Path(cfg.telemetry_file)))
         self.telemetry.sinks = sinks
-        if state is None:
+        if not self.continued:
             self.telemetry.emit(run_started=RunStarted(mode=cfg.mode, task=cfg.env.task, seed=self.seed,
                                                        device=str(self.device),
                                                        config_json=(self.run_dir / "config.json").read_text()))

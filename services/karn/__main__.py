@@ -11,7 +11,6 @@ MiB), so it grows to twice that at most.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from esper.karn.store import EventJournal, JournalBusy
 from esper.karn_cli import file_refusal
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Subscriber, make_context
-from esper.transport.config import Parser, StackEndpoints, UsageError, at_least, endpoint, metrics_port, metrics_url
+from esper.transport.config import Parser, StackEndpoints, at_least, endpoint, metrics_port, metrics_url
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -62,11 +61,7 @@ def parse(argv: list[str] | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-    except UsageError as exc:
-        print(f"karn: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse(argv)
     if refuse_bind("karn", cfg.host, cfg.token):
         return 2
     log = setup_logging("karn")

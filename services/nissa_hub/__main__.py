@@ -8,7 +8,6 @@ socket demands it (ZeroMQ PLAIN) and /metrics answers 401 without it; off loopba
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY
@@ -16,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.transport.auth import add_token_flag, refuse_bind
 from esper.transport.bus import Hub, RetainedEvents, make_context
-from esper.transport.config import Parser, StackEndpoints, UsageError, at_least, metrics_port, metrics_url, port
+from esper.transport.config import Parser, StackEndpoints, at_least, metrics_port, metrics_url, port
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 
 
@@ -74,11 +73,7 @@ class HubCollector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-    except UsageError as exc:
-        print(f"nissa_hub: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse(argv)
     if refuse_bind("nissa_hub", cfg.host, cfg.token):
         return 2
     log = setup_logging("nissa_hub")

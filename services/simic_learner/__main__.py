@@ -122,11 +122,7 @@ def parse(argv: list[str] | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-    except UsageError as exc:
-        print(f"simic_learner: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse(argv)
     if refuse_bind("simic_learner", cfg.host, cfg.token):
         return 2
     log = setup_logging("simic_learner")

@@ -15,7 +15,6 @@ NOT_SERVING, in-flight calls get --grace-s to finish, then the rest are cancelle
 
 from __future__ import annotations
 
-import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from esper.simic.checkpoint import policy_from_state
 from esper.tamiyo import HeuristicPolicy, WaitPolicy
 from esper.transport.auth import add_token_flag, refuse_bind, server_interceptors
 from esper.transport.bus import make_context
-from esper.transport.config import (MAX_DEADLINE_S, Parser, StackEndpoints, UsageError, at_least, endpoint,
+from esper.transport.config import (MAX_DEADLINE_S, Parser, StackEndpoints, at_least, endpoint,
                                     host_port, metrics_port, metrics_url, port)
 from esper.transport.lifecycle import StopSignal, log_endpoint, run_service, setup_logging, start_metrics
 from esper.transport.limits import MAX_GRPC_REQUEST_BYTES, MAX_WEIGHTS_BYTES
@@ -86,11 +85,7 @@ def parse(argv: list[str] | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-    except UsageError as exc:
-        print(f"tamiyo_server: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse(argv)
     if refuse_bind("tamiyo_server", cfg.host, cfg.token):
         return 2
     log = setup_logging("tamiyo_server")

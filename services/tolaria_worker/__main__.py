@@ -244,11 +244,7 @@ def play_and_ship(cfg: Config, policy: RemotePolicy, publisher: PublisherSink, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-    except UsageError as exc:
-        print(f"tolaria_worker: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse(argv)
     if refuse_bind("tolaria_worker", cfg.host, cfg.token):
         return 2
     log = setup_logging("tolaria_worker")

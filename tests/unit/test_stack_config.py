@@ -183,9 +183,11 @@ def refusal(name: str, flag: str, value: str, capsys) -> str:
                                         (["--no-such-flag"], "unrecognized arguments: --no-such-flag")])
 def test_every_service_says_a_bad_flag_in_one_line(name, argv, said, capsys):
     """nissa_hub, tamiyo_server and karn had printed argparse's usage block before the error (as
-    services/README promises, the others said it in one line)."""
+    services/README promises, the others said it in one line). Through the services' `python -m` entry."""
+    from esper.transport.lifecycle import run_service
+
     main = importlib.import_module(f"services.{name}.__main__").main
-    assert main(argv) == 2
+    assert run_service(name, lambda: main(argv)) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [err.strip()] and err.startswith(f"{name}: error: {said}"), err
 

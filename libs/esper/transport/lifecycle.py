@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import zmq
 
-from esper.transport.config import ConfigError
+from esper.transport.config import ConfigError, UsageError
 from esper.transport.metrics_http import start_metrics
 
 __all__ = ["StopSignal", "log_endpoint", "run_service", "setup_logging", "start_metrics"]  # every main serves /metrics
@@ -31,11 +31,11 @@ CANNOT_BIND = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 def run_service(name: str, main: Callable[[], int]) -> int:
     """A service's `python -m` entry: main()'s exit status, with what the user must fix outside the
-    service as one line on stderr instead of a traceback: a malformed ESPER_* variable (status 2), an
-    address it cannot listen on, such as a port another stack holds (status 1)."""
+    service as one line on stderr instead of a traceback: a bad flag or a malformed ESPER_* variable
+    (status 2), an address it cannot listen on, such as a port another stack holds (status 1)."""
     try:
         return main()
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError, zmq.ZMQError) as exc:  # a socket's, gRPC's and ZeroMQ's bind failures
